@@ -1,0 +1,126 @@
+// Package build turns an image's layers into its ext4 root filesystem:
+// it replays the layers into a rootfs tree (internal/rootfs) and writes
+// the tree with e2fsprogs (internal/ext4). The standalone converter and
+// the containerd snapshotter both build through here, so the same chain of
+// layers with the same options gives the same bytes either way.
+package build
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+
+	"github.com/kilnfs/kiln/internal/ext4"
+	"github.com/kilnfs/kiln/internal/layer"
+	"github.com/kilnfs/kiln/internal/progress"
+	"github.com/kilnfs/kiln/internal/rootfs"
+)
+
+// Epoch is the time kiln gives to what no layer dates: directories that
+// layers leave implicit, the root when no layer describes it, and the
+// filesystem's own timestamps.
+var Epoch = time.Unix(0, 0).UTC()
+
+// formatVersion changes whenever the same input would build different
+// bytes, so that caches keyed by Key never serve an older layout.
+const formatVersion = "kiln-rootfs-1"
+
+// Layer is one layer to replay.
+type Layer struct {
+	layer.Descriptor
+	// Size is the blob size, for progress; -1 if unknown.
+	Size int64
+	// Open returns the blob as stored (compressed or not).
+	Open func() (io.ReadCloser, error)
+}
+
+// Options are the choices that change the built image.
+type Options struct {
+	// Size is the filesystem size in bytes; 0 sizes it automatically.
+	Size int64
+}
+
+// Key identifies what Rootfs builds from a chain of layers with these
+// options. It names the cached file and seeds the filesystem UUID.
+func Key(chainID digest.Digest, opts Options) string {
+	h := sha256.New()
+	fmt.Fprintf(h, "%s\x00chain=%s\x00size=%s\x00", formatVersion, chainID, strconv.FormatInt(opts.Size, 10))
+	return hex.EncodeToString(h.Sum(nil))
+}
+
+// Result describes a built image and where the time went.
+type Result struct {
+	ext4.Result
+	Unpack time.Duration // replaying layers into the staging tree
+	Build  time.Duration // mke2fs and debugfs
+}
+
+// Rootfs replays layers in order into a staging tree under workDir and
+// writes the ext4 image to out. key is what Key returned for the chain.
+func Rootfs(ctx context.Context, layers []Layer, out, workDir, key string, opts Options, rep progress.Reporter) (Result, error) {
+	if rep == nil {
+		rep = progress.Discard
+	}
+	start := time.Now()
+	stage := filepath.Join(workDir, "stage")
+	if err := os.Mkdir(stage, 0o700); err != nil {
+		return Result{}, err
+	}
+	tree, err := rootfs.New(stage, Epoch)
+	if err != nil {
+		return Result{}, err
+	}
+	var total int64
+	for _, l := range layers {
+		total += max(l.Size, 0)
+	}
+	unpack := rep.Bar("unpack", total, true)
+	for _, l := range layers {
+		if err := applyLayer(ctx, tree, l, unpack); err != nil {
+			return Result{}, err
+		}
+	}
+	unpack.Done()
+
+	mid := time.Now()
+	bar := rep.Bar("build", 1, false)
+	res, err := ext4.Build(ctx, tree, out, ext4.Options{Size: opts.Size, Identity: key, WorkDir: workDir})
+	if err != nil {
+		return Result{}, err
+	}
+	bar.Add(1)
+	bar.Done()
+	return Result{Result: res, Unpack: mid.Sub(start), Build: time.Since(mid)}, nil
+}
+
+func applyLayer(ctx context.Context, tree *rootfs.Tree, l Layer, bar progress.Bar) error {
+	blob, err := l.Open()
+	if err != nil {
+		return &layer.Error{Digest: l.Digest, Err: fmt.Errorf("opening blob: %w", err)}
+	}
+	defer blob.Close()
+	lr, err := layer.NewReader(progress.Reader(blob, bar), l.Descriptor)
+	if err != nil {
+		return err
+	}
+	defer lr.Close()
+	if err := tree.Apply(ctx, lr, l.Digest.String()); err != nil {
+		// A blob that fails to decompress or verify surfaces as a tar
+		// read error; report the cause.
+		var lerr *layer.Error
+		if errors.As(err, &lerr) {
+			return lerr
+		}
+		return err
+	}
+	return lr.Finish()
+}

@@ -1,0 +1,142 @@
+// Package clone copies large, sparse image files cheaply: a reflink where
+// the filesystem can share blocks (XFS, btrfs), otherwise a copy of the
+// data regions only, done in the kernel, so holes stay holes.
+package clone
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+
+	"golang.org/x/sys/unix"
+)
+
+// File copies src to dst, which must not exist.
+func File(src, dst string, perm os.FileMode) (err error) {
+	in, err := os.Open(src)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_EXCL, perm)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if cerr := out.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			os.Remove(dst)
+		}
+	}()
+	return Into(out, in)
+}
+
+// Into copies all of in into the empty file out.
+func Into(out, in *os.File) error {
+	if err := unix.IoctlFileClone(int(out.Fd()), int(in.Fd())); err == nil {
+		return nil
+	}
+	st, err := in.Stat()
+	if err != nil {
+		return err
+	}
+	size := st.Size()
+	if err := copyData(out, in, size); err != nil {
+		return fmt.Errorf("copying %s: %w", in.Name(), err)
+	}
+	return out.Truncate(size)
+}
+
+// copyData copies the data regions of in, found with SEEK_DATA/SEEK_HOLE.
+func copyData(out, in *os.File, size int64) error {
+	var off int64
+	for off < size {
+		start, err := unix.Seek(int(in.Fd()), off, unix.SEEK_DATA)
+		if errors.Is(err, unix.ENXIO) {
+			return nil // only a hole remains
+		}
+		if err != nil {
+			return copyRange(out, in, off, size)
+		}
+		end, err := unix.Seek(int(in.Fd()), start, unix.SEEK_HOLE)
+		if err != nil {
+			end = size
+		}
+		if err := copyRange(out, in, start, end); err != nil {
+			return err
+		}
+		off = end
+	}
+	return nil
+}
+
+// copyRange copies [start, end) at the same offsets, in the kernel when
+// it can.
+func copyRange(out, in *os.File, start, end int64) error {
+	for start < end {
+		roff, woff := start, start
+		n, err := unix.CopyFileRange(int(in.Fd()), &roff, int(out.Fd()), &woff, int(min(end-start, 1<<30)), 0)
+		if err != nil {
+			if errors.Is(err, unix.EXDEV) || errors.Is(err, unix.ENOSYS) || errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.EINVAL) {
+				return copyUser(out, in, start, end)
+			}
+			return err
+		}
+		if n == 0 {
+			return io.ErrUnexpectedEOF
+		}
+		start += int64(n)
+	}
+	return nil
+}
+
+func copyUser(out, in *os.File, start, end int64) error {
+	buf := make([]byte, 1<<20)
+	for start < end {
+		n, err := in.ReadAt(buf[:min(int64(len(buf)), end-start)], start)
+		if n > 0 {
+			if _, werr := out.WriteAt(buf[:n], start); werr != nil {
+				return werr
+			}
+			start += int64(n)
+		}
+		if err != nil && !(err == io.EOF && start >= end) {
+			return err
+		}
+	}
+	return nil
+}
+
+// Atomic copies src to dst through a temporary file in dst's directory
+// that is renamed into place, so dst is never seen half-written. An
+// existing dst is replaced.
+func Atomic(src, dst string, perm os.FileMode) error {
+	tmp, err := os.CreateTemp(filepath.Dir(dst), "."+filepath.Base(dst)+".kiln-*")
+	if err != nil {
+		return err
+	}
+	name := tmp.Name()
+	in, err := os.Open(src)
+	if err == nil {
+		err = Into(tmp, in)
+		in.Close()
+	}
+	if err == nil {
+		err = tmp.Chmod(perm)
+	}
+	if cerr := tmp.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(name, dst)
+	}
+	if err != nil {
+		os.Remove(name)
+		return err
+	}
+	return nil
+}

@@ -1,0 +1,225 @@
+// Package convert is `kiln convert`: resolve an image, fetch its layer
+// blobs into the cache, build its ext4 rootfs once per chain ID and
+// options, and copy it to the output.
+package convert
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/containerd/containerd/v2/core/content"
+	"github.com/containerd/platforms"
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/kilnfs/kiln/internal/build"
+	"github.com/kilnfs/kiln/internal/clone"
+	"github.com/kilnfs/kiln/internal/image"
+	"github.com/kilnfs/kiln/internal/layer"
+	"github.com/kilnfs/kiln/internal/progress"
+	"github.com/kilnfs/kiln/internal/store"
+)
+
+// Options configure a conversion.
+type Options struct {
+	Image    image.Options
+	Build    build.Options
+	CacheDir string
+	Progress progress.Reporter
+}
+
+// Result is what a conversion produced; it is also the --json summary.
+type Result struct {
+	Image    string        `json:"image"`
+	Digest   digest.Digest `json:"digest"`
+	Platform string        `json:"platform"`
+	ChainID  digest.Digest `json:"chain_id"`
+	Size     int64         `json:"size"`
+	Path     string        `json:"path"`
+	Cached   bool          `json:"cached"`
+	Timings  Timings       `json:"timings_ms"`
+}
+
+// Timings says where the time went, in milliseconds.
+type Timings struct {
+	Resolve int64 `json:"resolve"`
+	Fetch   int64 `json:"fetch"`
+	Unpack  int64 `json:"unpack"`
+	Build   int64 `json:"build"`
+	Copy    int64 `json:"copy"`
+	Total   int64 `json:"total"`
+}
+
+// Convert writes the ext4 rootfs of the image src names to out.
+func Convert(ctx context.Context, src, out string, opts Options) (*Result, error) {
+	start := time.Now()
+	rep := opts.Progress
+	if rep == nil {
+		rep = progress.Discard
+	}
+	cacheDir := opts.CacheDir
+	if cacheDir == "" {
+		cacheDir = store.DefaultDir()
+	}
+	st, err := store.Open(cacheDir)
+	if err != nil {
+		return nil, err
+	}
+	img, err := image.Resolve(ctx, src, opts.Image)
+	if err != nil {
+		return nil, err
+	}
+	res := &Result{
+		Image:    img.Name,
+		Digest:   img.Digest,
+		Platform: platforms.Format(img.Platform),
+		ChainID:  img.ChainID(),
+	}
+	res.Timings.Resolve = time.Since(start).Milliseconds()
+	key := build.Key(res.ChainID, opts.Build)
+
+	cached := st.RootfsPath(key)
+	if !st.HasRootfs(key) {
+		built, timings, err := buildImage(ctx, st, img, key, opts.Build, rep)
+		if err != nil {
+			return nil, err
+		}
+		res.Timings.Fetch, res.Timings.Unpack, res.Timings.Build = timings.Fetch, timings.Unpack, timings.Build
+		cached = built
+	} else {
+		res.Cached = true
+	}
+	copyStart := time.Now()
+	if err := clone.Atomic(cached, out, 0o644); err != nil {
+		return nil, fmt.Errorf("writing %s: %w", out, err)
+	}
+	rep.Wait()
+	res.Timings.Copy = time.Since(copyStart).Milliseconds()
+	if res.Path, err = filepath.Abs(out); err != nil {
+		res.Path = out
+	}
+	if fi, err := os.Stat(out); err == nil {
+		res.Size = fi.Size()
+	}
+	res.Timings.Total = time.Since(start).Milliseconds()
+	return res, nil
+}
+
+// buildImage fetches what is missing and builds the rootfs into the cache.
+func buildImage(ctx context.Context, st *store.Store, img *image.Image, key string, opts build.Options, rep progress.Reporter) (string, Timings, error) {
+	var t Timings
+	wd, err := st.NewWorkDir()
+	if err != nil {
+		return "", t, err
+	}
+	defer wd.Release()
+
+	layers := make([]build.Layer, len(img.Layers))
+	fetchStart := time.Now()
+	fetchCtx, cancelFetch := context.WithCancel(ctx)
+	defer cancelFetch()
+	var fetchWait func() error
+	if img.Remote {
+		layers, fetchWait = fetch(fetchCtx, st.Content(), img, rep)
+	} else {
+		for i, l := range img.Layers {
+			layers[i] = build.Layer{Descriptor: l.Descriptor, Size: l.Size, Open: l.Open}
+		}
+	}
+	out := filepath.Join(wd.Path, "rootfs.ext4")
+	res, err := build.Rootfs(ctx, layers, out, wd.Path, key, opts, rep)
+	if fetchWait != nil {
+		if err != nil {
+			cancelFetch() // a failed build needs no more blobs
+		}
+		// A fetch error reaches the build through Open, so the build's
+		// error already says it; a clean build means every fetch worked.
+		_ = fetchWait()
+		t.Fetch = time.Since(fetchStart).Milliseconds()
+	}
+	if err != nil {
+		return "", t, fmt.Errorf("image %s: %w", img.Name, err)
+	}
+	t.Unpack, t.Build = res.Unpack.Milliseconds(), res.Build.Milliseconds()
+	path, err := st.PublishRootfs(out, key)
+	return path, t, err
+}
+
+// fetch downloads the layer blobs the cache lacks, a few at a time, and
+// returns layers whose Open waits for that layer's download: unpacking a
+// layer overlaps with fetching the next ones.
+func fetch(ctx context.Context, cs content.Store, img *image.Image, rep progress.Reporter) ([]build.Layer, func() error) {
+	var total int64
+	for _, l := range img.Layers {
+		total += l.Size
+	}
+	bar := rep.Bar("fetch", total, true)
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(3)
+	layers := make([]build.Layer, len(img.Layers))
+	var mu sync.Mutex
+	for i, l := range img.Layers {
+		desc := ocispec.Descriptor{MediaType: l.MediaType, Digest: l.Digest, Size: l.Size}
+		ready := make(chan struct{})
+		var ferr error
+		layers[i] = build.Layer{Descriptor: l.Descriptor, Size: l.Size, Open: func() (io.ReadCloser, error) {
+			select {
+			case <-ready:
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			}
+			mu.Lock()
+			err := ferr
+			mu.Unlock()
+			if err != nil {
+				return nil, err
+			}
+			ra, err := cs.ReaderAt(ctx, desc)
+			if err != nil {
+				return nil, err
+			}
+			return readCloser{Reader: content.NewReader(ra), Closer: ra}, nil
+		}}
+		l := l
+		g.Go(func() error {
+			defer close(ready)
+			err := fetchBlob(gctx, cs, l, desc, bar)
+			mu.Lock()
+			ferr = err
+			mu.Unlock()
+			return err
+		})
+	}
+	return layers, func() error {
+		err := g.Wait()
+		bar.Done()
+		return err
+	}
+}
+
+func fetchBlob(ctx context.Context, cs content.Store, l image.Layer, desc ocispec.Descriptor, bar progress.Bar) error {
+	if _, err := cs.Info(ctx, desc.Digest); err == nil {
+		bar.Add(l.Size)
+		return nil
+	}
+	rc, err := l.Open()
+	if err != nil {
+		return &layer.Error{Digest: l.Digest, Err: fmt.Errorf("fetching: %w", err)}
+	}
+	defer rc.Close()
+	if err := content.WriteBlob(ctx, cs, "kiln-"+desc.Digest.String(), progress.Reader(rc, bar), desc); err != nil {
+		return &layer.Error{Digest: l.Digest, Err: fmt.Errorf("fetching: %w", err)}
+	}
+	return nil
+}
+
+type readCloser struct {
+	io.Reader
+	io.Closer
+}

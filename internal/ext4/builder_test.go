@@ -1,0 +1,164 @@
+package ext4
+
+import (
+	"archive/tar"
+	"bytes"
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/kilnfs/kiln/internal/rootfs"
+)
+
+func TestQuote(t *testing.T) {
+	for in, want := range map[string]string{
+		`plain`:            `"plain"`,
+		`with space`:       `"with space"`,
+		`a"b`:              `"a""b"`,
+		`back\slash`:       `"back\slash"`,
+		`"; sif <2> uid 1`: `"""; sif <2> uid 1"`,
+	} {
+		got, err := quote(in)
+		if err != nil || got != want {
+			t.Errorf("quote(%q) = %q, %v; want %q", in, got, err, want)
+		}
+	}
+	for _, bad := range []string{"a\nb", "a\rb", "a\x00b"} {
+		if _, err := quote(bad); err == nil {
+			t.Errorf("quote(%q) should fail", bad)
+		}
+	}
+}
+
+func TestEncodeTime(t *testing.T) {
+	cases := []struct {
+		t         time.Time
+		lo, extra uint32
+	}{
+		{time.Unix(0, 0), 0, 0},
+		{time.Unix(-5, 0), 0xfffffffb, 0},
+		{time.Unix(1<<31, 0), 0x80000000, 1},                             // 2038-01-19
+		{time.Unix(1<<32, 10), 0, 10<<2 | 1},                             // 2106
+		{time.Unix(4102444800, 999999999), 0xf4865700, 999999999<<2 | 1}, // 2100
+		{time.Unix(-1<<40, 0), 0x80000000, 0},                            // clamped to 1901
+		{time.Unix(1<<40, 0), uint32(maxTime), uint32(maxTime >> 32)},
+	}
+	for _, c := range cases {
+		lo, extra := encodeTime(c.t)
+		if lo != c.lo || extra != c.extra {
+			t.Errorf("encodeTime(%d) = %#x %#x, want %#x %#x", c.t.Unix(), lo, extra, c.lo, c.extra)
+		}
+		// The kernel's decoding must give the time back.
+		sec := int64(int32(lo)) + int64(extra&3)<<32
+		if c.t.Unix() >= minTime && c.t.Unix() <= maxTime && (sec != c.t.Unix() || int(extra>>2) != c.t.Nanosecond()) {
+			t.Errorf("decode(%#x, %#x) = %d.%d, want %d.%d", lo, extra, sec, extra>>2, c.t.Unix(), c.t.Nanosecond())
+		}
+	}
+}
+
+func needTools(t *testing.T) {
+	for _, tool := range []string{"mke2fs", "debugfs", "e2fsck"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("%s not installed (e2fsprogs): %v", tool, err)
+		}
+	}
+}
+
+// TestBuildRestoresMetadata builds a small tree and reads it back with
+// debugfs: what the staging directory could not hold must be in the image.
+func TestBuildRestoresMetadata(t *testing.T) {
+	needTools(t)
+	work := t.TempDir()
+	stage := filepath.Join(work, "stage")
+	os.Mkdir(stage, 0o700)
+	tree, err := rootfs.New(stage, time.Unix(0, 0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	odd := `dev "quoted" name; sif <2> uid 7`
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	mt := time.Unix(4102444800, 123456789) // 2100
+	hdrs := []*tar.Header{
+		{Name: "./", Typeflag: tar.TypeDir, Mode: 0o755, ModTime: time.Unix(1000, 0)},
+		{Name: "bin/", Typeflag: tar.TypeDir, Mode: 0o755, ModTime: mt},
+		{Name: "bin/ping", Typeflag: tar.TypeReg, Mode: 0o4711, Uid: 100000, Gid: 4000000000, ModTime: mt, Size: 4,
+			PAXRecords: map[string]string{"SCHILY.xattr.security.capability": "\x01\x00\x00\x02\x00\x20\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"}},
+		{Name: "dev/", Typeflag: tar.TypeDir, Mode: 0o755, ModTime: mt},
+		{Name: "dev/" + odd, Typeflag: tar.TypeChar, Mode: 0o666, Devmajor: 259, Devminor: 65536, ModTime: mt},
+		{Name: "dev/link", Typeflag: tar.TypeLink, Linkname: "dev/" + odd},
+		{Name: "old", Typeflag: tar.TypeReg, Mode: 0o600, ModTime: time.Unix(-86400, 0)},
+	}
+	for _, h := range hdrs {
+		h.Format = tar.FormatPAX
+		if err := tw.WriteHeader(h); err != nil {
+			t.Fatal(err)
+		}
+		if h.Size > 0 {
+			tw.Write([]byte("ping"))
+		}
+	}
+	tw.Close()
+	if err := tree.Apply(context.Background(), &buf, "test"); err != nil {
+		t.Fatal(err)
+	}
+	img := filepath.Join(work, "out.ext4")
+	if _, err := Build(context.Background(), tree, img, Options{Identity: "test", WorkDir: work}); err != nil {
+		t.Fatal(err)
+	}
+	if err := Check(context.Background(), img); err != nil {
+		t.Fatal(err)
+	}
+	stat := func(path string) string {
+		out, err := exec.Command("debugfs", "-R", "stat "+path, img).CombinedOutput()
+		if err != nil {
+			t.Fatalf("debugfs: %v", err)
+		}
+		return string(out)
+	}
+	ping := stat("/bin/ping")
+	for _, want := range []string{"Mode:  04711", "User: 100000", "Group: -294967296", // debugfs prints ids as signed 32-bit
+		"mtime: 0xf4865700:1d6f3455"} {
+		if !strings.Contains(ping, want) {
+			t.Errorf("/bin/ping lacks %q:\n%s", want, ping)
+		}
+	}
+	if !strings.Contains(ping, "security.capability") {
+		t.Errorf("/bin/ping lacks its capability xattr:\n%s", ping)
+	}
+	dev := stat(`"/dev/` + strings.ReplaceAll(odd, `"`, `""`) + `"`)
+	for _, want := range []string{"Type: character special", "Mode:  0666", "Links: 2", "Device major/minor number: 259:65536"} {
+		if !strings.Contains(dev, want) {
+			t.Errorf("device lacks %q:\n%s", want, dev)
+		}
+	}
+	if root := stat("/"); !strings.Contains(root, "User:     0") || !strings.Contains(root, "mtime: 0x000003e8:00000000") {
+		t.Errorf("root not restored:\n%s", root)
+	}
+	if old := stat("/old"); !strings.Contains(old, "mtime: 0xfffeae80:00000000") {
+		t.Errorf("pre-1970 mtime lost:\n%s", old)
+	}
+}
+
+func TestDeviceNameWithNewlineIsRefused(t *testing.T) {
+	needTools(t)
+	work := t.TempDir()
+	stage := filepath.Join(work, "stage")
+	os.Mkdir(stage, 0o700)
+	tree, _ := rootfs.New(stage, time.Unix(0, 0))
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	tw.WriteHeader(&tar.Header{Name: "null\nmknod x c 1 3", Typeflag: tar.TypeChar, Devmajor: 1, Devminor: 3, Format: tar.FormatPAX})
+	tw.Close()
+	if err := tree.Apply(context.Background(), &buf, "test"); err != nil {
+		t.Fatal(err)
+	}
+	_, err := Build(context.Background(), tree, filepath.Join(work, "out.ext4"), Options{Identity: "x", WorkDir: work})
+	if err == nil || !strings.Contains(err.Error(), "line break") {
+		t.Fatalf("err = %v, want a refusal naming the line break", err)
+	}
+}

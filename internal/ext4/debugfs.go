@@ -1,0 +1,142 @@
+package ext4
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// script accumulates one batched debugfs command file.
+//
+// debugfs reads its script line by line and splits each line with the ss
+// library's parser: whitespace separates words and double quotes group
+// them, with "" standing for a literal quote inside a quoted word. Nothing
+// else is special inside quotes, so quoting every name this way means a
+// name can never end a word early or start another command. The one thing
+// quoting cannot carry is a line break, which ends the line: such names are
+// refused by quote rather than ever reaching debugfs. Lines stay short
+// because names are always given relative to a directory's inode number,
+// never as full paths.
+type script struct {
+	buf   bytes.Buffer
+	lines int
+}
+
+func (s *script) printf(format string, args ...any) {
+	fmt.Fprintf(&s.buf, format, args...)
+	s.buf.WriteByte('\n')
+	s.lines++
+}
+
+// quote returns a name as one debugfs word.
+func quote(name string) (string, error) {
+	if strings.ContainsAny(name, "\n\r\x00") {
+		return "", fmt.Errorf("name %q contains a line break or NUL, which debugfs commands cannot carry", name)
+	}
+	return `"` + strings.ReplaceAll(name, `"`, `""`) + `"`, nil
+}
+
+// setTime sets one of an inode's timestamps, seconds and nanoseconds, with
+// the raw low and extra fields so that times before 1970 and after 2038
+// survive exactly.
+func (s *script) setTime(ino uint32, field string, t time.Time) {
+	lo, extra := encodeTime(t)
+	s.printf("sif <%d> %s_lo 0x%x", ino, field, lo)
+	s.printf("sif <%d> %s_hi 0x%x", ino, field, extra)
+}
+
+// Time range that ext4 encodes unambiguously: 32 signed bits of seconds
+// plus two epoch bits, stopping before the years (2310 on) that e2fsck
+// reads as mis-encoded pre-1970 dates.
+var (
+	minTime = int64(-1 << 31)
+	maxTime = int64(3<<32 - 1<<31 - 1)
+)
+
+// encodeTime splits a time into ext4's on-disk seconds field and extra
+// field (nanoseconds << 2 | epoch bits), clamping like the kernel does.
+func encodeTime(t time.Time) (lo, extra uint32) {
+	sec, nsec := t.Unix(), int64(t.Nanosecond())
+	if sec < minTime {
+		sec, nsec = minTime, 0
+	}
+	if sec > maxTime {
+		sec, nsec = maxTime, 0
+	}
+	lo = uint32(sec)
+	epoch := (sec - int64(int32(lo))) >> 32
+	return lo, uint32(nsec)<<2 | uint32(epoch&3)
+}
+
+// debugfs runs a script against an image and fails if any command in it
+// failed: debugfs itself exits 0 regardless, and reports command errors on
+// stderr.
+func debugfs(ctx context.Context, image, workDir string, s *script, env []string) (stdout []byte, err error) {
+	f, err := os.CreateTemp(workDir, "debugfs-*.txt")
+	if err != nil {
+		return nil, err
+	}
+	defer os.Remove(f.Name())
+	if _, err := f.Write(s.buf.Bytes()); err != nil {
+		f.Close()
+		return nil, err
+	}
+	if err := f.Close(); err != nil {
+		return nil, err
+	}
+	cmd := exec.CommandContext(ctx, "debugfs", "-w", "-f", f.Name(), image)
+	cmd.Env = env
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	if err := cmd.Run(); err != nil {
+		return nil, fmt.Errorf("debugfs: %w: %s", err, strings.TrimSpace(errb.String()))
+	}
+	if msg := debugfsErrors(errb.Bytes()); msg != "" {
+		return nil, fmt.Errorf("debugfs: %s", msg)
+	}
+	return out.Bytes(), nil
+}
+
+// debugfsErrors returns the error lines of debugfs's stderr: everything but
+// its version banner.
+func debugfsErrors(stderr []byte) string {
+	var errs []string
+	sc := bufio.NewScanner(bytes.NewReader(stderr))
+	for sc.Scan() {
+		line := strings.TrimSpace(sc.Text())
+		if line == "" || strings.HasPrefix(line, "debugfs ") && strings.HasSuffix(line, ")") {
+			continue
+		}
+		errs = append(errs, line)
+		if len(errs) == 10 {
+			errs = append(errs, "...")
+			break
+		}
+	}
+	return strings.Join(errs, "; ")
+}
+
+// allocatedInodes parses the inode numbers debugfs reports for mknod, in
+// command order.
+func allocatedInodes(stdout []byte) ([]uint32, error) {
+	var out []uint32
+	sc := bufio.NewScanner(bytes.NewReader(stdout))
+	for sc.Scan() {
+		rest, ok := strings.CutPrefix(sc.Text(), "Allocated inode: ")
+		if !ok {
+			continue
+		}
+		n, err := strconv.ParseUint(strings.TrimSpace(rest), 10, 32)
+		if err != nil {
+			return nil, fmt.Errorf("debugfs: unexpected output %q", sc.Text())
+		}
+		out = append(out, uint32(n))
+	}
+	return out, sc.Err()
+}

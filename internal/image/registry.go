@@ -1,0 +1,107 @@
+package image
+
+import (
+	"context"
+	"crypto/tls"
+	"fmt"
+	"net"
+	"net/http"
+	"slices"
+
+	"github.com/google/go-containerregistry/pkg/authn"
+	"github.com/google/go-containerregistry/pkg/name"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+)
+
+// fromRegistry resolves a reference against its registry, with the
+// credentials of the user's docker config.json (auths, credsStore,
+// credHelpers).
+func fromRegistry(ctx context.Context, ref string, want ocispec.Platform, opts Options) (*Image, error) {
+	var nameOpts []name.Option
+	r, err := name.ParseReference(ref)
+	if err != nil {
+		return nil, fmt.Errorf("parsing reference: %w", err)
+	}
+	insecure := slices.Contains(opts.Insecure, r.Context().RegistryStr())
+	if insecure {
+		nameOpts = append(nameOpts, name.Insecure)
+		if r, err = name.ParseReference(ref, nameOpts...); err != nil {
+			return nil, fmt.Errorf("parsing reference: %w", err)
+		}
+	}
+	remoteOpts := []remote.Option{
+		remote.WithContext(ctx),
+		remote.WithAuthFromKeychain(authn.DefaultKeychain),
+		remote.WithTransport(newTransport(opts.Insecure)),
+	}
+	if opts.UserAgent != "" {
+		remoteOpts = append(remoteOpts, remote.WithUserAgent(opts.UserAgent))
+	}
+	desc, err := remote.Get(r, remoteOpts...)
+	if err != nil {
+		return nil, err
+	}
+	var img *Image
+	explicit := opts.Platform != ""
+	if desc.MediaType.IsIndex() {
+		idx, err := desc.ImageIndex()
+		if err != nil {
+			return nil, err
+		}
+		v1img, plat, err := selectPlatform(idx, want)
+		if err != nil {
+			return nil, err
+		}
+		img, err = describe(v1img, plat, want, explicit, openCompressed)
+		if err != nil {
+			return nil, err
+		}
+	} else {
+		v1img, err := desc.Image()
+		if err != nil {
+			return nil, err
+		}
+		img, err = describe(v1img, ocispec.Platform{}, want, explicit, openCompressed)
+		if err != nil {
+			return nil, err
+		}
+	}
+	img.Remote = true
+	return img, nil
+}
+
+// httpPolicy lets plain HTTP (and unverified TLS) reach only loopback
+// registries and those the user named as insecure. go-containerregistry
+// would otherwise fall back to HTTP for private (RFC 1918) addresses too.
+type httpPolicy struct {
+	secure   http.RoundTripper
+	insecure http.RoundTripper
+	allowed  []string
+}
+
+func newTransport(insecure []string) http.RoundTripper {
+	secure := remote.DefaultTransport.(*http.Transport).Clone()
+	lax := secure.Clone()
+	lax.TLSClientConfig = &tls.Config{InsecureSkipVerify: true} //nolint:gosec // only for registries the user named insecure
+	return &httpPolicy{secure: secure, insecure: lax, allowed: insecure}
+}
+
+func (p *httpPolicy) RoundTrip(req *http.Request) (*http.Response, error) {
+	named := slices.Contains(p.allowed, req.URL.Host)
+	if req.URL.Scheme == "http" && !named && !isLoopback(req.URL.Hostname()) {
+		return nil, fmt.Errorf("refusing plain HTTP to %s: only loopback registries and those given with --insecure-registry may use it", req.URL.Host)
+	}
+	if named {
+		return p.insecure.RoundTrip(req)
+	}
+	return p.secure.RoundTrip(req)
+}
+
+func isLoopback(host string) bool {
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}

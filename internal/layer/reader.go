@@ -1,0 +1,254 @@
+// Package layer reads OCI and Docker layer blobs: it decompresses gzip,
+// zstd or plain tar in the background, so that decompression overlaps with
+// whatever consumes the tar, and verifies both the blob digest and the
+// diffID of what it produced.
+package layer
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+	"sync"
+
+	"github.com/klauspost/compress/gzip"
+	"github.com/klauspost/compress/zstd"
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+)
+
+// Docker's layer media types, which OCI image-spec does not define.
+const (
+	MediaTypeDockerLayer        = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+	MediaTypeDockerForeignLayer = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
+	MediaTypeDockerLayerPlain   = "application/vnd.docker.image.rootfs.diff.tar"
+)
+
+var knownMediaTypes = map[string]bool{
+	ocispec.MediaTypeImageLayer:     true,
+	ocispec.MediaTypeImageLayerGzip: true,
+	ocispec.MediaTypeImageLayerZstd: true,
+	//nolint:staticcheck // non-distributable layers still appear in images
+	ocispec.MediaTypeImageLayerNonDistributable: true,
+	//nolint:staticcheck
+	ocispec.MediaTypeImageLayerNonDistributableGzip: true,
+	//nolint:staticcheck
+	ocispec.MediaTypeImageLayerNonDistributableZstd: true,
+	MediaTypeDockerLayer:                            true,
+	MediaTypeDockerForeignLayer:                     true,
+	MediaTypeDockerLayerPlain:                       true,
+}
+
+// ErrUnknownMediaType is wrapped for layers kiln cannot read.
+var ErrUnknownMediaType = errors.New("unknown layer media type")
+
+// CheckMediaType fails for media types that are not tar layers.
+func CheckMediaType(mediaType string) error {
+	if !knownMediaTypes[mediaType] {
+		return fmt.Errorf("%w %q", ErrUnknownMediaType, mediaType)
+	}
+	return nil
+}
+
+// Error is a problem with a layer's bytes: a digest mismatch or data that
+// does not decompress.
+type Error struct {
+	Digest digest.Digest
+	Err    error
+}
+
+func (e *Error) Error() string { return fmt.Sprintf("layer %s: %v", e.Digest, e.Err) }
+func (e *Error) Unwrap() error { return e.Err }
+
+// ErrDigestMismatch is wrapped when a blob or its content is not what the
+// manifest or config says.
+var ErrDigestMismatch = errors.New("digest mismatch")
+
+const chunkSize = 1 << 20
+
+// Reader is the uncompressed tar stream of a layer.
+type Reader struct {
+	desc   Descriptor
+	chunks chan []byte
+	free   chan []byte
+	cur    []byte
+	done   chan struct{}
+	// diffHash is computed on the reading side, which has spare time
+	// while the decompressor is the bottleneck.
+	diffHash hash.Hash
+	once     sync.Once
+
+	mu  sync.Mutex
+	err error // set by the decompressor when it stops
+}
+
+// Descriptor identifies a layer: its blob and what it must decompress to.
+type Descriptor struct {
+	MediaType string
+	Digest    digest.Digest // of the blob as stored
+	DiffID    digest.Digest // of the uncompressed tar
+}
+
+// NewReader starts decompressing blob. The format is recognised from the
+// data itself (Docker archives label plain tars as gzip); the media type
+// must still be a known layer type. Read returns io.EOF only after the
+// whole blob was read and both digests matched.
+func NewReader(blob io.Reader, desc Descriptor) (*Reader, error) {
+	if err := CheckMediaType(desc.MediaType); err != nil {
+		return nil, &Error{Digest: desc.Digest, Err: err}
+	}
+	if err := desc.Digest.Validate(); err != nil {
+		return nil, &Error{Digest: desc.Digest, Err: fmt.Errorf("invalid digest: %w", err)}
+	}
+	if err := desc.DiffID.Validate(); err != nil {
+		return nil, &Error{Digest: desc.Digest, Err: fmt.Errorf("invalid diffID %q: %w", desc.DiffID, err)}
+	}
+	r := &Reader{
+		desc:   desc,
+		chunks: make(chan []byte, 4),
+		free:   make(chan []byte, 6),
+		done:   make(chan struct{}),
+	}
+	r.diffHash = desc.DiffID.Algorithm().Hash()
+	go r.decompress(blob)
+	return r, nil
+}
+
+func (r *Reader) decompress(blob io.Reader) {
+	err := r.pump(blob)
+	r.mu.Lock()
+	r.err = err
+	r.mu.Unlock()
+	close(r.chunks)
+}
+
+func (r *Reader) pump(blob io.Reader) error {
+	blobHash := r.desc.Digest.Algorithm().Hash()
+	in := bufio.NewReaderSize(io.TeeReader(blob, blobHash), chunkSize)
+	magic, _ := in.Peek(4)
+	var src io.Reader = in
+	switch {
+	case bytes.HasPrefix(magic, []byte{0x1f, 0x8b}):
+		zr, err := gzip.NewReader(in)
+		if err != nil {
+			return fmt.Errorf("gzip: %w", err)
+		}
+		defer zr.Close()
+		src = zr
+	case bytes.HasPrefix(magic, []byte{0x28, 0xb5, 0x2f, 0xfd}):
+		zr, err := zstd.NewReader(in, zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true))
+		if err != nil {
+			return fmt.Errorf("zstd: %w", err)
+		}
+		defer zr.Close()
+		src = zr
+	}
+	for {
+		var buf []byte
+		select {
+		case buf = <-r.free:
+		default:
+			buf = make([]byte, chunkSize)
+		}
+		n, err := fillChunk(src, buf)
+		if n > 0 {
+			select {
+			case r.chunks <- buf[:n]:
+			case <-r.done:
+				return errors.New("layer reader closed")
+			}
+		}
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			if err == io.ErrUnexpectedEOF {
+				err = errors.New("unexpected end of data: the blob is truncated or corrupt")
+			}
+			return fmt.Errorf("decompressing: %w", err)
+		}
+	}
+	// Whatever follows the compressed stream is part of the blob too.
+	if _, err := io.Copy(io.Discard, in); err != nil {
+		return fmt.Errorf("reading blob: %w", err)
+	}
+	if got := digest.NewDigest(r.desc.Digest.Algorithm(), blobHash); got != r.desc.Digest {
+		return fmt.Errorf("%w: blob digest is %s", ErrDigestMismatch, got)
+	}
+	return nil
+}
+
+// fillChunk reads until buf is full (nil error) or the stream ends
+// (io.EOF); a decompressor reports truncation as io.ErrUnexpectedEOF.
+func fillChunk(r io.Reader, buf []byte) (int, error) {
+	n := 0
+	for n < len(buf) {
+		m, err := r.Read(buf[n:])
+		n += m
+		if err != nil {
+			return n, err
+		}
+	}
+	return n, nil
+}
+
+// Read implements io.Reader.
+func (r *Reader) Read(p []byte) (int, error) {
+	for len(r.cur) == 0 {
+		if r.cur != nil {
+			select {
+			case r.free <- r.cur[:cap(r.cur)]:
+			default:
+			}
+			r.cur = nil
+		}
+		c, ok := <-r.chunks
+		if !ok {
+			r.mu.Lock()
+			err := r.err
+			r.mu.Unlock()
+			if err != nil {
+				return 0, &Error{Digest: r.desc.Digest, Err: err}
+			}
+			if got := digest.NewDigest(r.desc.DiffID.Algorithm(), r.diffHash); got != r.desc.DiffID {
+				return 0, &Error{Digest: r.desc.Digest, Err: fmt.Errorf(
+					"%w: uncompressed content is %s, diffID says %s", ErrDigestMismatch, got, r.desc.DiffID)}
+			}
+			return 0, io.EOF
+		}
+		r.cur = c
+		r.diffHash.Write(c)
+	}
+	n := copy(p, r.cur)
+	r.cur = r.cur[n:]
+	return n, nil
+}
+
+// Finish reads what the consumer left (a tar reader stops at the end
+// marker, before the padding) and reports whether the layer verified.
+func (r *Reader) Finish() error {
+	_, err := io.Copy(io.Discard, r)
+	return err
+}
+
+// Close stops the decompressor. It does not close the blob.
+func (r *Reader) Close() error {
+	r.once.Do(func() { close(r.done) })
+	for range r.chunks {
+	}
+	return nil
+}
+
+// Verify reads a blob fully and checks its digest, for blobs (manifests,
+// configs) that are consumed whole.
+func Verify(data []byte, d digest.Digest) error {
+	if err := d.Validate(); err != nil {
+		return err
+	}
+	if got := d.Algorithm().FromBytes(data); got != d {
+		return fmt.Errorf("%w: %s is %s", ErrDigestMismatch, d, got)
+	}
+	return nil
+}

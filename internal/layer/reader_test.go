@@ -1,0 +1,112 @@
+package layer
+
+import (
+	"bytes"
+	"errors"
+	"io"
+	"strings"
+	"testing"
+
+	"github.com/klauspost/compress/gzip"
+	"github.com/klauspost/compress/zstd"
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+)
+
+var payload = bytes.Repeat([]byte("kiln layer payload "), 200000) // ~3.8 MiB, several chunks
+
+func gz(t *testing.T, b []byte) []byte {
+	var buf bytes.Buffer
+	w := gzip.NewWriter(&buf)
+	w.Write(b)
+	w.Close()
+	return buf.Bytes()
+}
+
+func zst(t *testing.T, b []byte) []byte {
+	var buf bytes.Buffer
+	w, _ := zstd.NewWriter(&buf)
+	w.Write(b)
+	w.Close()
+	return buf.Bytes()
+}
+
+func read(t *testing.T, blob []byte, d Descriptor) ([]byte, error) {
+	t.Helper()
+	r, err := NewReader(bytes.NewReader(blob), d)
+	if err != nil {
+		return nil, err
+	}
+	defer r.Close()
+	return io.ReadAll(r)
+}
+
+func TestFormats(t *testing.T) {
+	for name, blob := range map[string][]byte{"gzip": gz(t, payload), "zstd": zst(t, payload), "plain": payload} {
+		t.Run(name, func(t *testing.T) {
+			got, err := read(t, blob, Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: digest.FromBytes(blob), DiffID: digest.FromBytes(payload)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(got, payload) {
+				t.Fatal("content differs")
+			}
+		})
+	}
+}
+
+func TestVerification(t *testing.T) {
+	blob := gz(t, payload)
+	good := Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: digest.FromBytes(blob), DiffID: digest.FromBytes(payload)}
+	cases := map[string]struct {
+		blob []byte
+		desc Descriptor
+		want string
+	}{
+		"blob digest": {blob, Descriptor{good.MediaType, digest.FromString("other"), good.DiffID}, "blob digest"},
+		"diffID":      {blob, Descriptor{good.MediaType, good.Digest, digest.FromString("other")}, "diffID"},
+		"truncated":   {blob[:len(blob)/2], good, "truncated or corrupt"},
+		"corrupt zstd": {append([]byte{0x28, 0xb5, 0x2f, 0xfd}, bytes.Repeat([]byte{0xff}, 100)...), good, "decompressing"},
+		"media type":  {blob, Descriptor{"application/vnd.example.unknown", good.Digest, good.DiffID}, "unknown layer media type"},
+	}
+	for name, c := range cases {
+		t.Run(name, func(t *testing.T) {
+			_, err := read(t, c.blob, c.desc)
+			if err == nil {
+				t.Fatal("no error")
+			}
+			var le *Error
+			if !errors.As(err, &le) || le.Digest != c.desc.Digest {
+				t.Errorf("%v: not a layer error naming the digest", err)
+			}
+			if !strings.Contains(err.Error(), c.want) {
+				t.Errorf("%v: want %q", err, c.want)
+			}
+		})
+	}
+}
+
+func TestFinishVerifiesUnreadTail(t *testing.T) {
+	blob := gz(t, payload)
+	r, err := NewReader(bytes.NewReader(blob), Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: digest.FromBytes(blob), DiffID: digest.FromString("wrong")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	buf := make([]byte, 100)
+	if _, err := r.Read(buf); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Finish(); !errors.Is(err, ErrDigestMismatch) {
+		t.Fatalf("Finish = %v, want a digest mismatch", err)
+	}
+}
+
+func TestCloseEarly(t *testing.T) {
+	blob := gz(t, payload)
+	r, err := NewReader(bytes.NewReader(blob), Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: digest.FromBytes(blob), DiffID: digest.FromBytes(payload)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.Close() // must not hang or leak the decompressor
+}

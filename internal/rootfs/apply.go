@@ -1,0 +1,550 @@
+package rootfs
+
+import (
+	"archive/tar"
+	"bytes"
+	"context"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"net/url"
+	"os"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// OCI whiteout markers (image-spec layer.md).
+const (
+	whiteoutPrefix = ".wh."
+	whiteoutMeta   = ".wh..wh."
+	opaqueMarker   = ".wh..wh..opq"
+)
+
+const (
+	blockSize   = 4096
+	maxNameLen  = 255  // ext4 directory entry limit
+	maxLinkLen  = 4095 // ext4 symlink target limit with 4 KiB blocks
+	maxSymlinks = 40   // like the kernel's MAXSYMLINKS
+)
+
+// ErrUnsafePath is wrapped by errors for entries that would reach outside
+// the root filesystem.
+var ErrUnsafePath = errors.New("unsafe path")
+
+// EntryError reports a problem with one entry of a layer.
+type EntryError struct {
+	Layer string // layer digest, or another name the caller gave the layer
+	Entry string // entry name as written in the tar
+	Err   error
+}
+
+func (e *EntryError) Error() string {
+	return fmt.Sprintf("layer %s: entry %q: %v", e.Layer, e.Entry, e.Err)
+}
+
+func (e *EntryError) Unwrap() error { return e.Err }
+
+// component is one pending path element while resolving; clamp says that
+// ".." at the root stays at the root (it came from an absolute symlink
+// target, which is interpreted inside the rootfs like a chroot would).
+type component struct {
+	name  string
+	clamp bool
+}
+
+type applier struct {
+	t     *Tree
+	layer int
+	name  string
+	buf   []byte
+}
+
+// Apply replays one layer, an uncompressed tar stream, on top of the tree
+// with OCI semantics: entries replace what lower layers had at the same
+// path (a directory over a directory merges), ".wh.NAME" removes NAME from
+// lower layers and ".wh..wh..opq" hides everything lower layers put in its
+// directory. layer names the layer in errors.
+func (t *Tree) Apply(ctx context.Context, r io.Reader, layer string) error {
+	t.layers++
+	a := &applier{t: t, layer: t.layers, name: layer, buf: make([]byte, 1<<20)}
+	tr := tar.NewReader(r)
+	for {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		hdr, err := tr.Next()
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("layer %s: reading tar: %w", layer, err)
+		}
+		if err := a.entry(hdr, tr); err != nil {
+			var ee *EntryError
+			if errors.As(err, &ee) {
+				return err
+			}
+			return &EntryError{Layer: layer, Entry: hdr.Name, Err: err}
+		}
+	}
+}
+
+// splitName validates a tar entry name and returns its components; an
+// empty result is the root directory itself.
+func splitName(name string) ([]string, error) {
+	if strings.HasPrefix(name, "/") {
+		return nil, fmt.Errorf("%w: absolute path", ErrUnsafePath)
+	}
+	var parts []string
+	for _, c := range strings.Split(name, "/") {
+		switch c {
+		case "", ".":
+			continue
+		case "..":
+			return nil, fmt.Errorf("%w: path traversal (\"..\")", ErrUnsafePath)
+		}
+		if len(c) > maxNameLen {
+			return nil, fmt.Errorf("name component is %d bytes, ext4 allows %d", len(c), maxNameLen)
+		}
+		if strings.IndexByte(c, 0) >= 0 {
+			return nil, fmt.Errorf("name contains a NUL byte")
+		}
+		parts = append(parts, c)
+	}
+	return parts, nil
+}
+
+func (a *applier) entry(hdr *tar.Header, r io.Reader) error {
+	parts, err := splitName(hdr.Name)
+	if err != nil {
+		return err
+	}
+	if len(parts) == 0 {
+		if hdr.Typeflag != tar.TypeDir {
+			return fmt.Errorf("the root can only be a directory, not %q", hdr.Typeflag)
+		}
+		in, err := a.inode(hdr, TypeDir)
+		if err != nil {
+			return err
+		}
+		a.t.root.inode = in
+		return nil
+	}
+	base := parts[len(parts)-1]
+	if strings.HasPrefix(base, whiteoutPrefix) {
+		return a.whiteout(parts[:len(parts)-1], base)
+	}
+	parent, err := a.resolveDir(parts[:len(parts)-1], true)
+	if err != nil {
+		return err
+	}
+	existing := parent.children[base]
+
+	switch hdr.Typeflag {
+	case tar.TypeDir:
+		in, err := a.inode(hdr, TypeDir)
+		if err != nil {
+			return err
+		}
+		if existing != nil && existing.inode.Type == TypeDir {
+			existing.inode = in
+			existing.layer = a.layer
+			return nil
+		}
+		if err := a.remove(existing); err != nil {
+			return err
+		}
+		n := a.attach(parent, base, in)
+		return mkdir(a.t.StagingPath(n))
+
+	case tar.TypeReg, tar.TypeRegA, tar.TypeGNUSparse, tar.TypeCont:
+		in, err := a.inode(hdr, TypeReg)
+		if err != nil {
+			return err
+		}
+		if err := a.remove(existing); err != nil {
+			return err
+		}
+		n := a.attach(parent, base, in)
+		in.Size, in.Blocks, err = a.writeFile(a.t.StagingPath(n), r)
+		return err
+
+	case tar.TypeSymlink:
+		if hdr.Linkname == "" {
+			return fmt.Errorf("symlink has an empty target")
+		}
+		if len(hdr.Linkname) > maxLinkLen {
+			return fmt.Errorf("symlink target is %d bytes, ext4 allows %d", len(hdr.Linkname), maxLinkLen)
+		}
+		in, err := a.inode(hdr, TypeSymlink)
+		if err != nil {
+			return err
+		}
+		in.Target = hdr.Linkname
+		if err := a.remove(existing); err != nil {
+			return err
+		}
+		n := a.attach(parent, base, in)
+		if err := os.Symlink(hdr.Linkname, a.t.StagingPath(n)); err != nil {
+			return fmt.Errorf("staging symlink: %w", err)
+		}
+		return nil
+
+	case tar.TypeLink:
+		target, err := a.linkTarget(hdr.Linkname)
+		if err != nil {
+			return err
+		}
+		if target == existing {
+			return nil // a link to itself changes nothing
+		}
+		if err := a.remove(existing); err != nil {
+			return err
+		}
+		n := a.attach(parent, base, target.inode)
+		if target.inode.Type.IsDevice() {
+			return nil
+		}
+		if err := os.Link(a.t.StagingPath(target), a.t.StagingPath(n)); err != nil {
+			return fmt.Errorf("staging hard link: %w", err)
+		}
+		return nil
+
+	case tar.TypeChar, tar.TypeBlock, tar.TypeFifo:
+		typ := map[byte]Type{tar.TypeChar: TypeChar, tar.TypeBlock: TypeBlock, tar.TypeFifo: TypeFifo}[hdr.Typeflag]
+		in, err := a.inode(hdr, typ)
+		if err != nil {
+			return err
+		}
+		if typ.IsDevice() {
+			if hdr.Devmajor < 0 || hdr.Devminor < 0 || hdr.Devmajor > 0xfff || hdr.Devminor > 0xfffff {
+				return fmt.Errorf("device number %d:%d out of range", hdr.Devmajor, hdr.Devminor)
+			}
+			in.Major, in.Minor = uint32(hdr.Devmajor), uint32(hdr.Devminor)
+		}
+		if err := a.remove(existing); err != nil {
+			return err
+		}
+		n := a.attach(parent, base, in)
+		if typ == TypeFifo {
+			if err := unix.Mkfifo(a.t.StagingPath(n), 0o600); err != nil {
+				return fmt.Errorf("staging fifo: %w", err)
+			}
+		}
+		return nil
+	}
+	return fmt.Errorf("unsupported tar entry type %q", hdr.Typeflag)
+}
+
+// attach links a new name for in under parent.
+func (a *applier) attach(parent *Node, name string, in *Inode) *Node {
+	n := &Node{name: name, parent: parent, inode: in, layer: a.layer}
+	if in.Type == TypeDir {
+		n.children = map[string]*Node{}
+	}
+	if in.Type.IsDevice() {
+		in.names = append(in.names, n)
+	}
+	parent.children[name] = n
+	return n
+}
+
+// remove deletes a node and everything below it from the tree and the
+// staging directory.
+func (a *applier) remove(n *Node) error {
+	if n == nil {
+		return nil
+	}
+	var forget func(n *Node)
+	forget = func(n *Node) {
+		for _, c := range n.children {
+			forget(c)
+		}
+		if in := n.inode; in.Type.IsDevice() {
+			for i, m := range in.names {
+				if m == n {
+					in.names = append(in.names[:i], in.names[i+1:]...)
+					break
+				}
+			}
+		}
+	}
+	forget(n)
+	delete(n.parent.children, n.name)
+	if n.inode.Type.IsDevice() {
+		return nil
+	}
+	if err := os.RemoveAll(a.t.StagingPath(n)); err != nil {
+		return fmt.Errorf("removing %q from staging: %w", n.Path(), err)
+	}
+	return nil
+}
+
+func (a *applier) whiteout(dir []string, base string) error {
+	if base == opaqueMarker {
+		d, err := a.resolveDir(dir, true)
+		if err != nil {
+			return err
+		}
+		return a.hideLower(d)
+	}
+	if strings.HasPrefix(base, whiteoutMeta) {
+		return nil // other aufs metadata: not part of the filesystem
+	}
+	d, err := a.resolveDir(dir, false)
+	if err != nil || d == nil {
+		return err // nothing below a missing directory to hide
+	}
+	victim := d.children[strings.TrimPrefix(base, whiteoutPrefix)]
+	if victim == nil || victim.layer == a.layer {
+		// Whiteouts only hide lower layers: an entry of this layer with
+		// the same name stays.
+		return nil
+	}
+	return a.remove(victim)
+}
+
+// hideLower removes, below an opaque directory, every name that a lower
+// layer created; names of this layer stay.
+func (a *applier) hideLower(d *Node) error {
+	for _, name := range d.ChildNames() {
+		c := d.children[name]
+		if c.layer < a.layer {
+			if err := a.remove(c); err != nil {
+				return err
+			}
+		} else if c.inode.Type == TypeDir {
+			if err := a.hideLower(c); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// resolveDir walks a directory path from the root, following symlinks
+// inside the rootfs. Missing directories are created when create is set
+// (as a layer that leaves parents implicit expects); otherwise a missing
+// directory yields (nil, nil).
+func (a *applier) resolveDir(parts []string, create bool) (*Node, error) {
+	pending := make([]component, len(parts))
+	for i, p := range parts {
+		pending[i] = component{name: p}
+	}
+	n := a.t.root
+	hops := 0
+	for len(pending) > 0 {
+		c := pending[0]
+		pending = pending[1:]
+		switch c.name {
+		case "", ".":
+			continue
+		case "..":
+			if n.parent != nil {
+				n = n.parent
+			} else if !c.clamp {
+				return nil, fmt.Errorf("%w: a symlink leads outside the rootfs", ErrUnsafePath)
+			}
+			continue
+		}
+		child := n.children[c.name]
+		if child == nil {
+			if !create {
+				return nil, nil
+			}
+			child = a.attach(n, c.name, a.t.implicitDir())
+			if err := mkdir(a.t.StagingPath(child)); err != nil {
+				return nil, err
+			}
+		}
+		switch child.inode.Type {
+		case TypeDir:
+			n = child
+		case TypeSymlink:
+			hops++
+			if hops > maxSymlinks {
+				return nil, fmt.Errorf("too many levels of symlinks at %q", child.Path())
+			}
+			target := child.inode.Target
+			abs := strings.HasPrefix(target, "/")
+			var expanded []component
+			for _, p := range strings.Split(target, "/") {
+				expanded = append(expanded, component{name: p, clamp: abs || c.clamp})
+			}
+			if abs {
+				n = a.t.root
+			}
+			pending = append(expanded, pending...)
+		default:
+			return nil, fmt.Errorf("%q is a %s, not a directory", child.Path(), child.inode.Type)
+		}
+	}
+	return n, nil
+}
+
+// linkTarget finds the node a hard link entry points to.
+func (a *applier) linkTarget(linkname string) (*Node, error) {
+	parts, err := splitName(linkname)
+	if err != nil {
+		return nil, fmt.Errorf("hard link target %q: %w", linkname, err)
+	}
+	if len(parts) == 0 {
+		return nil, fmt.Errorf("hard link to the root directory")
+	}
+	dir, err := a.resolveDir(parts[:len(parts)-1], false)
+	if err != nil {
+		return nil, fmt.Errorf("hard link target %q: %w", linkname, err)
+	}
+	var target *Node
+	if dir != nil {
+		target = dir.children[parts[len(parts)-1]]
+	}
+	if target == nil {
+		return nil, fmt.Errorf("hard link target %q does not exist", linkname)
+	}
+	if target.inode.Type == TypeDir {
+		return nil, fmt.Errorf("hard link target %q is a directory", linkname)
+	}
+	return target, nil
+}
+
+// inode builds the metadata of an entry from its tar header.
+func (a *applier) inode(hdr *tar.Header, typ Type) (*Inode, error) {
+	if hdr.Uid < 0 || int64(hdr.Uid) > math.MaxUint32 || hdr.Gid < 0 || int64(hdr.Gid) > math.MaxUint32 {
+		return nil, fmt.Errorf("owner %d:%d out of range", hdr.Uid, hdr.Gid)
+	}
+	in := &Inode{
+		Type:  typ,
+		Mode:  uint32(hdr.Mode) & 0o7777,
+		UID:   uint32(hdr.Uid),
+		GID:   uint32(hdr.Gid),
+		Mtime: hdr.ModTime,
+		Atime: hdr.AccessTime,
+		Ctime: hdr.ChangeTime,
+	}
+	if in.Atime.IsZero() {
+		in.Atime = in.Mtime
+	}
+	if in.Ctime.IsZero() {
+		in.Ctime = in.Mtime
+	}
+	xattrs, err := headerXattrs(hdr)
+	if err != nil {
+		return nil, err
+	}
+	in.Xattrs = xattrs
+	return in, nil
+}
+
+// headerXattrs collects extended attributes from PAX records, in both the
+// SCHILY form (GNU tar, Go, BuildKit) and the LIBARCHIVE form (bsdtar).
+func headerXattrs(hdr *tar.Header) (map[string]string, error) {
+	var x map[string]string
+	set := func(k, v string) {
+		if x == nil {
+			x = map[string]string{}
+		}
+		x[k] = v
+	}
+	for k, v := range hdr.PAXRecords {
+		switch {
+		case strings.HasPrefix(k, "SCHILY.xattr."):
+			set(strings.TrimPrefix(k, "SCHILY.xattr."), v)
+		case strings.HasPrefix(k, "LIBARCHIVE.xattr."):
+			name, err := url.QueryUnescape(strings.TrimPrefix(k, "LIBARCHIVE.xattr."))
+			if err != nil {
+				return nil, fmt.Errorf("xattr record %q: %w", k, err)
+			}
+			val, err := base64.StdEncoding.DecodeString(v)
+			if err != nil {
+				return nil, fmt.Errorf("xattr record %q: %w", k, err)
+			}
+			set(name, string(val))
+		}
+	}
+	for k := range x {
+		if k == "" || strings.IndexByte(k, 0) >= 0 || len(k) > 255 {
+			return nil, fmt.Errorf("invalid xattr name %q", k)
+		}
+	}
+	return x, nil
+}
+
+// writeFile stores a regular file's content in the staging directory,
+// leaving holes where the content has whole zero blocks so that sparse
+// files stay sparse. It returns the size and the number of data blocks.
+func (a *applier) writeFile(path string, r io.Reader) (size, blocks int64, err error) {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL|unix.O_NOFOLLOW, 0o600)
+	if err != nil {
+		return 0, 0, fmt.Errorf("staging file: %w", err)
+	}
+	defer func() {
+		if cerr := f.Close(); err == nil && cerr != nil {
+			err = fmt.Errorf("staging file: %w", cerr)
+		}
+	}()
+	var zero [blockSize]byte
+	for {
+		n, rerr := fill(r, a.buf)
+		data := a.buf[:n]
+		runStart := -1
+		flush := func(end int) error {
+			if runStart < 0 {
+				return nil
+			}
+			_, err := f.WriteAt(data[runStart:end], size+int64(runStart))
+			runStart = -1
+			return err
+		}
+		for off := 0; off < n; off += blockSize {
+			end := min(off+blockSize, n)
+			if bytes.Equal(data[off:end], zero[:end-off]) {
+				if err := flush(off); err != nil {
+					return 0, 0, fmt.Errorf("staging file: %w", err)
+				}
+				continue
+			}
+			blocks++
+			if runStart < 0 {
+				runStart = off
+			}
+		}
+		if err := flush(n); err != nil {
+			return 0, 0, fmt.Errorf("staging file: %w", err)
+		}
+		size += int64(n)
+		if rerr == io.EOF {
+			break
+		}
+		if rerr != nil {
+			return 0, 0, fmt.Errorf("reading content: %w", rerr)
+		}
+	}
+	if err := f.Truncate(size); err != nil {
+		return 0, 0, fmt.Errorf("staging file: %w", err)
+	}
+	return size, blocks, nil
+}
+
+// fill reads until buf is full (nil error) or the stream ends (io.EOF).
+func fill(r io.Reader, buf []byte) (int, error) {
+	n := 0
+	for n < len(buf) {
+		m, err := r.Read(buf[n:])
+		n += m
+		if err != nil {
+			return n, err
+		}
+	}
+	return n, nil
+}
+
+func mkdir(path string) error {
+	if err := os.Mkdir(path, 0o700); err != nil {
+		return fmt.Errorf("staging directory: %w", err)
+	}
+	return nil
+}

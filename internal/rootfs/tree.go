@@ -1,0 +1,269 @@
+// Package rootfs merges image layers into one root filesystem: an in-memory
+// tree holding every entry's metadata exactly as the layer tars say, and a
+// staging directory holding file contents.
+//
+// The staging directory is written without privileges: files are owned by
+// whoever runs kiln, modes are kept owner-writable, device nodes and extended
+// attributes are not created at all. The tree is the authority on metadata;
+// the ext4 builder restores it afterwards. This is what makes the result the
+// same whether kiln runs as root or not.
+package rootfs
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"time"
+)
+
+// Type is the kind of a filesystem entry.
+type Type uint8
+
+const (
+	TypeDir Type = iota + 1
+	TypeReg
+	TypeSymlink
+	TypeFifo
+	TypeChar
+	TypeBlock
+)
+
+func (t Type) String() string {
+	switch t {
+	case TypeDir:
+		return "directory"
+	case TypeReg:
+		return "regular file"
+	case TypeSymlink:
+		return "symlink"
+	case TypeFifo:
+		return "fifo"
+	case TypeChar:
+		return "character device"
+	case TypeBlock:
+		return "block device"
+	}
+	return fmt.Sprintf("type(%d)", uint8(t))
+}
+
+// IsDevice reports whether entries of this type are device nodes, which an
+// unprivileged writer cannot create in the staging directory.
+func (t Type) IsDevice() bool { return t == TypeChar || t == TypeBlock }
+
+// Inode is the metadata of one file. Hard links share one Inode.
+type Inode struct {
+	Type     Type
+	Mode     uint32 // permission bits including setuid, setgid and sticky (07777)
+	UID, GID uint32
+	Mtime    time.Time
+	Atime    time.Time
+	Ctime    time.Time
+	Xattrs   map[string]string
+	Major    uint32
+	Minor    uint32
+	Target   string // symlink target, verbatim
+	Size     int64  // regular files: logical size
+	Blocks   int64  // regular files: 4 KiB blocks holding data (holes excluded)
+
+	// names lists the nodes that link to this inode when it is a device:
+	// the staging directory cannot hold device nodes, so the builder needs
+	// every name to create the links itself.
+	names []*Node
+}
+
+// XattrNames returns the extended attribute names in a stable order.
+func (in *Inode) XattrNames() []string {
+	names := make([]string, 0, len(in.Xattrs))
+	for k := range in.Xattrs {
+		names = append(names, k)
+	}
+	sort.Strings(names)
+	return names
+}
+
+// Names returns the nodes that link to a device inode, first one first.
+func (in *Inode) Names() []*Node { return in.names }
+
+// Node is one name in the tree.
+type Node struct {
+	name     string
+	parent   *Node
+	children map[string]*Node
+	inode    *Inode
+	// layer is the index of the layer that created this name. Whiteouts
+	// and opaque directories only hide names from lower layers.
+	layer int
+}
+
+// Name returns the node's name within its parent ("" for the root).
+func (n *Node) Name() string { return n.name }
+
+// Parent returns the directory holding the node (nil for the root).
+func (n *Node) Parent() *Node { return n.parent }
+
+// Inode returns the node's metadata.
+func (n *Node) Inode() *Inode { return n.inode }
+
+// Child returns the named child of a directory node, or nil.
+func (n *Node) Child(name string) *Node { return n.children[name] }
+
+// ChildNames returns the names in a directory node, sorted bytewise.
+func (n *Node) ChildNames() []string {
+	names := make([]string, 0, len(n.children))
+	for k := range n.children {
+		names = append(names, k)
+	}
+	sort.Strings(names)
+	return names
+}
+
+// Path returns the node's path relative to the root, "/"-separated, "" for
+// the root itself.
+func (n *Node) Path() string {
+	if n.parent == nil {
+		return ""
+	}
+	var parts []string
+	for c := n; c.parent != nil; c = c.parent {
+		parts = append(parts, c.name)
+	}
+	for i, j := 0, len(parts)-1; i < j; i, j = i+1, j-1 {
+		parts[i], parts[j] = parts[j], parts[i]
+	}
+	return strings.Join(parts, "/")
+}
+
+// Stats summarises a tree for sizing the filesystem that will hold it.
+type Stats struct {
+	Inodes        int64 // distinct inodes, root included
+	DataBlocks    int64 // 4 KiB blocks of file data
+	DirEntryBytes int64 // bytes of directory entries, as ext4 lays them out
+	Dirs          int64
+	LongSymlinks  int64 // symlinks whose target does not fit in the inode
+	XattrBlocks   int64 // inodes whose xattrs need a block of their own
+}
+
+// Tree is a root filesystem being assembled from layers.
+type Tree struct {
+	root    *Node
+	staging string
+	epoch   time.Time
+	layers  int
+}
+
+// New returns an empty tree staged in dir, which must be an empty directory
+// owned by the caller. epoch is the time given to directories that no layer
+// describes (the root, parents that a layer leaves implicit), so that the
+// result does not depend on when it was built.
+func New(dir string, epoch time.Time) (*Tree, error) {
+	st, err := os.Lstat(dir)
+	if err != nil {
+		return nil, fmt.Errorf("staging directory: %w", err)
+	}
+	if !st.IsDir() {
+		return nil, fmt.Errorf("staging directory %s is not a directory", dir)
+	}
+	t := &Tree{staging: dir, epoch: epoch}
+	t.root = &Node{children: map[string]*Node{}, inode: t.implicitDir()}
+	return t, nil
+}
+
+func (t *Tree) implicitDir() *Inode {
+	return &Inode{Type: TypeDir, Mode: 0o755, Mtime: t.epoch, Atime: t.epoch, Ctime: t.epoch}
+}
+
+// Root returns the root directory node.
+func (t *Tree) Root() *Node { return t.root }
+
+// StagingDir returns the directory holding the tree's file contents.
+func (t *Tree) StagingDir() string { return t.staging }
+
+// Epoch returns the time given to entries no layer describes.
+func (t *Tree) Epoch() time.Time { return t.epoch }
+
+// StagingPath returns where a node lives in the staging directory.
+func (t *Tree) StagingPath(n *Node) string {
+	p := n.Path()
+	if p == "" {
+		return t.staging
+	}
+	return filepath.Join(t.staging, p)
+}
+
+// Lookup returns the node at a clean relative path without following
+// symlinks, or nil.
+func (t *Tree) Lookup(path string) *Node {
+	n := t.root
+	if path == "" || path == "." {
+		return n
+	}
+	for _, c := range strings.Split(path, "/") {
+		if n.children == nil {
+			return nil
+		}
+		n = n.children[c]
+		if n == nil {
+			return nil
+		}
+	}
+	return n
+}
+
+// Walk calls fn for every node, parents before children, children in
+// bytewise name order.
+func (t *Tree) Walk(fn func(n *Node) error) error {
+	var walk func(n *Node) error
+	walk = func(n *Node) error {
+		if err := fn(n); err != nil {
+			return err
+		}
+		for _, name := range n.ChildNames() {
+			if err := walk(n.children[name]); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	return walk(t.root)
+}
+
+// Stats computes what the builder needs to size a filesystem for the tree.
+func (t *Tree) Stats() Stats {
+	var s Stats
+	seen := map[*Inode]bool{}
+	_ = t.Walk(func(n *Node) error {
+		in := n.inode
+		if n.parent != nil {
+			// ext4 directory entry: 8 bytes of header plus the name,
+			// rounded up to 4 bytes.
+			s.DirEntryBytes += int64(8+len(n.name)+3) &^ 3
+		}
+		if seen[in] {
+			return nil
+		}
+		seen[in] = true
+		s.Inodes++
+		switch in.Type {
+		case TypeDir:
+			s.Dirs++
+		case TypeReg:
+			s.DataBlocks += in.Blocks
+		case TypeSymlink:
+			if len(in.Target) >= 60 {
+				s.LongSymlinks++
+			}
+		}
+		var xsize int
+		for k, v := range in.Xattrs {
+			xsize += 16 + len(k) + len(v)
+		}
+		// A 256-byte inode leaves about 100 bytes for xattrs in-inode.
+		if xsize > 96 {
+			s.XattrBlocks++
+		}
+		return nil
+	})
+	return s
+}
