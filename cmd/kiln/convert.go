@@ -4,12 +4,11 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
-	"strconv"
-	"strings"
 
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
 
+	"github.com/kilnfs/kiln/config"
 	"github.com/kilnfs/kiln/internal/convert"
 	"github.com/kilnfs/kiln/internal/progress"
 	"github.com/kilnfs/kiln/internal/store"
@@ -45,9 +44,9 @@ Plain HTTP is used only for loopback registries and those named with
 			if output == "" {
 				return fmt.Errorf("--output is required")
 			}
-			sz, err := parseSize(size)
+			sz, err := config.ParseSize(size)
 			if err != nil {
-				return err
+				return fmt.Errorf("--size: %w", err)
 			}
 			opts := convert.Options{CacheDir: cacheDir}
 			opts.Image.Platform = platform
@@ -77,35 +76,4 @@ Plain HTTP is used only for loopback registries and those named with
 	f.StringSliceVar(&insecure, "insecure-registry", nil, "registry (host[:port]) that may use plain HTTP or unverified TLS; repeatable")
 	f.BoolVar(&asJSON, "json", false, "print a JSON summary (digest, chain ID, size, path, timings)")
 	return cmd
-}
-
-// parseSize reads "auto" or a size with an optional K/M/G/T suffix (binary
-// multiples; "MiB", "MB", "M" are the same).
-func parseSize(s string) (int64, error) {
-	s = strings.TrimSpace(s)
-	if s == "" || s == "auto" {
-		return 0, nil
-	}
-	num := strings.TrimRight(strings.ToUpper(s), "IB")
-	mult := int64(1)
-	if n := len(num); n > 0 {
-		switch num[n-1] {
-		case 'K':
-			mult = 1 << 10
-		case 'M':
-			mult = 1 << 20
-		case 'G':
-			mult = 1 << 30
-		case 'T':
-			mult = 1 << 40
-		}
-		if mult > 1 {
-			num = num[:n-1]
-		}
-	}
-	v, err := strconv.ParseInt(num, 10, 64)
-	if err != nil || v <= 0 || v > (1<<62)/mult {
-		return 0, fmt.Errorf("--size %q: want auto or a size such as 2G", s)
-	}
-	return v * mult, nil
 }

@@ -32,7 +32,7 @@ func main() {
 	root.PersistentPreRunE = func(cmd *cobra.Command, args []string) error {
 		return log.SetLevel(logLevel)
 	}
-	root.AddCommand(newConvertCommand())
+	root.AddCommand(newConvertCommand(), newServeCommand(), newExportCommand(), newContainerdConfigCommand())
 	if err := root.ExecuteContext(ctx); err != nil {
 		fmt.Fprintf(os.Stderr, "kiln: %v\n", err)
 		var exit exitError

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"errors"
 	"fmt"
+	"github.com/kilnfs/kiln/internal/dirtar"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -132,7 +133,7 @@ func MinbaseTar(extra ...string) (string, error) {
 		return "", err
 	}
 	w := bufio.NewWriterSize(f, 1<<20)
-	if err := TarDir(tree, w); err != nil {
+	if err := dirtar.Write(w, tree, dirtar.Options{}); err != nil {
 		f.Close()
 		return "", err
 	}

@@ -279,7 +279,7 @@ func (b *builder) mapInodes() error {
 			child := dir.Child(e.Name)
 			if child == nil {
 				if dir.Parent() == nil && e.Name == "lost+found" {
-					continue // made by mke2fs; e2fsck expects it
+					continue // made by mke2fs, removed below
 				}
 				return fmt.Errorf("ext4: unexpected entry %q in the built image", e.Name)
 			}
@@ -374,6 +374,11 @@ var typeBits = map[rootfs.Type]uint32{
 // the extra names of device nodes, in one debugfs run.
 func (b *builder) restoreMetadata(ctx context.Context) error {
 	var s script
+	if b.tree.Root().Child("lost+found") == nil {
+		// mke2fs always makes one; the image did not have it. e2fsck
+		// recreates it only when it has orphans to reconnect.
+		s.printf("rmdir /lost+found")
+	}
 	values := map[string]string{} // xattr value -> file holding it
 	for _, n := range b.inodes {
 		in, ino := n.inode, n.ino
@@ -444,4 +449,31 @@ func encodeDevice(major, minor uint32) (b0, b1 uint32) {
 		return major<<8 | minor, 0
 	}
 	return 0, minor&0xff | major<<8 | (minor&^0xff)<<12
+}
+
+// Resize grows or shrinks the filesystem in an image file to size bytes
+// (rounded down to whole blocks), offline, with resize2fs.
+func Resize(ctx context.Context, image string, size int64) error {
+	size = size / BlockSize * BlockSize
+	fi, err := os.Stat(image)
+	if err != nil {
+		return err
+	}
+	if size == fi.Size() {
+		return nil
+	}
+	if size > fi.Size() {
+		if err := os.Truncate(image, size); err != nil {
+			return err
+		}
+	}
+	cmd := exec.CommandContext(ctx, "resize2fs", "-f", image, strconv.FormatInt(size/1024, 10)+"K")
+	cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "LC_ALL=C"}
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("resizing to %d bytes: %w: %s", size, err, strings.TrimSpace(string(out)))
+	}
+	if size < fi.Size() {
+		return os.Truncate(image, size)
+	}
+	return nil
 }

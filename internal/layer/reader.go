@@ -78,6 +78,7 @@ type Reader struct {
 	// diffHash is computed on the reading side, which has spare time
 	// while the decompressor is the bottleneck.
 	diffHash hash.Hash
+	diffID   digest.Digest // set at the end of the stream
 	once     sync.Once
 
 	mu  sync.Mutex
@@ -87,8 +88,8 @@ type Reader struct {
 // Descriptor identifies a layer: its blob and what it must decompress to.
 type Descriptor struct {
 	MediaType string
-	Digest    digest.Digest // of the blob as stored
-	DiffID    digest.Digest // of the uncompressed tar
+	Digest    digest.Digest // of the blob as stored; empty: not checked
+	DiffID    digest.Digest // of the uncompressed tar; empty: computed, not checked
 }
 
 // NewReader starts decompressing blob. The format is recognised from the
@@ -99,11 +100,15 @@ func NewReader(blob io.Reader, desc Descriptor) (*Reader, error) {
 	if err := CheckMediaType(desc.MediaType); err != nil {
 		return nil, &Error{Digest: desc.Digest, Err: err}
 	}
-	if err := desc.Digest.Validate(); err != nil {
-		return nil, &Error{Digest: desc.Digest, Err: fmt.Errorf("invalid digest: %w", err)}
+	if desc.Digest != "" {
+		if err := desc.Digest.Validate(); err != nil {
+			return nil, &Error{Digest: desc.Digest, Err: fmt.Errorf("invalid digest: %w", err)}
+		}
 	}
-	if err := desc.DiffID.Validate(); err != nil {
-		return nil, &Error{Digest: desc.Digest, Err: fmt.Errorf("invalid diffID %q: %w", desc.DiffID, err)}
+	if desc.DiffID != "" {
+		if err := desc.DiffID.Validate(); err != nil {
+			return nil, &Error{Digest: desc.Digest, Err: fmt.Errorf("invalid diffID %q: %w", desc.DiffID, err)}
+		}
 	}
 	r := &Reader{
 		desc:   desc,
@@ -111,7 +116,11 @@ func NewReader(blob io.Reader, desc Descriptor) (*Reader, error) {
 		free:   make(chan []byte, 6),
 		done:   make(chan struct{}),
 	}
-	r.diffHash = desc.DiffID.Algorithm().Hash()
+	if desc.DiffID != "" {
+		r.diffHash = desc.DiffID.Algorithm().Hash()
+	} else {
+		r.diffHash = digest.Canonical.Hash()
+	}
 	go r.decompress(blob)
 	return r, nil
 }
@@ -125,8 +134,12 @@ func (r *Reader) decompress(blob io.Reader) {
 }
 
 func (r *Reader) pump(blob io.Reader) error {
-	blobHash := r.desc.Digest.Algorithm().Hash()
-	in := bufio.NewReaderSize(io.TeeReader(blob, blobHash), chunkSize)
+	var blobHash hash.Hash
+	if r.desc.Digest != "" {
+		blobHash = r.desc.Digest.Algorithm().Hash()
+		blob = io.TeeReader(blob, blobHash)
+	}
+	in := bufio.NewReaderSize(blob, chunkSize)
 	magic, _ := in.Peek(4)
 	var src io.Reader = in
 	switch {
@@ -174,6 +187,9 @@ func (r *Reader) pump(blob io.Reader) error {
 	if _, err := io.Copy(io.Discard, in); err != nil {
 		return fmt.Errorf("reading blob: %w", err)
 	}
+	if blobHash == nil {
+		return nil
+	}
 	if got := digest.NewDigest(r.desc.Digest.Algorithm(), blobHash); got != r.desc.Digest {
 		return fmt.Errorf("%w: blob digest is %s", ErrDigestMismatch, got)
 	}
@@ -212,10 +228,16 @@ func (r *Reader) Read(p []byte) (int, error) {
 			if err != nil {
 				return 0, &Error{Digest: r.desc.Digest, Err: err}
 			}
-			if got := digest.NewDigest(r.desc.DiffID.Algorithm(), r.diffHash); got != r.desc.DiffID {
+			alg := digest.Canonical
+			if r.desc.DiffID != "" {
+				alg = r.desc.DiffID.Algorithm()
+			}
+			got := digest.NewDigest(alg, r.diffHash)
+			if r.desc.DiffID != "" && got != r.desc.DiffID {
 				return 0, &Error{Digest: r.desc.Digest, Err: fmt.Errorf(
 					"%w: uncompressed content is %s, diffID says %s", ErrDigestMismatch, got, r.desc.DiffID)}
 			}
+			r.diffID = got
 			return 0, io.EOF
 		}
 		r.cur = c
@@ -225,6 +247,10 @@ func (r *Reader) Read(p []byte) (int, error) {
 	r.cur = r.cur[n:]
 	return n, nil
 }
+
+// DiffID returns the digest of the uncompressed stream once it was read to
+// the end, whether or not the descriptor said what it must be.
+func (r *Reader) DiffID() digest.Digest { return r.diffID }
 
 // Finish reads what the consumer left (a tar reader stops at the end
 // marker, before the padding) and reports whether the layer verified.
@@ -237,18 +263,6 @@ func (r *Reader) Finish() error {
 func (r *Reader) Close() error {
 	r.once.Do(func() { close(r.done) })
 	for range r.chunks {
-	}
-	return nil
-}
-
-// Verify reads a blob fully and checks its digest, for blobs (manifests,
-// configs) that are consumed whole.
-func Verify(data []byte, d digest.Digest) error {
-	if err := d.Validate(); err != nil {
-		return err
-	}
-	if got := d.Algorithm().FromBytes(data); got != d {
-		return fmt.Errorf("%w: %s is %s", ErrDigestMismatch, d, got)
 	}
 	return nil
 }

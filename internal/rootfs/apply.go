@@ -117,7 +117,38 @@ func splitName(name string) ([]string, error) {
 	return parts, nil
 }
 
+// CheckHeader runs the checks on an entry that need no other entry: a safe
+// name, a safe hard link target, a type kiln can write. Apply runs them
+// too; whoever stores layers for later can run them early, so that a bad
+// layer fails when it arrives rather than when it is built.
+func CheckHeader(hdr *tar.Header) error {
+	if hdr.Typeflag == tar.TypeXGlobalHeader {
+		return nil
+	}
+	if _, err := splitName(hdr.Name); err != nil {
+		return err
+	}
+	switch hdr.Typeflag {
+	case tar.TypeLink:
+		if _, err := splitName(hdr.Linkname); err != nil {
+			return fmt.Errorf("hard link target %q: %w", hdr.Linkname, err)
+		}
+	case tar.TypeSymlink:
+		if hdr.Linkname == "" || len(hdr.Linkname) > maxLinkLen {
+			return fmt.Errorf("symlink target of %d bytes", len(hdr.Linkname))
+		}
+	case tar.TypeDir, tar.TypeReg, tar.TypeRegA, tar.TypeGNUSparse, tar.TypeCont,
+		tar.TypeChar, tar.TypeBlock, tar.TypeFifo:
+	default:
+		return fmt.Errorf("unsupported tar entry type %q", hdr.Typeflag)
+	}
+	return nil
+}
+
 func (a *applier) entry(hdr *tar.Header, r io.Reader) error {
+	if hdr.Typeflag == tar.TypeXGlobalHeader {
+		return nil // pax global header (git archive writes one): not a file
+	}
 	parts, err := splitName(hdr.Name)
 	if err != nil {
 		return err

@@ -6,15 +6,14 @@
 package store
 
 import (
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
-	"time"
 
 	"github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/containerd/v2/plugins/content/local"
-	"golang.org/x/sys/unix"
+
+	"github.com/kilnfs/kiln/internal/workdir"
 )
 
 // Store is a cache directory.
@@ -47,9 +46,8 @@ func Open(root string) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("content store: %w", err)
 	}
-	s := &Store{root: root, content: cs}
-	s.removeStale()
-	return s, nil
+	workdir.RemoveStale(filepath.Join(root, "tmp"))
+	return &Store{root: root, content: cs}, nil
 }
 
 // Root returns the cache directory.
@@ -82,61 +80,7 @@ func (s *Store) PublishRootfs(file, key string) (string, error) {
 	return dst, nil
 }
 
-// WorkDir is a private directory for one build, held by a lock while in
-// use.
-type WorkDir struct {
-	Path string
-	lock *os.File
-}
-
-// NewWorkDir creates a work directory. Release removes it.
-func (s *Store) NewWorkDir() (*WorkDir, error) {
-	dir, err := os.MkdirTemp(filepath.Join(s.root, "tmp"), "build-")
-	if err != nil {
-		return nil, err
-	}
-	lock, err := os.OpenFile(filepath.Join(dir, ".lock"), os.O_RDWR|os.O_CREATE, 0o600)
-	if err == nil {
-		err = unix.Flock(int(lock.Fd()), unix.LOCK_EX)
-	}
-	if err != nil {
-		os.RemoveAll(dir)
-		return nil, err
-	}
-	return &WorkDir{Path: dir, lock: lock}, nil
-}
-
-// Release deletes the work directory.
-func (w *WorkDir) Release() error {
-	err := os.RemoveAll(w.Path)
-	w.lock.Close()
-	return err
-}
-
-// removeStale deletes work directories whose lock nobody holds: their run
-// was interrupted. A directory without a lock may be just being created,
-// so it is only removed once it is old.
-func (s *Store) removeStale() {
-	tmp := filepath.Join(s.root, "tmp")
-	ents, err := os.ReadDir(tmp)
-	if err != nil {
-		return
-	}
-	for _, e := range ents {
-		dir := filepath.Join(tmp, e.Name())
-		lock, err := os.Open(filepath.Join(dir, ".lock"))
-		if errors.Is(err, os.ErrNotExist) {
-			if info, err := e.Info(); err == nil && time.Since(info.ModTime()) > time.Hour {
-				os.RemoveAll(dir)
-			}
-			continue
-		}
-		if err != nil {
-			continue
-		}
-		if unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB) == nil {
-			os.RemoveAll(dir)
-		}
-		lock.Close()
-	}
+// NewWorkDir creates a private scratch directory for one build.
+func (s *Store) NewWorkDir() (*workdir.Dir, error) {
+	return workdir.New(filepath.Join(s.root, "tmp"))
 }

@@ -7,6 +7,7 @@ import (
 	"bytes"
 	"flag"
 	"fmt"
+	"github.com/kilnfs/kiln/internal/dirtar"
 	"os"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -38,7 +39,7 @@ func run(kind, out, tag string) error {
 			return err
 		}
 		var buf bytes.Buffer
-		if err := testimage.TarDir(dir, &buf); err != nil {
+		if err := dirtar.Write(&buf, dir, dirtar.Options{}); err != nil {
 			return err
 		}
 		spec = testimage.Image{

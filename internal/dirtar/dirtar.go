@@ -1,10 +1,16 @@
-package testimage
+// Package dirtar writes a directory tree as a layer tar: numeric owners,
+// full-precision times, xattrs, hard links and device nodes, names sorted.
+// It can also read an overlayfs upper directory, whose whiteouts (0:0
+// character devices) and opaque directories (the trusted.overlay.opaque or
+// user.overlay.opaque xattr) become OCI whiteout entries.
+package dirtar
 
 import (
 	"archive/tar"
 	"fmt"
 	"io"
 	"os"
+	"path"
 	"path/filepath"
 	"sort"
 	"strings"
@@ -13,16 +19,26 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// TarDir writes the tree at root as a layer tar in PAX format: numeric
-// owners, full-precision mtimes, xattrs, hard links, device nodes, names
-// sorted. It is what a careful image builder would produce from the tree.
-func TarDir(root string, w io.Writer) error {
+// OCI whiteout names.
+const (
+	whiteoutPrefix = ".wh."
+	opaqueMarker   = ".wh..wh..opq"
+)
+
+// Options change how a tree is read.
+type Options struct {
+	// Overlay reads root as an overlayfs upper directory.
+	Overlay bool
+}
+
+// Write writes the tree at root to w as a tar in PAX format.
+func Write(w io.Writer, root string, opts Options) error {
 	tw := tar.NewWriter(w)
 	type key struct{ dev, ino uint64 }
 	links := map[key]string{}
 	var walk func(rel string) error
 	walk = func(rel string) error {
-		p := filepath.Join(root, rel)
+		p := filepath.Join(root, filepath.FromSlash(rel))
 		var st unix.Stat_t
 		if err := unix.Lstat(p, &st); err != nil {
 			return err
@@ -41,6 +57,27 @@ func TarDir(root string, w io.Writer) error {
 		x, err := xattrs(p)
 		if err != nil {
 			return err
+		}
+		opaque := false
+		if opts.Overlay {
+			for _, k := range []string{"trusted.overlay.opaque", "user.overlay.opaque"} {
+				if x[k] == "y" {
+					opaque = true
+				}
+			}
+			for k := range x {
+				if strings.HasPrefix(k, "trusted.overlay.") || strings.HasPrefix(k, "user.overlay.") {
+					delete(x, k)
+				}
+			}
+			if st.Mode&unix.S_IFMT == unix.S_IFCHR && st.Rdev == 0 {
+				// A whiteout: the name is deleted from lower layers.
+				dir, base := path.Split(rel)
+				return tw.WriteHeader(&tar.Header{
+					Name: dir + whiteoutPrefix + base, Typeflag: tar.TypeReg, Mode: 0o600,
+					ModTime: hdr.ModTime, Format: tar.FormatPAX,
+				})
+			}
 		}
 		for k, v := range x {
 			if hdr.PAXRecords == nil {
@@ -96,6 +133,14 @@ func TarDir(root string, w io.Writer) error {
 		if hdr.Typeflag != tar.TypeDir {
 			return nil
 		}
+		if opaque {
+			if err := tw.WriteHeader(&tar.Header{
+				Name: path.Join(rel, opaqueMarker), Typeflag: tar.TypeReg, Mode: 0o600,
+				ModTime: hdr.ModTime, Format: tar.FormatPAX,
+			}); err != nil {
+				return err
+			}
+		}
 		ents, err := os.ReadDir(p)
 		if err != nil {
 			return err
@@ -106,7 +151,7 @@ func TarDir(root string, w io.Writer) error {
 		}
 		sort.Strings(names)
 		for _, n := range names {
-			if err := walk(filepath.Join(rel, n)); err != nil {
+			if err := walk(path.Join(rel, n)); err != nil {
 				return err
 			}
 		}

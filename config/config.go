@@ -1,0 +1,160 @@
+// Package config is kiln serve's configuration: a TOML file (by default
+// /etc/kiln/config.toml) whose settings have sensible defaults, so that an
+// empty or missing file is a working configuration.
+package config
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+
+	"github.com/pelletier/go-toml/v2"
+)
+
+// DefaultPath is where kiln serve looks for its configuration.
+const DefaultPath = "/etc/kiln/config.toml"
+
+// Config is kiln serve's configuration.
+type Config struct {
+	// Version of the file format.
+	Version int `toml:"version"`
+	// Root holds kiln's state: snapshots, layers, built images.
+	Root string `toml:"root"`
+	// Address is the unix socket kiln serves containerd on.
+	Address string `toml:"address"`
+	// ContainerdAddress is containerd's socket, for its content store.
+	ContainerdAddress string `toml:"containerd_address"`
+	// LogLevel is debug, info, warn or error; LogFormat text or json.
+	LogLevel  string `toml:"log_level"`
+	LogFormat string `toml:"log_format"`
+	// MetricsAddress serves Prometheus metrics on /metrics over HTTP
+	// (host:port); empty disables them.
+	MetricsAddress string `toml:"metrics_address"`
+
+	Snapshotter Snapshotter `toml:"snapshotter"`
+	Build       Build       `toml:"build"`
+}
+
+// Snapshotter configures how snapshots are served.
+type Snapshotter struct {
+	// BlockDevices makes Mounts return attached loop devices
+	// ({type: ext4, source: /dev/loopN}) instead of files, for shims that
+	// accept only block devices (Kata, firecracker-containerd).
+	BlockDevices bool `toml:"block_devices"`
+	// DefaultSize is the size of a writable snapshot that has no parent
+	// and no containerd.io/snapshot/max-size label.
+	DefaultSize string `toml:"default_size"`
+	// EagerBuild builds an image's ext4 as soon as its top layer is
+	// committed (otherwise at the first container, view or export).
+	EagerBuild bool `toml:"eager_build"`
+}
+
+// Build configures how image rootfs files are built.
+type Build struct {
+	// Size is "auto" (content plus headroom) or a size such as "4G".
+	Size string `toml:"size"`
+}
+
+// Default returns the configuration an empty file gives.
+func Default() Config {
+	return Config{
+		Version:           1,
+		Root:              "/var/lib/kiln",
+		Address:           "/run/kiln/kiln.sock",
+		ContainerdAddress: "/run/containerd/containerd.sock",
+		LogLevel:          "info",
+		LogFormat:         "text",
+		Snapshotter: Snapshotter{
+			DefaultSize: "1G",
+			EagerBuild:  true,
+		},
+		Build: Build{Size: "auto"},
+	}
+}
+
+// Load reads a configuration file over the defaults. A missing file at
+// the default path is not an error; a missing file that was asked for is.
+func Load(path string, explicit bool) (Config, error) {
+	c := Default()
+	data, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) && !explicit {
+		return c, nil
+	}
+	if err != nil {
+		return c, fmt.Errorf("config: %w", err)
+	}
+	dec := toml.NewDecoder(bytes.NewReader(data))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&c); err != nil {
+		var sme *toml.StrictMissingError
+		if errors.As(err, &sme) {
+			return c, fmt.Errorf("config %s: %s", path, sme.String())
+		}
+		var de *toml.DecodeError
+		if errors.As(err, &de) {
+			row, col := de.Position()
+			return c, fmt.Errorf("config %s:%d:%d: %v", path, row, col, de)
+		}
+		return c, fmt.Errorf("config %s: %w", path, err)
+	}
+	return c, c.Validate()
+}
+
+// Validate checks values that the file format cannot.
+func (c Config) Validate() error {
+	if c.Version != 1 {
+		return fmt.Errorf("config: unsupported version %d (want 1)", c.Version)
+	}
+	if c.Root == "" || c.Address == "" {
+		return errors.New("config: root and address must be set")
+	}
+	if _, err := ParseSize(c.Build.Size); err != nil {
+		return fmt.Errorf("config: build.size: %w", err)
+	}
+	if _, err := ParseSize(c.Snapshotter.DefaultSize); err != nil {
+		return fmt.Errorf("config: snapshotter.default_size: %w", err)
+	}
+	switch c.LogFormat {
+	case "", "text", "json":
+	default:
+		return fmt.Errorf("config: log_format %q: want text or json", c.LogFormat)
+	}
+	return nil
+}
+
+// Encode renders the configuration as TOML.
+func (c Config) Encode() ([]byte, error) { return toml.Marshal(c) }
+
+// ParseSize reads "auto" (0) or a size with an optional K/M/G/T suffix
+// (binary multiples; "MiB", "MB" and "M" are the same).
+func ParseSize(s string) (int64, error) {
+	s = strings.TrimSpace(s)
+	if s == "" || s == "auto" {
+		return 0, nil
+	}
+	num := strings.TrimRight(strings.ToUpper(s), "IB")
+	mult := int64(1)
+	if n := len(num); n > 0 {
+		switch num[n-1] {
+		case 'K':
+			mult = 1 << 10
+		case 'M':
+			mult = 1 << 20
+		case 'G':
+			mult = 1 << 30
+		case 'T':
+			mult = 1 << 40
+		}
+		if mult > 1 {
+			num = num[:n-1]
+		}
+	}
+	v, err := strconv.ParseInt(num, 10, 64)
+	if err != nil || v <= 0 || v > (1<<62)/mult {
+		return 0, fmt.Errorf("%q: want auto or a size such as 2G", s)
+	}
+	return v * mult, nil
+}

@@ -1,0 +1,76 @@
+package snapshotter
+
+import (
+	"context"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+
+	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
+	"github.com/containerd/containerd/v2/contrib/snapshotservice"
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/containerd/v2/core/snapshots/proxy"
+	"github.com/containerd/containerd/v2/core/snapshots/testsuite"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+)
+
+func needRoot(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: the suite loop-mounts the snapshots' ext4 files")
+	}
+	for _, tool := range []string{"mke2fs", "debugfs", "resize2fs"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("%s not installed (e2fsprogs)", tool)
+		}
+	}
+}
+
+func newTestSnapshotter(ctx context.Context, root string) (*Snapshotter, error) {
+	return New(ctx, Config{Root: root, DefaultSize: 64 << 20})
+}
+
+// TestSuite runs containerd's snapshotter conformance suite in process.
+func TestSuite(t *testing.T) {
+	needRoot(t)
+	testsuite.SnapshotterSuite(t, "kiln", func(ctx context.Context, root string) (snapshots.Snapshotter, func() error, error) {
+		sn, err := newTestSnapshotter(ctx, root)
+		if err != nil {
+			return nil, nil, err
+		}
+		return sn, sn.Close, nil
+	})
+}
+
+// TestSuiteOverGRPC runs the suite through containerd's snapshots proxy
+// client, as containerd talks to kiln serve.
+func TestSuiteOverGRPC(t *testing.T) {
+	needRoot(t)
+	testsuite.SnapshotterSuite(t, "kiln-grpc", func(ctx context.Context, root string) (snapshots.Snapshotter, func() error, error) {
+		sn, err := newTestSnapshotter(ctx, root)
+		if err != nil {
+			return nil, nil, err
+		}
+		sock := filepath.Join(root, "kiln.sock")
+		ln, err := net.Listen("unix", sock)
+		if err != nil {
+			return nil, nil, err
+		}
+		srv := grpc.NewServer()
+		snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))
+		go srv.Serve(ln) //nolint:errcheck // ends with Stop
+		conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		if err != nil {
+			return nil, nil, err
+		}
+		client := proxy.NewSnapshotter(snapshotsapi.NewSnapshotsClient(conn), "kiln")
+		return client, func() error {
+			conn.Close()
+			srv.Stop()
+			return sn.Close()
+		}, nil
+	})
+}
