@@ -63,11 +63,11 @@ func TestVerification(t *testing.T) {
 		desc Descriptor
 		want string
 	}{
-		"blob digest": {blob, Descriptor{good.MediaType, digest.FromString("other"), good.DiffID}, "blob digest"},
-		"diffID":      {blob, Descriptor{good.MediaType, good.Digest, digest.FromString("other")}, "diffID"},
-		"truncated":   {blob[:len(blob)/2], good, "truncated or corrupt"},
+		"blob digest":  {blob, Descriptor{good.MediaType, digest.FromString("other"), good.DiffID}, "blob digest"},
+		"diffID":       {blob, Descriptor{good.MediaType, good.Digest, digest.FromString("other")}, "diffID"},
+		"truncated":    {blob[:len(blob)/2], good, "truncated or corrupt"},
 		"corrupt zstd": {append([]byte{0x28, 0xb5, 0x2f, 0xfd}, bytes.Repeat([]byte{0xff}, 100)...), good, "decompressing"},
-		"media type":  {blob, Descriptor{"application/vnd.example.unknown", good.Digest, good.DiffID}, "unknown layer media type"},
+		"media type":   {blob, Descriptor{"application/vnd.example.unknown", good.Digest, good.DiffID}, "unknown layer media type"},
 	}
 	for name, c := range cases {
 		t.Run(name, func(t *testing.T) {
