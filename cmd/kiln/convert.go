@@ -10,6 +10,7 @@ import (
 
 	"github.com/kilnfs/kiln/config"
 	"github.com/kilnfs/kiln/internal/convert"
+	"github.com/kilnfs/kiln/internal/guest"
 	"github.com/kilnfs/kiln/internal/progress"
 	"github.com/kilnfs/kiln/internal/store"
 	"github.com/kilnfs/kiln/internal/version"
@@ -23,6 +24,10 @@ func newConvertCommand() *cobra.Command {
 		cacheDir string
 		insecure []string
 		asJSON   bool
+		pieces   string
+		bundle   string
+		force    bool
+		guestBin string
 	)
 	cmd := &cobra.Command{
 		Use:   "convert SOURCE -o rootfs.ext4",
@@ -35,6 +40,10 @@ SOURCE is one of
                                 credHelpers)
   oci:DIR[:TAG]                 an OCI image layout directory
   docker-archive:FILE           a "docker save" tarball
+
+--inject init adds kiln-init at /.kiln/init (boot with init=/.kiln/init) for
+images without an init system; agent adds kiln-agent; network adds the
+network bootstrap for systemd images.
 
 Plain HTTP is used only for loopback registries and those named with
 --insecure-registry. Layer blobs and built images are cached per digest in
@@ -53,6 +62,10 @@ Plain HTTP is used only for loopback registries and those named with
 			opts.Image.Insecure = insecure
 			opts.Image.UserAgent = version.UserAgent()
 			opts.Build.Size = sz
+			if opts.Inject.Pieces, err = guest.ParsePieces(pieces); err != nil {
+				return fmt.Errorf("--inject: %w", err)
+			}
+			opts.Inject.Dir, opts.Inject.Force, opts.Inject.BinDir = bundle, force, guestBin
 			if !asJSON && term.IsTerminal(int(os.Stderr.Fd())) {
 				opts.Progress = progress.Terminal(os.Stderr)
 			}
@@ -74,6 +87,10 @@ Plain HTTP is used only for loopback registries and those named with
 	f.StringVar(&size, "size", "auto", "filesystem size: auto (content plus headroom) or a size such as 2G, 512MiB")
 	f.StringVar(&cacheDir, "cache-dir", store.DefaultDir(), "cache for layer blobs and built images")
 	f.StringSliceVar(&insecure, "insecure-registry", nil, "registry (host[:port]) that may use plain HTTP or unverified TLS; repeatable")
-	f.BoolVar(&asJSON, "json", false, "print a JSON summary (digest, chain ID, size, path, timings)")
+	f.BoolVar(&asJSON, "json", false, "print a JSON summary (digest, chain ID, size, path, init, timings)")
+	f.StringVar(&pieces, "inject", "", "guest pieces to add: init, agent, network (comma-separated; default none: the rootfs is the image, exactly)")
+	f.StringVar(&bundle, "inject-dir", "", "add a bundle of your own: a directory with a manifest.toml of paths, owners and modes")
+	f.BoolVar(&force, "force", false, "let injected files replace files the image has (default: refuse)")
+	f.StringVar(&guestBin, "guest-bin-dir", "", "where kiln-init and kiln-agent are (default: next to kiln, in $PATH, or in libexec)")
 	return cmd
 }

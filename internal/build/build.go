@@ -20,6 +20,7 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/kilnfs/kiln/internal/ext4"
+	"github.com/kilnfs/kiln/internal/inject"
 	"github.com/kilnfs/kiln/internal/layer"
 	"github.com/kilnfs/kiln/internal/progress"
 	"github.com/kilnfs/kiln/internal/rootfs"
@@ -47,6 +48,8 @@ type Layer struct {
 type Options struct {
 	// Size is the filesystem size in bytes; 0 sizes it automatically.
 	Size int64
+	// Inject adds guest pieces or a user bundle after the layers.
+	Inject *inject.Set
 }
 
 // Key identifies what Rootfs builds from a chain of layers with these
@@ -54,6 +57,9 @@ type Options struct {
 func Key(chainID digest.Digest, opts Options) string {
 	h := sha256.New()
 	fmt.Fprintf(h, "%s\x00chain=%s\x00size=%s\x00", formatVersion, chainID, strconv.FormatInt(opts.Size, 10))
+	if fp := opts.Inject.Fingerprint(); fp != "" {
+		fmt.Fprintf(h, "inject=%s\x00", fp)
+	}
 	return hex.EncodeToString(h.Sum(nil))
 }
 
@@ -88,6 +94,9 @@ func Rootfs(ctx context.Context, layers []Layer, out, workDir, key string, opts 
 		if err := applyLayer(ctx, tree, l, unpack); err != nil {
 			return Result{}, err
 		}
+	}
+	if err := opts.Inject.Apply(ctx, tree); err != nil {
+		return Result{}, err
 	}
 	unpack.Done()
 

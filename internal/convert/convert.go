@@ -9,10 +9,10 @@ import (
 	"io"
 	"os"
 	"path/filepath"
-	"sync"
 	"time"
 
 	"github.com/containerd/containerd/v2/core/content"
+	"github.com/containerd/errdefs"
 	"github.com/containerd/platforms"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
@@ -21,6 +21,7 @@ import (
 	"github.com/kilnfs/kiln/internal/build"
 	"github.com/kilnfs/kiln/internal/clone"
 	"github.com/kilnfs/kiln/internal/image"
+	"github.com/kilnfs/kiln/internal/inject"
 	"github.com/kilnfs/kiln/internal/layer"
 	"github.com/kilnfs/kiln/internal/progress"
 	"github.com/kilnfs/kiln/internal/store"
@@ -30,6 +31,7 @@ import (
 type Options struct {
 	Image    image.Options
 	Build    build.Options
+	Inject   inject.Options
 	CacheDir string
 	Progress progress.Reporter
 }
@@ -43,7 +45,9 @@ type Result struct {
 	Size     int64         `json:"size"`
 	Path     string        `json:"path"`
 	Cached   bool          `json:"cached"`
-	Timings  Timings       `json:"timings_ms"`
+	// Init is the injected init, for the kernel command line's init=.
+	Init    string  `json:"init,omitempty"`
+	Timings Timings `json:"timings_ms"`
 }
 
 // Timings says where the time went, in milliseconds.
@@ -82,6 +86,12 @@ func Convert(ctx context.Context, src, out string, opts Options) (*Result, error
 		ChainID:  img.ChainID(),
 	}
 	res.Timings.Resolve = time.Since(start).Milliseconds()
+	set, err := inject.New(opts.Inject, img.ConfigJSON)
+	if err != nil {
+		return nil, err
+	}
+	opts.Build.Inject = set
+	res.Init = set.InitPath()
 	key := build.Key(res.ChainID, opts.Build)
 
 	cached := st.RootfsPath(key)
@@ -151,9 +161,11 @@ func buildImage(ctx context.Context, st *store.Store, img *image.Image, key stri
 	return path, t, err
 }
 
-// fetch downloads the layer blobs the cache lacks, a few at a time, and
-// returns layers whose Open waits for that layer's download: unpacking a
-// layer overlaps with fetching the next ones.
+// fetch returns layers that read their blobs through the cache. The first
+// missing layer is streamed: unpacking reads it while it is being stored,
+// so fetching and unpacking overlap. The other missing layers are fetched
+// in the background meanwhile, a few at a time, and read from the cache
+// when their turn comes.
 func fetch(ctx context.Context, cs content.Store, img *image.Image, rep progress.Reporter) ([]build.Layer, func() error) {
 	var total int64
 	for _, l := range img.Layers {
@@ -163,9 +175,16 @@ func fetch(ctx context.Context, cs content.Store, img *image.Image, rep progress
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(3)
 	layers := make([]build.Layer, len(img.Layers))
-	var mu sync.Mutex
+	streamed := false
 	for i, l := range img.Layers {
 		desc := ocispec.Descriptor{MediaType: l.MediaType, Digest: l.Digest, Size: l.Size}
+		if _, err := cs.Info(ctx, desc.Digest); err == nil || !streamed {
+			streamed = streamed || err != nil
+			layers[i] = build.Layer{Descriptor: l.Descriptor, Size: l.Size, Open: func() (io.ReadCloser, error) {
+				return openThrough(ctx, cs, l, desc, bar)
+			}}
+			continue
+		}
 		ready := make(chan struct{})
 		var ferr error
 		layers[i] = build.Layer{Descriptor: l.Descriptor, Size: l.Size, Open: func() (io.ReadCloser, error) {
@@ -174,25 +193,19 @@ func fetch(ctx context.Context, cs content.Store, img *image.Image, rep progress
 			case <-ctx.Done():
 				return nil, ctx.Err()
 			}
-			mu.Lock()
-			err := ferr
-			mu.Unlock()
-			if err != nil {
-				return nil, err
+			if ferr != nil {
+				return nil, ferr
 			}
-			ra, err := cs.ReaderAt(ctx, desc)
-			if err != nil {
-				return nil, err
-			}
-			return readCloser{Reader: content.NewReader(ra), Closer: ra}, nil
+			return openThrough(ctx, cs, l, desc, bar)
 		}}
-		l := l
 		g.Go(func() error {
 			defer close(ready)
-			err := fetchBlob(gctx, cs, l, desc, bar)
-			mu.Lock()
+			rc, err := openThrough(gctx, cs, l, desc, bar)
+			if err == nil {
+				_, err = io.Copy(io.Discard, rc)
+				rc.Close()
+			}
 			ferr = err
-			mu.Unlock()
 			return err
 		})
 	}
@@ -203,18 +216,78 @@ func fetch(ctx context.Context, cs content.Store, img *image.Image, rep progress
 	}
 }
 
-func fetchBlob(ctx context.Context, cs content.Store, l image.Layer, desc ocispec.Descriptor, bar progress.Bar) error {
+// openThrough reads a blob from the cache, or from its source while
+// storing it in the cache (the content store verifies it on commit).
+func openThrough(ctx context.Context, cs content.Store, l image.Layer, desc ocispec.Descriptor, bar progress.Bar) (io.ReadCloser, error) {
+	fromCache := func() (io.ReadCloser, error) {
+		ra, err := cs.ReaderAt(ctx, desc)
+		if err != nil {
+			return nil, err
+		}
+		return readCloser{Reader: content.NewReader(ra), Closer: ra}, nil
+	}
 	if _, err := cs.Info(ctx, desc.Digest); err == nil {
-		bar.Add(l.Size)
-		return nil
+		return fromCache()
+	}
+	ref := "kiln-" + desc.Digest.String()
+	w, err := content.OpenWriter(ctx, cs, content.WithRef(ref), content.WithDescriptor(desc))
+	if errdefs.IsAlreadyExists(err) {
+		return fromCache()
+	}
+	if err != nil {
+		return nil, &layer.Error{Digest: l.Digest, Err: fmt.Errorf("caching: %w", err)}
+	}
+	if err := w.Truncate(0); err != nil { // an interrupted ingest starts over
+		w.Close()
+		return nil, err
 	}
 	rc, err := l.Open()
 	if err != nil {
-		return &layer.Error{Digest: l.Digest, Err: fmt.Errorf("fetching: %w", err)}
+		w.Close()
+		cs.Abort(ctx, ref) //nolint:errcheck // best effort
+		return nil, &layer.Error{Digest: l.Digest, Err: fmt.Errorf("fetching: %w", err)}
 	}
-	defer rc.Close()
-	if err := content.WriteBlob(ctx, cs, "kiln-"+desc.Digest.String(), progress.Reader(rc, bar), desc); err != nil {
-		return &layer.Error{Digest: l.Digest, Err: fmt.Errorf("fetching: %w", err)}
+	return &teeBlob{ctx: ctx, cs: cs, ref: ref, src: rc, w: w, desc: desc, bar: bar}, nil
+}
+
+// teeBlob passes a blob through while writing it to the content store,
+// and commits it there at the end.
+type teeBlob struct {
+	ctx       context.Context
+	cs        content.Store
+	ref       string
+	src       io.ReadCloser
+	w         content.Writer
+	desc      ocispec.Descriptor
+	bar       progress.Bar
+	committed bool
+}
+
+func (t *teeBlob) Read(p []byte) (int, error) {
+	n, err := t.src.Read(p)
+	if n > 0 {
+		if _, werr := t.w.Write(p[:n]); werr != nil {
+			return n, werr
+		}
+		t.bar.Add(int64(n))
+	}
+	if err == io.EOF && !t.committed {
+		t.committed = true
+		if cerr := t.w.Commit(t.ctx, t.desc.Size, t.desc.Digest); cerr != nil && !errdefs.IsAlreadyExists(cerr) {
+			return n, &layer.Error{Digest: t.desc.Digest, Err: fmt.Errorf("fetching: %w", cerr)}
+		}
+	}
+	if err != nil && err != io.EOF {
+		err = &layer.Error{Digest: t.desc.Digest, Err: fmt.Errorf("fetching: %w", err)}
+	}
+	return n, err
+}
+
+func (t *teeBlob) Close() error {
+	t.src.Close()
+	t.w.Close()
+	if !t.committed {
+		t.cs.Abort(context.WithoutCancel(t.ctx), t.ref) //nolint:errcheck // best effort
 	}
 	return nil
 }

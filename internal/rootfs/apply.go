@@ -579,3 +579,55 @@ func mkdir(path string) error {
 	}
 	return nil
 }
+
+// Resolve finds the node at a path, following symlinks inside the rootfs
+// in every component (like the kernel would in the booted guest). It
+// returns nil if nothing is there.
+func (t *Tree) Resolve(path string) (*Node, error) {
+	a := &applier{t: t}
+	parts, err := splitName(strings.TrimPrefix(path, "/"))
+	if err != nil {
+		return nil, err
+	}
+	for hops := 0; ; hops++ {
+		if len(parts) == 0 {
+			return t.root, nil
+		}
+		dir, err := a.resolveDir(parts[:len(parts)-1], false)
+		if err != nil || dir == nil {
+			return nil, err
+		}
+		n := dir.children[parts[len(parts)-1]]
+		if n == nil || n.inode.Type != TypeSymlink {
+			return n, nil
+		}
+		if hops == maxSymlinks {
+			return nil, fmt.Errorf("too many levels of symlinks at %q", n.Path())
+		}
+		target := n.inode.Target
+		if !strings.HasPrefix(target, "/") {
+			target = dir.Path() + "/" + target
+		}
+		if parts, err = cleanTarget(target); err != nil {
+			return nil, err
+		}
+	}
+}
+
+// cleanTarget resolves "." and ".." in a symlink target taken from the
+// root, clamping at the root like a chroot.
+func cleanTarget(target string) ([]string, error) {
+	var parts []string
+	for _, c := range strings.Split(target, "/") {
+		switch c {
+		case "", ".":
+		case "..":
+			if len(parts) > 0 {
+				parts = parts[:len(parts)-1]
+			}
+		default:
+			parts = append(parts, c)
+		}
+	}
+	return parts, nil
+}
