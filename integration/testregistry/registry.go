@@ -8,6 +8,8 @@ import (
 	stdlog "log"
 	"net"
 	"net/http"
+	"os"
+	"strconv"
 	"strings"
 	"sync"
 
@@ -19,43 +21,131 @@ type Request struct {
 	Method    string
 	Path      string
 	UserAgent string
+	// Host is the listener (host:port) the request came in on.
+	Host string
 }
 
 // Registry is a running registry.
 type Registry struct {
 	// Host is host:port to use in references.
-	Host string
-	srv  *http.Server
-	mu   sync.Mutex
-	log  []Request
+	Host    string
+	handler http.Handler
+	opts    Options
+	mu      sync.Mutex
+	log     []Request
+	srvs    []*http.Server
+	blobs   map[string][]byte // digest -> bytes served instead
+}
+
+// Options configure StartWith.
+type Options struct {
+	// BlobDir keeps blobs on disk (in memory if empty).
+	BlobDir string
+	// User and Password, when User is set, make every request need
+	// HTTP basic authentication with them.
+	User, Password string
 }
 
 // Start serves a registry on a free 127.0.0.1 port, keeping blobs under
 // blobDir (in memory if empty).
 func Start(blobDir string) (*Registry, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	return StartWith(Options{BlobDir: blobDir})
+}
+
+// StartWith serves a registry on a free 127.0.0.1 port.
+func StartWith(o Options) (*Registry, error) {
+	var opts []registry.Option
+	if o.BlobDir != "" {
+		if err := os.MkdirAll(o.BlobDir, 0o755); err != nil {
+			return nil, err
+		}
+		opts = append(opts, registry.WithBlobHandler(registry.NewDiskBlobHandler(o.BlobDir)))
+	}
+	opts = append(opts, registry.Logger(nullLogger()))
+	r := &Registry{handler: registry.New(opts...), opts: o}
+	host, err := r.Listen("127.0.0.1:0")
 	if err != nil {
 		return nil, err
 	}
-	var opts []registry.Option
-	if blobDir != "" {
-		opts = append(opts, registry.WithBlobHandler(registry.NewDiskBlobHandler(blobDir)))
-	}
-	opts = append(opts, registry.Logger(nullLogger()))
-	h := registry.New(opts...)
-	r := &Registry{Host: ln.Addr().String()}
-	r.srv = &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
-		r.mu.Lock()
-		r.log = append(r.log, Request{Method: req.Method, Path: req.URL.Path, UserAgent: req.UserAgent()})
-		r.mu.Unlock()
-		h.ServeHTTP(w, req)
-	})}
-	go r.srv.Serve(ln) //nolint:errcheck // ends with Close
+	r.Host = host
 	return r, nil
 }
 
+// Listen serves the same registry on another address too (host:port, port
+// 0 for a free one) and returns the host:port it listens on.
+func (r *Registry) Listen(addr string) (string, error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return "", err
+	}
+	host := ln.Addr().String()
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		r.serve(host, w, req)
+	})}
+	r.mu.Lock()
+	r.srvs = append(r.srvs, srv)
+	r.mu.Unlock()
+	go srv.Serve(ln) //nolint:errcheck // ends with Close
+	return host, nil
+}
+
+func (r *Registry) serve(host string, w http.ResponseWriter, req *http.Request) {
+	r.mu.Lock()
+	r.log = append(r.log, Request{Method: req.Method, Path: req.URL.Path, UserAgent: req.UserAgent(), Host: host})
+	r.mu.Unlock()
+	if r.opts.User != "" {
+		user, pass, ok := req.BasicAuth()
+		if !ok || user != r.opts.User || pass != r.opts.Password {
+			w.Header().Set("WWW-Authenticate", `Basic realm="testregistry"`)
+			w.Header().Set("Content-Type", "application/json")
+			w.WriteHeader(http.StatusUnauthorized)
+			io.WriteString(w, `{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}`)
+			return
+		}
+	}
+	if req.Method == http.MethodGet || req.Method == http.MethodHead {
+		if i := strings.LastIndex(req.URL.Path, "/blobs/"); i >= 0 {
+			r.mu.Lock()
+			data, ok := r.blobs[req.URL.Path[i+len("/blobs/"):]]
+			r.mu.Unlock()
+			if ok {
+				w.Header().Set("Content-Length", strconv.Itoa(len(data)))
+				w.Header().Set("Docker-Content-Digest", req.URL.Path[i+len("/blobs/"):])
+				w.WriteHeader(http.StatusOK)
+				if req.Method == http.MethodGet {
+					w.Write(data) //nolint:errcheck // the client sees a short body
+				}
+				return
+			}
+		}
+	}
+	r.handler.ServeHTTP(w, req)
+}
+
+// ServeBlob makes the registry answer requests for the blob with digest
+// (in any repository) with data instead of what was pushed, as a broken
+// or malicious registry would.
+func (r *Registry) ServeBlob(digest string, data []byte) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.blobs == nil {
+		r.blobs = map[string][]byte{}
+	}
+	r.blobs[digest] = data
+}
+
 // Close stops the registry.
-func (r *Registry) Close() error { return r.srv.Close() }
+func (r *Registry) Close() error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var first error
+	for _, s := range r.srvs {
+		if err := s.Close(); err != nil && first == nil {
+			first = err
+		}
+	}
+	return first
+}
 
 // Requests returns what was served so far.
 func (r *Registry) Requests() []Request {

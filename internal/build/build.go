@@ -114,6 +114,10 @@ func Rootfs(ctx context.Context, layers []Layer, out, workDir, key string, opts 
 func applyLayer(ctx context.Context, tree *rootfs.Tree, l Layer, bar progress.Bar) error {
 	blob, err := l.Open()
 	if err != nil {
+		var lerr *layer.Error
+		if errors.As(err, &lerr) {
+			return lerr
+		}
 		return &layer.Error{Digest: l.Digest, Err: fmt.Errorf("opening blob: %w", err)}
 	}
 	defer blob.Close()
@@ -123,13 +127,7 @@ func applyLayer(ctx context.Context, tree *rootfs.Tree, l Layer, bar progress.Ba
 	}
 	defer lr.Close()
 	if err := tree.Apply(ctx, lr, l.Digest.String()); err != nil {
-		// A blob that fails to decompress or verify surfaces as a tar
-		// read error; report the cause.
-		var lerr *layer.Error
-		if errors.As(err, &lerr) {
-			return lerr
-		}
-		return err
+		return layer.Cause(err, lr)
 	}
 	return lr.Finish()
 }

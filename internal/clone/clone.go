@@ -4,6 +4,7 @@
 package clone
 
 import (
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"io"
@@ -111,20 +112,50 @@ func copyUser(out, in *os.File, start, end int64) error {
 	return nil
 }
 
-// Atomic copies src to dst through a temporary file in dst's directory
-// that is renamed into place, so dst is never seen half-written. An
+// Atomic copies src to dst so that dst is never seen half-written: the
+// copy is made in an unnamed file in dst's directory (O_TMPFILE, which
+// vanishes if kiln is killed) and given its name once complete. An
 // existing dst is replaced.
 func Atomic(src, dst string, perm os.FileMode) error {
-	tmp, err := os.CreateTemp(filepath.Dir(dst), "."+filepath.Base(dst)+".kiln-*")
+	in, err := os.Open(src)
 	if err != nil {
 		return err
 	}
-	name := tmp.Name()
-	in, err := os.Open(src)
-	if err == nil {
-		err = Into(tmp, in)
-		in.Close()
+	defer in.Close()
+	dir := filepath.Dir(dst)
+	fd, err := unix.Open(dir, unix.O_TMPFILE|unix.O_WRONLY|unix.O_CLOEXEC, 0o600)
+	if err != nil {
+		return atomicNamed(in, dst, perm)
 	}
+	out := os.NewFile(uintptr(fd), dst)
+	defer out.Close()
+	if err := Into(out, in); err != nil {
+		return err
+	}
+	if err := out.Chmod(perm); err != nil {
+		return err
+	}
+	// A name, then the final name: linkat cannot replace an existing file.
+	tmp := tempName(dst)
+	if err := unix.Linkat(unix.AT_FDCWD, fmt.Sprintf("/proc/self/fd/%d", fd), unix.AT_FDCWD, tmp, unix.AT_SYMLINK_FOLLOW); err != nil {
+		return fmt.Errorf("naming %s: %w", dst, err)
+	}
+	if err := os.Rename(tmp, dst); err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	return nil
+}
+
+// atomicNamed is Atomic for filesystems without O_TMPFILE: a named
+// temporary file, renamed into place.
+func atomicNamed(in *os.File, dst string, perm os.FileMode) error {
+	name := tempName(dst)
+	tmp, err := os.OpenFile(name, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return err
+	}
+	err = Into(tmp, in)
 	if err == nil {
 		err = tmp.Chmod(perm)
 	}
@@ -136,7 +167,12 @@ func Atomic(src, dst string, perm os.FileMode) error {
 	}
 	if err != nil {
 		os.Remove(name)
-		return err
 	}
-	return nil
+	return err
+}
+
+func tempName(dst string) string {
+	var b [6]byte
+	rand.Read(b[:]) //nolint:errcheck // never fails
+	return filepath.Join(filepath.Dir(dst), fmt.Sprintf(".%s.kiln-%x", filepath.Base(dst), b))
 }

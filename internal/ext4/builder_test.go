@@ -143,22 +143,3 @@ func TestBuildRestoresMetadata(t *testing.T) {
 		t.Errorf("pre-1970 mtime lost:\n%s", old)
 	}
 }
-
-func TestDeviceNameWithNewlineIsRefused(t *testing.T) {
-	needTools(t)
-	work := t.TempDir()
-	stage := filepath.Join(work, "stage")
-	os.Mkdir(stage, 0o700)
-	tree, _ := rootfs.New(stage, time.Unix(0, 0))
-	var buf bytes.Buffer
-	tw := tar.NewWriter(&buf)
-	tw.WriteHeader(&tar.Header{Name: "null\nmknod x c 1 3", Typeflag: tar.TypeChar, Devmajor: 1, Devminor: 3, Format: tar.FormatPAX})
-	tw.Close()
-	if err := tree.Apply(context.Background(), &buf, "test"); err != nil {
-		t.Fatal(err)
-	}
-	_, err := Build(context.Background(), tree, filepath.Join(work, "out.ext4"), Options{Identity: "x", WorkDir: work})
-	if err == nil || !strings.Contains(err.Error(), "line break") {
-		t.Fatalf("err = %v, want a refusal naming the line break", err)
-	}
-}

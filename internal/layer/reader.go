@@ -259,6 +259,22 @@ func (r *Reader) Finish() error {
 	return err
 }
 
+// Cause explains why consuming a layer failed. A blob that is not what its
+// digest says can make the tar look broken or hostile before the digest is
+// checked at the end; then the digest mismatch is the cause, so Cause reads
+// the rest of the blob to find out. Errors of the blob itself (corrupt
+// data, a digest mismatch) are reported as they are.
+func Cause(err error, r *Reader) error {
+	var lerr *Error
+	if errors.As(err, &lerr) {
+		return lerr
+	}
+	if ferr := r.Finish(); errors.As(ferr, &lerr) && errors.Is(ferr, ErrDigestMismatch) {
+		return lerr
+	}
+	return err
+}
+
 // Close stops the decompressor. It does not close the blob.
 func (r *Reader) Close() error {
 	r.once.Do(func() { close(r.done) })

@@ -137,8 +137,9 @@ func CheckHeader(hdr *tar.Header) error {
 		if hdr.Linkname == "" || len(hdr.Linkname) > maxLinkLen {
 			return fmt.Errorf("symlink target of %d bytes", len(hdr.Linkname))
 		}
-	case tar.TypeDir, tar.TypeReg, tar.TypeRegA, tar.TypeGNUSparse, tar.TypeCont,
-		tar.TypeChar, tar.TypeBlock, tar.TypeFifo:
+	case tar.TypeChar, tar.TypeBlock:
+		return checkDeviceName(hdr.Name)
+	case tar.TypeDir, tar.TypeReg, tar.TypeRegA, tar.TypeGNUSparse, tar.TypeCont, tar.TypeFifo:
 	default:
 		return fmt.Errorf("unsupported tar entry type %q", hdr.Typeflag)
 	}
@@ -251,6 +252,9 @@ func (a *applier) entry(hdr *tar.Header, r io.Reader) error {
 			return err
 		}
 		if typ.IsDevice() {
+			if err := checkDeviceName(hdr.Name); err != nil {
+				return err
+			}
 			if hdr.Devmajor < 0 || hdr.Devminor < 0 || hdr.Devmajor > 0xfff || hdr.Devminor > 0xfffff {
 				return fmt.Errorf("device number %d:%d out of range", hdr.Devmajor, hdr.Devminor)
 			}
@@ -268,6 +272,16 @@ func (a *applier) entry(hdr *tar.Header, r io.Reader) error {
 		return nil
 	}
 	return fmt.Errorf("unsupported tar entry type %q", hdr.Typeflag)
+}
+
+// checkDeviceName refuses device node names that the ext4 builder cannot
+// create: it names them in a debugfs script, where a line break would end
+// the command.
+func checkDeviceName(name string) error {
+	if strings.ContainsAny(name, "\n\r") {
+		return fmt.Errorf("a device node name with a line break cannot be written to ext4 by debugfs")
+	}
+	return nil
 }
 
 // attach links a new name for in under parent.

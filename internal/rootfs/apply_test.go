@@ -339,3 +339,18 @@ func TestLongNamesAndOddBytes(t *testing.T) {
 		t.Errorf("a 256-byte name should be refused")
 	}
 }
+
+func TestDeviceNameWithLineBreakIsRefused(t *testing.T) {
+	// debugfs commands name device nodes; a line break would end one.
+	tr := newTree(t)
+	dev := entry{name: "dev/null\nmknod x c 1 3", typ: tar.TypeChar, mode: 0o666, major: 1, minor: 3}
+	err := tr.Apply(context.Background(), bytes.NewReader(layerTar(t, dev)), "sha256:abc")
+	var ee *EntryError
+	if !errors.As(err, &ee) || ee.Layer != "sha256:abc" || !strings.Contains(err.Error(), "line break") {
+		t.Fatalf("err = %v, want an entry error naming the line break", err)
+	}
+	hdr := &tar.Header{Name: dev.name, Typeflag: tar.TypeChar}
+	if err := CheckHeader(hdr); err == nil {
+		t.Errorf("CheckHeader should refuse it too")
+	}
+}

@@ -10,7 +10,6 @@ import (
 	"archive/tar"
 	"bufio"
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -117,12 +116,12 @@ func (d *Differ) store(ctx context.Context, desc ocispec.Descriptor, dir string,
 	w := bufio.NewWriterSize(f, 1<<20)
 	counter := &countingWriter{w: w}
 	if err := checkEntries(ctx, io.TeeReader(lr, counter), desc.Digest); err != nil {
-		return ocispec.Descriptor{}, err
+		return ocispec.Descriptor{}, layer.Cause(err, lr)
 	}
 	// The tar reader stops at the end marker; the rest (padding) is part
 	// of the layer and of its digest.
 	if _, err := io.Copy(counter, lr); err != nil {
-		return ocispec.Descriptor{}, unwrapLayer(err)
+		return ocispec.Descriptor{}, layer.Cause(err, lr)
 	}
 	if err := w.Flush(); err != nil {
 		return ocispec.Descriptor{}, err
@@ -159,25 +158,15 @@ func checkEntries(ctx context.Context, r io.Reader, blob digest.Digest) error {
 			return nil
 		}
 		if err != nil {
-			return unwrapLayer(fmt.Errorf("layer %s: reading tar: %w", blob, err))
+			return fmt.Errorf("layer %s: reading tar: %w", blob, err)
 		}
 		if err := rootfs.CheckHeader(hdr); err != nil {
 			return &rootfs.EntryError{Layer: blob.String(), Entry: hdr.Name, Err: err}
 		}
 		if _, err := io.Copy(io.Discard, tr); err != nil {
-			return unwrapLayer(fmt.Errorf("layer %s: entry %q: %w", blob, hdr.Name, err))
+			return fmt.Errorf("layer %s: entry %q: %w", blob, hdr.Name, err)
 		}
 	}
-}
-
-// unwrapLayer reports a blob's own error (digest mismatch, corrupt data)
-// rather than the tar error it caused.
-func unwrapLayer(err error) error {
-	var le *layer.Error
-	if errors.As(err, &le) {
-		return le
-	}
-	return err
 }
 
 type countingWriter struct {

@@ -1,0 +1,83 @@
+package clone
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"syscall"
+	"testing"
+)
+
+func sparseFile(t *testing.T, path string) []byte {
+	t.Helper()
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	data := bytes.Repeat([]byte("kiln"), 4096)
+	for _, off := range []int64{0, 64 << 20} {
+		if _, err := f.WriteAt(data, off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := f.Truncate(128 << 20); err != nil {
+		t.Fatal(err)
+	}
+	return data
+}
+
+func blocks(t *testing.T, path string) int64 {
+	var st syscall.Stat_t
+	if err := syscall.Stat(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.Blocks * 512
+}
+
+func TestAtomicKeepsContentAndHoles(t *testing.T) {
+	dir := t.TempDir()
+	src := filepath.Join(dir, "src")
+	data := sparseFile(t, src)
+	dst := filepath.Join(dir, "dst")
+	if err := os.WriteFile(dst, []byte("old"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := Atomic(src, dst, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	fi, err := os.Stat(dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi.Size() != 128<<20 || fi.Mode().Perm() != 0o644 {
+		t.Fatalf("size %d mode %v", fi.Size(), fi.Mode())
+	}
+	f, _ := os.Open(dst)
+	defer f.Close()
+	got := make([]byte, len(data))
+	f.ReadAt(got, 64<<20)
+	if !bytes.Equal(got, data) {
+		t.Errorf("content at 64 MiB differs")
+	}
+	if b := blocks(t, dst); b > 1<<20 {
+		t.Errorf("copy uses %d bytes: holes were filled", b)
+	}
+	ents, _ := os.ReadDir(dir)
+	if len(ents) != 2 {
+		t.Errorf("temporary files left: %v", ents)
+	}
+}
+
+func TestFileRefusesExisting(t *testing.T) {
+	dir := t.TempDir()
+	src := filepath.Join(dir, "src")
+	sparseFile(t, src)
+	dst := filepath.Join(dir, "dst")
+	if err := File(src, dst, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := File(src, dst, 0o600); err == nil {
+		t.Errorf("File over an existing file should fail")
+	}
+}
