@@ -173,6 +173,11 @@ func (s *Set) Apply(ctx context.Context, tree *rootfs.Tree) error {
 	files = append(files, s.user...)
 	var buf bytes.Buffer
 	tw := tar.NewWriter(&buf)
+	if s.InitPath() != "" {
+		if err := consoleNodes(tw, tree); err != nil {
+			return err
+		}
+	}
 	for _, f := range files {
 		existing, err := lookup(tree, f)
 		if err != nil {
@@ -195,6 +200,32 @@ func (s *Set) Apply(ctx context.Context, tree *rootfs.Tree) error {
 		return err
 	}
 	return tree.Apply(ctx, &buf, "kiln-inject")
+}
+
+// consoleNodes adds /dev/console and /dev/null when the image lacks them:
+// the kernel gives init its console through /dev/console on the root, and
+// a Go program started without one opens /dev/null or dies, before
+// kiln-init can mount devtmpfs.
+func consoleNodes(tw *tar.Writer, tree *rootfs.Tree) error {
+	for _, d := range []struct {
+		name         string
+		mode         int64
+		major, minor int64
+	}{{"dev/console", 0o600, 5, 1}, {"dev/null", 0o666, 1, 3}} {
+		if n, err := tree.Resolve("/" + d.name); err != nil || n != nil {
+			continue
+		}
+		if dir, err := tree.Resolve("/dev"); err == nil && dir != nil && dir.Inode().Type != rootfs.TypeDir {
+			continue // not a directory: leave the image's /dev alone
+		}
+		if err := tw.WriteHeader(&tar.Header{
+			Name: d.name, Typeflag: tar.TypeChar, Mode: d.mode, Devmajor: d.major, Devminor: d.minor,
+			ModTime: tree.Epoch(), Format: tar.FormatPAX,
+		}); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // lookup finds what the image has where f goes: for a directory, symlinks
