@@ -63,6 +63,15 @@ func runTests(m *testing.M) int {
 		fmt.Fprintf(os.Stderr, "building kiln: %v\n%s", err, out)
 		return 1
 	}
+	// The guest pieces go next to kiln, where --inject looks for them.
+	for _, pkg := range []string{"kiln-init", "kiln-agent"} {
+		build := exec.Command(goTool(), "build", "-o", filepath.Join(dir, pkg), "github.com/kilnfs/kiln/cmd/"+pkg)
+		build.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := build.CombinedOutput(); err != nil {
+			fmt.Fprintf(os.Stderr, "building %s: %v\n%s", pkg, err, out)
+			return 1
+		}
+	}
 	fmt.Fprintf(os.Stderr, "built kiln in %v\n", time.Since(start).Round(time.Millisecond))
 	reg, err = testregistry.Start(filepath.Join(dir, "registry"))
 	if err != nil {
@@ -151,6 +160,7 @@ type summary struct {
 	Size     int64            `json:"size"`
 	Path     string           `json:"path"`
 	Cached   bool             `json:"cached"`
+	Init     string           `json:"init"`
 	Timings  map[string]int64 `json:"timings_ms"`
 }
 

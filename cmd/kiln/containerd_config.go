@@ -35,6 +35,7 @@ var containerdConfig = template.Must(template.New("").Parse(`# kiln: add to cont
 [[plugins.'io.containerd.transfer.v1.local'.unpack_config]]
   platform = "{{.Platform}}"
   snapshotter = "overlayfs"
+  differ = "walking"
 
 [plugins.'io.containerd.service.v1.diff-service']
   default = ["{{.Differ}}", "walking"]

@@ -32,13 +32,13 @@ func main() {
 	root.PersistentPreRunE = func(cmd *cobra.Command, args []string) error {
 		return log.SetLevel(logLevel)
 	}
-	root.AddCommand(newConvertCommand(), newServeCommand(), newExportCommand(), newContainerdConfigCommand())
+	root.AddCommand(newConvertCommand(), newServeCommand(), newExportCommand(), newContainerdConfigCommand(), newBootCommand())
 	if err := root.ExecuteContext(ctx); err != nil {
-		fmt.Fprintf(os.Stderr, "kiln: %v\n", err)
 		var exit exitError
 		if errors.As(err, &exit) {
-			os.Exit(int(exit))
+			os.Exit(int(exit)) // the status of what ran; it spoke for itself
 		}
+		fmt.Fprintf(os.Stderr, "kiln: %v\n", err)
 		os.Exit(1)
 	}
 }

@@ -87,6 +87,10 @@ func Build(ctx context.Context, tree *rootfs.Tree, out string, opts Options) (Re
 	b.env = b.environ()
 
 	if err := b.mkfs(ctx, size, inodes); err != nil {
+		if errors.Is(err, ErrNoSpace) {
+			need := (stats.DataBlocks + stats.LongSymlinks + stats.XattrBlocks + dirBlocks(stats)) * BlockSize
+			err = fmt.Errorf("%w (the content alone needs about %d MiB; --size auto fits it)", err, (need+1<<20-1)>>20)
+		}
 		return Result{}, err
 	}
 	if err := b.mapInodes(); err != nil {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
 )
 
 // Image reads the directory structure of an ext4 image, just enough to map
@@ -218,4 +219,33 @@ func (im *Image) ReadDir(ino uint32) ([]DirEntry, error) {
 		}
 	}
 	return out, nil
+}
+
+// Lookup finds the entry at an absolute path without following symlinks,
+// returning its inode number and file type (ok false if it is not there).
+func (im *Image) Lookup(path string) (ino uint32, fileType uint8, ok bool, err error) {
+	ino, fileType = rootInode, 2
+	for _, name := range strings.Split(strings.Trim(path, "/"), "/") {
+		if name == "" {
+			continue
+		}
+		if fileType != 2 {
+			return 0, 0, false, nil
+		}
+		ents, err := im.ReadDir(ino)
+		if err != nil {
+			return 0, 0, false, err
+		}
+		found := false
+		for _, e := range ents {
+			if e.Name == name {
+				ino, fileType, found = e.Ino, e.Type, true
+				break
+			}
+		}
+		if !found {
+			return 0, 0, false, nil
+		}
+	}
+	return ino, fileType, true, nil
 }

@@ -63,15 +63,14 @@ func (l *loops) detachDir(ctx context.Context, dir string) {
 }
 
 // detachStale detaches loop devices backed by files under root that no
-// live snapshot directory records (live nil: any snapshot directory that
-// is not being removed counts as live).
-func (l *loops) detachStale(ctx context.Context, root string, live map[string]bool) {
+// snapshot directory records, but for directories being removed (rm-*).
+func (l *loops) detachStale(ctx context.Context, root string) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	recorded := map[string]bool{}
 	dirs, _ := filepath.Glob(filepath.Join(root, "snapshots", "*"))
 	for _, d := range dirs {
-		if strings.HasPrefix(filepath.Base(d), "rm-") || (live != nil && !live[d]) {
+		if strings.HasPrefix(filepath.Base(d), "rm-") {
 			continue
 		}
 		if b, err := os.ReadFile(filepath.Join(d, loopFile)); err == nil {

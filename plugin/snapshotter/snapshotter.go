@@ -103,7 +103,7 @@ func New(ctx context.Context, cfg Config) (*Snapshotter, error) {
 	s := &Snapshotter{cfg: cfg, root: root, ms: ms, loops: &loops{}}
 	s.images = newImageBuilder(s)
 	if cfg.BlockDevices {
-		s.loops.detachStale(ctx, root, nil)
+		s.loops.detachStale(ctx, root)
 	}
 	workdir.RemoveStale(filepath.Join(root, "tmp"))
 	return s, nil
@@ -181,9 +181,9 @@ func diskUsage(dir string) (snapshots.Usage, error) {
 	return u, err
 }
 
-// Prepare creates an active snapshot. An extraction (the unpacker labels
-// it with the chain it is unpacking) gets a layer directory for a differ
-// to fill; anything else is a container and gets a writable ext4 file.
+// Prepare creates an active snapshot. An extraction gets a layer directory
+// for a differ to fill; anything else is a container and gets a writable
+// ext4 file.
 func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...snapshots.Opt) ([]mount.Mount, error) {
 	var info snapshots.Info
 	for _, o := range opts {
@@ -191,7 +191,7 @@ func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...s
 			return nil, err
 		}
 	}
-	if info.Labels[snapshots.LabelSnapshotRef] != "" {
+	if isExtraction(key, info.Labels) {
 		if parent != "" {
 			// The chain goes on: the parent is not an image's top.
 			s.images.cancelEager(ctx, parent)
@@ -215,6 +215,24 @@ func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...s
 	return s.create(ctx, snapshots.KindActive, key, parent, opts, func(ctx context.Context, dir string) error {
 		return s.prepareContainer(ctx, dir, base, size)
 	})
+}
+
+// isExtraction says whether a snapshot being prepared is for unpacking a
+// layer. containerd's unpacker (pulls through the transfer service, or
+// with the client's WithPullUnpack) labels it with the chain it unpacks;
+// the client's Image.Unpack (ctr image pull --local) does not, but both
+// name it with containerd's unpack key format, "extract-<unique> <chain>",
+// which reaches kiln behind containerd's "<namespace>/<n>/" prefix.
+func isExtraction(key string, labels map[string]string) bool {
+	if labels[snapshots.LabelSnapshotRef] != "" {
+		return true
+	}
+	if ns, rest, ok := strings.Cut(key, "/"); ok && ns != "" {
+		if n, k, ok := strings.Cut(rest, "/"); ok && n != "" && strings.Trim(n, "0123456789") == "" {
+			key = k
+		}
+	}
+	return strings.HasPrefix(key, snapshots.UnpackKeyPrefix+"-")
 }
 
 // View creates a read-only snapshot of a committed one: the image's ext4
@@ -312,7 +330,7 @@ func (s *Snapshotter) mounts(ctx context.Context, snap storage.Snapshot) ([]moun
 				Options: []string{
 					"workdir=" + filepath.Join(dir, workDir),
 					"upperdir=" + filepath.Join(dir, upperDir),
-					"lowerdir=" + filepath.Join(s.root, "empty"),
+					"lowerdir=" + s.lowerDirs(snap.ParentIDs),
 				},
 			}}, nil
 		}
@@ -334,6 +352,28 @@ func (s *Snapshotter) mounts(ctx context.Context, snap storage.Snapshot) ([]moun
 		file = f
 	}
 	return s.ext4Mount(ctx, dir, file, true)
+}
+
+// lowerDirs lists the upper directories of an extraction's parents, top
+// first, as overlayfs wants them. containerd's walking differ looks there
+// for the metadata of a directory that a layer writes into without an
+// entry of its own: without them, it would make such a directory 0755,
+// owned by root, over the parent layer's. Parents that kiln's differ
+// stored (their upper directory is empty) and anything below a committed
+// container (an ext4 file) cannot help; with no parent directory at all,
+// the lower directory is an empty one.
+func (s *Snapshotter) lowerDirs(parents []string) string {
+	var dirs []string
+	for _, id := range parents {
+		if !exists(filepath.Join(s.dir(id), layerMarker)) {
+			break
+		}
+		dirs = append(dirs, filepath.Join(s.dir(id), upperDir))
+	}
+	if len(dirs) == 0 {
+		return filepath.Join(s.root, "empty")
+	}
+	return strings.Join(dirs, ":")
 }
 
 // ext4Mount describes an ext4 file the way containerd's blockfile
@@ -421,24 +461,34 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 // Cleanup removes what interrupted operations left: directories of
 // snapshots that do not exist, stale build directories, loop devices of
 // removed snapshots.
+//
+// containerd calls it after its garbage collection, while snapshots may be
+// created. The orphans are listed in a write transaction, which no create
+// runs alongside (create makes the directory in its own), and snapshot IDs
+// are never reused: a directory that is an orphan then stays one, and any
+// other directory belongs to a snapshot, maybe one created since.
 func (s *Snapshotter) Cleanup(ctx context.Context) error {
-	var ids map[string]string
-	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) (err error) {
-		ids, err = storage.IDMap(ctx)
-		return err
+	var orphans []string
+	err := s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+		ids, err := storage.IDMap(ctx)
+		if err != nil {
+			return err
+		}
+		ents, err := os.ReadDir(filepath.Join(s.root, "snapshots"))
+		if err != nil {
+			return err
+		}
+		for _, e := range ents {
+			if _, ok := ids[e.Name()]; !ok {
+				orphans = append(orphans, filepath.Join(s.root, "snapshots", e.Name()))
+			}
+		}
+		return nil
 	})
 	if err != nil {
 		return err
 	}
-	ents, err := os.ReadDir(filepath.Join(s.root, "snapshots"))
-	if err != nil {
-		return err
-	}
-	for _, e := range ents {
-		if _, ok := ids[e.Name()]; ok {
-			continue
-		}
-		dir := filepath.Join(s.root, "snapshots", e.Name())
+	for _, dir := range orphans {
 		s.loops.detachDir(ctx, dir)
 		if err := os.RemoveAll(dir); err != nil {
 			log.G(ctx).WithError(err).WithField("path", dir).Warn("cleanup failed")
@@ -446,11 +496,9 @@ func (s *Snapshotter) Cleanup(ctx context.Context) error {
 	}
 	workdir.RemoveStale(filepath.Join(s.root, "tmp"))
 	if s.cfg.BlockDevices {
-		live := map[string]bool{}
-		for id := range ids {
-			live[s.dir(id)] = true
-		}
-		s.loops.detachStale(ctx, s.root, live)
+		// The directories left are live ones (but for a removal's rm-*
+		// that failed above): keep the devices they record.
+		s.loops.detachStale(ctx, s.root)
 	}
 	return nil
 }

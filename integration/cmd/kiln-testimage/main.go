@@ -16,12 +16,12 @@ import (
 )
 
 func main() {
-	kind := flag.String("image", "busybox", "busybox or minbase")
+	kind := flag.String("image", "busybox", "busybox, minbase or minbase-systemd")
 	out := flag.String("o", "", "OCI layout directory to write")
 	tag := flag.String("tag", "latest", "tag of the image in the layout")
 	flag.Parse()
 	if *out == "" {
-		fmt.Fprintln(os.Stderr, "usage: kiln-testimage -image busybox|minbase -o DIR [-tag TAG]")
+		fmt.Fprintln(os.Stderr, "usage: kiln-testimage -image busybox|minbase|minbase-systemd -o DIR [-tag TAG]")
 		os.Exit(2)
 	}
 	if err := run(*kind, *out, *tag); err != nil {
@@ -46,8 +46,12 @@ func run(kind, out, tag string) error {
 			Layers: []testimage.Layer{{Tar: buf.Bytes()}},
 			Config: v1.Config{Cmd: []string{"/bin/busybox", "echo", "hello from kiln"}, Env: []string{"PATH=/bin"}},
 		}
-	case "minbase":
-		file, err := testimage.MinbaseTar()
+	case "minbase", "minbase-systemd":
+		var extra []string
+		if kind == "minbase-systemd" {
+			extra = []string{"systemd-sysv", "udev"}
+		}
+		file, err := testimage.MinbaseTar(extra...)
 		if err != nil {
 			return err
 		}
