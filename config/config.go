@@ -12,6 +12,8 @@ import (
 	"strings"
 
 	"github.com/pelletier/go-toml/v2"
+
+	"github.com/kilnfs/kiln/internal/guest"
 )
 
 // DefaultPath is where kiln serve looks for its configuration.
@@ -56,6 +58,17 @@ type Snapshotter struct {
 type Build struct {
 	// Size is "auto" (content plus headroom) or a size such as "4G".
 	Size string `toml:"size"`
+	// Inject lists guest pieces to add to every image: "init", "agent",
+	// "network" (see kiln convert --inject). Empty: the image, exactly.
+	Inject []string `toml:"inject"`
+	// InjectDir is a bundle of the platform's own to add (a directory
+	// with a manifest.toml).
+	InjectDir string `toml:"inject_dir"`
+	// Force lets injected files replace files an image has.
+	Force bool `toml:"force"`
+	// GuestBinDir holds kiln-init and kiln-agent; empty: next to kiln, in
+	// $PATH, or in /usr/local/libexec/kiln and /usr/libexec/kiln.
+	GuestBinDir string `toml:"guest_bin_dir"`
 }
 
 // Default returns the configuration an empty file gives.
@@ -113,6 +126,9 @@ func (c Config) Validate() error {
 	}
 	if _, err := ParseSize(c.Build.Size); err != nil {
 		return fmt.Errorf("config: build.size: %w", err)
+	}
+	if _, err := guest.ParsePieces(strings.Join(c.Build.Inject, ",")); err != nil {
+		return fmt.Errorf("config: build.inject: %w", err)
 	}
 	if _, err := ParseSize(c.Snapshotter.DefaultSize); err != nil {
 		return fmt.Errorf("config: snapshotter.default_size: %w", err)

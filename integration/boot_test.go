@@ -12,6 +12,7 @@ import (
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 
+	"github.com/kilnfs/kiln/integration/testcontainerd"
 	"github.com/kilnfs/kiln/integration/testimage"
 	"github.com/kilnfs/kiln/internal/dirtar"
 	"github.com/kilnfs/kiln/internal/vmboot/vmboottest"
@@ -226,3 +227,32 @@ func TestInjectClash(t *testing.T) {
 
 // epoch2020 dates the hand-written files of these tests.
 var epoch2020 = time.Date(2020, 1, 1, 0, 0, 0, 0, time.UTC)
+
+// TestBootServeExport pulls an image without an init system through
+// containerd with kiln serve configured to inject init, exports it, and
+// boots it: the same rootfs as kiln convert --inject init, byte for byte.
+func TestBootServeExport(t *testing.T) {
+	kernel := needBoot(t)
+	e := startContainerd(t, testcontainerd.Options{Inject: []string{"init"}})
+	img := busyboxImage(t, v1.Config{
+		Cmd: []string{"/bin/busybox", "sh", "-c", "echo served-and-booted; exit 5"},
+		Env: []string{"PATH=/bin"},
+	})
+	ref := mustPush(t, "boot/served:v1", img)
+	if out, err := ctrRun(t, e, ctdPullArgs("default", ref, false)...); err != nil {
+		t.Fatalf("ctr image pull: %v\n%s", err, out)
+	}
+	dir := t.TempDir()
+	exported := filepath.Join(dir, "exported.ext4")
+	ctdExport(t, e, "default", ref, exported)
+	fsck(t, exported)
+	converted := filepath.Join(dir, "converted.ext4")
+	convert(t, ref, converted, t.TempDir(), "--inject", "init")
+	if fileSHA(t, exported) != fileSHA(t, converted) {
+		t.Errorf("the export differs from kiln convert --inject init")
+	}
+	status, _, console := boot(t, kernel, exported)
+	if status != 5 || !strings.Contains(console, "served-and-booted") {
+		t.Errorf("status %d, console:\n%s", status, tailLines(console, 20))
+	}
+}

@@ -7,6 +7,7 @@ package testcontainerd
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -98,6 +99,8 @@ type Options struct {
 	WalkingDiffer bool
 	// BlockDevices turns on kiln's block-device mode.
 	BlockDevices bool
+	// Inject lists the guest pieces kiln adds to every image.
+	Inject []string
 }
 
 // Env is a running containerd and kiln serve.
@@ -160,6 +163,10 @@ func Start(opts Options) (_ *Env, err error) {
 	}()
 	kcfg := fmt.Sprintf("version = 1\nroot = %q\naddress = %q\ncontainerd_address = %q\nlog_level = \"debug\"\n\n[snapshotter]\nblock_devices = %v\n",
 		e.KilnRoot, e.KilnAddress, e.Address, opts.BlockDevices)
+	if len(opts.Inject) > 0 {
+		pieces, _ := json.Marshal(opts.Inject) // a TOML array of strings too
+		kcfg += fmt.Sprintf("\n[build]\ninject = %s\n", pieces)
+	}
 	if err := os.WriteFile(e.KilnConfig, []byte(kcfg), 0o600); err != nil {
 		return nil, err
 	}

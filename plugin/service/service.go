@@ -6,23 +6,33 @@ package service
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
 	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	contentapi "github.com/containerd/containerd/api/services/content/v1"
 	diffapi "github.com/containerd/containerd/api/services/diff/v1"
+	imagesapi "github.com/containerd/containerd/api/services/images/v1"
 	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
 	"github.com/containerd/containerd/v2/contrib/diffservice"
 	"github.com/containerd/containerd/v2/contrib/snapshotservice"
 	"github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/containerd/v2/core/content/proxy"
+	cimages "github.com/containerd/containerd/v2/core/images"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/containerd/v2/pkg/oci"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/errdefs/pkg/errgrpc"
 	"github.com/containerd/log"
+	"github.com/containerd/platforms"
+	"github.com/opencontainers/go-digest"
+	"github.com/opencontainers/image-spec/identity"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -31,6 +41,8 @@ import (
 
 	"github.com/kilnfs/kiln/config"
 	"github.com/kilnfs/kiln/internal/build"
+	"github.com/kilnfs/kiln/internal/guest"
+	"github.com/kilnfs/kiln/internal/inject"
 	"github.com/kilnfs/kiln/plugin/differ"
 	"github.com/kilnfs/kiln/plugin/snapshotter"
 )
@@ -55,27 +67,38 @@ func New(ctx context.Context, cfg config.Config) (*Service, error) {
 	if err != nil {
 		return nil, err
 	}
-	m := newMetrics()
-	sn, err := snapshotter.New(ctx, snapshotter.Config{
-		Root:         cfg.Root,
-		BlockDevices: cfg.Snapshotter.BlockDevices,
-		DefaultSize:  defSize,
-		Build:        build.Options{Size: size},
-		EagerBuild:   cfg.Snapshotter.EagerBuild,
-		ObserveBuild: m.observeBuild,
-	})
+	pieces, err := guest.ParsePieces(strings.Join(cfg.Build.Inject, ","))
 	if err != nil {
-		return nil, fmt.Errorf("snapshotter: %w", err)
+		return nil, err
 	}
 	// The connection is made lazily: containerd may start after kiln.
 	conn, err := grpc.NewClient("unix://"+cfg.ContainerdAddress,
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(16<<20)))
 	if err != nil {
-		sn.Close()
 		return nil, fmt.Errorf("containerd %s: %w", cfg.ContainerdAddress, err)
 	}
+	injectOpts := inject.Options{Pieces: pieces, Dir: cfg.Build.InjectDir, Force: cfg.Build.Force, BinDir: cfg.Build.GuestBinDir}
+	if _, err := inject.New(injectOpts, []byte("{}")); err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("config: build.inject: %w", err) // missing guest binaries, a bad bundle
+	}
 	cs := namespacedProvider{proxy.NewContentStore(contentapi.NewContentClient(conn))}
+	m := newMetrics()
+	sn, err := snapshotter.New(ctx, snapshotter.Config{
+		Root:         cfg.Root,
+		BlockDevices: cfg.Snapshotter.BlockDevices,
+		DefaultSize:  defSize,
+		Build:        build.Options{Size: size},
+		Inject:       injectOpts,
+		ImageConfig:  imageConfigFinder(imagesapi.NewImagesClient(conn), cs),
+		EagerBuild:   cfg.Snapshotter.EagerBuild,
+		ObserveBuild: m.observeBuild,
+	})
+	if err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("snapshotter: %w", err)
+	}
 	d := differ.New(sn, cs, snapshotter.LayerFiles)
 	d.Observe = m.observeApply
 
@@ -94,6 +117,44 @@ func (p namespacedProvider) ReaderAt(ctx context.Context, desc ocispec.Descripto
 		ctx = namespaces.WithNamespace(ctx, ns)
 	}
 	return p.Provider.ReaderAt(ctx, desc)
+}
+
+// imageConfigFinder finds, in containerd's image store, the config of an
+// image (for this host's platform) whose layers make a chain. When several
+// images share the chain, the most recently updated one wins.
+func imageConfigFinder(images imagesapi.ImagesClient, cs content.Provider) func(context.Context, string, digest.Digest) ([]byte, error) {
+	return func(ctx context.Context, ns string, chainID digest.Digest) ([]byte, error) {
+		ctx = namespaces.WithNamespace(ctx, ns)
+		resp, err := images.List(ctx, &imagesapi.ListImagesRequest{})
+		if err != nil {
+			return nil, errgrpc.ToNative(err)
+		}
+		var (
+			found   []byte
+			updated time.Time
+		)
+		for _, img := range resp.Images {
+			desc, err := cimages.Config(ctx, cs, oci.DescriptorFromProto(img.Target), platforms.Default())
+			if err != nil {
+				continue // another platform, or content not there
+			}
+			raw, err := content.ReadBlob(ctx, cs, desc)
+			if err != nil {
+				continue
+			}
+			var cfg ocispec.Image
+			if json.Unmarshal(raw, &cfg) != nil || identity.ChainID(cfg.RootFS.DiffIDs) != chainID {
+				continue
+			}
+			if t := img.UpdatedAt.AsTime(); found == nil || t.After(updated) {
+				found, updated = raw, t
+			}
+		}
+		if found == nil {
+			return nil, fmt.Errorf("image config for chain %s: %w", chainID, errdefs.ErrNotFound)
+		}
+		return found, nil
+	}
 }
 
 // Serve listens on the configured socket and serves until ctx ends, then

@@ -24,6 +24,8 @@ import (
 	"github.com/kilnfs/kiln/internal/clone"
 	"github.com/kilnfs/kiln/internal/dirtar"
 	"github.com/kilnfs/kiln/internal/ext4"
+	"github.com/kilnfs/kiln/internal/guest"
+	"github.com/kilnfs/kiln/internal/inject"
 	"github.com/kilnfs/kiln/internal/layer"
 	"github.com/kilnfs/kiln/internal/workdir"
 )
@@ -172,10 +174,15 @@ func (b *imageBuilder) build(ctx context.Context, id string) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	layers, key, err := b.layers(chain)
+	layers, chainID, byID, err := b.layers(chain)
 	if err != nil {
 		return "", err
 	}
+	opts := b.s.cfg.Build
+	if opts.Inject, err = b.injection(ctx, chain[0], chainID, byID); err != nil {
+		return "", fmt.Errorf("snapshot %s: %w", id, err)
+	}
+	key := build.Key(chainID, opts)
 	wd, err := workdir.New(filepath.Join(b.s.root, "tmp"))
 	if err != nil {
 		return "", err
@@ -183,7 +190,7 @@ func (b *imageBuilder) build(ctx context.Context, id string) (string, error) {
 	defer wd.Release()
 	out := filepath.Join(wd.Path, imageFile)
 	log.G(ctx).WithFields(log.Fields{"snapshot": id, "layers": len(layers)}).Debug("building image")
-	res, err := build.Rootfs(ctx, layers, out, wd.Path, key, b.s.cfg.Build, nil)
+	res, err := build.Rootfs(ctx, layers, out, wd.Path, key, opts, nil)
 	if err != nil {
 		return "", fmt.Errorf("building the rootfs of snapshot %s: %w", id, err)
 	}
@@ -230,16 +237,16 @@ func (b *imageBuilder) chain(ctx context.Context, id string) ([]string, error) {
 }
 
 // layers turns a chain (top first) into the layers to replay, bottom
-// first, and the key to build them under. A chain of layers kiln's differ
-// stored keys by chain ID, like `kiln convert`, so both give the same
-// bytes.
-func (b *imageBuilder) layers(chain []string) ([]build.Layer, string, error) {
+// first, and the chain ID to build them under: the image's, like `kiln
+// convert`, when every layer's diffID is known (byID), so both give the
+// same bytes; one made from the snapshot IDs otherwise.
+func (b *imageBuilder) layers(chain []string) (_ []build.Layer, _ digest.Digest, byID bool, _ error) {
 	var (
 		layers  []build.Layer
 		diffIDs []digest.Digest
-		byID    = true
 		ids     []string
 	)
+	byID = true
 	for i := len(chain) - 1; i >= 0; i-- {
 		dir := b.s.dir(chain[i])
 		ids = append(ids, chain[i])
@@ -251,11 +258,11 @@ func (b *imageBuilder) layers(chain []string) ([]build.Layer, string, error) {
 		case exists(tarPath):
 			raw, err := os.ReadFile(diffIDPath)
 			if err != nil {
-				return nil, "", err
+				return nil, "", false, err
 			}
 			d, err := digest.Parse(strings.TrimSpace(string(raw)))
 			if err != nil {
-				return nil, "", fmt.Errorf("snapshot %s: %w", chain[i], err)
+				return nil, "", false, fmt.Errorf("snapshot %s: %w", chain[i], err)
 			}
 			diffIDs = append(diffIDs, d)
 			layers = append(layers, build.Layer{
@@ -273,16 +280,51 @@ func (b *imageBuilder) layers(chain []string) ([]build.Layer, string, error) {
 			})
 			byID = false
 		default:
-			return nil, "", fmt.Errorf("snapshot %s has no filesystem", chain[i])
+			return nil, "", false, fmt.Errorf("snapshot %s has no filesystem", chain[i])
 		}
 	}
-	var chainID digest.Digest
 	if byID {
-		chainID = identity.ChainID(diffIDs)
-	} else {
-		chainID = digest.FromString("kiln-snapshots:" + strings.Join(ids, ","))
+		return layers, identity.ChainID(diffIDs), true, nil
 	}
-	return layers, build.Key(chainID, b.s.cfg.Build), nil
+	return layers, digest.FromString("kiln-snapshots:" + strings.Join(ids, ",")), false, nil
+}
+
+// injection prepares what the configuration injects into an image. The
+// init piece needs the image's config, found in containerd's image store
+// by chain ID; right after a pull the image may not be recorded yet, so
+// it is looked for a little while.
+func (b *imageBuilder) injection(ctx context.Context, top string, chainID digest.Digest, byID bool) (*inject.Set, error) {
+	opts := b.s.cfg.Inject
+	needConfig := false
+	for _, p := range opts.Pieces {
+		needConfig = needConfig || p == guest.PieceInit
+	}
+	var config []byte
+	if needConfig {
+		if !byID || b.s.cfg.ImageConfig == nil {
+			return nil, errors.New("injecting init needs the image config, which is unknown for this chain")
+		}
+		ns, err := os.ReadFile(filepath.Join(b.s.dir(top), namespaceFile))
+		if err != nil {
+			return nil, fmt.Errorf("injecting init: %w", err)
+		}
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			config, err = b.s.cfg.ImageConfig(ctx, string(ns), chainID)
+			if err == nil || !errdefs.IsNotFound(err) || time.Now().After(deadline) {
+				break
+			}
+			select {
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			case <-time.After(250 * time.Millisecond):
+			}
+		}
+		if err != nil {
+			return nil, fmt.Errorf("injecting init: no image in namespace %q has chain %s: %w", ns, chainID, err)
+		}
+	}
+	return inject.New(opts, config)
 }
 
 func descriptor(diffID digest.Digest) layer.Descriptor {

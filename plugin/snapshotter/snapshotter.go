@@ -32,23 +32,27 @@ import (
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/core/snapshots/storage"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
+	"github.com/opencontainers/go-digest"
 
 	"github.com/kilnfs/kiln/internal/build"
+	"github.com/kilnfs/kiln/internal/inject"
 	"github.com/kilnfs/kiln/internal/workdir"
 )
 
 // Files and directories of a snapshot.
 const (
-	layerMarker = "layer"
-	upperDir    = "fs"
-	workDir     = "work"
-	layerTar    = "layer.tar"
-	diffIDFile  = "diffid"
-	imageFile   = "image.ext4"
-	rootfsFile  = "rootfs.ext4"
-	loopFile    = "loop"
+	layerMarker   = "layer"
+	namespaceFile = "namespace"
+	upperDir      = "fs"
+	workDir       = "work"
+	layerTar      = "layer.tar"
+	diffIDFile    = "diffid"
+	imageFile     = "image.ext4"
+	rootfsFile    = "rootfs.ext4"
+	loopFile      = "loop"
 )
 
 // Config configures a Snapshotter.
@@ -63,6 +67,11 @@ type Config struct {
 	DefaultSize int64
 	// Build are the options images are built with.
 	Build build.Options
+	// Inject adds guest pieces or a bundle to every image built.
+	Inject inject.Options
+	// ImageConfig finds the config of the image whose layers make a chain,
+	// in a namespace: the init piece writes it into the rootfs.
+	ImageConfig func(ctx context.Context, namespace string, chainID digest.Digest) ([]byte, error)
 	// EagerBuild builds an image's rootfs as soon as its top layer is
 	// committed, instead of at the first container, view or export.
 	EagerBuild bool
@@ -295,11 +304,17 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 	return s.mounts(ctx, snap)
 }
 
-func (s *Snapshotter) prepareLayer(_ context.Context, dir string) error {
+func (s *Snapshotter) prepareLayer(ctx context.Context, dir string) error {
 	for _, d := range []string{upperDir, workDir} {
 		if err := os.Mkdir(filepath.Join(dir, d), 0o755); err != nil {
 			return err
 		}
+	}
+	// The namespace is where the image's config is found later, for
+	// injecting init.
+	ns, _ := namespaces.Namespace(ctx)
+	if err := os.WriteFile(filepath.Join(dir, namespaceFile), []byte(ns), 0o600); err != nil {
+		return err
 	}
 	return os.WriteFile(filepath.Join(dir, layerMarker), nil, 0o600)
 }
