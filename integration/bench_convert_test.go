@@ -1,6 +1,8 @@
 package integration
 
 import (
+	"encoding/json"
+	"fmt"
 	"io"
 	"os"
 	"os/exec"
@@ -10,8 +12,6 @@ import (
 	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
-
-	"github.com/kilnfs/kiln/integration/testimage"
 )
 
 // BenchmarkConvertMinbase converts the debootstrap minbase image from a
@@ -21,27 +21,13 @@ import (
 // machines are shared and noisy, so only the ratios of one run mean
 // anything; set TMPDIR to a dedicated filesystem for steadier numbers.
 func BenchmarkConvertMinbase(b *testing.B) {
-	if os.Geteuid() != 0 {
-		b.Skip("needs root: the minbase image is made with debootstrap")
-	}
-	layerTar, err := testimage.MinbaseTar()
-	if err != nil {
-		b.Fatal(err)
-	}
-	img, err := testimage.Build(testimage.Image{Layers: []testimage.Layer{{File: layerTar}}})
-	if err != nil {
-		b.Fatal(err)
-	}
-	ref := reg.Host + "/bench/minbase:v1"
-	if err := testimage.Push(ref, img); err != nil {
-		b.Fatal(err)
-	}
+	ref := minbaseRef(b)
 	work := b.TempDir()
 	blob := filepath.Join(work, "layer.tar.gz")
-	if err := writeLayerBlob(img, blob); err != nil {
+	if err := writeLayerBlob(minbase.img, blob); err != nil {
 		b.Fatal(err)
 	}
-	fi, err := os.Stat(layerTar)
+	fi, err := os.Stat(minbase.tar)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -66,8 +52,12 @@ func BenchmarkConvertMinbase(b *testing.B) {
 		b.StartTimer()
 		cache := filepath.Join(iter, "cache")
 		start = time.Now()
-		mustRun(b, kilnBin, "convert", ref, "-o", filepath.Join(iter, "kiln.ext4"), "--cache-dir", cache)
+		out, err := exec.Command(kilnBin, "convert", "--json", ref, "-o", filepath.Join(iter, "kiln.ext4"), "--cache-dir", cache).CombinedOutput()
 		kiln += time.Since(start)
+		if err != nil {
+			b.Fatalf("kiln convert: %v\n%s", err, out)
+		}
+		b.Logf("kiln convert: %s", timings(out))
 
 		b.StopTimer()
 		mustRun(b, "sync")
@@ -114,4 +104,15 @@ func mustRun(b *testing.B, name string, args ...string) {
 	if out, err := exec.Command(name, args...).CombinedOutput(); err != nil {
 		b.Fatalf("%s %v: %v\n%s", name, args, err, out)
 	}
+}
+
+// timings picks the timings out of kiln convert --json, for the log.
+func timings(out []byte) string {
+	var s struct {
+		Timings map[string]int64 `json:"timings_ms"`
+	}
+	if json.Unmarshal(out, &s) != nil {
+		return string(out)
+	}
+	return fmt.Sprint(s.Timings)
 }

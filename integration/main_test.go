@@ -263,7 +263,7 @@ var minbase struct {
 }
 
 // minbaseRef returns the registry reference of the minbase image.
-func minbaseRef(t *testing.T) string {
+func minbaseRef(t testing.TB) string {
 	t.Helper()
 	minbase.once.Do(func() {
 		start := time.Now()

@@ -120,12 +120,15 @@ func applyLayer(ctx context.Context, tree *rootfs.Tree, l Layer, bar progress.Ba
 		}
 		return &layer.Error{Digest: l.Digest, Err: fmt.Errorf("opening blob: %w", err)}
 	}
-	defer blob.Close()
 	lr, err := layer.NewReader(progress.Reader(blob, bar), l.Descriptor)
 	if err != nil {
+		blob.Close()
 		return err
 	}
-	defer lr.Close()
+	defer func() {
+		blob.Close() // first: it unblocks a read the decompressor waits on
+		lr.Close()
+	}()
 	if err := tree.Apply(ctx, lr, l.Digest.String()); err != nil {
 		return layer.Cause(err, lr)
 	}

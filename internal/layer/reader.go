@@ -134,11 +134,12 @@ func (r *Reader) decompress(blob io.Reader) {
 }
 
 func (r *Reader) pump(blob io.Reader) error {
-	var blobHash hash.Hash
-	if r.desc.Digest != "" {
-		blobHash = r.desc.Digest.Algorithm().Hash()
-		blob = io.TeeReader(blob, blobHash)
-	}
+	// Reading the blob (from a registry, through the cache) and hashing
+	// it run in a goroutine of their own, beside decompression, which is
+	// the bottleneck.
+	ahead := newReadAhead(blob, r.desc.Digest)
+	defer ahead.stop()
+	blob = ahead
 	in := bufio.NewReaderSize(blob, chunkSize)
 	magic, _ := in.Peek(4)
 	var src io.Reader = in
@@ -187,10 +188,10 @@ func (r *Reader) pump(blob io.Reader) error {
 	if _, err := io.Copy(io.Discard, in); err != nil {
 		return fmt.Errorf("reading blob: %w", err)
 	}
-	if blobHash == nil {
+	if r.desc.Digest == "" {
 		return nil
 	}
-	if got := digest.NewDigest(r.desc.Digest.Algorithm(), blobHash); got != r.desc.Digest {
+	if got := ahead.digest(); got != r.desc.Digest {
 		return fmt.Errorf("%w: blob digest is %s", ErrDigestMismatch, got)
 	}
 	return nil
@@ -281,4 +282,72 @@ func (r *Reader) Close() error {
 	for range r.chunks {
 	}
 	return nil
+}
+
+// readAhead reads a blob in a goroutine, hashing it on the way, and hands
+// over its chunks.
+type readAhead struct {
+	chunks chan []byte
+	done   chan struct{}
+	cur    []byte
+	err    error
+	hash   hash.Hash
+	alg    digest.Algorithm
+}
+
+func newReadAhead(r io.Reader, d digest.Digest) *readAhead {
+	a := &readAhead{chunks: make(chan []byte, 4), done: make(chan struct{})}
+	if d != "" {
+		a.alg = d.Algorithm()
+		a.hash = a.alg.Hash()
+	}
+	go func() {
+		defer close(a.chunks)
+		for {
+			buf := make([]byte, 256<<10)
+			n, err := fillChunk(r, buf)
+			if n > 0 {
+				if a.hash != nil {
+					a.hash.Write(buf[:n])
+				}
+				select {
+				case a.chunks <- buf[:n]:
+				case <-a.done:
+					return
+				}
+			}
+			if err != nil {
+				if err != io.EOF {
+					a.err = err
+				}
+				return
+			}
+		}
+	}()
+	return a
+}
+
+func (a *readAhead) Read(p []byte) (int, error) {
+	for len(a.cur) == 0 {
+		c, ok := <-a.chunks
+		if !ok {
+			if a.err != nil {
+				return 0, a.err
+			}
+			return 0, io.EOF
+		}
+		a.cur = c
+	}
+	n := copy(p, a.cur)
+	a.cur = a.cur[n:]
+	return n, nil
+}
+
+// digest is the blob's digest, once it was read to the end.
+func (a *readAhead) digest() digest.Digest { return digest.NewDigest(a.alg, a.hash) }
+
+func (a *readAhead) stop() {
+	close(a.done)
+	for range a.chunks {
+	}
 }

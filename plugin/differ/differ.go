@@ -93,12 +93,15 @@ func (d *Differ) store(ctx context.Context, desc ocispec.Descriptor, dir string,
 	if err != nil {
 		return ocispec.Descriptor{}, fmt.Errorf("layer %s: reading blob from the content store: %w", desc.Digest, err)
 	}
-	defer ra.Close()
 	lr, err := layer.NewReader(content.NewReader(ra), layer.Descriptor{MediaType: desc.MediaType, Digest: desc.Digest})
 	if err != nil {
+		ra.Close()
 		return ocispec.Descriptor{}, err
 	}
-	defer lr.Close()
+	defer func() {
+		ra.Close() // first: it unblocks a read the decompressor waits on
+		lr.Close()
+	}()
 
 	tarPath, diffIDPath := d.layerFile(dir)
 	tmp := tarPath + ".tmp"
