@@ -77,11 +77,7 @@ func Rootfs(ctx context.Context, layers []Layer, out, workDir, key string, opts 
 		rep = progress.Discard
 	}
 	start := time.Now()
-	stage := filepath.Join(workDir, "stage")
-	if err := os.Mkdir(stage, 0o700); err != nil {
-		return Result{}, err
-	}
-	tree, err := rootfs.New(stage, Epoch)
+	tree, err := NewTree(workDir)
 	if err != nil {
 		return Result{}, err
 	}
@@ -95,11 +91,31 @@ func Rootfs(ctx context.Context, layers []Layer, out, workDir, key string, opts 
 			return Result{}, err
 		}
 	}
+	unpack.Done()
+	res, err := FromTree(ctx, tree, out, workDir, key, opts, rep)
+	res.Unpack = time.Since(start) - res.Build
+	return res, err
+}
+
+// NewTree starts an empty rootfs tree staged in workDir.
+func NewTree(workDir string) (*rootfs.Tree, error) {
+	stage := filepath.Join(workDir, "stage")
+	if err := os.Mkdir(stage, 0o700); err != nil {
+		return nil, err
+	}
+	return rootfs.New(stage, Epoch)
+}
+
+// FromTree writes a tree that holds all of an image's layers as an ext4
+// image: injection first, then the filesystem. It changes the tree.
+func FromTree(ctx context.Context, tree *rootfs.Tree, out, workDir, key string, opts Options, rep progress.Reporter) (Result, error) {
+	if rep == nil {
+		rep = progress.Discard
+	}
+	start := time.Now()
 	if err := opts.Inject.Apply(ctx, tree); err != nil {
 		return Result{}, err
 	}
-	unpack.Done()
-
 	mid := time.Now()
 	bar := rep.Bar("build", 1, false)
 	res, err := ext4.Build(ctx, tree, out, ext4.Options{Size: opts.Size, Identity: key, WorkDir: workDir})

@@ -32,12 +32,21 @@ type Snapshots interface {
 	SnapshotDir(m mount.Mount) (dir string, ok bool)
 }
 
+// LayerSink takes the layer's tar as it is stored, to replay it ahead of
+// the build; Done says whether the layer was stored.
+type LayerSink interface {
+	Apply(ctx context.Context, r io.Reader, name string) error
+	Done(ok bool)
+}
+
 // Differ implements diff.Applier (and diff.Comparer, which it leaves to
 // containerd's walking differ).
 type Differ struct {
 	snapshots Snapshots
 	content   content.Provider
 	layerFile func(dir string) (tarPath, diffIDPath string)
+	// Stage, if set, gives a sink for a snapshot's layer (or nil).
+	Stage func(ctx context.Context, dir string) LayerSink
 	// Observe, if set, is told how each apply went.
 	Observe func(d time.Duration, bytes int64, err error)
 }
@@ -118,7 +127,18 @@ func (d *Differ) store(ctx context.Context, desc ocispec.Descriptor, dir string,
 	}()
 	w := bufio.NewWriterSize(f, 1<<20)
 	counter := &countingWriter{w: w}
-	if err := checkEntries(ctx, io.TeeReader(lr, counter), desc.Digest); err != nil {
+	var sink LayerSink
+	if d.Stage != nil {
+		sink = d.Stage(ctx, dir)
+	}
+	if sink != nil {
+		// The replay checks every entry too, against the layers below.
+		err = sink.Apply(ctx, io.TeeReader(lr, counter), desc.Digest.String())
+		defer func() { sink.Done(ok) }()
+	} else {
+		err = checkEntries(ctx, io.TeeReader(lr, counter), desc.Digest)
+	}
+	if err != nil {
 		return ocispec.Descriptor{}, layer.Cause(err, lr)
 	}
 	// The tar reader stops at the end marker; the rest (padding) is part

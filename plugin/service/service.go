@@ -100,6 +100,12 @@ func New(ctx context.Context, cfg config.Config) (*Service, error) {
 		return nil, fmt.Errorf("snapshotter: %w", err)
 	}
 	d := differ.New(sn, cs, snapshotter.LayerFiles)
+	d.Stage = func(ctx context.Context, dir string) differ.LayerSink {
+		if sink := sn.StageLayer(ctx, dir); sink != nil {
+			return sink
+		}
+		return nil
+	}
 	d.Observe = m.observeApply
 
 	srv := grpc.NewServer()

@@ -47,6 +47,8 @@ type imageBuilder struct {
 
 type flight struct {
 	done    chan struct{}
+	hurry   chan struct{} // closed when someone waits for an eager build
+	hurried bool
 	path    string
 	err     error
 	cancel  context.CancelFunc
@@ -95,11 +97,21 @@ func (b *imageBuilder) join(id string, eager bool) *flight {
 	f := b.flights[id]
 	if f == nil {
 		ctx, cancel := context.WithCancel(b.ctx)
-		f = &flight{done: make(chan struct{}), cancel: cancel, eager: eager}
+		f = &flight{done: make(chan struct{}), hurry: make(chan struct{}), cancel: cancel, eager: eager}
 		b.flights[id] = f
 		b.wg.Add(1)
 		go func() {
 			defer b.wg.Done()
+			if eager && b.s.cfg.Inject.Pieces != nil || eager && b.s.cfg.Inject.Dir != "" {
+				// A build with injection takes the layer's staged tree:
+				// give the unpacker a moment to prepare a child layer,
+				// which calls this off and continues the tree instead.
+				select {
+				case <-time.After(eagerGrace):
+				case <-f.hurry:
+				case <-ctx.Done():
+				}
+			}
 			start := time.Now()
 			f.path, f.err = b.build(ctx, id)
 			if obs := b.s.cfg.ObserveBuild; obs != nil {
@@ -117,9 +129,16 @@ func (b *imageBuilder) join(id string, eager bool) *flight {
 	if !eager {
 		f.waiters++
 		f.eager = false
+		if !f.hurried {
+			f.hurried = true
+			close(f.hurry)
+		}
 	}
 	return f
 }
+
+// eagerGrace is how long an eager build waits for a child layer.
+const eagerGrace = 200 * time.Millisecond
 
 func (b *imageBuilder) leave(f *flight) {
 	b.mu.Lock()
@@ -189,8 +208,11 @@ func (b *imageBuilder) build(ctx context.Context, id string) (string, error) {
 	}
 	defer wd.Release()
 	out := filepath.Join(wd.Path, imageFile)
-	log.G(ctx).WithFields(log.Fields{"snapshot": id, "layers": len(layers)}).Debug("building image")
-	res, err := build.Rootfs(ctx, layers, out, wd.Path, key, opts, nil)
+	res, staged, err := b.buildStaged(ctx, id, out, key, opts)
+	if !staged {
+		log.G(ctx).WithFields(log.Fields{"snapshot": id, "layers": len(layers)}).Debug("building image")
+		res, err = build.Rootfs(ctx, layers, out, wd.Path, key, opts, nil)
+	}
 	if err != nil {
 		return "", fmt.Errorf("building the rootfs of snapshot %s: %w", id, err)
 	}

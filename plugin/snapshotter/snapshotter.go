@@ -86,6 +86,7 @@ type Snapshotter struct {
 	ms     *storage.MetaStore
 	images *imageBuilder
 	loops  *loops
+	staged stagedTrees
 }
 
 var _ snapshots.Cleaner = (*Snapshotter)(nil)
@@ -463,6 +464,7 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 		return err
 	}
 	s.images.forget(id)
+	s.staged.drop(id)
 	if renamed != "" {
 		s.loops.detachDir(ctx, renamed)
 		if err := os.RemoveAll(renamed); err != nil {
@@ -521,6 +523,7 @@ func (s *Snapshotter) Cleanup(ctx context.Context) error {
 // Close releases the database and stops background builds.
 func (s *Snapshotter) Close() error {
 	s.images.close()
+	s.staged.close()
 	return s.ms.Close()
 }
 

@@ -1,0 +1,208 @@
+package snapshotter
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"path/filepath"
+	"sync"
+
+	"github.com/containerd/containerd/v2/core/snapshots/storage"
+	"github.com/containerd/log"
+
+	"github.com/kilnfs/kiln/internal/build"
+	"github.com/kilnfs/kiln/internal/rootfs"
+	"github.com/kilnfs/kiln/internal/workdir"
+)
+
+// Staged trees save the replay when an image is built right after it was
+// pulled: while kiln's differ stores a layer it also replays it into the
+// staging tree its parent layer left, and the tree passes from layer to
+// layer up the chain. Building the top layer's image then only runs
+// mke2fs and debugfs. A tree is an optimisation only: whatever is not
+// staged (after a restart, a second image on the same base) is replayed
+// from the stored layers.
+
+// maxStaged bounds the trees kept for layers whose image may still be
+// built or that may still get a child layer.
+const maxStaged = 4
+
+type stagedTree struct {
+	tree *rootfs.Tree
+	wd   *workdir.Dir
+	// mu lets builds read the tree (mke2fs copies the staging directory)
+	// while a child layer waits to change it; owner says which snapshot's
+	// chain the tree holds, so a build that waited learns it moved on.
+	mu    sync.RWMutex
+	owner string
+}
+
+type stagedTrees struct {
+	mu    sync.Mutex
+	byID  map[string]*stagedTree
+	order []string // oldest first
+}
+
+// get returns the tree staged for snapshot id, if any, leaving it there.
+func (st *stagedTrees) get(id string) *stagedTree {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	return st.byID[id]
+}
+
+// take removes the tree staged for snapshot id, if any; the caller owns it.
+func (st *stagedTrees) take(id string) *stagedTree {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	t := st.byID[id]
+	if t != nil {
+		delete(st.byID, id)
+		for i, o := range st.order {
+			if o == id {
+				st.order = append(st.order[:i], st.order[i+1:]...)
+				break
+			}
+		}
+	}
+	return t
+}
+
+// put keeps a tree for snapshot id, dropping the oldest beyond maxStaged.
+func (st *stagedTrees) put(id string, t *stagedTree) {
+	st.mu.Lock()
+	if st.byID == nil {
+		st.byID = map[string]*stagedTree{}
+	}
+	st.byID[id] = t
+	st.order = append(st.order, id)
+	var evicted []*stagedTree
+	for len(st.order) > maxStaged {
+		evicted = append(evicted, st.byID[st.order[0]])
+		delete(st.byID, st.order[0])
+		st.order = st.order[1:]
+	}
+	st.mu.Unlock()
+	for _, t := range evicted {
+		t.wd.Release()
+	}
+}
+
+// drop releases the tree of a removed snapshot.
+func (st *stagedTrees) drop(id string) {
+	if t := st.take(id); t != nil {
+		t.wd.Release()
+	}
+}
+
+func (st *stagedTrees) close() {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	for _, t := range st.byID {
+		t.wd.Release()
+	}
+	st.byID, st.order = nil, nil
+}
+
+// LayerSink replays a layer into the tree staged for its snapshot's
+// chain, for kiln's differ.
+type LayerSink struct {
+	s    *Snapshotter
+	id   string
+	tree *stagedTree
+}
+
+// StageLayer returns a sink for the layer of extraction snapshot dir, or
+// nil when its parent's tree is not at hand (the layer is then replayed at
+// build time).
+func (s *Snapshotter) StageLayer(ctx context.Context, dir string) *LayerSink {
+	id := filepath.Base(dir)
+	var parents []string
+	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		ids, err := storage.IDMap(ctx)
+		if err != nil {
+			return err
+		}
+		key, ok := ids[id]
+		if !ok {
+			return fmt.Errorf("snapshot %s not found", id)
+		}
+		snap, err := storage.GetSnapshot(ctx, key)
+		parents = snap.ParentIDs
+		return err
+	})
+	if err != nil {
+		return nil
+	}
+	var t *stagedTree
+	if len(parents) == 0 {
+		wd, err := workdir.New(filepath.Join(s.root, "tmp"))
+		if err != nil {
+			return nil
+		}
+		tree, err := build.NewTree(wd.Path)
+		if err != nil {
+			wd.Release()
+			return nil
+		}
+		t = &stagedTree{tree: tree, wd: wd, owner: id}
+	} else if t = s.staged.take(parents[0]); t == nil {
+		return nil
+	}
+	// Wait for builds still reading the parent's tree (the child's
+	// Prepare called off those nobody waits for).
+	t.mu.Lock()
+	t.owner = id
+	t.mu.Unlock()
+	return &LayerSink{s: s, id: id, tree: t}
+}
+
+// Apply replays the layer's tar into the tree.
+func (l *LayerSink) Apply(ctx context.Context, r io.Reader, name string) error {
+	return l.tree.tree.Apply(ctx, r, name)
+}
+
+// Done keeps the tree for the snapshot when the layer was stored, or
+// drops it.
+func (l *LayerSink) Done(ok bool) {
+	if !ok {
+		l.tree.wd.Release()
+		return
+	}
+	l.s.staged.put(l.id, l.tree)
+}
+
+// buildStaged builds the image of snapshot id from its staged tree, if it
+// has one (ok false otherwise). Without injection the build only reads the
+// tree, which stays for a child layer until the build is done; injection
+// adds files to the tree, so then the build takes it.
+func (b *imageBuilder) buildStaged(ctx context.Context, id, out, key string, opts build.Options) (res build.Result, ok bool, err error) {
+	var t *stagedTree
+	if opts.Inject != nil {
+		if t = b.s.staged.take(id); t == nil {
+			return res, false, nil
+		}
+		defer t.wd.Release()
+	} else {
+		if t = b.s.staged.get(id); t == nil {
+			return res, false, nil
+		}
+		t.mu.RLock()
+		if t.owner != id {
+			t.mu.RUnlock()
+			return res, false, nil // a child layer took it
+		}
+		defer func() {
+			t.mu.RUnlock()
+			if err == nil {
+				// Built: the image is likely an image's top; free the
+				// staging space, after the caller has the result.
+				if b.s.staged.take(id) == t {
+					go t.wd.Release()
+				}
+			}
+		}()
+	}
+	log.G(ctx).WithField("snapshot", id).Debug("building image from its staged tree")
+	res, err = build.FromTree(ctx, t.tree, out, t.wd.Path, key, opts, nil)
+	return res, true, err
+}
