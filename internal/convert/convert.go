@@ -25,6 +25,7 @@ import (
 	"github.com/kilnfs/kiln/internal/layer"
 	"github.com/kilnfs/kiln/internal/progress"
 	"github.com/kilnfs/kiln/internal/store"
+	"github.com/kilnfs/kiln/internal/workdir"
 )
 
 // Options configure a conversion.
@@ -95,18 +96,24 @@ func Convert(ctx context.Context, src, out string, opts Options) (*Result, error
 	key := build.Key(res.ChainID, opts.Build)
 
 	cached := st.RootfsPath(key)
+	cleaned := make(chan struct{})
 	if !st.HasRootfs(key) {
-		built, timings, err := buildImage(ctx, st, img, key, opts.Build, rep)
+		built, timings, wd, err := buildImage(ctx, st, img, key, opts.Build, rep)
 		if err != nil {
 			return nil, err
 		}
 		res.Timings.Fetch, res.Timings.Unpack, res.Timings.Build = timings.Fetch, timings.Unpack, timings.Build
 		cached = built
+		// Deleting the staging tree overlaps with the copy below.
+		go func() { wd.Release(); close(cleaned) }()
 	} else {
 		res.Cached = true
+		close(cleaned)
 	}
 	copyStart := time.Now()
-	if err := clone.Atomic(cached, out, 0o644); err != nil {
+	err = clone.Atomic(cached, out, 0o644)
+	<-cleaned
+	if err != nil {
 		return nil, fmt.Errorf("writing %s: %w", out, err)
 	}
 	rep.Wait()
@@ -122,13 +129,17 @@ func Convert(ctx context.Context, src, out string, opts Options) (*Result, error
 }
 
 // buildImage fetches what is missing and builds the rootfs into the cache.
-func buildImage(ctx context.Context, st *store.Store, img *image.Image, key string, opts build.Options, rep progress.Reporter) (string, Timings, error) {
-	var t Timings
+// On success the caller releases the work directory.
+func buildImage(ctx context.Context, st *store.Store, img *image.Image, key string, opts build.Options, rep progress.Reporter) (_ string, t Timings, _ *workdir.Dir, err error) {
 	wd, err := st.NewWorkDir()
 	if err != nil {
-		return "", t, err
+		return "", t, nil, err
 	}
-	defer wd.Release()
+	defer func() {
+		if err != nil {
+			wd.Release()
+		}
+	}()
 
 	layers := make([]build.Layer, len(img.Layers))
 	fetchStart := time.Now()
@@ -154,11 +165,11 @@ func buildImage(ctx context.Context, st *store.Store, img *image.Image, key stri
 		t.Fetch = time.Since(fetchStart).Milliseconds()
 	}
 	if err != nil {
-		return "", t, fmt.Errorf("image %s: %w", img.Name, err)
+		return "", t, nil, fmt.Errorf("image %s: %w", img.Name, err)
 	}
 	t.Unpack, t.Build = res.Unpack.Milliseconds(), res.Build.Milliseconds()
 	path, err := st.PublishRootfs(out, key)
-	return path, t, err
+	return path, t, wd, err
 }
 
 // fetch returns layers that read their blobs through the cache. The first

@@ -70,6 +70,24 @@ type applier struct {
 func (t *Tree) Apply(ctx context.Context, r io.Reader, layer string) error {
 	t.layers++
 	a := &applier{t: t, layer: t.layers, name: layer, buf: make([]byte, 1<<20)}
+	return eachEntry(ctx, r, layer, a.entry)
+}
+
+// Check reads a layer and runs CheckHeader on every entry, without a
+// tree: for storing a layer whose lower layers are not at hand.
+func Check(ctx context.Context, r io.Reader, layer string) error {
+	return eachEntry(ctx, r, layer, func(hdr *tar.Header, r io.Reader) error {
+		if err := CheckHeader(hdr); err != nil {
+			return err
+		}
+		_, err := io.Copy(io.Discard, r)
+		return err
+	})
+}
+
+// eachEntry calls fn for every entry of a layer tar, naming the layer and
+// the entry in its errors.
+func eachEntry(ctx context.Context, r io.Reader, layer string, fn func(*tar.Header, io.Reader) error) error {
 	tr := tar.NewReader(r)
 	for {
 		if err := ctx.Err(); err != nil {
@@ -82,7 +100,7 @@ func (t *Tree) Apply(ctx context.Context, r io.Reader, layer string) error {
 		if err != nil {
 			return fmt.Errorf("layer %s: reading tar: %w", layer, err)
 		}
-		if err := a.entry(hdr, tr); err != nil {
+		if err := fn(hdr, tr); err != nil {
 			var ee *EntryError
 			if errors.As(err, &ee) {
 				return err

@@ -7,7 +7,6 @@
 package differ
 
 import (
-	"archive/tar"
 	"bufio"
 	"context"
 	"fmt"
@@ -20,7 +19,6 @@ import (
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
-	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/kilnfs/kiln/internal/layer"
@@ -136,7 +134,7 @@ func (d *Differ) store(ctx context.Context, desc ocispec.Descriptor, dir string,
 		err = sink.Apply(ctx, io.TeeReader(lr, counter), desc.Digest.String())
 		defer func() { sink.Done(ok) }()
 	} else {
-		err = checkEntries(ctx, io.TeeReader(lr, counter), desc.Digest)
+		err = rootfs.Check(ctx, io.TeeReader(lr, counter), desc.Digest.String())
 	}
 	if err != nil {
 		return ocispec.Descriptor{}, layer.Cause(err, lr)
@@ -166,30 +164,6 @@ func (d *Differ) store(ctx context.Context, desc ocispec.Descriptor, dir string,
 	}
 	ok = true
 	return ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayer, Digest: diffID, Size: counter.n}, nil
-}
-
-// checkEntries reads the whole tar and checks each entry's name and link
-// target, so that a layer that could never be built fails the pull.
-func checkEntries(ctx context.Context, r io.Reader, blob digest.Digest) error {
-	tr := tar.NewReader(r)
-	for {
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		hdr, err := tr.Next()
-		if err == io.EOF {
-			return nil
-		}
-		if err != nil {
-			return fmt.Errorf("layer %s: reading tar: %w", blob, err)
-		}
-		if err := rootfs.CheckHeader(hdr); err != nil {
-			return &rootfs.EntryError{Layer: blob.String(), Entry: hdr.Name, Err: err}
-		}
-		if _, err := io.Copy(io.Discard, tr); err != nil {
-			return fmt.Errorf("layer %s: entry %q: %w", blob, hdr.Name, err)
-		}
-	}
 }
 
 type countingWriter struct {

@@ -102,7 +102,7 @@ func (b *imageBuilder) join(id string, eager bool) *flight {
 		b.wg.Add(1)
 		go func() {
 			defer b.wg.Done()
-			if eager && b.s.cfg.Inject.Pieces != nil || eager && b.s.cfg.Inject.Dir != "" {
+			if eager && b.s.injects() {
 				// A build with injection takes the layer's staged tree:
 				// give the unpacker a moment to prepare a child layer,
 				// which calls this off and continues the tree instead.
@@ -135,6 +135,12 @@ func (b *imageBuilder) join(id string, eager bool) *flight {
 		}
 	}
 	return f
+}
+
+// injects says whether builds add files to the image (and so consume the
+// staged tree they build from).
+func (s *Snapshotter) injects() bool {
+	return len(s.cfg.Inject.Pieces) > 0 || s.cfg.Inject.Dir != ""
 }
 
 // eagerGrace is how long an eager build waits for a child layer.

@@ -177,7 +177,7 @@ func (l *LayerSink) Done(ok bool) {
 // adds files to the tree, so then the build takes it.
 func (b *imageBuilder) buildStaged(ctx context.Context, id, out, key string, opts build.Options) (res build.Result, ok bool, err error) {
 	var t *stagedTree
-	if opts.Inject != nil {
+	if b.s.injects() {
 		if t = b.s.staged.take(id); t == nil {
 			return res, false, nil
 		}
