@@ -256,3 +256,55 @@ func TestBootServeExport(t *testing.T) {
 		t.Errorf("status %d, console:\n%s", status, tailLines(console, 20))
 	}
 }
+
+// TestInjectDir adds a platform's own bundle with --inject-dir: entries
+// land with the owners and modes the manifest gives.
+func TestInjectDir(t *testing.T) {
+	bundle := t.TempDir()
+	manifest := `
+[[entry]]
+path = "/opt/agent/agent"
+source = "agent"
+mode = "0750"
+uid = 1000
+gid = 2000
+
+[[entry]]
+path = "/etc/agent.conf"
+source = "agent.conf"
+mode = "0600"
+
+[[entry]]
+path = "/usr/local/bin/agent"
+type = "symlink"
+target = "/opt/agent/agent"
+`
+	for name, body := range map[string]string{"manifest.toml": manifest, "agent": "#!/bin/sh\necho agent\n", "agent.conf": "port=1024\n"} {
+		if err := os.WriteFile(filepath.Join(bundle, name), []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ref := mustPush(t, "boot/bundle:v1", busyboxImage(t, v1.Config{Cmd: []string{"/bin/busybox", "true"}}))
+	out := filepath.Join(t.TempDir(), "rootfs.ext4")
+	convert(t, ref, out, t.TempDir(), "--inject-dir", bundle)
+	fsck(t, out)
+	fs := inspect(t, out)
+	for path, want := range map[string]struct {
+		mode     uint32
+		uid, gid uint32
+		target   string
+	}{
+		"/opt/agent/agent":     {0o750, 1000, 2000, ""},
+		"/etc/agent.conf":      {0o600, 0, 0, ""},
+		"/usr/local/bin/agent": {0o777, 0, 0, "/opt/agent/agent"},
+	} {
+		e := fs.Entries[path]
+		if e == nil {
+			t.Errorf("%s is missing", path)
+			continue
+		}
+		if e.Mode != want.mode || e.UID != want.uid || e.GID != want.gid || e.Target != want.target {
+			t.Errorf("%s: mode %o owner %d:%d target %q, want %o %d:%d %q", path, e.Mode, e.UID, e.GID, e.Target, want.mode, want.uid, want.gid, want.target)
+		}
+	}
+}
