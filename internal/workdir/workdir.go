@@ -7,6 +7,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -40,9 +41,20 @@ func New(parent string) (*Dir, error) {
 	return &Dir{Path: dir, lock: lock}, nil
 }
 
-// Release deletes the directory.
+// trashPrefix names directories being deleted: whatever is left of one
+// (the deleting process was killed) is garbage.
+const trashPrefix = "trash-"
+
+// Release deletes the directory. It is renamed out of the way first, so
+// that a deletion cut short (which may take the lock file with it) leaves
+// nothing that looks like a directory in use.
 func (d *Dir) Release() error {
-	err := os.RemoveAll(d.Path)
+	path := d.Path
+	trash := filepath.Join(filepath.Dir(path), trashPrefix+filepath.Base(path))
+	if os.Rename(path, trash) == nil {
+		path = trash
+	}
+	err := os.RemoveAll(path)
 	d.lock.Close()
 	return err
 }
@@ -57,6 +69,10 @@ func RemoveStale(parent string) {
 	}
 	for _, e := range ents {
 		dir := filepath.Join(parent, e.Name())
+		if strings.HasPrefix(e.Name(), trashPrefix) {
+			os.RemoveAll(dir)
+			continue
+		}
 		lock, err := os.Open(filepath.Join(dir, lockName))
 		if errors.Is(err, os.ErrNotExist) {
 			if info, err := e.Info(); err == nil && time.Since(info.ModTime()) > time.Hour {
