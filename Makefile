@@ -39,11 +39,19 @@ define apt_install
 	fi
 endef
 
+# Fixtures are fetched with apt-get download (busybox, a cloud kernel): the
+# package lists must be there.
+define apt_lists
+	@apt-cache show busybox-static >/dev/null 2>&1 || $(SUDO) apt-get update -qq
+endef
+
 deps-runtime:
 	$(call apt_install,$(RUNTIME_PACKAGES))
+	$(call apt_lists)
 
 deps-test:
 	$(call apt_install,$(TEST_PACKAGES))
+	$(call apt_lists)
 
 # The demo builds a small image (Debian's static busybox) as an OCI layout,
 # converts it without containerd and checks the result with e2fsck.
