@@ -1111,3 +1111,29 @@ func TestConvertPlainHTTPPolicy(t *testing.T) {
 		t.Errorf("no request reached %s", host)
 	}
 }
+
+// TestConvertHostsToml: a containerd hosts.toml makes the test registry a
+// mirror of a registry that does not exist; kiln pulls through it.
+func TestConvertHostsToml(t *testing.T) {
+	img := mustBuild(t, testimage.Image{Layers: []testimage.Layer{{Tar: layerTar(t, tFile("hello", 0o644, epoch2020, "from the mirror\n"))}}})
+	mustPush(t, "mirrored/app:v1", img)
+	hosts := t.TempDir()
+	dir := filepath.Join(hosts, "registry.invalid")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	toml := fmt.Sprintf("server = \"https://registry.invalid\"\n\n[host.\"http://%s\"]\n  capabilities = [\"pull\", \"resolve\"]\n", reg.Host)
+	if err := os.WriteFile(filepath.Join(dir, "hosts.toml"), []byte(toml), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(t.TempDir(), "rootfs.ext4")
+	convert(t, "registry.invalid/mirrored/app:v1", out, t.TempDir(), "--hosts-dir", hosts)
+	fsck(t, out)
+	if e := inspect(t, out).Entries["/hello"]; e == nil || e.Size != int64(len("from the mirror\n")) {
+		t.Errorf("the mirror's image was not converted: %+v", e)
+	}
+	msg := convertFails(t, "registry.invalid/mirrored/app:v1", filepath.Join(t.TempDir(), "x.ext4"), t.TempDir(), "--hosts-dir", "")
+	if !strings.Contains(msg, "registry.invalid") {
+		t.Errorf("without the mirror the error should name the registry: %s", msg)
+	}
+}

@@ -11,6 +11,7 @@ import (
 	"github.com/kilnfs/kiln/config"
 	"github.com/kilnfs/kiln/internal/convert"
 	"github.com/kilnfs/kiln/internal/guest"
+	"github.com/kilnfs/kiln/internal/image"
 	"github.com/kilnfs/kiln/internal/progress"
 	"github.com/kilnfs/kiln/internal/store"
 	"github.com/kilnfs/kiln/internal/version"
@@ -23,6 +24,7 @@ func newConvertCommand() *cobra.Command {
 		size     string
 		cacheDir string
 		insecure []string
+		hostsDir string
 		asJSON   bool
 		pieces   string
 		bundle   string
@@ -45,8 +47,11 @@ SOURCE is one of
 images without an init system; agent adds kiln-agent; network adds the
 network bootstrap for systemd images.
 
-Plain HTTP is used only for loopback registries and those named with
---insecure-registry. Layer blobs and built images are cached per digest in
+Mirrors, TLS settings and headers come from containerd's hosts.toml files
+(--hosts-dir, default /etc/containerd/certs.d), as for containerd itself.
+Plain HTTP is used only for loopback registries, those named with
+--insecure-registry and endpoints a hosts.toml gives as http://.
+Layer blobs and built images are cached per digest in
 --cache-dir; converting an image that was built before costs a copy.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -60,6 +65,7 @@ Plain HTTP is used only for loopback registries and those named with
 			opts := convert.Options{CacheDir: cacheDir}
 			opts.Image.Platform = platform
 			opts.Image.Insecure = insecure
+			opts.Image.HostsDir = hostsDir
 			opts.Image.UserAgent = version.UserAgent()
 			opts.Build.Size = sz
 			if opts.Inject.Pieces, err = guest.ParsePieces(pieces); err != nil {
@@ -87,6 +93,7 @@ Plain HTTP is used only for loopback registries and those named with
 	f.StringVar(&size, "size", "auto", "filesystem size: auto (content plus headroom) or a size such as 2G, 512MiB")
 	f.StringVar(&cacheDir, "cache-dir", store.DefaultDir(), "cache for layer blobs and built images")
 	f.StringSliceVar(&insecure, "insecure-registry", nil, "registry (host[:port]) that may use plain HTTP or unverified TLS; repeatable")
+	f.StringVar(&hostsDir, "hosts-dir", image.DefaultHostsDir, "containerd-style registry host configuration (REGISTRY/hosts.toml: mirrors, TLS, headers); empty: none")
 	f.BoolVar(&asJSON, "json", false, "print a JSON summary (digest, chain ID, size, path, init, timings)")
 	f.StringVar(&pieces, "inject", "", "guest pieces to add: init, agent, network (comma-separated; default none: the rootfs is the image, exactly)")
 	f.StringVar(&bundle, "inject-dir", "", "add a bundle of your own: a directory with a manifest.toml of paths, owners and modes")

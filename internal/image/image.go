@@ -62,6 +62,9 @@ type Options struct {
 	Insecure []string
 	// UserAgent is sent to registries.
 	UserAgent string
+	// HostsDir holds containerd-style hosts.toml files (mirrors, TLS,
+	// headers) per registry; empty: none.
+	HostsDir string
 }
 
 // ErrPlatformNotFound is wrapped when an index has no image for the

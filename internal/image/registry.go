@@ -18,27 +18,20 @@ import (
 // credentials of the user's docker config.json (auths, credsStore,
 // credHelpers).
 func fromRegistry(ctx context.Context, ref string, want ocispec.Platform, opts Options) (*Image, error) {
-	var nameOpts []name.Option
 	r, err := name.ParseReference(ref)
 	if err != nil {
 		return nil, fmt.Errorf("parsing reference: %w", err)
 	}
-	insecure := slices.Contains(opts.Insecure, r.Context().RegistryStr())
-	if insecure {
-		nameOpts = append(nameOpts, name.Insecure)
-		if r, err = name.ParseReference(ref, nameOpts...); err != nil {
-			return nil, fmt.Errorf("parsing reference: %w", err)
-		}
+	hosts, err := configuredHosts(ctx, opts.HostsDir, r)
+	if err != nil {
+		return nil, err
 	}
-	remoteOpts := []remote.Option{
-		remote.WithContext(ctx),
-		remote.WithAuthFromKeychain(authn.DefaultKeychain),
-		remote.WithTransport(newTransport(opts.Insecure)),
+	var desc *remote.Descriptor
+	if hosts == nil {
+		desc, err = get(ctx, r.String(), opts.Insecure, nil, http.Header{}, opts)
+	} else {
+		desc, err = getFromHosts(ctx, r, hosts, opts)
 	}
-	if opts.UserAgent != "" {
-		remoteOpts = append(remoteOpts, remote.WithUserAgent(opts.UserAgent))
-	}
-	desc, err := remote.Get(r, remoteOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -69,6 +62,52 @@ func fromRegistry(ctx context.Context, ref string, want ocispec.Platform, opts O
 	}
 	img.Remote = true
 	return img, nil
+}
+
+// get fetches the descriptor ref names. insecure lists the registries
+// that may use plain HTTP; base and header, when set, are the transport
+// and headers a hosts.toml configured.
+func get(ctx context.Context, ref string, insecure []string, base http.RoundTripper, header http.Header, opts Options) (*remote.Descriptor, error) {
+	var nameOpts []name.Option
+	r, err := name.ParseReference(ref)
+	if err != nil {
+		return nil, fmt.Errorf("parsing reference: %w", err)
+	}
+	if slices.Contains(insecure, r.Context().RegistryStr()) {
+		nameOpts = append(nameOpts, name.Insecure)
+		if r, err = name.ParseReference(ref, nameOpts...); err != nil {
+			return nil, fmt.Errorf("parsing reference: %w", err)
+		}
+	}
+	rt := newTransport(insecure)
+	if base != nil {
+		rt = &httpPolicy{secure: base, insecure: base, allowed: insecure}
+	}
+	remoteOpts := []remote.Option{
+		remote.WithContext(ctx),
+		remote.WithAuthFromKeychain(authn.DefaultKeychain),
+		remote.WithTransport(withHeader{rt, header}),
+	}
+	if opts.UserAgent != "" {
+		remoteOpts = append(remoteOpts, remote.WithUserAgent(opts.UserAgent))
+	}
+	return remote.Get(r, remoteOpts...)
+}
+
+// withHeader adds configured headers to every request.
+type withHeader struct {
+	rt     http.RoundTripper
+	header http.Header
+}
+
+func (w withHeader) RoundTrip(req *http.Request) (*http.Response, error) {
+	if len(w.header) > 0 {
+		req = req.Clone(req.Context())
+		for k, v := range w.header {
+			req.Header[k] = append(req.Header[k], v...)
+		}
+	}
+	return w.rt.RoundTrip(req)
 }
 
 // httpPolicy lets plain HTTP (and unverified TLS) reach only loopback
