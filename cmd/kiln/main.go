@@ -28,7 +28,7 @@ func main() {
 		SilenceErrors: true,
 	}
 	var logLevel string
-	root.PersistentFlags().StringVar(&logLevel, "log-level", "error", "log level: debug, info, warn, error")
+	root.PersistentFlags().StringVar(&logLevel, "log-level", "error", "log level: debug, info, warn, error (kiln serve: log_level from its config unless given)")
 	root.PersistentPreRunE = func(cmd *cobra.Command, args []string) error {
 		return log.SetLevel(logLevel)
 	}
