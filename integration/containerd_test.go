@@ -41,6 +41,7 @@ import (
 	"github.com/kilnfs/kiln/integration/testcontainerd"
 	"github.com/kilnfs/kiln/integration/testimage"
 	"github.com/kilnfs/kiln/integration/testregistry"
+	"github.com/kilnfs/kiln/internal/testenv"
 )
 
 // The tests in this file run a real containerd (built from the version
@@ -55,7 +56,7 @@ func startContainerd(t *testing.T, opts testcontainerd.Options) *testcontainerd.
 	opts.Kiln = kilnBin
 	e, err := testcontainerd.Start(opts)
 	if errors.Is(err, testcontainerd.ErrUnavailable) {
-		t.Skipf("containerd cannot run here: %v", err)
+		testenv.Unavailable(t, "containerd cannot run here: %v", err)
 	}
 	if err != nil {
 		t.Fatalf("starting containerd and kiln serve: %v", err)

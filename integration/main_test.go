@@ -28,6 +28,7 @@ import (
 
 	"github.com/kilnfs/kiln/integration/testimage"
 	"github.com/kilnfs/kiln/integration/testregistry"
+	"github.com/kilnfs/kiln/internal/testenv"
 )
 
 var (
@@ -249,7 +250,7 @@ func fsck(t *testing.T, image string) {
 func needRoot(t *testing.T, why string) {
 	t.Helper()
 	if os.Geteuid() != 0 {
-		t.Skip("needs root: " + why)
+		testenv.Unavailable(t, "needs root: %s", why)
 	}
 }
 
@@ -282,7 +283,7 @@ func minbaseRef(t testing.TB) string {
 		fmt.Fprintf(os.Stderr, "minbase image pushed in %v\n", time.Since(start).Round(time.Millisecond))
 	})
 	if errors.Is(minbase.err, testimage.ErrNeedRoot) {
-		t.Skip("needs root: the minbase fixture is made with debootstrap and is not cached yet")
+		testenv.Unavailable(t, "needs root: the minbase fixture is made with debootstrap and is not cached yet")
 	}
 	if minbase.err != nil {
 		t.Fatalf("minbase fixture: %v", minbase.err)

@@ -17,6 +17,7 @@ import (
 	"github.com/kilnfs/kiln/internal/guest"
 	"github.com/kilnfs/kiln/internal/guest/power"
 	"github.com/kilnfs/kiln/internal/guest/pty"
+	"github.com/kilnfs/kiln/internal/testenv"
 )
 
 // These tests boot kiln-init as PID 1 of fresh PID, mount, UTS, IPC and
@@ -36,7 +37,7 @@ var (
 func binaries(t *testing.T) string {
 	t.Helper()
 	if os.Geteuid() != 0 {
-		t.Skip("skipping: booting kiln-init in namespaces needs root")
+		testenv.Unavailable(t, "booting kiln-init in namespaces needs root")
 	}
 	goTool, err := exec.LookPath("go")
 	if err != nil {

@@ -4,11 +4,12 @@ import (
 	"bufio"
 	"errors"
 	"fmt"
-	"github.com/kilnfs/kiln/internal/dirtar"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+
+	"github.com/kilnfs/kiln/internal/dirtar"
 
 	"golang.org/x/sys/unix"
 )

@@ -11,6 +11,7 @@ package ext4
 
 import (
 	"bytes"
+	"encoding/binary"
 	"context"
 	"crypto/sha256"
 	"errors"
@@ -478,6 +479,39 @@ func Resize(ctx context.Context, image string, size int64) error {
 	}
 	if size < fi.Size() {
 		return os.Truncate(image, size)
+	}
+	return nil
+}
+
+// NeedsRecovery reports whether an image's journal holds transactions
+// that were not written in place yet (a filesystem that was not cleanly
+// unmounted, or whose unmount has not reached the file yet).
+func NeedsRecovery(image string) (bool, error) {
+	f, err := os.Open(image)
+	if err != nil {
+		return false, err
+	}
+	defer f.Close()
+	sb := make([]byte, 1024)
+	if _, err := f.ReadAt(sb, superblockOffset); err != nil {
+		return false, err
+	}
+	const incompatRecover = 0x4
+	return binary.LittleEndian.Uint32(sb[0x60:])&incompatRecover != 0, nil
+}
+
+// Recover replays an image's journal, so that it can be mounted read-only
+// (the kernel refuses to replay on a read-only device).
+func Recover(ctx context.Context, image string) error {
+	cmd := exec.CommandContext(ctx, "e2fsck", "-p", "-E", "journal_only", image)
+	cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "LC_ALL=C"}
+	out, err := cmd.CombinedOutput()
+	var ee *exec.ExitError
+	if errors.As(err, &ee) && ee.ExitCode() == 1 {
+		err = nil // "errors corrected": the journal was replayed
+	}
+	if err != nil {
+		return fmt.Errorf("replaying the journal of %s: %w: %s", image, err, strings.TrimSpace(string(out)))
 	}
 	return nil
 }

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/kilnfs/kiln/internal/rootfs"
+	"github.com/kilnfs/kiln/internal/testenv"
 )
 
 func TestQuote(t *testing.T) {
@@ -63,7 +64,7 @@ func TestEncodeTime(t *testing.T) {
 func needTools(t *testing.T) {
 	for _, tool := range []string{"mke2fs", "debugfs", "e2fsck"} {
 		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("%s not installed (e2fsprogs): %v", tool, err)
+			testenv.Unavailable(t, "%s not installed (e2fsprogs): %v", tool, err)
 		}
 	}
 }

@@ -70,10 +70,16 @@ func (b *imageBuilder) close() {
 func (b *imageBuilder) get(ctx context.Context, id string) (string, error) {
 	for {
 		dir := b.s.dir(id)
-		for _, f := range []string{rootfsFile, imageFile} {
-			if p := filepath.Join(dir, f); exists(p) {
-				return p, nil
+		if p := filepath.Join(dir, rootfsFile); exists(p) {
+			// A committed container: make its journal clean, or views
+			// (read-only) could not mount it.
+			if dirty, err := ext4.NeedsRecovery(p); err != nil || !dirty {
+				return p, err
 			}
+			return p, ext4.Recover(ctx, p)
+		}
+		if p := filepath.Join(dir, imageFile); exists(p) {
+			return p, nil
 		}
 		f := b.join(id, false)
 		select {

@@ -16,6 +16,8 @@ import (
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/opencontainers/go-digest"
+
+	"github.com/kilnfs/kiln/internal/testenv"
 )
 
 // storeLayer does what kiln's differ does for an extraction snapshot:
@@ -50,7 +52,7 @@ func storeLayer(t *testing.T, sn *Snapshotter, key, parent string, files map[str
 func TestContainerSizes(t *testing.T) {
 	for _, tool := range []string{"mke2fs", "debugfs", "resize2fs"} {
 		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("%s not installed (e2fsprogs)", tool)
+			testenv.Unavailable(t, "%s not installed (e2fsprogs)", tool)
 		}
 	}
 	ctx := namespaces.WithNamespace(context.Background(), "test")

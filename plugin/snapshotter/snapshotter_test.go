@@ -15,16 +15,18 @@ import (
 	"github.com/containerd/containerd/v2/core/snapshots/testsuite"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/kilnfs/kiln/internal/testenv"
 )
 
 func needRoot(t *testing.T) {
 	t.Helper()
 	if os.Geteuid() != 0 {
-		t.Skip("needs root: the suite loop-mounts the snapshots' ext4 files")
+		testenv.Unavailable(t, "needs root: the suite loop-mounts the snapshots' ext4 files")
 	}
 	for _, tool := range []string{"mke2fs", "debugfs", "resize2fs"} {
 		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("%s not installed (e2fsprogs)", tool)
+			testenv.Unavailable(t, "%s not installed (e2fsprogs)", tool)
 		}
 	}
 }

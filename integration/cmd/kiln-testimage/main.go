@@ -7,8 +7,9 @@ import (
 	"bytes"
 	"flag"
 	"fmt"
-	"github.com/kilnfs/kiln/internal/dirtar"
 	"os"
+
+	"github.com/kilnfs/kiln/internal/dirtar"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 

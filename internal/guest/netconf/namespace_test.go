@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/kilnfs/kiln/internal/guest/cmdline"
+	"github.com/kilnfs/kiln/internal/testenv"
 )
 
 // nsEnv marks the copy of the test binary that runs inside fresh network,
@@ -32,7 +33,7 @@ func inNamespaces(t *testing.T) bool {
 		return true
 	}
 	if os.Geteuid() != 0 {
-		t.Skip("skipping: creating network, UTS and mount namespaces needs root")
+		testenv.Unavailable(t, "creating network, UTS and mount namespaces needs root")
 	}
 	cmd := exec.Command(os.Args[0], "-test.run=^"+t.Name()+"$", "-test.v", "-test.count=1")
 	cmd.Env = append(os.Environ(), nsEnv+"=1")

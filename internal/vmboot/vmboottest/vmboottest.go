@@ -21,6 +21,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kilnfs/kiln/internal/testenv"
 	"github.com/kilnfs/kiln/internal/vmboot"
 	"github.com/kilnfs/kiln/internal/vmboot/debpkg"
 	"github.com/kilnfs/kiln/internal/vmboot/kernel"
@@ -46,6 +47,9 @@ func Unavailable(t testing.TB, format string, args ...any) {
 	msg := fmt.Sprintf(format, args...)
 	if os.Getenv(EnvRequireVM) != "" {
 		t.Fatalf("%s (and %s is set)", msg, EnvRequireVM)
+	}
+	if testenv.InCI() {
+		t.Fatalf("%s: CI must run the VM boot tests", msg)
 	}
 	t.Skipf("skipping VM boot test: %s (set %s=1 to fail instead)", msg, EnvRequireVM)
 }
