@@ -106,14 +106,6 @@ type result struct {
 	took           time.Duration
 }
 
-// failure is the error text, or "" if kiln succeeded.
-func (r result) failure() string {
-	if r.err == nil {
-		return ""
-	}
-	return r.stderr
-}
-
 func kiln(t *testing.T, r run) result {
 	t.Helper()
 	env := map[string]string{"PATH": os.Getenv("PATH"), "LC_ALL": "C"}

@@ -10,7 +10,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"path/filepath"
 	"strings"
 
 	"github.com/google/go-containerregistry/pkg/name"
@@ -258,10 +257,4 @@ func WriteDockerArchive(path, repoTag string, spec Image) error {
 		return err
 	}
 	return f.Close()
-}
-
-// WriteTarFile writes layer bytes to dir/name and returns the path.
-func WriteTarFile(dir, name string, data []byte) (string, error) {
-	p := filepath.Join(dir, name)
-	return p, os.WriteFile(p, data, 0o644)
 }

@@ -154,23 +154,4 @@ func (r *Registry) Requests() []Request {
 	return append([]Request(nil), r.log...)
 }
 
-// BlobFetches returns the GET requests for blobs whose user agent
-// contains agent.
-func (r *Registry) BlobFetches(agent string) []Request {
-	var out []Request
-	for _, q := range r.Requests() {
-		if q.Method == http.MethodGet && strings.Contains(q.Path, "/blobs/") && strings.Contains(q.UserAgent, agent) {
-			out = append(out, q)
-		}
-	}
-	return out
-}
-
-// Reset forgets the requests served so far.
-func (r *Registry) Reset() {
-	r.mu.Lock()
-	r.log = nil
-	r.mu.Unlock()
-}
-
 func nullLogger() *stdlog.Logger { return stdlog.New(io.Discard, "", 0) }

@@ -122,16 +122,6 @@ var (
 	vsockModules []byte
 )
 
-// AgentUnit returns the content of kiln-agent.service.
-func AgentUnit() []byte { return clone(agentUnit) }
-
-// NetworkUnit returns the content of kiln-network.service.
-func NetworkUnit() []byte { return clone(networkUnit) }
-
-// VsockModules returns the content of the modules-load.d file that loads the
-// virtio vsock transport.
-func VsockModules() []byte { return clone(vsockModules) }
-
 func clone(b []byte) []byte { return append([]byte(nil), b...) }
 
 // Bundle lists the files to write into a root filesystem for the given

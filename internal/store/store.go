@@ -50,9 +50,6 @@ func Open(root string) (*Store, error) {
 	return &Store{root: root, content: cs}, nil
 }
 
-// Root returns the cache directory.
-func (s *Store) Root() string { return s.root }
-
 // Content returns the blob store.
 func (s *Store) Content() content.Store { return s.content }
 

@@ -24,11 +24,3 @@ func Unavailable(t testing.TB, format string, args ...any) {
 	}
 	t.Skip(msg)
 }
-
-// NeedRoot skips the test (or fails it in CI) unless it runs as root.
-func NeedRoot(t testing.TB, why string) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		Unavailable(t, "needs root: %s", why)
-	}
-}

@@ -189,9 +189,6 @@ func (vm *VM) Done() <-chan struct{} { return vm.done }
 // Exited false and no error. Killing a VM that has ended does nothing.
 func (vm *VM) Kill() { vm.cancel(errKilled) }
 
-// Command returns the QEMU command line, shell-quoted.
-func (vm *VM) Command() string { return vm.command }
-
 // Console returns what the guest has written to its console so far, with
 // "\r\n" line endings turned into "\n".
 func (vm *VM) Console() (string, error) {

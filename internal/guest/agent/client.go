@@ -9,15 +9,9 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"os"
 	"strings"
 	"sync"
 	"time"
-
-	"github.com/mdlayher/vsock"
-	"golang.org/x/sys/unix"
-
-	"github.com/kilnfs/kiln/internal/guest/pty"
 )
 
 // RemoteError is a request the agent received and refused or failed.
@@ -249,34 +243,6 @@ func DialUnix(ctx context.Context, path string) (*Client, error) {
 	return NewClient(conn), nil
 }
 
-// DialVsock connects to an agent over AF_VSOCK, as with QEMU's
-// vhost-vsock-pci device: cid is the guest's context ID.
-func DialVsock(ctx context.Context, cid, port uint32) (*Client, error) {
-	type result struct {
-		conn net.Conn
-		err  error
-	}
-	ch := make(chan result, 1)
-	go func() {
-		conn, err := vsock.Dial(cid, port, nil)
-		ch <- result{conn, err}
-	}()
-	select {
-	case r := <-ch:
-		if r.err != nil {
-			return nil, fmt.Errorf("dial agent: %w", r.err)
-		}
-		return NewClient(r.conn), nil
-	case <-ctx.Done():
-		go func() {
-			if r := <-ch; r.conn != nil {
-				r.conn.Close()
-			}
-		}()
-		return nil, ctx.Err()
-	}
-}
-
 // DialHybridVsock connects to an agent through the unix socket that
 // Firecracker and Cloud Hypervisor expose for a guest's vsock device: the
 // host writes "CONNECT <port>" and the VMM answers "OK <host port>".
@@ -310,18 +276,4 @@ func DialHybridVsock(ctx context.Context, socketPath string, port uint32) (*Clie
 		io.Writer
 		io.Closer
 	}{r, conn, conn}), nil
-}
-
-// OpenSerial opens the host side of the guest's agent serial port, such as
-// the pseudo-terminal QEMU creates for "-serial pty", in raw mode.
-func OpenSerial(path string) (*Client, error) {
-	f, err := os.OpenFile(path, os.O_RDWR|unix.O_NOCTTY, 0)
-	if err != nil {
-		return nil, fmt.Errorf("open agent serial port: %w", err)
-	}
-	if err := pty.MakeRaw(f); err != nil {
-		f.Close()
-		return nil, err
-	}
-	return NewClient(f), nil
 }
