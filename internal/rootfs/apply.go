@@ -640,15 +640,13 @@ func (t *Tree) Resolve(path string) (*Node, error) {
 		if !strings.HasPrefix(target, "/") {
 			target = dir.Path() + "/" + target
 		}
-		if parts, err = cleanTarget(target); err != nil {
-			return nil, err
-		}
+		parts = cleanTarget(target)
 	}
 }
 
 // cleanTarget resolves "." and ".." in a symlink target taken from the
 // root, clamping at the root like a chroot.
-func cleanTarget(target string) ([]string, error) {
+func cleanTarget(target string) []string {
 	var parts []string
 	for _, c := range strings.Split(target, "/") {
 		switch c {
@@ -661,5 +659,5 @@ func cleanTarget(target string) ([]string, error) {
 			parts = append(parts, c)
 		}
 	}
-	return parts, nil
+	return parts
 }
