@@ -3,7 +3,9 @@ package integration
 import (
 	"archive/tar"
 	"bufio"
+	"crypto/sha256"
 	"encoding/binary"
+	"encoding/hex"
 	"fmt"
 	"os"
 	"os/exec"
@@ -19,8 +21,9 @@ import (
 )
 
 // bigFileLayer writes a layer tar holding one file of size bytes whose
-// blocks all differ (nothing for ext4 to leave as holes).
-func bigFileLayer(t *testing.T, dir string, size int64) string {
+// blocks all differ (nothing for ext4 to leave as holes). It returns the
+// tar's path and the file's SHA-256.
+func bigFileLayer(t *testing.T, dir string, size int64) (string, string) {
 	t.Helper()
 	path := filepath.Join(dir, "big.tar")
 	f, err := os.Create(path)
@@ -36,11 +39,13 @@ func bigFileLayer(t *testing.T, dir string, size int64) string {
 	for i := range block {
 		block[i] = byte(i)
 	}
+	h := sha256.New()
 	for off := int64(0); off < size; off += int64(len(block)) {
 		binary.LittleEndian.PutUint64(block, uint64(off))
 		if _, err := tw.Write(block); err != nil {
 			t.Fatal(err)
 		}
+		h.Write(block)
 	}
 	if err := tw.Close(); err != nil {
 		t.Fatal(err)
@@ -51,7 +56,7 @@ func bigFileLayer(t *testing.T, dir string, size int64) string {
 	if err := f.Close(); err != nil {
 		t.Fatal(err)
 	}
-	return path
+	return path, hex.EncodeToString(h.Sum(nil))
 }
 
 // maxRSS converts an image and returns kiln's peak resident memory, read
@@ -102,10 +107,21 @@ func TestConvertMemoryDoesNotGrow(t *testing.T) {
 	for _, size := range []int64{64 << 20, 512 << 20} {
 		layout := filepath.Join(dir, "layout")
 		os.RemoveAll(layout)
-		writeBigLayout(t, layout, bigFileLayer(t, dir, size))
+		tarPath, sum := bigFileLayer(t, dir, size)
+		writeBigLayout(t, layout, tarPath)
 		out := filepath.Join(dir, "big.ext4")
 		rss = append(rss, maxRSS(t, "oci:"+layout+":big", out))
 		fsck(t, out)
+		// The file spans several extents (a tree of depth one at 512
+		// MiB): every block must hold its own content.
+		dump := filepath.Join(dir, "big.dump")
+		if out, err := exec.Command("debugfs", "-R", "dump /big "+dump, out).CombinedOutput(); err != nil {
+			t.Fatalf("debugfs dump: %v\n%s", err, out)
+		}
+		if got := fileSHA(t, dump); got != sum {
+			t.Errorf("%d MiB file: content sha256 %s, want %s", size>>20, got, sum)
+		}
+		os.Remove(dump)
 		os.Remove(out)
 	}
 	t.Logf("peak memory: %d MiB for 64 MiB of data, %d MiB for 512 MiB", rss[0]>>20, rss[1]>>20)

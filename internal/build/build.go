@@ -33,7 +33,7 @@ var Epoch = time.Unix(0, 0).UTC()
 
 // formatVersion changes whenever the same input would build different
 // bytes, so that caches keyed by Key never serve an older layout.
-const formatVersion = "kiln-rootfs-1"
+const formatVersion = "kiln-rootfs-2"
 
 // Layer is one layer to replay.
 type Layer struct {
@@ -42,14 +42,21 @@ type Layer struct {
 	Size int64
 	// Open returns the blob as stored (compressed or not).
 	Open func() (io.ReadCloser, error)
+	// Stored, if set, is a file holding the layer's uncompressed tar:
+	// file contents are copied into the image from there.
+	Stored string
 }
 
-// Options are the choices that change the built image.
+// Options are the choices for a build. All but NoSync change the bytes
+// and so go into Key.
 type Options struct {
 	// Size is the filesystem size in bytes; 0 sizes it automatically.
 	Size int64
 	// Inject adds guest pieces or a user bundle after the layers.
 	Inject *inject.Set
+	// NoSync returns before the file contents reach the disk (see
+	// ext4.Options); it does not change the bytes.
+	NoSync bool
 }
 
 // Key identifies what Rootfs builds from a chain of layers with these
@@ -103,7 +110,7 @@ func NewTree(workDir string) (*rootfs.Tree, error) {
 	if err := os.Mkdir(stage, 0o700); err != nil {
 		return nil, err
 	}
-	return rootfs.New(stage, Epoch)
+	return rootfs.New(stage, filepath.Join(workDir, "stage.data"), Epoch)
 }
 
 // FromTree writes a tree that holds all of an image's layers as an ext4
@@ -118,7 +125,7 @@ func FromTree(ctx context.Context, tree *rootfs.Tree, out, workDir, key string, 
 	}
 	mid := time.Now()
 	bar := rep.Bar("build", 1, false)
-	res, err := ext4.Build(ctx, tree, out, ext4.Options{Size: opts.Size, Identity: key, WorkDir: workDir})
+	res, err := ext4.Build(ctx, tree, out, ext4.Options{Size: opts.Size, Identity: key, WorkDir: workDir, NoSync: opts.NoSync})
 	if err != nil {
 		return Result{}, err
 	}
@@ -145,7 +152,12 @@ func applyLayer(ctx context.Context, tree *rootfs.Tree, l Layer, bar progress.Ba
 		blob.Close() // first: it unblocks a read the decompressor waits on
 		lr.Close()
 	}()
-	if err := tree.Apply(ctx, lr, l.Digest.String()); err != nil {
+	if l.Stored != "" {
+		err = tree.ApplyStored(ctx, lr, l.Digest.String(), l.Stored)
+	} else {
+		err = tree.Apply(ctx, lr, l.Digest.String())
+	}
+	if err != nil {
 		return layer.Cause(err, lr)
 	}
 	return lr.Finish()

@@ -4,6 +4,7 @@ import (
 	"archive/tar"
 	"bytes"
 	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -69,17 +70,26 @@ func needTools(t *testing.T) {
 	}
 }
 
+// newTree returns a work directory and an empty tree staged in it.
+func newTree(t *testing.T) (string, *rootfs.Tree) {
+	t.Helper()
+	work := t.TempDir()
+	stage := filepath.Join(work, "stage")
+	if err := os.Mkdir(stage, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	tree, err := rootfs.New(stage, filepath.Join(work, "stage.data"), time.Unix(0, 0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return work, tree
+}
+
 // TestBuildRestoresMetadata builds a small tree and reads it back with
 // debugfs: what the staging directory could not hold must be in the image.
 func TestBuildRestoresMetadata(t *testing.T) {
 	needTools(t)
-	work := t.TempDir()
-	stage := filepath.Join(work, "stage")
-	os.Mkdir(stage, 0o700)
-	tree, err := rootfs.New(stage, time.Unix(0, 0))
-	if err != nil {
-		t.Fatal(err)
-	}
+	work, tree := newTree(t)
 	odd := `dev "quoted" name; sif <2> uid 7`
 	var buf bytes.Buffer
 	tw := tar.NewWriter(&buf)
@@ -142,5 +152,70 @@ func TestBuildRestoresMetadata(t *testing.T) {
 	}
 	if old := stat("/old"); !strings.Contains(old, "mtime: 0xfffeae80:00000000") {
 		t.Errorf("pre-1970 mtime lost:\n%s", old)
+	}
+}
+
+// TestBuildPlacesContent builds files whose data runs make one to six
+// extents (past four the inode holds an extent tree of depth one), with
+// holes between them, and reads every file back.
+func TestBuildPlacesContent(t *testing.T) {
+	needTools(t)
+	work, tree := newTree(t)
+	want := map[string][]byte{
+		"empty": nil,
+		"small": []byte("hello"),
+		"tail":  bytes.Repeat([]byte("x"), 3*BlockSize+17),
+	}
+	for runs := 1; runs <= 6; runs++ {
+		// runs blocks of data, each followed by two blocks of zeros,
+		// the last one cut short.
+		var b []byte
+		for i := 0; i < runs; i++ {
+			b = append(b, bytes.Repeat([]byte{byte('a' + i)}, BlockSize)...)
+			b = append(b, make([]byte, 2*BlockSize)...)
+		}
+		want[fmt.Sprintf("runs%d", runs)] = b[:len(b)-BlockSize-1]
+	}
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	for name, data := range want {
+		tw.WriteHeader(&tar.Header{Name: name, Typeflag: tar.TypeReg, Mode: 0o644, Size: int64(len(data)), ModTime: time.Unix(1, 0)})
+		tw.Write(data)
+	}
+	tw.Close()
+	if err := tree.Apply(context.Background(), &buf, "test"); err != nil {
+		t.Fatal(err)
+	}
+	for _, noSync := range []bool{false, true} {
+		img := filepath.Join(work, fmt.Sprintf("out-%v.ext4", noSync))
+		if _, err := Build(context.Background(), tree, img, Options{Identity: "test", WorkDir: work, NoSync: noSync}); err != nil {
+			t.Fatal(err)
+		}
+		if err := Check(context.Background(), img); err != nil {
+			t.Fatal(err)
+		}
+		for name, data := range want {
+			dump := filepath.Join(work, "dump")
+			if out, err := exec.Command("debugfs", "-R", "dump /"+name+" "+dump, img).CombinedOutput(); err != nil {
+				t.Fatalf("debugfs: %v\n%s", err, out)
+			}
+			got, err := os.ReadFile(dump)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(got, data) {
+				t.Errorf("noSync=%v: /%s reads back %d bytes that differ from its %d", noSync, name, len(got), len(data))
+			}
+			os.Remove(dump)
+		}
+		stat, _ := exec.Command("debugfs", "-R", "stat /runs6", img).CombinedOutput()
+		if !strings.Contains(string(stat), "(ETB0)") || strings.Contains(string(stat), "[u]") {
+			t.Errorf("/runs6 should have an extent tree of depth one, every extent written:\n%s", stat)
+		}
+	}
+	a, _ := os.ReadFile(filepath.Join(work, "out-false.ext4"))
+	b, _ := os.ReadFile(filepath.Join(work, "out-true.ext4"))
+	if !bytes.Equal(a, b) {
+		t.Errorf("NoSync changed the bytes of the image")
 	}
 }

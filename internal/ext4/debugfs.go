@@ -44,11 +44,16 @@ func quote(name string) (string, error) {
 
 // setTime sets one of an inode's timestamps, seconds and nanoseconds, with
 // the raw low and extra fields so that times before 1970 and after 2038
-// survive exactly.
-func (s *script) setTime(ino uint32, field string, t time.Time) {
+// survive exactly. have is what the inode holds now; fields that already
+// match are left alone.
+func (s *script) setTime(ino uint32, field string, t time.Time, have rawTime) {
 	lo, extra := encodeTime(t)
-	s.printf("sif <%d> %s_lo 0x%x", ino, field, lo)
-	s.printf("sif <%d> %s_hi 0x%x", ino, field, extra)
+	if lo != have.lo {
+		s.printf("sif <%d> %s_lo 0x%x", ino, field, lo)
+	}
+	if !have.hasExtra || extra != have.extra {
+		s.printf("sif <%d> %s_hi 0x%x", ino, field, extra)
+	}
 }
 
 // Time range that ext4 encodes unambiguously: 32 signed bits of seconds

@@ -9,11 +9,13 @@ import (
 	"strings"
 )
 
-// Image reads the directory structure of an ext4 image, just enough to map
-// the names the builder staged to the inode numbers mke2fs gave them. It
-// never writes.
+// Image reads an ext4 image just enough for the builder: the directories,
+// to map the names it staged to the inode numbers mke2fs gave them, and
+// the inodes and where their blocks are. It never writes.
 type Image struct {
 	f             *os.File
+	cached        int64 // offset of the inode table block in cache, -1 if none
+	cache         []byte
 	blockSize     int64
 	inodeSize     int64
 	inodesPerGrp  uint32
@@ -49,7 +51,7 @@ func OpenImage(path string) (*Image, error) {
 	if err != nil {
 		return nil, err
 	}
-	im := &Image{f: f}
+	im := &Image{f: f, cached: -1}
 	if err := im.readSuperblock(); err != nil {
 		f.Close()
 		return nil, fmt.Errorf("%s: %w", path, err)
@@ -91,7 +93,7 @@ func (im *Image) readSuperblock() error {
 	if im.incompat64bit {
 		blocks |= int64(le.Uint32(sb[0x150:])) << 32
 	}
-	if blocksPerGroup == 0 || im.inodesPerGrp == 0 || im.inodeSize < 128 {
+	if blocksPerGroup == 0 || im.inodesPerGrp == 0 || im.inodeSize < 128 || im.inodeSize > im.blockSize {
 		return errors.New("corrupt superblock")
 	}
 	groups := (blocks - firstDataBlock + blocksPerGroup - 1) / blocksPerGroup
@@ -117,12 +119,69 @@ func (im *Image) inode(ino uint32) ([]byte, error) {
 		return nil, fmt.Errorf("inode %d out of range", ino)
 	}
 	g := (ino - 1) / im.inodesPerGrp
-	idx := int64((ino - 1) % im.inodesPerGrp)
-	buf := make([]byte, im.inodeSize)
-	if _, err := im.f.ReadAt(buf, im.inodeTables[g]*im.blockSize+idx*im.inodeSize); err != nil {
-		return nil, fmt.Errorf("reading inode %d: %w", ino, err)
+	off := im.inodeTables[g]*im.blockSize + int64((ino-1)%im.inodesPerGrp)*im.inodeSize
+	// Inodes are read in number order: read their table a block at a
+	// time.
+	block := off / im.blockSize * im.blockSize
+	if block != im.cached {
+		if im.cache == nil {
+			im.cache = make([]byte, im.blockSize)
+		}
+		im.cached = -1
+		if _, err := im.f.ReadAt(im.cache, block); err != nil {
+			return nil, fmt.Errorf("reading inode %d: %w", ino, err)
+		}
+		im.cached = block
 	}
+	buf := make([]byte, im.inodeSize)
+	copy(buf, im.cache[off-block:])
 	return buf, nil
+}
+
+// inodeFields are the fields of an on-disk inode that the metadata script
+// sets.
+type inodeFields struct {
+	mode                uint16
+	uid, gid            uint32
+	size                uint64
+	atime, mtime, ctime rawTime
+}
+
+// rawTime is an on-disk timestamp: the seconds field and, in large inodes,
+// the extra field (nanoseconds and epoch bits).
+type rawTime struct {
+	lo, extra uint32
+	hasExtra  bool
+}
+
+// decodeInode reads the fields the metadata script sets from a raw inode
+// (see the ext4 disk layout: the osd2 area holds the high halves of the
+// ids, the large-inode area the extra time fields).
+func decodeInode(raw []byte) inodeFields {
+	le := binary.LittleEndian
+	f := inodeFields{
+		mode:  le.Uint16(raw[0x00:]),
+		uid:   uint32(le.Uint16(raw[0x02:])) | uint32(le.Uint16(raw[0x78:]))<<16,
+		gid:   uint32(le.Uint16(raw[0x18:])) | uint32(le.Uint16(raw[0x7A:]))<<16,
+		size:  uint64(le.Uint32(raw[0x04:])) | uint64(le.Uint32(raw[0x6C:]))<<32,
+		atime: rawTime{lo: le.Uint32(raw[0x08:])},
+		ctime: rawTime{lo: le.Uint32(raw[0x0C:])},
+		mtime: rawTime{lo: le.Uint32(raw[0x10:])},
+	}
+	// The extra fields exist when the inode says its large part reaches
+	// past them.
+	if len(raw) > 0x90 {
+		extra := int(le.Uint16(raw[0x80:]))
+		for _, t := range []struct {
+			f   *rawTime
+			off int
+		}{{&f.ctime, 0x84}, {&f.mtime, 0x88}, {&f.atime, 0x8C}} {
+			if 0x80+extra >= t.off+4 {
+				t.f.extra, t.f.hasExtra = le.Uint32(raw[t.off:]), true
+			}
+		}
+	}
+	return f
 }
 
 // extent is a run of file blocks stored contiguously.
@@ -130,6 +189,7 @@ type extent struct {
 	logical  int64
 	physical int64
 	length   int64
+	uninit   bool // allocated but not written: reads as zeros
 }
 
 // extents returns the data extents of an inode, in file order.
@@ -153,13 +213,15 @@ func (im *Image) extents(ino uint32, raw []byte) ([]extent, error) {
 			e := node[12+i*12:]
 			if treeDepth == 0 {
 				length := int64(le.Uint16(e[4:]))
-				if length > uninitExtentLen {
+				uninit := length > uninitExtentLen
+				if uninit {
 					length -= uninitExtentLen
 				}
 				out = append(out, extent{
 					logical:  int64(le.Uint32(e[0:])),
 					physical: int64(le.Uint16(e[6:]))<<32 | int64(le.Uint32(e[8:])),
 					length:   length,
+					uninit:   uninit,
 				})
 				continue
 			}

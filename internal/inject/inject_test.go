@@ -16,7 +16,8 @@ import (
 
 func tree(t *testing.T, entries ...*tar.Header) *rootfs.Tree {
 	t.Helper()
-	tr, err := rootfs.New(t.TempDir(), time.Unix(0, 0))
+	dir := t.TempDir()
+	tr, err := rootfs.New(dir, dir+".data", time.Unix(0, 0))
 	if err != nil {
 		t.Fatal(err)
 	}

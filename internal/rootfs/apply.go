@@ -12,6 +12,7 @@ import (
 	"net/url"
 	"os"
 	"strings"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -60,6 +61,11 @@ type applier struct {
 	layer int
 	name  string
 	buf   []byte
+	data  *os.File // the tree's own data file, opened at the first content
+	// stored is the index in t.data of the file that holds the layer
+	// tar itself, -1 if none; pos counts the tar's bytes read so far.
+	stored int
+	pos    *countingReader
 }
 
 // Apply replays one layer, an uncompressed tar stream, on top of the tree
@@ -68,9 +74,33 @@ type applier struct {
 // lower layers and ".wh..wh..opq" hides everything lower layers put in its
 // directory. layer names the layer in errors.
 func (t *Tree) Apply(ctx context.Context, r io.Reader, layer string) error {
+	return t.apply(ctx, r, layer, "")
+}
+
+// ApplyStored is Apply for a layer whose uncompressed tar r is also, byte
+// for byte, the file at storedAt, as it will be when the tree is built:
+// the contents of its regular files are then taken from there instead of
+// being copied into the tree's data file.
+func (t *Tree) ApplyStored(ctx context.Context, r io.Reader, layer, storedAt string) error {
+	return t.apply(ctx, r, layer, storedAt)
+}
+
+func (t *Tree) apply(ctx context.Context, r io.Reader, layer, storedAt string) error {
 	t.layers++
-	a := &applier{t: t, layer: t.layers, name: layer, buf: make([]byte, 1<<20)}
-	return eachEntry(ctx, r, layer, a.entry)
+	a := &applier{t: t, layer: t.layers, name: layer, buf: make([]byte, 1<<20), stored: -1}
+	if storedAt != "" {
+		a.stored = len(t.data)
+		t.data = append(t.data, storedAt)
+		a.pos = &countingReader{r: r}
+		r = a.pos
+	}
+	err := eachEntry(ctx, r, layer, a.entry)
+	if a.data != nil {
+		if cerr := a.data.Close(); err == nil && cerr != nil {
+			err = fmt.Errorf("data file: %w", cerr)
+		}
+	}
+	return err
 }
 
 // Check reads a layer and runs CheckHeader on every entry, without a
@@ -219,8 +249,7 @@ func (a *applier) entry(hdr *tar.Header, r io.Reader) error {
 			return err
 		}
 		n := a.attach(parent, base, in)
-		in.Size, in.Blocks, err = a.writeFile(a.t.StagingPath(n), r)
-		return err
+		return a.writeFile(a.t.StagingPath(n), in, r, a.inPlace(hdr))
 
 	case tar.TypeSymlink:
 		if hdr.Linkname == "" {
@@ -536,20 +565,40 @@ func headerXattrs(hdr *tar.Header) (map[string]string, error) {
 	return x, nil
 }
 
-// writeFile stores a regular file's content in the staging directory,
-// leaving holes where the content has whole zero blocks so that sparse
-// files stay sparse. It returns the size and the number of data blocks.
-func (a *applier) writeFile(path string, r io.Reader) (size, blocks int64, err error) {
+// writeFile stages a regular file: a placeholder at path, and where its
+// content is, as runs that leave out whole zero blocks so that sparse
+// files stay sparse. The content is either left in place in the stored
+// layer tar or appended, block aligned, to the tree's own data file. It
+// sets in's Size, Data and Blocks.
+//
+// The placeholder holds no data but carries the size, mode (kept readable
+// by its owner) and times, so that mke2fs already writes most of the
+// inode right and the builder's metadata script has less to change.
+func (a *applier) writeFile(path string, in *Inode, r io.Reader, inPlace bool) (err error) {
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL|unix.O_NOFOLLOW, 0o600)
 	if err != nil {
-		return 0, 0, fmt.Errorf("staging file: %w", err)
+		return fmt.Errorf("staging file: %w", err)
 	}
 	defer func() {
 		if cerr := f.Close(); err == nil && cerr != nil {
 			err = fmt.Errorf("staging file: %w", cerr)
 		}
 	}()
-	var zero [blockSize]byte
+	file, base := 0, a.t.dataEnd
+	if inPlace {
+		// The content is read straight from the stored tar: runs point
+		// there and nothing is written.
+		file, base = a.stored, a.pos.n
+	} else if a.data == nil {
+		if a.data, err = os.OpenFile(a.t.data[0], os.O_WRONLY, 0); err != nil {
+			return fmt.Errorf("data file: %w", err)
+		}
+	}
+	var (
+		size int64
+		runs []Run
+		zero [blockSize]byte
+	)
 	for {
 		n, rerr := fill(r, a.buf)
 		data := a.buf[:n]
@@ -558,38 +607,122 @@ func (a *applier) writeFile(path string, r io.Reader) (size, blocks int64, err e
 			if runStart < 0 {
 				return nil
 			}
-			_, err := f.WriteAt(data[runStart:end], size+int64(runStart))
+			off := size + int64(runStart)
+			if !inPlace {
+				if _, err := a.data.WriteAt(data[runStart:end], base+off); err != nil {
+					return fmt.Errorf("data file: %w", err)
+				}
+			}
+			length := int64(end - runStart)
+			if k := len(runs) - 1; k >= 0 && runs[k].Offset+runs[k].Length == off {
+				runs[k].Length += length
+			} else {
+				runs = append(runs, Run{Offset: off, Length: length, File: file, DataOffset: base + off})
+			}
 			runStart = -1
-			return err
+			return nil
 		}
 		for off := 0; off < n; off += blockSize {
 			end := min(off+blockSize, n)
 			if bytes.Equal(data[off:end], zero[:end-off]) {
 				if err := flush(off); err != nil {
-					return 0, 0, fmt.Errorf("staging file: %w", err)
+					return err
 				}
 				continue
 			}
-			blocks++
 			if runStart < 0 {
 				runStart = off
 			}
 		}
 		if err := flush(n); err != nil {
-			return 0, 0, fmt.Errorf("staging file: %w", err)
+			return err
 		}
 		size += int64(n)
 		if rerr == io.EOF {
 			break
 		}
 		if rerr != nil {
-			return 0, 0, fmt.Errorf("reading content: %w", rerr)
+			return fmt.Errorf("reading content: %w", rerr)
 		}
 	}
-	if err := f.Truncate(size); err != nil {
-		return 0, 0, fmt.Errorf("staging file: %w", err)
+	if inPlace {
+		if a.pos.n-base != size {
+			return fmt.Errorf("content is not stored contiguously in the layer tar")
+		}
+	} else {
+		a.t.dataEnd = base + (size+blockSize-1)/blockSize*blockSize
 	}
-	return size, blocks, nil
+	in.Size, in.Data, in.Blocks = size, runs, blocks(runs)
+
+	if err := f.Truncate(size); err != nil {
+		return fmt.Errorf("staging file: %w", err)
+	}
+	if err := f.Chmod(os.FileMode(in.Mode&0o777|0o400) | unixModeBits(in.Mode)); err != nil {
+		return fmt.Errorf("staging file: %w", err)
+	}
+	tv := []unix.Timeval{timeval(in.Atime), timeval(in.Mtime)}
+	if err := unix.Futimes(int(f.Fd()), tv); err != nil {
+		return fmt.Errorf("staging file: %w", err)
+	}
+	return nil
+}
+
+// timeval converts without the overflow of UnixNano past 2262.
+func timeval(t time.Time) unix.Timeval {
+	return unix.Timeval{Sec: t.Unix(), Usec: int64(t.Nanosecond() / 1000)}
+}
+
+// unixModeBits turns setuid, setgid and sticky bits into os.FileMode's.
+func unixModeBits(mode uint32) os.FileMode {
+	var m os.FileMode
+	if mode&0o4000 != 0 {
+		m |= os.ModeSetuid
+	}
+	if mode&0o2000 != 0 {
+		m |= os.ModeSetgid
+	}
+	if mode&0o1000 != 0 {
+		m |= os.ModeSticky
+	}
+	return m
+}
+
+// inPlace says whether an entry's content can be read from the stored
+// tar where it lies: it can unless there is no stored tar, or the entry
+// is a sparse file, whose tar holds a map and the data regions only.
+func (a *applier) inPlace(hdr *tar.Header) bool {
+	if a.stored < 0 || hdr.Typeflag == tar.TypeGNUSparse {
+		return false
+	}
+	for k := range hdr.PAXRecords {
+		if strings.HasPrefix(k, "GNU.sparse.") {
+			return false
+		}
+	}
+	return true
+}
+
+// countingReader counts the bytes read through it. archive/tar reads
+// exactly up to an entry's content before returning its header, so the
+// count then is where the content starts in the tar.
+type countingReader struct {
+	r io.Reader
+	n int64
+}
+
+func (c *countingReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.n += int64(n)
+	return n, err
+}
+
+// blocks counts the blocks that runs of content occupy.
+func blocks(runs []Run) int64 {
+	var n int64
+	for _, r := range runs {
+		n += (r.Length + blockSize - 1) / blockSize
+	}
+	return n
 }
 
 // fill reads until buf is full (nil error) or the stream ends (io.EOF).

@@ -5,11 +5,14 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // entry is one tar entry for a test layer.
@@ -73,7 +76,8 @@ func layerTar(t testing.TB, entries ...entry) []byte {
 
 func newTree(t *testing.T) *Tree {
 	t.Helper()
-	tr, err := New(t.TempDir(), time.Unix(0, 0))
+	dir := t.TempDir()
+	tr, err := New(dir, dir+".data", time.Unix(0, 0))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -89,12 +93,29 @@ func apply(t *testing.T, tr *Tree, layers ...[]entry) {
 	}
 }
 
-// content returns what the staging directory holds at path.
+// content returns the content the tree holds for the file at path.
 func content(t *testing.T, tr *Tree, path string) string {
 	t.Helper()
-	b, err := os.ReadFile(filepath.Join(tr.StagingDir(), path))
-	if err != nil {
-		t.Fatalf("%s: %v", path, err)
+	n := tr.Lookup(path)
+	if n == nil || n.Inode().Type != TypeReg {
+		t.Fatalf("%s is not a regular file", path)
+	}
+	var st unix.Stat_t
+	if err := unix.Lstat(filepath.Join(tr.StagingDir(), path), &st); err != nil || st.Size != n.Inode().Size || st.Blocks != 0 {
+		t.Fatalf("%s: want a placeholder of the file's size and no data in staging (%v)", path, err)
+	}
+	in := n.Inode()
+	b := make([]byte, in.Size)
+	for _, r := range in.Data {
+		f, err := os.Open(tr.DataFiles()[r.File])
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, err = f.ReadAt(b[r.Offset:r.Offset+r.Length], r.DataOffset)
+		f.Close()
+		if err != nil {
+			t.Fatalf("%s: %v", path, err)
+		}
 	}
 	return string(b)
 }
@@ -352,5 +373,36 @@ func TestDeviceNameWithLineBreakIsRefused(t *testing.T) {
 	hdr := &tar.Header{Name: dev.name, Typeflag: tar.TypeChar}
 	if err := CheckHeader(hdr); err == nil {
 		t.Errorf("CheckHeader should refuse it too")
+	}
+}
+
+// TestApplyStored takes file contents from the stored tar where they lie:
+// nothing is copied into the tree's own data file.
+func TestApplyStored(t *testing.T) {
+	tr := newTree(t)
+	sparse := make([]byte, 3*blockSize+10)
+	sparse[0], sparse[len(sparse)-1] = 1, 2
+	lower := layerTar(t, file("a", "lower a"), file("b", strings.Repeat("b", 5000)))
+	upper := layerTar(t, file("a", "upper a"), file("sparse", string(sparse)), hardlink("c", "b"))
+	dir := t.TempDir()
+	for i, l := range [][]byte{lower, upper} {
+		stored := filepath.Join(dir, fmt.Sprintf("layer%d.tar", i))
+		if err := os.WriteFile(stored, l, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := tr.ApplyStored(context.Background(), bytes.NewReader(l), "l", stored); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for path, want := range map[string]string{"a": "upper a", "b": strings.Repeat("b", 5000), "c": strings.Repeat("b", 5000), "sparse": string(sparse)} {
+		if got := content(t, tr, path); got != want {
+			t.Errorf("%s: content differs", path)
+		}
+	}
+	if in := tr.Lookup("sparse").Inode(); in.Blocks != 2 || len(in.Data) != 2 {
+		t.Errorf("sparse: %d blocks in %d runs, want 2 in 2", in.Blocks, len(in.Data))
+	}
+	if fi, err := os.Stat(tr.DataFiles()[0]); err != nil || fi.Size() != 0 {
+		t.Errorf("the tree's own data file should stay empty (%v)", err)
 	}
 }

@@ -1,12 +1,21 @@
 // Package rootfs merges image layers into one root filesystem: an in-memory
-// tree holding every entry's metadata exactly as the layer tars say, and a
-// staging directory holding file contents.
+// tree holding every entry's metadata exactly as the layer tars say, a
+// staging directory holding its names, and a data file holding the
+// contents of its regular files.
 //
-// The staging directory is written without privileges: files are owned by
-// whoever runs kiln, modes are kept owner-writable, device nodes and extended
-// attributes are not created at all. The tree is the authority on metadata;
-// the ext4 builder restores it afterwards. This is what makes the result the
-// same whether kiln runs as root or not.
+// The staging directory is the tree's shape only: directories, symlinks,
+// fifos, hard links and an empty placeholder for every regular file, which
+// is all mke2fs needs to lay out the names. The contents stay where they
+// are when the layer tar is stored uncompressed (ApplyStored), or go,
+// block aligned, into the tree's own data file; either way the ext4
+// builder copies them straight to the blocks the image gives each file,
+// leaving holes where the content has whole zero blocks.
+//
+// Nothing is written with privileges: files are owned by whoever runs
+// kiln, modes are kept owner-writable, device nodes and extended attributes
+// are not created at all. The tree is the authority on metadata; the ext4
+// builder restores it afterwards. This is what makes the result the same
+// whether kiln runs as root or not.
 package rootfs
 
 import (
@@ -66,11 +75,24 @@ type Inode struct {
 	Target   string // symlink target, verbatim
 	Size     int64  // regular files: logical size
 	Blocks   int64  // regular files: 4 KiB blocks holding data (holes excluded)
+	// Data locates a regular file's content in the tree's data files,
+	// in file order; what no run covers is a hole.
+	Data []Run
 
 	// names lists the nodes that link to this inode when it is a device:
 	// the staging directory cannot hold device nodes, so the builder needs
 	// every name to create the links itself.
 	names []*Node
+}
+
+// Run is a stretch of a regular file's content: Length bytes at file
+// offset Offset, stored at DataOffset in data file File (an index into
+// Tree.DataFiles). Offset is a multiple of the block size, and so is
+// Length except where the run ends the file.
+type Run struct {
+	Offset, Length int64
+	File           int
+	DataOffset     int64
 }
 
 // XattrNames returns the extended attribute names in a stable order.
@@ -149,15 +171,18 @@ type Stats struct {
 type Tree struct {
 	root    *Node
 	staging string
+	data    []string // data files; the first is the tree's own
+	dataEnd int64    // where the next file's content goes in data[0]
 	epoch   time.Time
 	layers  int
 }
 
 // New returns an empty tree staged in dir, which must be an empty directory
-// owned by the caller. epoch is the time given to directories that no layer
-// describes (the root, parents that a layer leaves implicit), so that the
-// result does not depend on when it was built.
-func New(dir string, epoch time.Time) (*Tree, error) {
+// owned by the caller, with file contents in dataFile, which must not exist
+// yet. epoch is the time given to directories that no layer describes (the
+// root, parents that a layer leaves implicit), so that the result does not
+// depend on when it was built.
+func New(dir, dataFile string, epoch time.Time) (*Tree, error) {
 	st, err := os.Lstat(dir)
 	if err != nil {
 		return nil, fmt.Errorf("staging directory: %w", err)
@@ -165,7 +190,14 @@ func New(dir string, epoch time.Time) (*Tree, error) {
 	if !st.IsDir() {
 		return nil, fmt.Errorf("staging directory %s is not a directory", dir)
 	}
-	t := &Tree{staging: dir, epoch: epoch}
+	f, err := os.OpenFile(dataFile, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("data file: %w", err)
+	}
+	if err := f.Close(); err != nil {
+		return nil, fmt.Errorf("data file: %w", err)
+	}
+	t := &Tree{staging: dir, data: []string{dataFile}, epoch: epoch}
 	t.root = &Node{children: map[string]*Node{}, inode: t.implicitDir()}
 	return t, nil
 }
@@ -177,8 +209,12 @@ func (t *Tree) implicitDir() *Inode {
 // Root returns the root directory node.
 func (t *Tree) Root() *Node { return t.root }
 
-// StagingDir returns the directory holding the tree's file contents.
+// StagingDir returns the directory holding the tree's names.
 func (t *Tree) StagingDir() string { return t.staging }
+
+// DataFiles returns the files holding the contents of the regular files
+// (see Run.File).
+func (t *Tree) DataFiles() []string { return t.data }
 
 // Epoch returns the time given to entries no layer describes.
 func (t *Tree) Epoch() time.Time { return t.epoch }
