@@ -31,9 +31,10 @@ type Snapshots interface {
 }
 
 // LayerSink takes the layer's tar as it is stored, to replay it ahead of
-// the build; Done says whether the layer was stored.
+// the build; Done says whether the layer was stored. storedAt is where
+// the tar will be, byte for byte, once stored.
 type LayerSink interface {
-	Apply(ctx context.Context, r io.Reader, name string) error
+	Apply(ctx context.Context, r io.Reader, name, storedAt string) error
 	Done(ok bool)
 }
 
@@ -131,7 +132,7 @@ func (d *Differ) store(ctx context.Context, desc ocispec.Descriptor, dir string,
 	}
 	if sink != nil {
 		// The replay checks every entry too, against the layers below.
-		err = sink.Apply(ctx, io.TeeReader(lr, counter), desc.Digest.String())
+		err = sink.Apply(ctx, io.TeeReader(lr, counter), desc.Digest.String(), tarPath)
 		defer func() { sink.Done(ok) }()
 	} else {
 		err = rootfs.Check(ctx, io.TeeReader(lr, counter), desc.Digest.String())

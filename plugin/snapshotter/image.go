@@ -210,6 +210,7 @@ func (b *imageBuilder) build(ctx context.Context, id string) (string, error) {
 		return "", err
 	}
 	opts := b.s.cfg.Build
+	opts.NoSync = true // see durable.go
 	if opts.Inject, err = b.injection(ctx, chain[0], chainID, byID); err != nil {
 		return "", fmt.Errorf("snapshot %s: %w", id, err)
 	}
@@ -231,12 +232,21 @@ func (b *imageBuilder) build(ctx context.Context, id string) (string, error) {
 	if err := os.Chmod(out, 0o444); err != nil {
 		return "", err
 	}
-	if err := os.Rename(out, dst); err != nil {
+	unsynced := filepath.Join(b.s.dir(id), unsyncedFile)
+	if err := markUnsynced(unsynced); err != nil {
 		if errors.Is(err, os.ErrNotExist) {
 			return "", fmt.Errorf("snapshot %s was removed: %w", id, errdefs.ErrNotFound)
 		}
 		return "", err
 	}
+	if err := os.Rename(out, dst); err != nil {
+		os.Remove(unsynced)
+		if errors.Is(err, os.ErrNotExist) {
+			return "", fmt.Errorf("snapshot %s was removed: %w", id, errdefs.ErrNotFound)
+		}
+		return "", err
+	}
+	b.syncLater(dst, unsynced)
 	log.G(ctx).WithFields(log.Fields{
 		"snapshot": id, "unpack": res.Unpack, "build": res.Build, "size": res.Size,
 	}).Info("built image rootfs")
@@ -303,6 +313,7 @@ func (b *imageBuilder) layers(chain []string) (_ []build.Layer, _ digest.Digest,
 				Descriptor: descriptor(d),
 				Size:       fileSize(tarPath),
 				Open:       func() (io.ReadCloser, error) { return os.Open(tarPath) },
+				Stored:     tarPath,
 			})
 		case exists(filepath.Join(dir, layerMarker)):
 			// Filled by containerd's walking differ.

@@ -51,6 +51,7 @@ const (
 	layerTar      = "layer.tar"
 	diffIDFile    = "diffid"
 	imageFile     = "image.ext4"
+	unsyncedFile  = "image.unsynced"
 	rootfsFile    = "rootfs.ext4"
 	loopFile      = "loop"
 )
@@ -116,6 +117,7 @@ func New(ctx context.Context, cfg Config) (*Snapshotter, error) {
 		s.loops.detachStale(ctx, root)
 	}
 	workdir.RemoveStale(filepath.Join(root, "tmp"))
+	s.images.settleUnsynced(ctx)
 	return s, nil
 }
 

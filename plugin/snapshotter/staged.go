@@ -156,9 +156,10 @@ func (s *Snapshotter) StageLayer(ctx context.Context, dir string) *LayerSink {
 	return &LayerSink{s: s, id: id, tree: t}
 }
 
-// Apply replays the layer's tar into the tree.
-func (l *LayerSink) Apply(ctx context.Context, r io.Reader, name string) error {
-	return l.tree.tree.Apply(ctx, r, name)
+// Apply replays the layer's tar into the tree; the tree takes file
+// contents from the stored tar.
+func (l *LayerSink) Apply(ctx context.Context, r io.Reader, name, storedAt string) error {
+	return l.tree.tree.ApplyStored(ctx, r, name, storedAt)
 }
 
 // Done keeps the tree for the snapshot when the layer was stored, or
