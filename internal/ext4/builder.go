@@ -95,18 +95,21 @@ func Build(ctx context.Context, tree *rootfs.Tree, out string, opts Options) (Re
 	b.uuid = deriveUUID("kiln.fs-uuid", opts.Identity)
 	b.env = b.environ()
 
-	if err := b.mkfs(ctx, size, inodes); err != nil {
+	noSpace := func(err error) error {
 		if errors.Is(err, ErrNoSpace) {
 			need := (stats.DataBlocks + stats.LongSymlinks + stats.XattrBlocks + dirBlocks(stats)) * BlockSize
 			err = fmt.Errorf("%w (the content alone needs about %d MiB; --size auto fits it)", err, (need+1<<20-1)>>20)
 		}
-		return Result{}, err
+		return err
+	}
+	if err := b.mkfs(ctx, size, inodes); err != nil {
+		return Result{}, noSpace(err)
 	}
 	if err := b.mapInodes(); err != nil {
 		return Result{}, err
 	}
 	if err := b.allocate(ctx); err != nil {
-		return Result{}, err
+		return Result{}, noSpace(err)
 	}
 	files, err := b.readBack()
 	if err != nil {
@@ -136,7 +139,7 @@ func Build(ctx context.Context, tree *rootfs.Tree, out string, opts Options) (Re
 		}
 	}
 	if err != nil {
-		return Result{}, err
+		return Result{}, noSpace(err)
 	}
 	return Result{Size: size, Inodes: stats.Inodes, UUID: b.uuid}, nil
 }

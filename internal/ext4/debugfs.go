@@ -103,6 +103,9 @@ func debugfs(ctx context.Context, image, workDir string, s *script, env []string
 		return nil, fmt.Errorf("debugfs: %w: %s", err, strings.TrimSpace(errb.String()))
 	}
 	if msg := debugfsErrors(errb.Bytes()); msg != "" {
+		if strings.Contains(msg, "Could not allocate block") {
+			return nil, fmt.Errorf("%w: debugfs: %s", ErrNoSpace, msg)
+		}
 		return nil, fmt.Errorf("debugfs: %s", msg)
 	}
 	return out.Bytes(), nil
