@@ -45,15 +45,21 @@ func Into(out, in *os.File) error {
 	if err != nil {
 		return err
 	}
-	size := st.Size()
-	if err := copyData(out, in, size); err != nil {
+	if err := Regions(out, in); err != nil {
 		return fmt.Errorf("copying %s: %w", in.Name(), err)
 	}
-	return out.Truncate(size)
+	return out.Truncate(st.Size())
 }
 
-// copyData copies the data regions of in, found with SEEK_DATA/SEEK_HOLE.
-func copyData(out, in *os.File, size int64) error {
+// Regions copies the data regions of in (found with SEEK_DATA and
+// SEEK_HOLE) into out at the same offsets; what in has as holes, out
+// keeps as it was.
+func Regions(out, in *os.File) error {
+	st, err := in.Stat()
+	if err != nil {
+		return err
+	}
+	size := st.Size()
 	var off int64
 	for off < size {
 		start, err := unix.Seek(int(in.Fd()), off, unix.SEEK_DATA)
@@ -61,13 +67,13 @@ func copyData(out, in *os.File, size int64) error {
 			return nil // only a hole remains
 		}
 		if err != nil {
-			return copyRange(out, in, off, size)
+			return Range(out, in, off, off, size-off)
 		}
 		end, err := unix.Seek(int(in.Fd()), start, unix.SEEK_HOLE)
 		if err != nil {
 			end = size
 		}
-		if err := copyRange(out, in, start, end); err != nil {
+		if err := Range(out, in, start, start, end-start); err != nil {
 			return err
 		}
 		off = end
@@ -75,39 +81,23 @@ func copyData(out, in *os.File, size int64) error {
 	return nil
 }
 
-// copyRange copies [start, end) at the same offsets, in the kernel when
+// Range copies n bytes of in at roff to out at woff, in the kernel when
 // it can.
-func copyRange(out, in *os.File, start, end int64) error {
-	for start < end {
-		roff, woff := start, start
-		n, err := unix.CopyFileRange(int(in.Fd()), &roff, int(out.Fd()), &woff, int(min(end-start, 1<<30)), 0)
+func Range(out, in *os.File, woff, roff, n int64) error {
+	for n > 0 {
+		r, w := roff, woff
+		c, err := unix.CopyFileRange(int(in.Fd()), &r, int(out.Fd()), &w, int(min(n, 1<<30)), 0)
 		if err != nil {
 			if errors.Is(err, unix.EXDEV) || errors.Is(err, unix.ENOSYS) || errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.EINVAL) {
-				return copyUser(out, in, start, end)
+				_, err := io.CopyN(io.NewOffsetWriter(out, woff), io.NewSectionReader(in, roff, n), n)
+				return err
 			}
 			return err
 		}
-		if n == 0 {
+		if c == 0 {
 			return io.ErrUnexpectedEOF
 		}
-		start += int64(n)
-	}
-	return nil
-}
-
-func copyUser(out, in *os.File, start, end int64) error {
-	buf := make([]byte, 1<<20)
-	for start < end {
-		n, err := in.ReadAt(buf[:min(int64(len(buf)), end-start)], start)
-		if n > 0 {
-			if _, werr := out.WriteAt(buf[:n], start); werr != nil {
-				return werr
-			}
-			start += int64(n)
-		}
-		if err != nil && !(err == io.EOF && start >= end) {
-			return err
-		}
+		roff, woff, n = roff+int64(c), woff+int64(c), n-int64(c)
 	}
 	return nil
 }

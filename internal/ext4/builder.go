@@ -63,7 +63,9 @@ var ErrNoSpace = errors.New("rootfs does not fit in the filesystem")
 // the same bytes. The feature set is what e2fsprogs 1.46 (common in
 // guests) and kernels since 4.x accept: no orphan_file, no
 // metadata_csum_seed, no inline_data or large_dir. metadata_csum is
-// missing here only because it is turned on at the end (see finish).
+// missing here only because it is turned on at the end (see finish);
+// until then uninit_bg stands in for it, so that groups without content
+// stay uninitialised and the last steps skip them.
 const mke2fsConfig = `[defaults]
 	base_features = sparse_super,large_file,filetype,resize_inode,dir_index,ext_attr
 	default_mntopts = acl,user_xattr
@@ -75,7 +77,7 @@ const mke2fsConfig = `[defaults]
 
 [fs_types]
 	ext4 = {
-		features = has_journal,extent,huge_file,flex_bg,64bit,dir_nlink,extra_isize
+		features = has_journal,extent,huge_file,flex_bg,uninit_bg,64bit,dir_nlink,extra_isize
 	}
 `
 
@@ -91,9 +93,18 @@ func Build(ctx context.Context, tree *rootfs.Tree, out string, opts Options) (Re
 		inodes = inodeCount(stats, size)
 	}
 	size = size / BlockSize * BlockSize
-	b := &builder{tree: tree, out: out, opts: opts}
+	b := &builder{tree: tree, out: out, size: size, opts: opts}
 	b.uuid = deriveUUID("kiln.fs-uuid", opts.Identity)
 	b.env = b.environ()
+	meta, err := os.CreateTemp(opts.WorkDir, "meta-*.ext4")
+	if err != nil {
+		return Result{}, err
+	}
+	b.meta = meta.Name()
+	defer os.Remove(b.meta)
+	if err := meta.Close(); err != nil {
+		return Result{}, err
+	}
 
 	noSpace := func(err error) error {
 		if errors.Is(err, ErrNoSpace) {
@@ -115,28 +126,21 @@ func Build(ctx context.Context, tree *rootfs.Tree, out string, opts Options) (Re
 	if err != nil {
 		return Result{}, err
 	}
-	metadata := func() error {
-		if err := b.restoreMetadata(ctx, files); err != nil {
-			return err
-		}
-		return b.finish(ctx)
+	// The contents go to out while e2fsprogs finishes the metadata in
+	// its own file: both at once, and e2fsprogs, which flushes the file
+	// it works on whenever it closes it, never waits for the contents to
+	// reach the disk. The blocks they write are disjoint.
+	copied := make(chan error, 1)
+	go func() { copied <- b.copyData(files) }()
+	err = b.restoreMetadata(ctx, files)
+	if err == nil {
+		err = b.finish(ctx)
 	}
-	if opts.NoSync {
-		// e2fsprogs flushes the whole file when it closes it: copy the
-		// contents after, so that only metadata waits for the disk.
-		err = metadata()
-		if err == nil {
-			err = b.copyData(files, false)
-		}
-	} else {
-		// The contents and the metadata are in different blocks: write
-		// both at once, then flush.
-		copied := make(chan error, 1)
-		go func() { copied <- b.copyData(files, true) }()
-		err = metadata()
-		if cerr := <-copied; err == nil {
-			err = cerr
-		}
+	if cerr := <-copied; err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = b.assemble(!opts.NoSync)
 	}
 	if err != nil {
 		return Result{}, noSpace(err)
@@ -204,7 +208,9 @@ func deriveUUID(purpose, identity string) string {
 
 type builder struct {
 	tree *rootfs.Tree
-	out  string
+	out  string // the image: file contents, then the metadata
+	meta string // where e2fsprogs builds the metadata
+	size int64
 	opts Options
 	uuid string
 	env  []string
@@ -260,7 +266,7 @@ func (b *builder) mkfs(ctx context.Context, size, inodes int64) error {
 	if err := os.WriteFile(filepath.Join(b.opts.WorkDir, "e2fsck.conf"), []byte(e2fsckConfig), 0o644); err != nil {
 		return err
 	}
-	f, err := os.OpenFile(b.out, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
+	f, err := os.OpenFile(b.meta, os.O_WRONLY, 0)
 	if err != nil {
 		return err
 	}
@@ -280,7 +286,7 @@ func (b *builder) mkfs(ctx context.Context, size, inodes int64) error {
 		"-U", b.uuid,
 		"-E", "hash_seed=" + hashSeed + ",root_owner=0:0,nodiscard,assume_storage_prezeroed=1,no_copy_xattrs",
 		"-d", b.tree.StagingDir(),
-		b.out, strconv.FormatInt(size/BlockSize, 10),
+		b.meta, strconv.FormatInt(size/BlockSize, 10),
 	}
 	cmd := exec.CommandContext(ctx, "mke2fs", args...)
 	cmd.Env = b.env
@@ -308,7 +314,7 @@ func lastLine(s string) string {
 // inode number mke2fs gave every staged name, and where each device node
 // (not staged) has to go.
 func (b *builder) mapInodes() error {
-	im, err := OpenImage(b.out)
+	im, err := OpenImage(b.meta)
 	if err != nil {
 		return err
 	}
@@ -395,7 +401,7 @@ func (b *builder) allocate(ctx context.Context) error {
 	if s.lines == 0 {
 		return nil
 	}
-	out, err := debugfs(ctx, b.out, b.opts.WorkDir, &s, b.env)
+	out, err := debugfs(ctx, b.meta, b.opts.WorkDir, &s, b.env)
 	if err != nil {
 		return err
 	}
@@ -491,7 +497,7 @@ func (b *builder) restoreMetadata(ctx context.Context, files []placement) error 
 		}
 	}
 	markWritten(&s, files)
-	_, err := debugfs(ctx, b.out, b.opts.WorkDir, &s, b.env)
+	_, err := debugfs(ctx, b.meta, b.opts.WorkDir, &s, b.env)
 	return err
 }
 
@@ -514,8 +520,8 @@ const e2fsckConfig = `[problems]
 // done while they grew, and tune2fs writes every checksum once.
 func (b *builder) finish(ctx context.Context) error {
 	for _, args := range [][]string{
-		{"e2fsck", "-fyD", b.out},
-		{"tune2fs", "-O", "metadata_csum", b.out},
+		{"e2fsck", "-fyD", b.meta},
+		{"tune2fs", "-O", "metadata_csum", b.meta},
 	} {
 		cmd := exec.CommandContext(ctx, args[0], args[1:]...)
 		cmd.Env = b.env

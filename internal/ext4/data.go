@@ -2,23 +2,22 @@ package ext4
 
 import (
 	"encoding/binary"
-	"errors"
 	"fmt"
-	"io"
 	"os"
 	"sort"
 
-	"golang.org/x/sys/unix"
-
+	"github.com/kilnfs/kiln/internal/clone"
 	"github.com/kilnfs/kiln/internal/rootfs"
 )
 
 // File contents do not pass through mke2fs: it would write them one 4 KiB
 // block at a time. mke2fs lays out names and empty files; debugfs's
 // fallocate then gives each file its blocks, kiln copies the contents from
-// the tree's data file into those blocks in large kernel-side copies, and
+// the tree's data files into those blocks in large kernel-side copies, and
 // the metadata script marks the extents written (fallocate leaves them
-// "uninitialized", which reads as zeros).
+// "uninitialized", which reads as zeros). e2fsprogs works on a file of its
+// own meanwhile, holding the metadata only, which is copied into the image
+// at the end.
 
 // placement is where one file's blocks are in the image.
 type placement struct {
@@ -47,7 +46,7 @@ func (b *builder) allocateData(s *script) {
 // where each file's blocks went, checking that they cover exactly the
 // content's blocks.
 func (b *builder) readBack() ([]placement, error) {
-	im, err := OpenImage(b.out)
+	im, err := OpenImage(b.meta)
 	if err != nil {
 		return nil, err
 	}
@@ -115,11 +114,16 @@ func markWritten(s *script, files []placement) {
 	}
 }
 
-// copyData copies every file's content from the tree's data files into
-// its blocks in the image, and waits for the disk if sync is set.
-func (b *builder) copyData(files []placement, sync bool) error {
-	if len(files) == 0 {
-		return nil
+// copyData creates the image file and copies every file's content from
+// the tree's data files into its blocks there.
+func (b *builder) copyData(files []placement) error {
+	dst, err := os.OpenFile(b.out, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
+	if err != nil {
+		return err
+	}
+	defer dst.Close()
+	if err := dst.Truncate(b.size); err != nil {
+		return err
 	}
 	var srcs []*os.File
 	defer func() {
@@ -134,18 +138,34 @@ func (b *builder) copyData(files []placement, sync bool) error {
 		}
 		srcs = append(srcs, f)
 	}
-	dst, err := os.OpenFile(b.out, os.O_WRONLY, 0)
-	if err != nil {
-		return err
-	}
-	defer dst.Close()
 	for _, p := range files {
 		if err := copyFile(dst, srcs, p); err != nil {
 			return fmt.Errorf("ext4: writing the content of %q: %w", "/"+p.node.Path(), err)
 		}
 	}
+	return dst.Close()
+}
+
+// assemble adds the metadata, all that e2fsprogs wrote, to the contents
+// in the image file, and waits for the disk if sync is set.
+func (b *builder) assemble(sync bool) error {
+	meta, err := os.Open(b.meta)
+	if err != nil {
+		return err
+	}
+	defer meta.Close()
+	dst, err := os.OpenFile(b.out, os.O_WRONLY, 0)
+	if err != nil {
+		return err
+	}
+	defer dst.Close()
+	if err := clone.Regions(dst, meta); err != nil {
+		return fmt.Errorf("ext4: adding the metadata: %w", err)
+	}
 	if sync {
-		return dst.Sync()
+		if err := dst.Sync(); err != nil {
+			return err
+		}
 	}
 	return dst.Close()
 }
@@ -169,36 +189,11 @@ func copyFile(dst *os.File, srcs []*os.File, p placement) error {
 			e := exts[0]
 			n := min(end, (e.logical+e.length)*BlockSize) - pos
 			at := e.physical*BlockSize + pos - e.logical*BlockSize
-			if err := copyRange(dst, srcs[r.File], at, r.DataOffset+pos-r.Offset, n); err != nil {
+			if err := clone.Range(dst, srcs[r.File], at, r.DataOffset+pos-r.Offset, n); err != nil {
 				return err
 			}
 			pos += n
 		}
 	}
 	return nil
-}
-
-// copyRange copies n bytes from src at roff to dst at woff, in the kernel
-// when it can.
-func copyRange(dst, src *os.File, woff, roff, n int64) error {
-	for n > 0 {
-		r, w := roff, woff
-		c, err := unix.CopyFileRange(int(src.Fd()), &r, int(dst.Fd()), &w, int(min(n, 1<<30)), 0)
-		if err != nil {
-			if errors.Is(err, unix.EXDEV) || errors.Is(err, unix.ENOSYS) || errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.EINVAL) {
-				return copyUser(dst, src, woff, roff, n)
-			}
-			return err
-		}
-		if c == 0 {
-			return io.ErrUnexpectedEOF
-		}
-		roff, woff, n = roff+int64(c), woff+int64(c), n-int64(c)
-	}
-	return nil
-}
-
-func copyUser(dst, src *os.File, woff, roff, n int64) error {
-	_, err := io.CopyN(io.NewOffsetWriter(dst, woff), io.NewSectionReader(src, roff, n), n)
-	return err
 }
