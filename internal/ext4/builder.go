@@ -131,7 +131,7 @@ func Build(ctx context.Context, tree *rootfs.Tree, out string, opts Options) (Re
 	// it works on whenever it closes it, never waits for the contents to
 	// reach the disk. The blocks they write are disjoint.
 	copied := make(chan error, 1)
-	go func() { copied <- b.copyData(files) }()
+	go func() { copied <- b.copyData(ctx, files) }()
 	err = b.restoreMetadata(ctx, files)
 	if err == nil {
 		err = b.finish(ctx)

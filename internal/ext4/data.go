@@ -1,6 +1,7 @@
 package ext4
 
 import (
+	"context"
 	"encoding/binary"
 	"fmt"
 	"os"
@@ -116,7 +117,7 @@ func markWritten(s *script, files []placement) {
 
 // copyData creates the image file and copies every file's content from
 // the tree's data files into its blocks there.
-func (b *builder) copyData(files []placement) error {
+func (b *builder) copyData(ctx context.Context, files []placement) error {
 	dst, err := os.OpenFile(b.out, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
 	if err != nil {
 		return err
@@ -139,6 +140,9 @@ func (b *builder) copyData(files []placement) error {
 		srcs = append(srcs, f)
 	}
 	for _, p := range files {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
 		if err := copyFile(dst, srcs, p); err != nil {
 			return fmt.Errorf("ext4: writing the content of %q: %w", "/"+p.node.Path(), err)
 		}

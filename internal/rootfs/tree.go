@@ -1,11 +1,11 @@
 // Package rootfs merges image layers into one root filesystem: an in-memory
 // tree holding every entry's metadata exactly as the layer tars say, a
-// staging directory holding its names, and a data file holding the
-// contents of its regular files.
+// staging directory holding its names, and data files holding the contents
+// of its regular files.
 //
 // The staging directory is the tree's shape only: directories, symlinks,
-// fifos, hard links and an empty placeholder for every regular file, which
-// is all mke2fs needs to lay out the names. The contents stay where they
+// fifos, hard links and a placeholder without data for every regular file,
+// which is all mke2fs needs to lay out the names. The contents stay where they
 // are when the layer tar is stored uncompressed (ApplyStored), or go,
 // block aligned, into the tree's own data file; either way the ext4
 // builder copies them straight to the blocks the image gives each file,
