@@ -74,7 +74,7 @@ func Key(chainID digest.Digest, opts Options) string {
 type Result struct {
 	ext4.Result
 	Unpack time.Duration // replaying layers into the staging tree
-	Build  time.Duration // mke2fs and debugfs
+	Build  time.Duration // writing the ext4 (e2fsprogs and the contents)
 }
 
 // Rootfs replays layers in order into a staging tree under workDir and

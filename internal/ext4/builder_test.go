@@ -63,7 +63,7 @@ func TestEncodeTime(t *testing.T) {
 }
 
 func needTools(t *testing.T) {
-	for _, tool := range []string{"mke2fs", "debugfs", "e2fsck"} {
+	for _, tool := range []string{"mke2fs", "debugfs", "e2fsck", "tune2fs"} {
 		if _, err := exec.LookPath(tool); err != nil {
 			testenv.Unavailable(t, "%s not installed (e2fsprogs): %v", tool, err)
 		}

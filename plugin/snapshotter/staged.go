@@ -18,8 +18,9 @@ import (
 // Staged trees save the replay when an image is built right after it was
 // pulled: while kiln's differ stores a layer it also replays it into the
 // staging tree its parent layer left, and the tree passes from layer to
-// layer up the chain. Building the top layer's image then only runs
-// mke2fs and debugfs. A tree is an optimisation only: whatever is not
+// layer up the chain, taking file contents from the stored layer tars.
+// Building the top layer's image then only runs e2fsprogs and copies the
+// contents. A tree is an optimisation only: whatever is not
 // staged (after a restart, a second image on the same base) is replayed
 // from the stored layers.
 
@@ -30,7 +31,7 @@ const maxStaged = 4
 type stagedTree struct {
 	tree *rootfs.Tree
 	wd   *workdir.Dir
-	// mu lets builds read the tree (mke2fs copies the staging directory)
+	// mu lets builds read the tree (mke2fs reads the staging directory)
 	// while a child layer waits to change it; owner says which snapshot's
 	// chain the tree holds, so a build that waited learns it moved on.
 	mu    sync.RWMutex
