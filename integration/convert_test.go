@@ -789,7 +789,10 @@ func TestConvertDeterministicUnprivileged(t *testing.T) {
 	out := filepath.Join(dir, "out", "rootfs.ext4")
 	res := kiln(t, run{
 		args: convertArgs(ref, out, filepath.Join(dir, "cache")),
-		env:  map[string]string{"HOME": filepath.Join(dir, "home"), "DOCKER_CONFIG": filepath.Join(dir, "docker")},
+		// An ordinary user's PATH, without the sbin directories that
+		// hold e2fsprogs.
+		env: map[string]string{"HOME": filepath.Join(dir, "home"), "DOCKER_CONFIG": filepath.Join(dir, "docker"),
+			"PATH": "/usr/local/bin:/usr/bin:/bin"},
 		dir:  filepath.Join(dir, "home"),
 		cred: &syscall.Credential{Uid: nobody, Gid: nobody, Groups: []uint32{}},
 	})

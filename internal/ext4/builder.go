@@ -288,7 +288,7 @@ func (b *builder) mkfs(ctx context.Context, size, inodes int64) error {
 		"-d", b.tree.StagingDir(),
 		b.meta, strconv.FormatInt(size/BlockSize, 10),
 	}
-	cmd := exec.CommandContext(ctx, "mke2fs", args...)
+	cmd := tool(ctx, "mke2fs", args...)
 	cmd.Env = b.env
 	var outb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &outb, &outb
@@ -523,7 +523,7 @@ func (b *builder) finish(ctx context.Context) error {
 		{"e2fsck", "-fyD", b.meta},
 		{"tune2fs", "-O", "metadata_csum", b.meta},
 	} {
-		cmd := exec.CommandContext(ctx, args[0], args[1:]...)
+		cmd := tool(ctx, args[0], args[1:]...)
 		cmd.Env = b.env
 		if out, err := cmd.CombinedOutput(); err != nil {
 			return fmt.Errorf("%s: %w: %s", strings.Join(args[:len(args)-1], " "), err, strings.TrimSpace(string(out)))
@@ -535,7 +535,7 @@ func (b *builder) finish(ctx context.Context) error {
 // Check runs e2fsck read-only on an image and returns its report if the
 // filesystem is not clean.
 func Check(ctx context.Context, image string) error {
-	cmd := exec.CommandContext(ctx, "e2fsck", "-fn", image)
+	cmd := tool(ctx, "e2fsck", "-fn", image)
 	cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "LC_ALL=C"}
 	out, err := cmd.CombinedOutput()
 	if err != nil {
@@ -570,7 +570,7 @@ func Resize(ctx context.Context, image string, size int64) error {
 			return err
 		}
 	}
-	cmd := exec.CommandContext(ctx, "resize2fs", "-f", image, strconv.FormatInt(size/1024, 10)+"K")
+	cmd := tool(ctx, "resize2fs", "-f", image, strconv.FormatInt(size/1024, 10)+"K")
 	cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "LC_ALL=C"}
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return fmt.Errorf("resizing to %d bytes: %w: %s", size, err, strings.TrimSpace(string(out)))
@@ -601,7 +601,7 @@ func NeedsRecovery(image string) (bool, error) {
 // Recover replays an image's journal, so that it can be mounted read-only
 // (the kernel refuses to replay on a read-only device).
 func Recover(ctx context.Context, image string) error {
-	cmd := exec.CommandContext(ctx, "e2fsck", "-p", "-E", "journal_only", image)
+	cmd := tool(ctx, "e2fsck", "-p", "-E", "journal_only", image)
 	cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "LC_ALL=C"}
 	out, err := cmd.CombinedOutput()
 	var ee *exec.ExitError

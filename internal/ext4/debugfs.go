@@ -6,7 +6,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"os/exec"
 	"strconv"
 	"strings"
 	"time"
@@ -95,7 +94,7 @@ func debugfs(ctx context.Context, image, workDir string, s *script, env []string
 	if err := f.Close(); err != nil {
 		return nil, err
 	}
-	cmd := exec.CommandContext(ctx, "debugfs", "-w", "-f", f.Name(), image)
+	cmd := tool(ctx, "debugfs", "-w", "-f", f.Name(), image)
 	cmd.Env = env
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
