@@ -17,9 +17,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -261,7 +263,7 @@ func Inspect(ctx context.Context, image string, opts Options) (*FS, error) {
 		if st == nil {
 			return nil, fmt.Errorf("no stat output for inode %d", ino)
 		}
-		for _, name := range sortedKeys(st.LongXattrs) {
+		for _, name := range slices.Sorted(maps.Keys(st.LongXattrs)) {
 			file := filepath.Join(tmp, fmt.Sprintf("xattr-%d", len(longs)))
 			if strings.ContainsAny(name, "\n\r") {
 				return nil, fmt.Errorf("inode %d: xattr name %q cannot be passed to debugfs", ino, name)
@@ -390,15 +392,6 @@ func uniqueInodes(names map[string]uint32) []uint32 {
 		}
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i] < out[j] })
-	return out
-}
-
-func sortedKeys[V any](m map[string]V) []string {
-	out := make([]string, 0, len(m))
-	for k := range m {
-		out = append(out, k)
-	}
-	sort.Strings(out)
 	return out
 }
 
