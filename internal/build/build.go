@@ -1,5 +1,5 @@
 // Package build turns an image's layers into its ext4 root filesystem:
-// it replays the layers into a rootfs tree (internal/rootfs) and writes
+// it replays the layers into a merged tree (internal/fstree) and writes
 // the tree with e2fsprogs (internal/ext4). The standalone converter and
 // the containerd snapshotter both build through here, so the same chain of
 // layers with the same options gives the same bytes either way.
@@ -23,7 +23,7 @@ import (
 	"github.com/kilnfs/kiln/internal/inject"
 	"github.com/kilnfs/kiln/internal/layer"
 	"github.com/kilnfs/kiln/internal/progress"
-	"github.com/kilnfs/kiln/internal/rootfs"
+	"github.com/kilnfs/kiln/internal/fstree"
 )
 
 // Epoch is the time kiln gives to what no layer dates: directories that
@@ -104,18 +104,18 @@ func Rootfs(ctx context.Context, layers []Layer, out, workDir, key string, opts 
 	return res, err
 }
 
-// NewTree starts an empty rootfs tree staged in workDir.
-func NewTree(workDir string) (*rootfs.Tree, error) {
+// NewTree starts an empty merged tree staged in workDir.
+func NewTree(workDir string) (*fstree.Tree, error) {
 	stage := filepath.Join(workDir, "stage")
 	if err := os.Mkdir(stage, 0o700); err != nil {
 		return nil, err
 	}
-	return rootfs.New(stage, filepath.Join(workDir, "stage.data"), Epoch)
+	return fstree.New(stage, filepath.Join(workDir, "stage.data"), Epoch)
 }
 
 // FromTree writes a tree that holds all of an image's layers as an ext4
 // image: injection first, then the filesystem. It changes the tree.
-func FromTree(ctx context.Context, tree *rootfs.Tree, out, workDir, key string, opts Options, rep progress.Reporter) (Result, error) {
+func FromTree(ctx context.Context, tree *fstree.Tree, out, workDir, key string, opts Options, rep progress.Reporter) (Result, error) {
 	if rep == nil {
 		rep = progress.Discard
 	}
@@ -134,7 +134,7 @@ func FromTree(ctx context.Context, tree *rootfs.Tree, out, workDir, key string, 
 	return Result{Result: res, Unpack: mid.Sub(start), Build: time.Since(mid)}, nil
 }
 
-func applyLayer(ctx context.Context, tree *rootfs.Tree, l Layer, bar progress.Bar) error {
+func applyLayer(ctx context.Context, tree *fstree.Tree, l Layer, bar progress.Bar) error {
 	blob, err := l.Open()
 	if err != nil {
 		var lerr *layer.Error

@@ -25,7 +25,7 @@ import (
 	"strconv"
 	"strings"
 
-	"github.com/kilnfs/kiln/internal/rootfs"
+	"github.com/kilnfs/kiln/internal/fstree"
 )
 
 // BlockSize is the filesystem block size kiln builds with.
@@ -82,7 +82,7 @@ const mke2fsConfig = `[defaults]
 `
 
 // Build writes the tree as an ext4 image to out, which must not exist.
-func Build(ctx context.Context, tree *rootfs.Tree, out string, opts Options) (Result, error) {
+func Build(ctx context.Context, tree *fstree.Tree, out string, opts Options) (Result, error) {
 	if opts.WorkDir == "" {
 		return Result{}, errors.New("ext4: no work directory")
 	}
@@ -152,7 +152,7 @@ func Build(ctx context.Context, tree *rootfs.Tree, out string, opts Options) (Re
 // a quarter more (at least 64 MiB) for the guest to write to, the inode
 // tables, the journal and group metadata. The image file is sparse, so
 // headroom costs no host disk until the guest uses it.
-func AutoSize(s rootfs.Stats) int64 {
+func AutoSize(s fstree.Stats) int64 {
 	content := s.DataBlocks + s.LongSymlinks + s.XattrBlocks + dirBlocks(s)
 	headroom := max(content/4, (64<<20)/BlockSize)
 	blocks := content + headroom
@@ -166,13 +166,13 @@ func AutoSize(s rootfs.Stats) int64 {
 
 // dirBlocks estimates the blocks directories need: one each, plus the
 // entries at about two thirds fill (hashed directories split leaves).
-func dirBlocks(s rootfs.Stats) int64 {
+func dirBlocks(s fstree.Stats) int64 {
 	return s.Dirs + s.DirEntryBytes*3/2/BlockSize
 }
 
 // inodeCount gives room for many small files: twice the content's inodes,
 // and no fewer than one per 16 KiB.
-func inodeCount(s rootfs.Stats, size int64) int64 {
+func inodeCount(s fstree.Stats, size int64) int64 {
 	return max(s.Inodes*2+1024, size/16384)
 }
 
@@ -207,7 +207,7 @@ func deriveUUID(purpose, identity string) string {
 }
 
 type builder struct {
-	tree *rootfs.Tree
+	tree *fstree.Tree
 	out  string // the image: file contents, then the metadata
 	meta string // where e2fsprogs builds the metadata
 	size int64
@@ -218,20 +218,20 @@ type builder struct {
 	// inodes lists every inode of the content with its number, in the
 	// order the tree walk first met it.
 	inodes []numbered
-	seen   map[*rootfs.Inode]bool
+	seen   map[*fstree.Inode]bool
 	// devices are created by debugfs; each needs its names.
 	devices []*device
 }
 
 type numbered struct {
 	ino   uint32
-	inode *rootfs.Inode
-	node  *rootfs.Node // the first name met, for error messages
+	inode *fstree.Inode
+	node  *fstree.Node // the first name met, for error messages
 	raw   []byte       // the inode as it is before the metadata script
 }
 
 type device struct {
-	inode *rootfs.Inode
+	inode *fstree.Inode
 	ino   uint32
 	names []dirName // where its names go, first one created by mknod
 }
@@ -319,12 +319,12 @@ func (b *builder) mapInodes() error {
 		return err
 	}
 	defer im.Close()
-	b.seen = map[*rootfs.Inode]bool{}
-	devs := map[*rootfs.Inode]*device{}
+	b.seen = map[*fstree.Inode]bool{}
+	devs := map[*fstree.Inode]*device{}
 	b.add(rootInode, b.tree.Root())
 
-	var walk func(dir *rootfs.Node, ino uint32) error
-	walk = func(dir *rootfs.Node, ino uint32) error {
+	var walk func(dir *fstree.Node, ino uint32) error
+	walk = func(dir *fstree.Node, ino uint32) error {
 		ents, err := im.ReadDir(ino)
 		if err != nil {
 			return err
@@ -340,7 +340,7 @@ func (b *builder) mapInodes() error {
 			}
 			found[e.Name] = true
 			b.add(e.Ino, child)
-			if child.Inode().Type == rootfs.TypeDir {
+			if child.Inode().Type == fstree.TypeDir {
 				if err := walk(child, e.Ino); err != nil {
 					return err
 				}
@@ -367,7 +367,7 @@ func (b *builder) mapInodes() error {
 	return walk(b.tree.Root(), rootInode)
 }
 
-func (b *builder) add(ino uint32, n *rootfs.Node) {
+func (b *builder) add(ino uint32, n *fstree.Node) {
 	in := n.Inode()
 	if b.seen[in] {
 		return
@@ -389,7 +389,7 @@ func (b *builder) allocate(ctx context.Context) error {
 			return fmt.Errorf("device node %q: %w", "/"+d.inode.Names()[0].Path(), err)
 		}
 		kind := "c"
-		if d.inode.Type == rootfs.TypeBlock {
+		if d.inode.Type == fstree.TypeBlock {
 			kind = "b"
 		}
 		s.printf("cd <%d>", first.dir)
@@ -419,13 +419,13 @@ func (b *builder) allocate(ctx context.Context) error {
 	return nil
 }
 
-var typeBits = map[rootfs.Type]uint32{
-	rootfs.TypeDir:     0o040000,
-	rootfs.TypeReg:     0o100000,
-	rootfs.TypeSymlink: 0o120000,
-	rootfs.TypeFifo:    0o010000,
-	rootfs.TypeChar:    0o020000,
-	rootfs.TypeBlock:   0o060000,
+var typeBits = map[fstree.Type]uint32{
+	fstree.TypeDir:     0o040000,
+	fstree.TypeReg:     0o100000,
+	fstree.TypeSymlink: 0o120000,
+	fstree.TypeFifo:    0o010000,
+	fstree.TypeChar:    0o020000,
+	fstree.TypeBlock:   0o060000,
 }
 
 // restoreMetadata writes every inode's owner, mode, size, times and
@@ -453,7 +453,7 @@ func (b *builder) restoreMetadata(ctx context.Context, files []placement) error 
 		if in.GID != have.gid {
 			s.printf("sif <%d> gid %d", ino, in.GID)
 		}
-		if in.Type == rootfs.TypeReg && uint64(in.Size) != have.size {
+		if in.Type == fstree.TypeReg && uint64(in.Size) != have.size {
 			s.printf("sif <%d> size %d", ino, in.Size)
 		}
 		s.setTime(ino, "atime", in.Atime, have.atime)

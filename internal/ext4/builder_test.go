@@ -12,7 +12,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/kilnfs/kiln/internal/rootfs"
+	"github.com/kilnfs/kiln/internal/fstree"
 	"github.com/kilnfs/kiln/internal/testenv"
 )
 
@@ -71,14 +71,14 @@ func needTools(t *testing.T) {
 }
 
 // newTree returns a work directory and an empty tree staged in it.
-func newTree(t *testing.T) (string, *rootfs.Tree) {
+func newTree(t *testing.T) (string, *fstree.Tree) {
 	t.Helper()
 	work := t.TempDir()
 	stage := filepath.Join(work, "stage")
 	if err := os.Mkdir(stage, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	tree, err := rootfs.New(stage, filepath.Join(work, "stage.data"), time.Unix(0, 0))
+	tree, err := fstree.New(stage, filepath.Join(work, "stage.data"), time.Unix(0, 0))
 	if err != nil {
 		t.Fatal(err)
 	}

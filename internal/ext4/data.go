@@ -8,7 +8,7 @@ import (
 	"sort"
 
 	"github.com/kilnfs/kiln/internal/clone"
-	"github.com/kilnfs/kiln/internal/rootfs"
+	"github.com/kilnfs/kiln/internal/fstree"
 )
 
 // File contents do not pass through mke2fs: it would write them one 4 KiB
@@ -23,8 +23,8 @@ import (
 // placement is where one file's blocks are in the image.
 type placement struct {
 	ino     uint32
-	inode   *rootfs.Inode
-	node    *rootfs.Node
+	inode   *fstree.Inode
+	node    *fstree.Node
 	extents []extent
 	// inInode says the extents are the inode's own four slots (a tree of
 	// depth 0), which the metadata script can set directly.
@@ -59,7 +59,7 @@ func (b *builder) readBack() ([]placement, error) {
 		if n.raw, err = im.inode(n.ino); err != nil {
 			return nil, err
 		}
-		if n.inode.Type != rootfs.TypeReg || len(n.inode.Data) == 0 {
+		if n.inode.Type != fstree.TypeReg || len(n.inode.Data) == 0 {
 			continue
 		}
 		exts, err := im.extents(n.ino, n.raw)

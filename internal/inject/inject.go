@@ -24,7 +24,7 @@ import (
 	"github.com/pelletier/go-toml/v2"
 
 	"github.com/kilnfs/kiln/internal/guest"
-	"github.com/kilnfs/kiln/internal/rootfs"
+	"github.com/kilnfs/kiln/internal/fstree"
 )
 
 // Options choose what to inject.
@@ -158,7 +158,7 @@ var ErrClash = errors.New("the image already has")
 
 // Apply adds the set's files to a tree that holds all of the image's
 // layers.
-func (s *Set) Apply(ctx context.Context, tree *rootfs.Tree) error {
+func (s *Set) Apply(ctx context.Context, tree *fstree.Tree) error {
 	if s == nil {
 		return nil
 	}
@@ -184,7 +184,7 @@ func (s *Set) Apply(ctx context.Context, tree *rootfs.Tree) error {
 			return fmt.Errorf("injecting %s: %w", f.Path, err)
 		}
 		if existing != nil {
-			if f.Dir && existing.Inode().Type == rootfs.TypeDir {
+			if f.Dir && existing.Inode().Type == fstree.TypeDir {
 				continue // the image's directory stays as it is
 			}
 			if !s.opts.Force {
@@ -206,7 +206,7 @@ func (s *Set) Apply(ctx context.Context, tree *rootfs.Tree) error {
 // the kernel gives init its console through /dev/console on the root, and
 // a Go program started without one opens /dev/null or dies, before
 // kiln-init can mount devtmpfs.
-func consoleNodes(tw *tar.Writer, tree *rootfs.Tree) error {
+func consoleNodes(tw *tar.Writer, tree *fstree.Tree) error {
 	for _, d := range []struct {
 		name         string
 		mode         int64
@@ -215,7 +215,7 @@ func consoleNodes(tw *tar.Writer, tree *rootfs.Tree) error {
 		if n, err := tree.Resolve("/" + d.name); err != nil || n != nil {
 			continue
 		}
-		if dir, err := tree.Resolve("/dev"); err == nil && dir != nil && dir.Inode().Type != rootfs.TypeDir {
+		if dir, err := tree.Resolve("/dev"); err == nil && dir != nil && dir.Inode().Type != fstree.TypeDir {
 			continue // not a directory: leave the image's /dev alone
 		}
 		if err := tw.WriteHeader(&tar.Header{
@@ -231,18 +231,18 @@ func consoleNodes(tw *tar.Writer, tree *rootfs.Tree) error {
 // lookup finds what the image has where f goes: for a directory, symlinks
 // are followed (a /lib that links to usr/lib is a directory); for anything
 // else the last component is not (the file would replace the symlink).
-func lookup(tree *rootfs.Tree, f guest.File) (*rootfs.Node, error) {
+func lookup(tree *fstree.Tree, f guest.File) (*fstree.Node, error) {
 	if f.Dir {
 		return tree.Resolve(f.Path)
 	}
 	dir, err := tree.Resolve(path.Dir(f.Path))
-	if err != nil || dir == nil || dir.Inode().Type != rootfs.TypeDir {
+	if err != nil || dir == nil || dir.Inode().Type != fstree.TypeDir {
 		return nil, err
 	}
 	return dir.Child(path.Base(f.Path)), nil
 }
 
-func writeEntry(tw *tar.Writer, f guest.File, tree *rootfs.Tree) error {
+func writeEntry(tw *tar.Writer, f guest.File, tree *fstree.Tree) error {
 	hdr := &tar.Header{
 		Name: strings.TrimPrefix(f.Path, "/"), Mode: int64(f.Mode), Uid: int(f.UID), Gid: int(f.GID),
 		ModTime: tree.Epoch(), Format: tar.FormatPAX,
@@ -273,9 +273,9 @@ func writeEntry(tw *tar.Writer, f guest.File, tree *rootfs.Tree) error {
 }
 
 // HasSystemd reports whether the image boots with systemd.
-func HasSystemd(tree *rootfs.Tree) bool {
+func HasSystemd(tree *fstree.Tree) bool {
 	for _, p := range []string{"/lib/systemd/systemd", "/usr/lib/systemd/systemd"} {
-		if n, err := tree.Resolve(p); err == nil && n != nil && n.Inode().Type == rootfs.TypeReg {
+		if n, err := tree.Resolve(p); err == nil && n != nil && n.Inode().Type == fstree.TypeReg {
 			return true
 		}
 	}

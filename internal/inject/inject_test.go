@@ -11,13 +11,13 @@ import (
 	"testing"
 	"time"
 
-	"github.com/kilnfs/kiln/internal/rootfs"
+	"github.com/kilnfs/kiln/internal/fstree"
 )
 
-func tree(t *testing.T, entries ...*tar.Header) *rootfs.Tree {
+func tree(t *testing.T, entries ...*tar.Header) *fstree.Tree {
 	t.Helper()
 	dir := t.TempDir()
-	tr, err := rootfs.New(dir, dir+".data", time.Unix(0, 0))
+	tr, err := fstree.New(dir, dir+".data", time.Unix(0, 0))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -87,7 +87,7 @@ func TestUserBundle(t *testing.T) {
 	if d := tr.Lookup("opt/agent").Inode(); d.Mode != 0o711 {
 		t.Errorf("opt/agent mode %o", d.Mode)
 	}
-	if l := tr.Lookup("etc/agent.link").Inode(); l.Type != rootfs.TypeSymlink || l.Target != "/opt/agent/agent" {
+	if l := tr.Lookup("etc/agent.link").Inode(); l.Type != fstree.TypeSymlink || l.Target != "/opt/agent/agent" {
 		t.Errorf("link: %+v", l)
 	}
 }

@@ -22,7 +22,7 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/kilnfs/kiln/internal/layer"
-	"github.com/kilnfs/kiln/internal/rootfs"
+	"github.com/kilnfs/kiln/internal/fstree"
 )
 
 // Snapshots tells the differ which mounts are kiln's extraction snapshots.
@@ -135,7 +135,7 @@ func (d *Differ) store(ctx context.Context, desc ocispec.Descriptor, dir string,
 		err = sink.Apply(ctx, io.TeeReader(lr, counter), desc.Digest.String(), tarPath)
 		defer func() { sink.Done(ok) }()
 	} else {
-		err = rootfs.Check(ctx, io.TeeReader(lr, counter), desc.Digest.String())
+		err = fstree.Check(ctx, io.TeeReader(lr, counter), desc.Digest.String())
 	}
 	if err != nil {
 		return ocispec.Descriptor{}, layer.Cause(err, lr)

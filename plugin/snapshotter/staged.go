@@ -11,7 +11,7 @@ import (
 	"github.com/containerd/log"
 
 	"github.com/kilnfs/kiln/internal/build"
-	"github.com/kilnfs/kiln/internal/rootfs"
+	"github.com/kilnfs/kiln/internal/fstree"
 	"github.com/kilnfs/kiln/internal/workdir"
 )
 
@@ -29,7 +29,7 @@ import (
 const maxStaged = 4
 
 type stagedTree struct {
-	tree *rootfs.Tree
+	tree *fstree.Tree
 	wd   *workdir.Dir
 	// mu lets builds read the tree (mke2fs reads the staging directory)
 	// while a child layer waits to change it; owner says which snapshot's

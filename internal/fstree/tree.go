@@ -1,4 +1,4 @@
-// Package rootfs merges image layers into one root filesystem: an in-memory
+// Package fstree merges image layers into one root filesystem: an in-memory
 // tree holding every entry's metadata exactly as the layer tars say, a
 // staging directory holding its names, and data files holding the contents
 // of its regular files.
@@ -16,7 +16,7 @@
 // are not created at all. The tree is the authority on metadata; the ext4
 // builder restores it afterwards. This is what makes the result the same
 // whether kiln runs as root or not.
-package rootfs
+package fstree
 
 import (
 	"fmt"

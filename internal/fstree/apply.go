@@ -1,4 +1,4 @@
-package rootfs
+package fstree
 
 import (
 	"archive/tar"
