@@ -3,6 +3,7 @@ package integration
 import (
 	"bytes"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -62,7 +63,14 @@ func busyboxImage(t *testing.T, cfg v1.Config, extra ...testimage.Layer) v1.Imag
 // printed.
 func boot(t *testing.T, kernel, image string, args ...string) (status int, stdout, console string) {
 	t.Helper()
-	res := kiln(t, run{args: append([]string{"boot", image, "--kernel", kernel, "--cache-dir", t.TempDir(), "--timeout", "4m", "--"}, args...)})
+	return bootWith(t, kernel, image, nil, args...)
+}
+
+// bootWith is boot with more kiln boot flags.
+func bootWith(t *testing.T, kernel, image string, flags []string, args ...string) (status int, stdout, console string) {
+	t.Helper()
+	cmd := append([]string{"boot", image, "--kernel", kernel, "--cache-dir", t.TempDir(), "--timeout", "4m"}, flags...)
+	res := kiln(t, run{args: append(append(cmd, "--"), args...)})
 	status = 0
 	if res.err != nil {
 		status = -1
@@ -126,6 +134,88 @@ func TestBootInitBusybox(t *testing.T) {
 	})
 }
 
+// newScratch makes an empty scratch disk as kiln serve would.
+func newScratch(t *testing.T) string {
+	t.Helper()
+	scratch := filepath.Join(t.TempDir(), "scratch.ext4")
+	if out, err := exec.Command("mkfs.ext4", "-q", "-L", "kiln-scratch", scratch, "64M").CombinedOutput(); err != nil {
+		t.Fatalf("mkfs.ext4: %v\n%s", err, out)
+	}
+	return scratch
+}
+
+// scratchFile reads a file of the scratch disk with debugfs, which reads
+// what is on the disk without replaying its journal. With clean, the disk
+// must have been unmounted cleanly, as kiln-init does; systemd cannot reach
+// it to unmount, but syncs it.
+func scratchFile(t *testing.T, scratch, path string, clean bool) string {
+	t.Helper()
+	fsck(t, scratch)
+	sb, err := exec.Command("dumpe2fs", "-h", scratch).Output()
+	if err != nil {
+		t.Fatalf("dumpe2fs: %v", err)
+	}
+	if clean && strings.Contains(string(sb), "needs_recovery") {
+		t.Errorf("the scratch disk's journal needs recovery: it was not unmounted cleanly")
+	}
+	out, err := exec.Command("debugfs", "-R", "cat "+path, scratch).Output()
+	if err != nil {
+		t.Fatalf("debugfs cat %s: %v", path, err)
+	}
+	return string(out)
+}
+
+const overlayLine = "kiln-init: root is an overlay of /dev/nvme0n1 (read-only) and /dev/nvme1n1 (scratch)"
+
+// TestBootOverlayScratch boots a read-only image twice with the same scratch
+// disk: kiln-init composes an overlay root, what the workload writes lands on
+// the scratch disk and is there on the next boot, and the image never
+// changes.
+func TestBootOverlayScratch(t *testing.T) {
+	kernel := needBoot(t)
+	img := busyboxImage(t, v1.Config{
+		Entrypoint: []string{"/bin/busybox", "sh", "-c"},
+		Cmd: []string{`busybox mkdir -p /data
+if busybox test -f /data/marker; then echo "found $(busybox wc -l < /data/marker) lines"; else echo "no marker"; fi
+echo written-by-kiln >> /data/marker
+busybox awk '$2 == "/" { print "root-fstype=" $3 }' /proc/mounts`},
+		Env: []string{"PATH=/bin"},
+	})
+	ref := mustPush(t, "boot/overlay:v1", img)
+	out := filepath.Join(t.TempDir(), "rootfs.ext4")
+	convert(t, ref, out, t.TempDir(), "--inject", "init")
+	before := fileSHA(t, out)
+	scratch := newScratch(t)
+
+	for i, want := range []string{"no marker", "found 1 lines"} {
+		start := time.Now()
+		status, _, console := bootWith(t, kernel, out, []string{"--scratch", scratch})
+		t.Logf("boot %d took %v", i+1, time.Since(start).Round(time.Millisecond))
+		if status != 0 {
+			t.Fatalf("boot %d: status %d\n%s", i+1, status, tailLines(console, 30))
+		}
+		for _, line := range []string{overlayLine, want, "root-fstype=overlay", "kiln-init: workload exited with status 0"} {
+			if !strings.Contains(console, line) {
+				t.Errorf("boot %d: console lacks %q:\n%s", i+1, line, tailLines(console, 30))
+			}
+		}
+	}
+	if fileSHA(t, out) != before {
+		t.Errorf("booting with a scratch disk changed the image")
+	}
+	if got := scratchFile(t, scratch, "/upper/data/marker", true); got != "written-by-kiln\nwritten-by-kiln\n" {
+		t.Errorf("scratch disk has upper/data/marker %q, want two lines", got)
+	}
+
+	t.Run("bad kiln.overlay", func(t *testing.T) {
+		status, _, console := bootWith(t, kernel, out, []string{"--scratch", scratch, "--append", "kiln.overlay=vdb"})
+		if status != 1 || !strings.Contains(console, "kiln-init: error: overlay root: kiln.overlay=") ||
+			!strings.Contains(console, "reboot: Power down") {
+			t.Errorf("status %d, want 1 after a kiln-init error and a power-off:\n%s", status, tailLines(console, 20))
+		}
+	})
+}
+
 func TestBootInitBadConfig(t *testing.T) {
 	kernel := needBoot(t)
 	notExec := layerTar(t, tFile("bin/not-executable", 0o644, epoch2020, "#!/bin/sh\necho never\n"))
@@ -173,6 +263,34 @@ func TestBootSystemdAgent(t *testing.T) {
 	convert(t, ref, out, t.TempDir(), "--inject", "agent,network")
 	fsck(t, out)
 	bootSystemdAgent(t, kernel, out)
+
+	// kiln-init composes the overlay root, then starts systemd.
+	t.Run("overlay root", func(t *testing.T) {
+		before := fileSHA(t, out)
+		scratch := newScratch(t)
+		start := time.Now()
+		status, stdout, console := bootWith(t, kernel, out, []string{"--scratch", scratch}, "sh", "-c",
+			"systemctl is-system-running --wait >/dev/null; systemctl is-active multi-user.target; "+
+				"findmnt -no FSTYPE /; echo from-systemd > /etc/kiln-overlay")
+		t.Logf("booted in %v", time.Since(start).Round(time.Millisecond))
+		if status != 0 {
+			t.Fatalf("kiln boot: status %d\n%s", status, tailLines(console, 40))
+		}
+		if stdout != "active\noverlay\n" {
+			t.Errorf("multi-user.target and the root's type: %q, want active and overlay", stdout)
+		}
+		for _, line := range []string{overlayLine, "kiln-init: starting the image's init /sbin/init"} {
+			if !strings.Contains(console, line) {
+				t.Errorf("console lacks %q:\n%s", line, tailLines(console, 40))
+			}
+		}
+		if fileSHA(t, out) != before {
+			t.Errorf("booting with a scratch disk changed the image")
+		}
+		if got := scratchFile(t, scratch, "/upper/etc/kiln-overlay", false); got != "from-systemd\n" {
+			t.Errorf("scratch disk has upper/etc/kiln-overlay %q", got)
+		}
+	})
 }
 
 // bootSystemdAgent boots a systemd image with kiln-agent to multi-user and

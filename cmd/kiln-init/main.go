@@ -22,6 +22,32 @@
 // the workload with SIGTERM, killing it after 10s, then power off or
 // reboot.
 //
+// Before any of that, kiln-init can give the image, attached read-only, a
+// writable overlay root whose upper layer is a container's scratch disk
+// (see package overlayroot):
+//
+//	kiln.overlay=/dev/vdb        the scratch disk; or LABEL=NAME
+//	kiln.overlay=off             never compose an overlay
+//
+// Without kiln.overlay= a disk holding an ext4 filesystem labelled
+// kiln-scratch is used when there is one. On success it prints
+//
+//	kiln-init: root is an overlay of /dev/vda (read-only) and /dev/vdb (scratch)
+//
+// An image with an init of its own can boot through kiln-init for the
+// overlay alone: when the image has no /.kiln/image-config.json, kiln-init
+// execs /sbin/init (or /lib/systemd/systemd), keeping PID 1 and passing its
+// arguments on. kiln.init=PATH names that init instead, and wins over an
+// image config.
+//
+// As the /init of the initramfs that kiln boot builds when the kernel needs
+// modules first (overlay.ko, the virtio-blk chain), kiln-init loads them,
+// mounts root= (rootfstype=, rootflags=, ro or rw) and execs init=, which
+// is kiln-init again on the real root (see package switchroot).
+//
+// Errors are "kiln-init: error: ..." lines followed by a status line and a
+// power-off, never a kernel panic.
+//
 // With --network-only, run by kiln-network.service on systemd images, it
 // only applies the network, DNS and hostname configuration and exits.
 package main
@@ -42,7 +68,9 @@ import (
 	"github.com/kilnfs/kiln/internal/guest/initconfig"
 	"github.com/kilnfs/kiln/internal/guest/initproc"
 	"github.com/kilnfs/kiln/internal/guest/netconf"
+	"github.com/kilnfs/kiln/internal/guest/overlayroot"
 	"github.com/kilnfs/kiln/internal/guest/power"
+	"github.com/kilnfs/kiln/internal/guest/switchroot"
 )
 
 // How long the remaining processes get to exit on SIGTERM before shutdown.
@@ -108,12 +136,37 @@ func setupNetwork() error {
 // runInit is PID 1. It never returns: the kernel panics if PID 1 exits.
 func runInit(args []string) {
 	action := initproc.PowerOff
+	var root *overlayroot.Root
 	defer func() {
 		if r := recover(); r != nil {
 			logf("error: internal error: %v\n%s", r, debug.Stack())
-			shutdown(nil, initproc.PowerOff)
+			shutdown(nil, initproc.PowerOff, root)
 		}
 	}()
+
+	if switchroot.InInitramfs() {
+		err := switchroot.Run(args)
+		failBoot(fmt.Errorf("initramfs: %w", err), nil)
+	}
+
+	// /proc first: the kernel command line says how to prepare the root.
+	initproc.Mounts("/", []initproc.Mount{initproc.ProcMount}, warnf)
+	c, err := cmdline.Read()
+	if err != nil {
+		warnf("%v", err)
+	}
+	root, err = composeRoot(c)
+	if err != nil {
+		failBoot(fmt.Errorf("overlay root: %w", err), root)
+	}
+	if root != nil {
+		logf("root is %s", root)
+	}
+	if path, err := initconfig.ImageInit("/", c.Get(guest.ParamInit)); err != nil {
+		failBoot(err, root)
+	} else if path != "" {
+		failBoot(execImageInit(path, args), root)
+	}
 
 	initproc.MountAPIFilesystems("/", initproc.APIMounts, warnf)
 	console := initproc.Console()
@@ -150,7 +203,39 @@ func runInit(args []string) {
 			logf("%s", initproc.StatusLine(ws))
 		}
 	}
-	shutdown(sup, action)
+	shutdown(sup, action, root)
+}
+
+// composeRoot makes the root an overlay of the image and the machine's
+// scratch disk, if it has one. In a container the runtime made the root
+// and there is nothing to do.
+func composeRoot(c cmdline.Cmdline) (*overlayroot.Root, error) {
+	if !power.InInitialPIDNamespace() {
+		return nil, nil
+	}
+	spec, err := overlayroot.FromCmdline(c)
+	if err != nil {
+		return nil, err
+	}
+	return overlayroot.Compose(overlayroot.Options{Spec: spec, Dir: guest.Dir})
+}
+
+// execImageInit replaces kiln-init with the image's own init, which stays
+// PID 1 and gets kiln-init's arguments. It returns only on failure.
+func execImageInit(path string, args []string) error {
+	logf("starting the image's init %s", path)
+	err := unix.Exec(path, append([]string{path}, args...), os.Environ())
+	return initproc.StartError(path, err)
+}
+
+// failBoot reports an error that ends the boot before any workload ran,
+// with the status line hosts look for, and powers off. It never returns.
+func failBoot(err error, root *overlayroot.Root) {
+	logf("error: %v", err)
+	logf("%s", initproc.FailureLine(initconfig.ExitStatus(err)))
+	// Powering off needs /proc and /sys, which the new root may lack.
+	initproc.Mounts("/", []initproc.Mount{initproc.ProcMount, initproc.SysMount}, func(string, ...any) {})
+	shutdown(nil, initproc.PowerOff, root)
 }
 
 // startAgent runs /.kiln/agent in the background when the image has it:
@@ -170,9 +255,10 @@ func startAgent(sup *initproc.Supervisor, console *os.File) {
 	}
 }
 
-// shutdown stops every process, makes the root filesystem consistent and
-// powers off or reboots. It never returns.
-func shutdown(sup *initproc.Supervisor, action initproc.Action) {
+// shutdown stops every process, makes the root filesystem (and the scratch
+// disk below an overlay root) consistent and powers off or reboots. It never
+// returns.
+func shutdown(sup *initproc.Supervisor, action initproc.Action, root *overlayroot.Root) {
 	if sup != nil {
 		sup.StopAll(stopAllGrace)
 		sup.Close()
@@ -181,6 +267,9 @@ func shutdown(sup *initproc.Supervisor, action initproc.Action) {
 	// Only on a real machine: in a container / is not ours to remount.
 	if power.InInitialPIDNamespace() {
 		if err := initproc.RemountRootReadOnly(); err != nil {
+			warnf("%v", err)
+		}
+		if err := root.Close(); err != nil {
 			warnf("%v", err)
 		}
 	}

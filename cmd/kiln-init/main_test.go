@@ -524,3 +524,44 @@ func TestNetworkOnly(t *testing.T) {
 		})
 	}
 }
+
+// TestBootExecsImageInit boots an image that has an init of its own and no
+// kiln image config: kiln-init hands PID 1 over to it with its arguments.
+func TestBootExecsImageInit(t *testing.T) {
+	r := newRootfs(t, "")
+	if err := os.Remove(filepath.Join(r.dir, guest.ImageConfigPath)); err != nil {
+		t.Fatal(err)
+	}
+	r.copy(filepath.Join(r.bins, "workload"), "/sbin/init", 0o755)
+	b := r.boot([]string{"report", "from-kernel"}, nil)
+	wantLine(t, b, "kiln-init: starting the image's init /sbin/init")
+	if got := b.value("pid"); got != "1" {
+		t.Errorf("the image's init runs as pid %q, want 1", got)
+	}
+	if got := b.value("args"); got != `["report","from-kernel"]` {
+		t.Errorf("args = %s", got)
+	}
+	// The image's init, not kiln-init, ended the namespace.
+	if !b.status.Exited() || b.status.ExitStatus() != 0 {
+		t.Errorf("PID 1 ended with %v, want the image's init to exit 0", b.status)
+	}
+}
+
+func TestBootWithoutConfigOrInit(t *testing.T) {
+	r := newRootfs(t, "")
+	if err := os.Remove(filepath.Join(r.dir, guest.ImageConfigPath)); err != nil {
+		t.Fatal(err)
+	}
+	b := r.boot(nil, nil)
+	found := false
+	for _, l := range b.lines() {
+		if strings.HasPrefix(l, "kiln-init: error: ") && strings.Contains(l, "nor an init of its own") {
+			found = true
+		}
+	}
+	if !found {
+		t.Error("no kiln-init error saying the image has neither a config nor an init")
+	}
+	wantLine(t, b, "kiln-init: workload exited with status 127")
+	wantPowerOff(t, b)
+}

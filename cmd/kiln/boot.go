@@ -17,6 +17,7 @@ func newBootCommand() *cobra.Command {
 		kernelPath string
 		cacheDir   string
 		writable   bool
+		scratch    string
 		appendArgs []string
 		memory     int
 		timeout    time.Duration
@@ -32,6 +33,14 @@ COMMAND instead of the image's Cmd, and kiln boot exits with the workload's
 status. A rootfs whose own init starts kiln-agent (--inject agent on a
 systemd image) runs COMMAND through the agent on a second serial port and
 prints its output. Anything else boots until it powers off or times out.
+
+With --scratch FILE, an ext4 image (mkfs.ext4 -q -L kiln-scratch FILE 64M),
+the rootfs is attached read-only and FILE writable, and kiln-init composes an
+overlay root: the workload's writes land in FILE and persist from one boot to
+the next, while the rootfs stays unchanged. The rootfs needs kiln-init for
+that (--inject init, or --inject agent,network for a systemd image, whose own
+init kiln-init then starts). If the kernel has overlayfs as a module, kiln
+boot loads it from a small initramfs whose /init is kiln-init.
 
 Without --kernel, Debian's cloud kernel is fetched with apt-get download into
 the cache directory. The rootfs is attached read-only unless --rw.`,
@@ -49,7 +58,7 @@ the cache directory. The rootfs is attached read-only unless --rw.`,
 			defer os.RemoveAll(work)
 			opts := bootcheck.Options{
 				Rootfs: args[0], Kernel: kernelPath, CacheDir: cacheDir, Args: args[1:],
-				Writable: writable, Append: appendArgs, MemoryMiB: memory, Timeout: timeout,
+				Writable: writable, Scratch: scratch, Append: appendArgs, MemoryMiB: memory, Timeout: timeout,
 				WorkDir: work,
 			}
 			if !quiet {
@@ -72,6 +81,7 @@ the cache directory. The rootfs is attached read-only unless --rw.`,
 	f.StringVar(&kernelPath, "kernel", "", "kernel (vmlinuz) with ext4 and NVMe built in (default: Debian's cloud kernel)")
 	f.StringVar(&cacheDir, "cache-dir", store.DefaultDir(), "where the fetched kernel is kept")
 	f.BoolVar(&writable, "rw", false, "attach the rootfs read-write (the guest can change the file)")
+	f.StringVar(&scratch, "scratch", "", "ext4 image to attach writable as the upper layer of an overlay root")
 	f.StringArrayVar(&appendArgs, "append", nil, "extra kernel parameter, e.g. ip=10.0.2.15::10.0.2.2:255.255.255.0::eth0:off; repeatable")
 	f.IntVar(&memory, "memory", 512, "guest memory in MiB")
 	f.DurationVar(&timeout, "timeout", 5*time.Minute, "give up after this long")

@@ -4,6 +4,10 @@
 // its Cmd) and reports its exit status; an image with kiln-agent runs the
 // command through the agent on a second serial port; anything else just
 // boots until it powers off.
+//
+// With a scratch disk the rootfs is attached read-only and kiln-init, which
+// the image must have, composes an overlay root over it whose upper layer
+// is the scratch disk, then runs the workload or execs the image's own init.
 package bootcheck
 
 import (
@@ -20,6 +24,7 @@ import (
 	"github.com/kilnfs/kiln/internal/ext4"
 	"github.com/kilnfs/kiln/internal/guest"
 	"github.com/kilnfs/kiln/internal/guest/agent"
+	"github.com/kilnfs/kiln/internal/guest/overlayroot"
 	"github.com/kilnfs/kiln/internal/vmboot"
 	"github.com/kilnfs/kiln/internal/vmboot/kernel"
 )
@@ -35,7 +40,10 @@ type Options struct {
 	// agent.
 	Args []string
 	// Writable attaches the rootfs read-write; otherwise read-only.
-	Writable  bool
+	Writable bool
+	// Scratch is an ext4 image attached read-write as the scratch disk of
+	// an overlay root (see package overlayroot); empty means none.
+	Scratch   string
 	Append    []string
 	MemoryMiB int
 	Timeout   time.Duration
@@ -65,18 +73,25 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 	}
 	// The init piece brings the image config with it; /.kiln/init alone
 	// is the network piece's helper on a systemd image.
-	_, _, hasInit, err := im.Lookup(guest.ImageConfigPath)
-	if err == nil && !hasInit {
-		_, _, hasAgentOnly, lerr := im.Lookup(guest.AgentPath)
-		err = lerr
-		if hasAgentOnly {
-			im.Close()
-			return runAgent(ctx, opts)
+	has := map[string]bool{}
+	for _, p := range []string{guest.ImageConfigPath, guest.AgentPath, guest.InitPath} {
+		if _, _, found, lerr := im.Lookup(p); lerr != nil {
+			err = lerr
+		} else {
+			has[p] = found
 		}
 	}
 	im.Close()
 	if err != nil {
 		return nil, err
+	}
+	hasInit := has[guest.ImageConfigPath]
+	if opts.Scratch != "" && !has[guest.InitPath] {
+		return nil, fmt.Errorf("an overlay root needs kiln-init, which %s lacks (%s): "+
+			"convert the image with --inject init, or --inject agent,network for a systemd image", opts.Rootfs, guest.InitPath)
+	}
+	if !hasInit && has[guest.AgentPath] {
+		return runAgent(ctx, opts)
 	}
 	cfg, err := vmConfig(ctx, opts)
 	if err != nil {
@@ -178,15 +193,50 @@ func vmConfig(ctx context.Context, opts Options) (vmboot.Config, error) {
 	if err := os.MkdirAll(opts.WorkDir, 0o700); err != nil {
 		return vmboot.Config{}, err
 	}
-	return vmboot.Config{
+	cfg := vmboot.Config{
 		Kernel:     k,
 		Rootfs:     opts.Rootfs,
 		ReadOnly:   !opts.Writable,
-		Append:     append([]string{"quiet"}, opts.Append...),
+		Append:     []string{"quiet"},
 		MemoryMiB:  opts.MemoryMiB,
 		ConsoleLog: filepath.Join(opts.WorkDir, "console.log"),
 		Timeout:    opts.Timeout,
-	}, nil
+	}
+	if opts.Scratch != "" {
+		if err := addScratch(&cfg, opts.Scratch); err != nil {
+			return vmboot.Config{}, err
+		}
+	}
+	// Last, so that the caller's parameters win.
+	cfg.Append = append(cfg.Append, opts.Append...)
+	return cfg, nil
+}
+
+// addScratch attaches the scratch disk and has kiln-init, started first
+// whatever the image's own init, compose the overlay root with it, with
+// overlayfs loaded from an initramfs if the kernel has it as a module.
+func addScratch(cfg *vmboot.Config, scratch string) error {
+	f, err := os.Open(scratch)
+	if err != nil {
+		return fmt.Errorf("scratch disk: %w", err)
+	}
+	label, ok, err := overlayroot.ReadLabel(f)
+	f.Close()
+	if err != nil {
+		return fmt.Errorf("scratch disk %s: %w", scratch, err)
+	}
+	if !ok {
+		return fmt.Errorf("scratch disk %s holds no ext4 filesystem; make one with: mkfs.ext4 -q -L %s %s 64M",
+			scratch, guest.ScratchLabel, scratch)
+	}
+	cfg.Disks = append(cfg.Disks, vmboot.Disk{Path: scratch})
+	if label != guest.ScratchLabel {
+		// kiln-init only finds a disk by itself by its label.
+		cfg.Append = append(cfg.Append, guest.ParamOverlay+"="+vmboot.DiskDevice(len(cfg.Disks)-1))
+	}
+	cfg.Init = guest.InitPath
+	cfg.Modules = append(cfg.Modules, "overlay")
+	return nil
 }
 
 // follow copies what the guest writes to its console log to w, until

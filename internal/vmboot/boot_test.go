@@ -219,3 +219,47 @@ func fileSum(t *testing.T, path string) [sha256.Size]byte {
 	}
 	return sha256.Sum256(data)
 }
+
+// TestRunInitramfs boots with modules the kernel lacks and a second disk:
+// kiln-init, as the initramfs's /init, loads the modules with their
+// dependencies, mounts the root read-only and hands over to the real init
+// with its arguments.
+func TestRunInitramfs(t *testing.T) {
+	t.Parallel()
+	cfg := newConfig(t, prologue+`
+mount -t sysfs sys /sys
+echo "modules: $(cut -d' ' -f1 /proc/modules | sort | tr '\n' ' ')"
+grep -qw overlay /proc/filesystems && echo overlay-available
+echo "root: $(grep ' / ' /proc/mounts | grep -v rootfs | cut -d, -f1)"
+echo "pid=$$ args=$#:$1"
+echo "disk1-serial=$(cat /sys/class/nvme/nvme1/serial)"
+ls /kiln-initramfs /lib 2>/dev/null | sed 's/^/leftover: /'
+`+vmboottest.PowerOff)
+	cfg.Modules = []string{"overlay", "virtio_blk", "virtio_pci"}
+	cfg.InitramfsInit = vmboottest.KilnInit(t)
+	cfg.InitArgs = []string{"first"}
+	cfg.Disks = []vmboot.Disk{{Path: vmboottest.BusyboxRootfs(t, ""), ReadOnly: true}}
+
+	res, err := vmboot.Run(t.Context(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("booted and powered off in %s", res.Duration)
+	if !res.Exited || res.Panicked {
+		t.Errorf("Exited=%v Panicked=%v:\n%s", res.Exited, res.Panicked, res.Console)
+	}
+	for _, want := range []string{
+		"modules: overlay virtio virtio_blk virtio_pci virtio_pci_legacy_dev virtio_pci_modern_dev virtio_ring \n",
+		"overlay-available",
+		"root: /dev/nvme0n1 / ext4 ro\n",
+		"pid=1 args=1:first",
+		"disk1-serial=disk1",
+	} {
+		if !strings.Contains(res.Console, want) {
+			t.Errorf("console lacks %q:\n%s", want, res.Console)
+		}
+	}
+	if strings.Contains(res.Console, "leftover:") || strings.Contains(res.Console, "kiln-init:") {
+		t.Errorf("the initramfs left files or messages behind:\n%s", res.Console)
+	}
+}

@@ -28,8 +28,12 @@ const maxKernelCmdline = 2047
 const maxInitArgs = 30
 
 // Command returns the QEMU command line (binary first) that Start runs for
-// cfg. The binary is not looked up in PATH and no file is checked.
-func Command(cfg Config) ([]string, error) {
+// cfg, less the -initrd option that Start adds when cfg.Modules need an
+// initramfs. The binary is not looked up in PATH and no file is checked.
+func Command(cfg Config) ([]string, error) { return command(cfg, "") }
+
+// command is Command with the initramfs at initrd, if not empty.
+func command(cfg Config, initrd string) ([]string, error) {
 	cfg = cfg.withDefaults()
 	if err := cfg.validate(); err != nil {
 		return nil, fmt.Errorf("invalid VM config: %w", err)
@@ -59,6 +63,11 @@ func Command(cfg Config) ([]string, error) {
 		// Guest power off, reboot and panic all end QEMU.
 		"-no-reboot",
 		"-kernel", cfg.Kernel,
+	)
+	if initrd != "" {
+		args = append(args, "-initrd", initrd)
+	}
+	args = append(args,
 		"-chardev", "file,id=console,path="+optValue(cfg.ConsoleLog),
 		"-serial", "chardev:console",
 	)
@@ -78,8 +87,17 @@ func Command(cfg Config) ([]string, error) {
 		"-drive", drive,
 		// virtio-blk is a module in distribution kernels; NVMe is built in.
 		"-device", "nvme,drive=rootfs,serial=rootfs",
-		"-append", cmdline,
 	)
+	// One controller each: the guest numbers them in the order given.
+	for i, d := range cfg.Disks {
+		id := fmt.Sprintf("disk%d", i+1)
+		drive := "file=" + optValue(d.Path) + ",if=none,id=" + id + ",format=raw"
+		if d.ReadOnly {
+			drive += ",readonly=on"
+		}
+		args = append(args, "-drive", drive, "-device", "nvme,drive="+id+",serial="+id)
+	}
+	args = append(args, "-append", cmdline)
 	return args, nil
 }
 

@@ -85,6 +85,53 @@ func TestCommandReadWriteKVM(t *testing.T) {
 	}
 }
 
+func TestCommandDisks(t *testing.T) {
+	cfg := Config{
+		Kernel: "k", Rootfs: "r", ConsoleLog: "c", ReadOnly: true,
+		Disks: []Disk{{Path: "/d/scratch.ext4"}, {Path: "/d/a,b", ReadOnly: true}},
+	}
+	args, err := command(cfg, "/tmp/initramfs.cpio")
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := strings.Join(args, " ")
+	for _, want := range []string{
+		"-kernel k -initrd /tmp/initramfs.cpio ",
+		"-device nvme,drive=rootfs,serial=rootfs " +
+			"-drive file=/d/scratch.ext4,if=none,id=disk1,format=raw -device nvme,drive=disk1,serial=disk1 " +
+			"-drive file=/d/a,,b,if=none,id=disk2,format=raw,readonly=on -device nvme,drive=disk2,serial=disk2 -append ",
+	} {
+		if !strings.Contains(got, want) {
+			t.Errorf("command %q lacks %q", got, want)
+		}
+	}
+	if d := DiskDevice(1); d != "/dev/nvme2n1" {
+		t.Errorf("DiskDevice(1) = %s", d)
+	}
+	if args, _ := Command(cfg); slices.Contains(args, "-initrd") {
+		t.Errorf("Command has -initrd: %q", args)
+	}
+}
+
+func TestStartModulesNeedKernelPackage(t *testing.T) {
+	dir := t.TempDir()
+	kernel := filepath.Join(dir, "bzImage")
+	rootfs := filepath.Join(dir, "rootfs.ext4")
+	for _, f := range []string{kernel, rootfs} {
+		if err := os.WriteFile(f, nil, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	_, err := Start(t.Context(), Config{
+		Kernel: kernel, Rootfs: rootfs, Modules: []string{"overlay"},
+		ConsoleLog: filepath.Join(dir, "console.log"),
+		QEMU:       "true",
+	})
+	if err == nil || !strings.Contains(err.Error(), "vmlinuz-RELEASE") {
+		t.Fatalf("Start error = %v, want one saying the kernel's modules cannot be found", err)
+	}
+}
+
 func TestCommandInvalid(t *testing.T) {
 	valid := Config{Kernel: "k", Rootfs: "r", ConsoleLog: "c"}
 	for name, change := range map[string]func(*Config){
@@ -100,6 +147,7 @@ func TestCommandInvalid(t *testing.T) {
 		"long socket":     func(c *Config) { c.AgentSocket = "/" + strings.Repeat("s", 110) },
 		"huge cmdline":    func(c *Config) { c.Append = []string{strings.Repeat("x", 2100)} },
 		"negative memory": func(c *Config) { c.MemoryMiB = -1 },
+		"disk no path":    func(c *Config) { c.Disks = []Disk{{ReadOnly: true}} },
 	} {
 		t.Run(name, func(t *testing.T) {
 			cfg := valid

@@ -43,6 +43,23 @@ type Config struct {
 	// nor the guest can change it. Set it for images you want to keep
 	// intact; otherwise the image is attached and mounted read-write.
 	ReadOnly bool
+	// Disks are attached after Rootfs as further NVMe disks, which the
+	// guest sees in order as /dev/nvme1n1, /dev/nvme2n1, ... (see
+	// DiskDevice).
+	Disks []Disk
+	// Modules names kernel modules the guest needs before its root is
+	// mounted, e.g. "overlay" for an overlay root. Those the kernel has
+	// built in are dropped; for the others Start builds an initramfs that
+	// loads them, with their dependencies, and then mounts the root as the
+	// kernel would. Kernel must then be an unpacked kernel package
+	// (boot/vmlinuz-RELEASE next to lib/modules/RELEASE), as package kernel
+	// provides.
+	Modules []string
+	// InitramfsInit is the host path of the kiln-init binary that the
+	// initramfs runs as /init. Empty means the one kiln --inject would
+	// use: next to the running executable, in $PATH or in
+	// /usr/libexec/kiln.
+	InitramfsInit string
 	// Init is the guest path of the first process (init=). Empty means the
 	// kernel's default search (/sbin/init, /etc/init, /bin/init, /bin/sh).
 	Init string
@@ -73,6 +90,16 @@ type Config struct {
 	// means DefaultQEMU.
 	QEMU string
 }
+
+// Disk is a disk image attached besides the root.
+type Disk struct {
+	Path string
+	// ReadOnly attaches it read-only.
+	ReadOnly bool
+}
+
+// DiskDevice returns the guest device of Config.Disks[i].
+func DiskDevice(i int) string { return fmt.Sprintf("/dev/nvme%dn1", i+1) }
 
 // withDefaults returns c with zero values replaced by their defaults.
 func (c Config) withDefaults() Config {
@@ -119,6 +146,11 @@ func (c Config) validate() error {
 	if c.Init != "" && (!strings.HasPrefix(c.Init, "/") || strings.ContainsAny(c.Init, " \t\n\"")) {
 		errs = append(errs, fmt.Errorf("init %q must be an absolute path without spaces or quotes", c.Init))
 	}
+	for i, d := range c.Disks {
+		if d.Path == "" {
+			errs = append(errs, fmt.Errorf("disk %d has no path", i+1))
+		}
+	}
 	if len(c.AgentSocket) > maxSocketPath {
 		errs = append(errs, fmt.Errorf("agent socket path %q is longer than %d bytes", c.AgentSocket, maxSocketPath))
 	}
@@ -128,10 +160,14 @@ func (c Config) validate() error {
 // checkFiles verifies that the files QEMU reads exist, so a typo is
 // reported plainly rather than as a QEMU error.
 func (c Config) checkFiles() error {
-	for _, f := range []struct{ what, path string }{
+	files := []struct{ what, path string }{
 		{"kernel", c.Kernel},
 		{"rootfs image", c.Rootfs},
-	} {
+	}
+	for i, d := range c.Disks {
+		files = append(files, struct{ what, path string }{fmt.Sprintf("disk %d", i+1), d.Path})
+	}
+	for _, f := range files {
 		fi, err := os.Stat(f.path)
 		if err != nil {
 			return fmt.Errorf("%s: %w", f.what, err)

@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"sync"
@@ -48,6 +49,7 @@ type VM struct {
 	cfg     Config
 	command string
 	cmd     *exec.Cmd
+	initrd  string // the initramfs Start built, if any
 	output  *limitedBuffer
 	started time.Time
 
@@ -76,10 +78,9 @@ func Run(ctx context.Context, cfg Config) (Result, error) {
 // the guest powers off, reboots or panics, Kill is called, or ctx or
 // cfg.Timeout ends; Wait reports which. QEMU is also killed if this process
 // dies, so no VM outlives it.
-func Start(ctx context.Context, cfg Config) (*VM, error) {
+func Start(ctx context.Context, cfg Config) (vm *VM, err error) {
 	cfg = cfg.withDefaults()
-	args, err := Command(cfg)
-	if err != nil {
+	if _, err := Command(cfg); err != nil {
 		return nil, err
 	}
 	if err := cfg.checkFiles(); err != nil {
@@ -88,6 +89,20 @@ func Start(ctx context.Context, cfg Config) (*VM, error) {
 	qemu, err := exec.LookPath(cfg.QEMU)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrQEMUNotFound, err)
+	}
+	// QEMU reads the initramfs when it starts; it goes when QEMU exits.
+	initrd, err := buildInitramfs(cfg, filepath.Dir(cfg.ConsoleLog))
+	if err != nil {
+		return nil, fmt.Errorf("building the initramfs: %w", err)
+	}
+	defer func() {
+		if vm == nil && initrd != "" {
+			os.Remove(initrd)
+		}
+	}()
+	args, err := command(cfg, initrd)
+	if err != nil {
+		return nil, err
 	}
 	args[0] = qemu
 
@@ -107,8 +122,9 @@ func Start(ctx context.Context, cfg Config) (*VM, error) {
 		vmCtx, stopTimer = context.WithTimeoutCause(vmCtx, cfg.Timeout, ErrTimeout)
 		stop = func() { stopTimer(); cancel(nil) }
 	}
-	vm := &VM{
+	vm = &VM{
 		cfg:     cfg,
+		initrd:  initrd,
 		command: shellQuote(args),
 		output:  &limitedBuffer{max: outputLimit},
 		ctx:     vmCtx,
@@ -126,7 +142,9 @@ func Start(ctx context.Context, cfg Config) (*VM, error) {
 	vm.started = time.Now()
 	if err := vm.cmd.Start(); err != nil {
 		stop()
-		return nil, vm.newError(fmt.Errorf("starting QEMU: %w", err))
+		err := vm.newError(fmt.Errorf("starting QEMU: %w", err))
+		vm = nil
+		return nil, err
 	}
 	go vm.wait(stop)
 	return vm, nil
@@ -148,6 +166,9 @@ func (vm *VM) wait(stop func()) {
 	}
 	res.Console = console
 	res.Panicked = strings.Contains(console, kernelPanic)
+	if vm.initrd != "" {
+		os.Remove(vm.initrd)
+	}
 	// QEMU deletes its socket on a clean exit but not when killed.
 	if err := removeSocket(vm.cfg.AgentSocket); err != nil {
 		log.G(vm.ctx).WithError(err).Warn("removing agent socket")

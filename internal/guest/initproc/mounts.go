@@ -26,12 +26,20 @@ type Mount struct {
 
 const nosuidNodev = unix.MS_NOSUID | unix.MS_NODEV
 
+// ProcMount and SysMount come first among APIMounts: kiln-init reads the
+// kernel command line from /proc before anything else, and powering off
+// needs both.
+var (
+	ProcMount = Mount{Source: "proc", Target: "/proc", FSType: "proc", Flags: nosuidNodev | unix.MS_NOEXEC}
+	SysMount  = Mount{Source: "sysfs", Target: "/sys", FSType: "sysfs", Flags: nosuidNodev | unix.MS_NOEXEC}
+)
+
 // APIMounts are the filesystems every workload expects, in mount order.
 // devtmpfs takes no options: the kernel may already share its single
 // instance with other mounts.
 var APIMounts = []Mount{
-	{Source: "proc", Target: "/proc", FSType: "proc", Flags: nosuidNodev | unix.MS_NOEXEC},
-	{Source: "sysfs", Target: "/sys", FSType: "sysfs", Flags: nosuidNodev | unix.MS_NOEXEC},
+	ProcMount,
+	SysMount,
 	{Source: "devtmpfs", Target: "/dev", FSType: "devtmpfs", Flags: unix.MS_NOSUID},
 	{Source: "devpts", Target: "/dev/pts", FSType: "devpts", Flags: unix.MS_NOSUID | unix.MS_NOEXEC,
 		Data: "gid=5,mode=0620,ptmxmode=0666"},
@@ -50,12 +58,26 @@ var devSymlinks = [][2]string{
 	{"/proc/self/fd/2", "/dev/stderr"},
 }
 
-// MountAPIFilesystems mounts mounts below root, skipping those already
-// mounted (the kernel mounts /dev itself with CONFIG_DEVTMPFS_MOUNT), and
-// adds the /dev symlinks devtmpfs lacks. It never fails: problems, such as a
-// mount point that cannot be created on a read-only root, are warnings
-// passed to warnf, and the mount is skipped.
+// MountAPIFilesystems mounts mounts below root, as Mounts does, and adds the
+// /dev symlinks devtmpfs lacks.
 func MountAPIFilesystems(root string, mounts []Mount, warnf func(string, ...any)) {
+	Mounts(root, mounts, warnf)
+	for _, l := range devSymlinks {
+		link := filepath.Join(root, l[1])
+		if _, err := os.Lstat(link); err == nil {
+			continue
+		}
+		if err := os.Symlink(l[0], link); err != nil && !errors.Is(err, fs.ErrExist) {
+			warnf("create %s: %v", l[1], err)
+		}
+	}
+}
+
+// Mounts mounts mounts below root, skipping those already mounted (the
+// kernel mounts /dev itself with CONFIG_DEVTMPFS_MOUNT). It never fails:
+// problems, such as a mount point that cannot be created on a read-only
+// root, are warnings passed to warnf, and the mount is skipped.
+func Mounts(root string, mounts []Mount, warnf func(string, ...any)) {
 	logf := warnf
 	var mounted map[string]bool
 	for _, m := range mounts {
@@ -86,15 +108,6 @@ func MountAPIFilesystems(root string, mounts []Mount, warnf func(string, ...any)
 		case m.Optional && errors.Is(err, unix.ENODEV):
 		default:
 			logf("mount %s on %s: %v", m.FSType, m.Target, err)
-		}
-	}
-	for _, l := range devSymlinks {
-		link := filepath.Join(root, l[1])
-		if _, err := os.Lstat(link); err == nil {
-			continue
-		}
-		if err := os.Symlink(l[0], link); err != nil && !errors.Is(err, fs.ErrExist) {
-			logf("create %s: %v", l[1], err)
 		}
 	}
 }

@@ -74,18 +74,15 @@ func FetchPackage(ctx context.Context, cacheDir, name, version string) (Kernel, 
 	if err != nil {
 		return Kernel{}, err
 	}
-	k := Kernel{
-		Release:        release,
-		Package:        name,
-		PackageVersion: version,
-		Vmlinuz:        filepath.Join(dir, "boot", "vmlinuz-"+release),
-		Modules:        filepath.Join(dir, "lib", "modules", release),
+	vmlinuz := filepath.Join(dir, "boot", "vmlinuz-"+release)
+	if _, err := os.Stat(vmlinuz); err != nil {
+		return Kernel{}, fmt.Errorf("kernel package %s=%s: unexpected layout: %w", name, version, err)
 	}
-	for _, p := range []string{k.Vmlinuz, k.Modules} {
-		if _, err := os.Stat(p); err != nil {
-			return Kernel{}, fmt.Errorf("kernel package %s=%s: unexpected layout: %w", name, version, err)
-		}
+	k, err := Open(vmlinuz)
+	if err != nil {
+		return Kernel{}, fmt.Errorf("kernel package %s=%s: unexpected layout: %w", name, version, err)
 	}
+	k.Package, k.PackageVersion = name, version
 	return k, nil
 }
 

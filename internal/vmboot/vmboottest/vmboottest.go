@@ -156,6 +156,19 @@ func fetchFailed(t testing.TB, err error) {
 	Unavailable(t, "cannot fetch packages (offline?): %v", err)
 }
 
+// KilnInit builds kiln-init, statically linked, into a directory of the
+// test and returns its path.
+func KilnInit(t testing.TB) string {
+	t.Helper()
+	bin := filepath.Join(t.TempDir(), "kiln-init")
+	cmd := exec.CommandContext(t.Context(), "go", "build", "-o", bin, "github.com/kilnfs/kiln/cmd/kiln-init")
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("go build kiln-init: %v\n%s", err, out)
+	}
+	return bin
+}
+
 // BusyboxRootfs builds an ext4 image whose /init is the given shell script
 // and returns its path. A static busybox is at /bin/busybox and /bin/sh. Its
 // shell runs applets (mount, stty, ...) by name without links in PATH, but
