@@ -15,7 +15,7 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 # Debian packages: what kiln runs (e2fsprogs) and what the tests use.
 RUNTIME_PACKAGES := e2fsprogs
-TEST_PACKAGES := $(RUNTIME_PACKAGES) debootstrap qemu-system-x86 ca-certificates util-linux
+TEST_PACKAGES := $(RUNTIME_PACKAGES) debootstrap qemu-system-x86 ca-certificates util-linux runc
 
 CONTAINERD_TAGS := no_btrfs no_devmapper no_zfs
 
@@ -64,12 +64,14 @@ demo: deps-runtime build
 	debugfs -R 'ls -l /bin' $(DEMO_DIR)/rootfs.ext4
 	@echo "demo: $(DEMO_DIR)/rootfs.ext4 is ready"
 
-# containerd 2.x and ctr, pinned as tools in go.mod, built once into the
-# test cache.
+# containerd 2.x, ctr, containerd's runc shim and crictl, pinned as tools
+# in go.mod, built once into the test cache.
 containerd:
 	@mkdir -p $(KILN_TEST_CACHE)/bin
 	$(GO) build -tags "$(CONTAINERD_TAGS)" -o $(KILN_TEST_CACHE)/bin/containerd github.com/containerd/containerd/v2/cmd/containerd
 	$(GO) build -o $(KILN_TEST_CACHE)/bin/ctr github.com/containerd/containerd/v2/cmd/ctr
+	$(GO) build -o $(KILN_TEST_CACHE)/bin/containerd-shim-runc-v2 github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2
+	$(GO) build -o $(KILN_TEST_CACHE)/bin/crictl sigs.k8s.io/cri-tools/cmd/crictl
 
 test: deps-test build guest containerd
 	$(GO) vet ./...

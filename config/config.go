@@ -10,6 +10,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/pelletier/go-toml/v2"
 
@@ -42,16 +43,32 @@ type Config struct {
 
 // Snapshotter configures how snapshots are served.
 type Snapshotter struct {
+	// ContainerMode is how containers get their writable filesystem:
+	// "overlay" (a small scratch disk over the image's shared read-only
+	// disk) or "copy" (one whole bootable copy of the image's disk, for
+	// shims that take a single disk). A container's snapshot label
+	// containerd.io/snapshot/kiln.container-mode overrides it.
+	ContainerMode string `toml:"container_mode"`
 	// BlockDevices makes Mounts return attached loop devices
 	// ({type: ext4, source: /dev/loopN}) instead of files, for shims that
 	// accept only block devices (Kata, firecracker-containerd).
 	BlockDevices bool `toml:"block_devices"`
-	// DefaultSize is the size of a writable snapshot that has no parent
-	// and no containerd.io/snapshot/max-size label.
+	// DefaultSize is the size of an overlay-mode container's scratch
+	// disk, and of a container without a parent, unless the
+	// containerd.io/snapshot/max-size label says otherwise.
 	DefaultSize string `toml:"default_size"`
-	// EagerBuild builds an image's ext4 as soon as its top layer is
+	// EagerBuild builds an image's disk as soon as its top layer is
 	// committed (otherwise at the first container, view or export).
 	EagerBuild bool `toml:"eager_build"`
+	// MaxConcurrentBuilds bounds the disks built at once; 0 is half the
+	// CPUs. Builds a container start or an export waits for never queue
+	// behind eager ones.
+	MaxConcurrentBuilds int `toml:"max_concurrent_builds"`
+	// UnusedDiskGrace is how long a disk that no image's top and no
+	// container or view needs is kept before it is removed (a duration
+	// such as "1m"). It covers a pull that has built its top layer's disk
+	// but not yet recorded the image.
+	UnusedDiskGrace string `toml:"unused_disk_grace"`
 }
 
 // Build configures how image rootfs files are built.
@@ -81,8 +98,10 @@ func Default() Config {
 		LogLevel:          "info",
 		LogFormat:         "text",
 		Snapshotter: Snapshotter{
-			DefaultSize: "1G",
-			EagerBuild:  true,
+			ContainerMode:   "overlay",
+			DefaultSize:     "1G",
+			EagerBuild:      true,
+			UnusedDiskGrace: "1m",
 		},
 		Build: Build{Size: "auto"},
 	}
@@ -132,6 +151,17 @@ func (c Config) Validate() error {
 	}
 	if _, err := ParseSize(c.Snapshotter.DefaultSize); err != nil {
 		return fmt.Errorf("config: snapshotter.default_size: %w", err)
+	}
+	switch c.Snapshotter.ContainerMode {
+	case "overlay", "copy":
+	default:
+		return fmt.Errorf("config: snapshotter.container_mode %q: want overlay or copy", c.Snapshotter.ContainerMode)
+	}
+	if d, err := time.ParseDuration(c.Snapshotter.UnusedDiskGrace); err != nil || d < 0 {
+		return fmt.Errorf("config: snapshotter.unused_disk_grace %q: want a duration such as 1m", c.Snapshotter.UnusedDiskGrace)
+	}
+	if c.Snapshotter.MaxConcurrentBuilds < 0 {
+		return fmt.Errorf("config: snapshotter.max_concurrent_builds %d: want 0 (automatic) or more", c.Snapshotter.MaxConcurrentBuilds)
 	}
 	switch c.LogFormat {
 	case "", "text", "json":

@@ -7,6 +7,7 @@ import (
 	"crypto/rand"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"os/exec"
@@ -19,10 +20,12 @@ import (
 	"time"
 
 	diffapi "github.com/containerd/containerd/api/services/diff/v1"
+	containerd "github.com/containerd/containerd/v2/client"
 	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
 	"github.com/containerd/containerd/v2/core/diff"
 	diffproxy "github.com/containerd/containerd/v2/core/diff/proxy"
 	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/containerd/v2/core/mount/manager"
 	"github.com/containerd/containerd/v2/core/snapshots"
 	snproxy "github.com/containerd/containerd/v2/core/snapshots/proxy"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
@@ -35,6 +38,7 @@ import (
 	"github.com/opencontainers/image-spec/identity"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"google.golang.org/grpc"
+	bolt "go.etcd.io/bbolt"
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/kilnfs/kiln/integration/ext4inspect"
@@ -145,7 +149,7 @@ func ctdExport(t *testing.T, e *testcontainerd.Env, ns, ref, out string) {
 
 // ctdChainID is the chain ID of an image's layers, the key of its top
 // snapshot.
-func ctdChainID(t *testing.T, img v1.Image) string {
+func ctdChainID(t testing.TB, img v1.Image) string {
 	t.Helper()
 	cf, err := img.ConfigFile()
 	if err != nil {
@@ -355,7 +359,7 @@ func TestContainerdPull(t *testing.T) {
 			img  v1.Image
 		}{name, mustPush(t, tag, img), img})
 	}
-	kilnDiffer := startContainerd(t, testcontainerd.Options{})
+	kilnDiffer := startContainerd(t, testcontainerd.Options{DiffService: true})
 	walking := startContainerd(t, testcontainerd.Options{WalkingDiffer: true})
 	dir := t.TempDir()
 	cache := filepath.Join(dir, "cache")
@@ -708,9 +712,10 @@ func ctdIsMountPoint(dir string) bool {
 }
 
 // TestContainerdContainers: containers (active snapshots) on a pulled
-// image mount with exactly the command ctr prints, are private to each
-// other and to the image, and everything of the image goes when it and
-// its containers are removed.
+// image, in both container modes, mount through containerd's mount
+// manager as containerd mounts them for a task, are private to each other
+// and to the image, and everything of the image goes when it and they
+// are removed.
 func TestContainerdContainers(t *testing.T) {
 	needRoot(t, "containerd and kiln serve run as root and mount ext4 files")
 	ref := minbaseRef(t)
@@ -724,65 +729,82 @@ func TestContainerdContainers(t *testing.T) {
 	beforeSHA := fileSHA(t, before)
 	sn := []string{"-n", ns, "snapshots", "--snapshotter", "kiln"}
 
-	// A container: the printed mount command works as printed.
 	// Snapshots made with ctr belong to no lease: a gc.root label keeps
 	// containerd's garbage collection off them.
 	keep := func(key string) { ctr(t, e, append(sn, "label", key, "containerd.io/gc.root=kiln-test")...) }
 	ctr(t, e, append(sn, "prepare", "c1", chain)...)
 	keep("c1")
-	mnt, cmd := ctdMount(t, e, ns, "c1")
-	if !regexp.MustCompile(`^mount -t ext4 \S+/rootfs\.ext4 \S+ -o (\S+,)?loop(,\S+)?$`).MatchString(cmd) || !strings.Contains(cmd, "rw") {
-		t.Errorf("mount command %q: want a read-write loop mount of the container's rootfs.ext4", cmd)
-	}
-	osRelease, err := os.ReadFile(filepath.Join(mnt, "etc/os-release"))
-	if err != nil {
-		t.Fatalf("reading the container's /etc/os-release: %v", err)
-	}
-	ctdAssertContains(t, "/etc/os-release", string(osRelease), "Debian", "bookworm")
-	secret := make([]byte, 16)
-	rand.Read(secret) //nolint:errcheck // never fails
-	if err := os.WriteFile(filepath.Join(mnt, "root/c1-only"), secret, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Remove(filepath.Join(mnt, "etc/hostname")); err != nil && !errors.Is(err, os.ErrNotExist) {
-		t.Fatal(err)
-	}
-	ctdUnmount(t, mnt)
-
-	// Another container and a view of the image see none of it.
-	ctr(t, e, append(sn, "prepare", "c2", chain)...)
-	keep("c2")
+	ctdPrepare(t, e, ns, "c2", chain, map[string]string{"containerd.io/snapshot/kiln.container-mode": "copy"})
 	ctr(t, e, append(sn, "view", "v1", chain)...)
 	keep("v1")
-	for _, key := range []string{"c2", "v1"} {
-		mnt, cmd := ctdMount(t, e, ns, key)
-		if _, err := os.Stat(filepath.Join(mnt, "root/c1-only")); !errors.Is(err, os.ErrNotExist) {
-			t.Errorf("%s sees c1's file (err %v)", key, err)
+
+	// The forms: overlay mode by default, copy mode by label.
+	m1, m2 := ctdMounts(t, e, ns, "c1"), ctdMounts(t, e, ns, "c2")
+	if len(m1) != 3 || m1[0].Type != "format/ext4" || !strings.HasSuffix(m1[0].Source, "/scratch.ext4") ||
+		m1[1].Type != "ext4" || !strings.HasSuffix(m1[1].Source, "/disk.ext4") || m1[2].Type != "format/mkdir/overlay" {
+		t.Errorf("overlay-mode container mounts: %+v", m1)
+	}
+	if len(m2) != 1 || m2[0].Type != "format/ext4" || !strings.HasSuffix(m2[0].Source, "/container.ext4") {
+		t.Errorf("copy-mode container mounts: %+v", m2)
+	}
+
+	// A view mounts with exactly the command ctr prints.
+	vmnt, cmd := ctdMount(t, e, ns, "v1")
+	if !regexp.MustCompile(`^mount -t ext4 \S+/disk\.ext4 \S+ -o (\S+,)?loop(,\S+)?$`).MatchString(cmd) || !strings.Contains(cmd, "ro") {
+		t.Errorf("view mount command %q: want a read-only loop mount of the image's disk.ext4", cmd)
+	}
+	if _, err := os.Stat(filepath.Join(vmnt, "etc/os-release")); err != nil {
+		t.Error(err)
+	}
+	ctdUnmount(t, vmnt)
+
+	var secrets [2][]byte
+	for i, key := range []string{"c1", "c2"} {
+		mnt := ctdMountSnapshot(t, e, ns, key)
+		osRelease, err := os.ReadFile(filepath.Join(mnt, "etc/os-release"))
+		if err != nil {
+			t.Fatalf("reading %s's /etc/os-release: %v", key, err)
 		}
-		if b, err := os.ReadFile(filepath.Join(mnt, "etc/os-release")); err != nil || !bytes.Equal(b, osRelease) {
-			t.Errorf("%s: /etc/os-release: %v", key, err)
+		ctdAssertContains(t, "/etc/os-release", string(osRelease), "Debian", "bookworm")
+		secrets[i] = make([]byte, 16)
+		rand.Read(secrets[i]) //nolint:errcheck // never fails
+		if err := os.WriteFile(filepath.Join(mnt, "root/"+key+"-only"), secrets[i], 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Remove(filepath.Join(mnt, "etc/hostname")); err != nil && !errors.Is(err, os.ErrNotExist) {
+			t.Fatal(err)
+		}
+		ctdUnmountSnapshot(t, mnt)
+	}
+
+	// Each container and the view see nothing of the others; each
+	// container kept its own change.
+	for i, key := range []string{"c1", "c2", "v1"} {
+		mnt := ctdMountSnapshot(t, e, ns, key)
+		for j, other := range []string{"c1", "c2"} {
+			b, err := os.ReadFile(filepath.Join(mnt, "root/"+other+"-only"))
+			switch {
+			case i == j && (err != nil || !bytes.Equal(b, secrets[j])):
+				t.Errorf("%s lost its file: %v", key, err)
+			case i != j && !errors.Is(err, os.ErrNotExist):
+				t.Errorf("%s sees %s's file (err %v)", key, other, err)
+			}
 		}
 		if key == "v1" {
-			if !strings.Contains(cmd, "/image.ext4 ") || !strings.Contains(cmd, "ro") {
-				t.Errorf("view mount %q: want a read-only mount of the image's image.ext4", cmd)
-			}
 			if err := os.WriteFile(filepath.Join(mnt, "x"), nil, 0o600); err == nil {
 				t.Errorf("a view is writable")
 			}
 		}
-		ctdUnmount(t, mnt)
+		ctdUnmountSnapshot(t, mnt)
 	}
-	// c1 kept its change.
-	mnt, _ = ctdMount(t, e, ns, "c1")
-	if b, err := os.ReadFile(filepath.Join(mnt, "root/c1-only")); err != nil || !bytes.Equal(b, secret) {
-		t.Errorf("c1 lost its file: %v", err)
-	}
-	ctdUnmount(t, mnt)
 
 	after := filepath.Join(dir, "after.ext4")
 	ctdExport(t, e, ns, ref, after)
 	if got := fileSHA(t, after); got != beforeSHA {
 		t.Errorf("the image changed: export sha256 %s before the containers, %s after", beforeSHA, got)
+	}
+	if out := ctr(t, e, append(sn, "usage", "c1")...); !strings.Contains(out, "c1") {
+		t.Errorf("ctr snapshots usage c1:\n%s", out)
 	}
 
 	// Remove the containers and the image: nothing of it may remain.
@@ -796,6 +818,86 @@ func TestContainerdContainers(t *testing.T) {
 	}
 	if devs := testcontainerd.LoopDevices(e.KilnRoot); len(devs) > 0 {
 		t.Errorf("loop devices still attached to kiln's files: %v", devs)
+	}
+}
+
+// ctdClient connects to containerd for namespace ns; the client is closed
+// when the test ends.
+func ctdClient(t testing.TB, e *testcontainerd.Env, ns string) (*containerd.Client, context.Context) {
+	t.Helper()
+	client, err := containerd.New(e.Address, containerd.WithDefaultNamespace(ns))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { client.Close() })
+	return client, namespaces.WithNamespace(context.Background(), ns)
+}
+
+// ctdMounts returns a snapshot's mounts as kiln hands them to containerd.
+func ctdMounts(t *testing.T, e *testcontainerd.Env, ns, key string) []mount.Mount {
+	t.Helper()
+	client, ctx := ctdClient(t, e, ns)
+	mounts, err := client.SnapshotService("kiln").Mounts(ctx, key)
+	if err != nil {
+		t.Fatalf("mounts of %s: %v", key, err)
+	}
+	return mounts
+}
+
+// ctdMountSnapshot mounts a snapshot on a new directory the way containerd
+// mounts a container's root for a task: through a mount manager, which
+// mounts the disks and assembles the overlay. It is unmounted when the
+// test ends unless ctdUnmountSnapshot did it before.
+func ctdMountSnapshot(t *testing.T, e *testcontainerd.Env, ns, key string) string {
+	t.Helper()
+	mounts := ctdMounts(t, e, ns, key)
+	state := t.TempDir()
+	db, err := bolt.Open(filepath.Join(state, "mounts.db"), 0o600, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mm, err := manager.NewManager(db, filepath.Join(state, "t"), manager.WithAllowedRoot(e.KilnRoot))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := namespaces.WithNamespace(context.Background(), ns)
+	system := mounts
+	if ai, err := mm.Activate(ctx, key, mounts); err == nil {
+		system = ai.System
+	} else if !errdefs.IsNotImplemented(err) {
+		t.Fatalf("activating %s's mounts %+v: %v", key, mounts, err)
+	}
+	target := t.TempDir()
+	if err := mount.All(system, target); err != nil {
+		t.Fatalf("mounting %s (%+v): %v", key, system, err)
+	}
+	done := false
+	unmount := func() {
+		if done {
+			return
+		}
+		done = true
+		if err := mount.UnmountAll(target, 0); err != nil {
+			t.Errorf("unmounting %s: %v", key, err)
+		}
+		if err := mm.Deactivate(ctx, key); err != nil && !errdefs.IsNotFound(err) {
+			t.Errorf("deactivating %s: %v", key, err)
+		}
+		mm.(io.Closer).Close()
+	}
+	ctdUnmounts[target] = unmount
+	t.Cleanup(unmount)
+	return target
+}
+
+// ctdUnmounts undoes ctdMountSnapshot, by target.
+var ctdUnmounts = map[string]func(){}
+
+func ctdUnmountSnapshot(t *testing.T, target string) {
+	t.Helper()
+	if f := ctdUnmounts[target]; f != nil {
+		f()
+		delete(ctdUnmounts, target)
 	}
 }
 
@@ -814,7 +916,7 @@ func ctdKilnFiles(t *testing.T, root string) []string {
 		case rel == ".":
 		case !strings.Contains(rel, "/"):
 			out = append(out, rel+"/")
-		case d.Name() == "layer.tar" || d.Name() == "image.ext4" || d.Name() == "rootfs.ext4":
+		case d.Name() == "layer.tar" || strings.HasSuffix(d.Name(), ".ext4"):
 			out = append(out, rel)
 		}
 		return nil
@@ -834,12 +936,11 @@ func ctdSmallImage(t *testing.T, content string) v1.Image {
 	)}}})
 }
 
-var ctdLoopMount = regexp.MustCompile(`^mount -t ext4 (/dev/loop[0-9]+) (\S+) -o ro$`)
-
 // TestContainerdBlockDevices: in block-device mode a view's mount is an
 // attached loop device, detached when the view is removed; after kiln is
-// killed, the next kiln detaches the devices of snapshots that were being
-// removed or never recorded, and keeps the live ones.
+// killed, the next kiln detaches the devices it attached for snapshots
+// that were being removed or that it never recorded, keeps the live ones,
+// and leaves alone a device it did not attach.
 func TestContainerdBlockDevices(t *testing.T) {
 	needRoot(t, "loop devices")
 	img := ctdSmallImage(t, "block devices")
@@ -865,20 +966,7 @@ func TestContainerdBlockDevices(t *testing.T) {
 		ctr(t, e, append(sn, "view", key, chain)...)
 		// Out of reach of containerd's garbage collection.
 		ctr(t, e, append(sn, "label", key, "containerd.io/gc.root=kiln-test")...)
-		mnt, cmd := ctdMount(t, e, ns, key)
-		m := ctdLoopMount.FindStringSubmatch(cmd)
-		if m == nil {
-			t.Fatalf("mount command %q: want a read-only mount of a loop device", cmd)
-		}
-		if b, err := os.ReadFile(filepath.Join(mnt, "etc/small")); err != nil || string(b) != "block devices" {
-			t.Errorf("%s: /etc/small: %q, %v", m[1], b, err)
-		}
-		ctdUnmount(t, mnt)
-		dev := m[1]
-		if f := testcontainerd.LoopDevices(e.KilnRoot)[dev]; !strings.HasSuffix(f, "/image.ext4") {
-			t.Fatalf("%s is backed by %q, want the image's image.ext4 under kiln's root", dev, f)
-		}
-		return dev
+		return ctdViewDevice(t, e, ns, key)
 	}
 	// The device goes with the view.
 	dev1 := view("v1")
@@ -890,33 +978,52 @@ func TestContainerdBlockDevices(t *testing.T) {
 		return nil
 	})
 
-	// A live view, one that kiln was removing when it died, and a device
-	// attached to kiln's image that no snapshot records (kiln died before
-	// recording it).
+	// A container's devices: its scratch, writable, and the image's disk.
+	ctr(t, e, append(sn, "prepare", "c1", chain)...)
+	ctr(t, e, append(sn, "label", "c1", "containerd.io/gc.root=kiln-test")...)
+	cm := ctdMounts(t, e, ns, "c1")
+	if len(cm) != 3 || !strings.HasPrefix(cm[0].Source, "/dev/loop") || !strings.HasPrefix(cm[1].Source, "/dev/loop") ||
+		!strings.HasSuffix(testcontainerd.LoopDevices(e.KilnRoot)[cm[0].Source], "/scratch.ext4") {
+		t.Errorf("container mounts in block-device mode: %+v", cm)
+	}
+	mnt := ctdMountSnapshot(t, e, ns, "c1")
+	if b, err := os.ReadFile(filepath.Join(mnt, "etc/small")); err != nil || string(b) != "block devices" {
+		t.Errorf("the container's /etc/small: %q, %v", b, err)
+	}
+	ctdUnmountSnapshot(t, mnt)
+
+	// A live view, one that kiln was removing when it died, one whose
+	// record kiln never wrote, and a device somebody else attached to
+	// kiln's disk.
 	live := view("live")
 	dying := view("dying")
+	unrecorded := view("unrecorded")
 	e.KillKiln()
-	var dyingDir string
-	dirs, _ := filepath.Glob(filepath.Join(e.KilnRoot, "snapshots", "*"))
-	for _, d := range dirs {
-		if b, err := os.ReadFile(filepath.Join(d, "loop")); err == nil && strings.TrimSpace(string(b)) == dying {
-			dyingDir = d
+	recordOf := func(dev string) string {
+		files, _ := filepath.Glob(filepath.Join(e.KilnRoot, "snapshots", "*", "loop.*"))
+		for _, f := range files {
+			if b, err := os.ReadFile(f); err == nil && strings.TrimSpace(string(b)) == dev {
+				return f
+			}
 		}
-	}
-	if dyingDir == "" {
-		t.Fatalf("no snapshot directory of kiln's records %s", dying)
+		t.Fatalf("no snapshot directory of kiln's records %s", dev)
+		return ""
 	}
 	// Removing renames the directory before it detaches the device.
+	dyingDir := filepath.Dir(recordOf(dying))
 	if err := os.Rename(dyingDir, filepath.Join(filepath.Dir(dyingDir), "rm-"+filepath.Base(dyingDir))); err != nil {
 		t.Fatal(err)
 	}
-	image := testcontainerd.LoopDevices(e.KilnRoot)[live]
-	out, err := exec.Command("losetup", "--find", "--show", "--read-only", image).CombinedOutput()
+	if err := os.Remove(recordOf(unrecorded)); err != nil {
+		t.Fatal(err)
+	}
+	disk := testcontainerd.LoopDevices(e.KilnRoot)[live]
+	out, err := exec.Command("losetup", "--find", "--show", "--read-only", disk).CombinedOutput()
 	if err != nil {
 		t.Fatalf("losetup: %v\n%s", err, out)
 	}
-	unrecorded := strings.TrimSpace(string(out))
-	t.Cleanup(func() { exec.Command("losetup", "-d", unrecorded).Run() }) //nolint:errcheck // gone if kiln did it
+	theirs := strings.TrimSpace(string(out))
+	t.Cleanup(func() { exec.Command("losetup", "-d", theirs).Run() }) //nolint:errcheck // best effort
 
 	if err := e.StartKiln(); err != nil {
 		t.Fatal(err)
@@ -927,13 +1034,17 @@ func TestContainerdBlockDevices(t *testing.T) {
 			t.Errorf("stale %s (backed by %s) still attached after kiln's restart", d, f)
 		}
 	}
-	if devs[live] != image {
-		t.Errorf("the live view's %s lost its image after kiln's restart (backed by %q)", live, devs[live])
+	if devs[live] != disk {
+		t.Errorf("the live view's %s lost its disk after kiln's restart (backed by %q)", live, devs[live])
+	}
+	if devs[theirs] != disk {
+		t.Errorf("kiln detached %s, which it did not attach", theirs)
 	}
 	if again := ctdViewDevice(t, e, ns, "live"); again != live {
 		t.Errorf("after kiln's restart the live view mounts %s, was %s", again, live)
 	}
-	ctr(t, e, append(sn, "rm", "live", "dying")...)
+	exec.Command("losetup", "-d", theirs).Run() //nolint:errcheck // checked below
+	ctr(t, e, append(sn, "rm", "live", "dying", "unrecorded", "c1")...)
 	ctr(t, e, "-n", ns, "image", "rm", "--sync", ref)
 	ctdEventually(t, "after removing the views and the image", func() []string {
 		var problems []string
@@ -944,28 +1055,32 @@ func TestContainerdBlockDevices(t *testing.T) {
 	})
 }
 
-// ctdViewDevice mounts an existing view with the printed command and returns its
-// device.
+// ctdViewDevice checks that a view is a read-only loop device holding the
+// small image, and returns the device.
 func ctdViewDevice(t *testing.T, e *testcontainerd.Env, ns, key string) string {
 	t.Helper()
-	mnt, cmd := ctdMount(t, e, ns, key)
-	m := ctdLoopMount.FindStringSubmatch(cmd)
-	if m == nil {
-		t.Fatalf("mount command %q: want a read-only mount of a loop device", cmd)
+	m := ctdMounts(t, e, ns, key)
+	if len(m) != 1 || m[0].Type != "ext4" || !strings.HasPrefix(m[0].Source, "/dev/loop") || !slices.Contains(m[0].Options, "ro") {
+		t.Fatalf("%s: want a read-only mount of a loop device, got %+v", key, m)
 	}
-	if _, err := os.Stat(filepath.Join(mnt, "etc/small")); err != nil {
-		t.Error(err)
+	if f := testcontainerd.LoopDevices(e.KilnRoot)[m[0].Source]; !strings.HasSuffix(f, "/disk.ext4") {
+		t.Fatalf("%s is backed by %q, want an image's disk.ext4 under kiln's root", m[0].Source, f)
 	}
-	ctdUnmount(t, mnt)
-	return m[1]
+	mnt := ctdMountSnapshot(t, e, ns, key)
+	if b, err := os.ReadFile(filepath.Join(mnt, "etc/small")); err != nil || string(b) != "block devices" {
+		t.Errorf("%s: /etc/small: %q, %v", key, b, err)
+	}
+	ctdUnmountSnapshot(t, mnt)
+	return m[0].Source
 }
 
 // TestContainerdBadInput: layers that cannot be stored fail the pull with
 // kiln's reason at containerd's side, leave no partial snapshot, and kiln
-// keeps serving; requests for what does not exist get NotFound.
+// keeps serving; requests for what does not exist get NotFound. Client
+// side pulls (--local) use kiln's differ through the diff service.
 func TestContainerdBadInput(t *testing.T) {
 	needRoot(t, "containerd and kiln serve run as root")
-	e := startContainerd(t, testcontainerd.Options{})
+	e := startContainerd(t, testcontainerd.Options{DiffService: true})
 	good := ctdSmallImage(t, "good layer")
 	goodLayer := layerTar(t, tDir("ok", 0o755, ctdT1), tFile("ok/file", 0o644, ctdT1, "fine"))
 

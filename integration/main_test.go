@@ -344,7 +344,7 @@ func layerTar(t *testing.T, entries ...tarEntry) []byte {
 }
 
 // mustPush pushes img to reg as repo:tag and returns the reference.
-func mustPush(t *testing.T, repoTag string, img v1.Image) string {
+func mustPush(t testing.TB, repoTag string, img v1.Image) string {
 	t.Helper()
 	ref := reg.Host + "/" + repoTag
 	if err := testimage.Push(ref, img); err != nil {
@@ -353,7 +353,7 @@ func mustPush(t *testing.T, repoTag string, img v1.Image) string {
 	return ref
 }
 
-func mustBuild(t *testing.T, spec testimage.Image) v1.Image {
+func mustBuild(t testing.TB, spec testimage.Image) v1.Image {
 	t.Helper()
 	img, err := testimage.Build(spec)
 	if err != nil {

@@ -23,7 +23,7 @@ import (
 // bigFileLayer writes a layer tar holding one file of size bytes whose
 // blocks all differ (nothing for ext4 to leave as holes). It returns the
 // tar's path and the file's SHA-256.
-func bigFileLayer(t *testing.T, dir string, size int64) (string, string) {
+func bigFileLayer(t testing.TB, dir string, size int64) (string, string) {
 	t.Helper()
 	path := filepath.Join(dir, "big.tar")
 	f, err := os.Create(path)

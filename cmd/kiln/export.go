@@ -12,12 +12,15 @@ import (
 	"time"
 
 	containerd "github.com/containerd/containerd/v2/client"
+	"github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/platforms"
 	"github.com/opencontainers/image-spec/identity"
 	"github.com/spf13/cobra"
 
+	"github.com/kilnfs/kiln/internal/build"
 	"github.com/kilnfs/kiln/internal/clone"
+	"github.com/kilnfs/kiln/internal/inject"
 )
 
 func newExportCommand() *cobra.Command {
@@ -33,7 +36,8 @@ func newExportCommand() *cobra.Command {
 		Short: "Write the ext4 of an image pulled with the kiln snapshotter",
 		Long: `Write the ext4 rootfs of an image that containerd unpacked with the kiln
 snapshotter (ctr image pull --snapshotter kiln IMAGE). For the same image and
-options the file is byte-identical to what "kiln convert" writes.`,
+options the file is byte-identical to what "kiln convert" writes. With the
+init piece injected, the image's own config is written into the copy.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if output == "" {
@@ -110,7 +114,29 @@ func export(ctx context.Context, ref, output, address, namespace, snapshotter, p
 		}
 		src = strings.TrimSpace(string(b))
 	}
-	if err := clone.Atomic(src, output, 0o644); err != nil {
+	// A disk built with the init piece is shared by the images with the
+	// same layers; the image's own config goes into its copy.
+	stamp := func(f *os.File) error {
+		needs, err := inject.NeedsConfig(f)
+		if err != nil || !needs {
+			return err
+		}
+		desc, err := img.Config(ctx)
+		if err != nil {
+			return fmt.Errorf("image %s: %w", ref, err)
+		}
+		config, err := content.ReadBlob(ctx, client.ContentStore(), desc)
+		if err != nil {
+			return fmt.Errorf("image %s: config: %w", ref, err)
+		}
+		wd, err := os.MkdirTemp("", "kiln-export-")
+		if err != nil {
+			return err
+		}
+		defer os.RemoveAll(wd)
+		return inject.StampConfig(ctx, f, config, "", build.Epoch, wd)
+	}
+	if err := clone.AtomicThen(src, output, 0o644, stamp); err != nil {
 		return fmt.Errorf("writing %s: %w", output, err)
 	}
 	return nil

@@ -25,8 +25,9 @@ func newServeCommand() *cobra.Command {
 		Long: `Serve containerd's Snapshots and Diff APIs on a unix socket.
 
 containerd pulls with its own auth and mirrors; kiln reads the layer blobs
-from containerd's content store and serves each image as one ext4 file.
-Add the output of "kiln containerd-config" to containerd's config.toml.`,
+from containerd's content store and builds each image's ext4 disk once;
+containers get a small writable disk over it (or a copy of it). Plug kiln
+into containerd with "kiln containerd-config -o /etc/containerd/conf.d/kiln.toml".`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			cfg, err := config.Load(configPath, cmd.Flags().Changed("config"))

@@ -29,30 +29,44 @@ import (
 var ErrUnavailable = errors.New("containerd unavailable")
 
 var binaries struct {
-	once            sync.Once
-	containerd, ctr string
-	err             error
+	once sync.Once
+	dir  string
+	err  error
 }
 
-// Binaries returns containerd and ctr from the test cache (bin/ under
-// testimage.CacheDir()), building them there from the versions go.mod
-// pins if they are missing.
-func Binaries() (containerd, ctr string, err error) {
+// The programs built from the versions go.mod pins, by package.
+var programs = []struct {
+	name, pkg string
+	tags      string
+}{
+	{"containerd", "github.com/containerd/containerd/v2/cmd/containerd", "no_btrfs no_devmapper no_zfs"},
+	{"ctr", "github.com/containerd/containerd/v2/cmd/ctr", ""},
+	{"containerd-shim-runc-v2", "github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2", ""},
+	{"crictl", "sigs.k8s.io/cri-tools/cmd/crictl", ""},
+}
+
+// BinDir returns the directory with containerd, ctr, containerd's runc
+// shim and crictl (bin/ under testimage.CacheDir()), building them there
+// from the versions go.mod pins if they are missing.
+func BinDir() (string, error) {
 	b := &binaries
 	b.once.Do(func() {
-		dir := filepath.Join(testimage.CacheDir(), "bin")
-		b.containerd, b.ctr = filepath.Join(dir, "containerd"), filepath.Join(dir, "ctr")
-		if exists(b.containerd) && exists(b.ctr) {
-			return
-		}
-		b.err = build(dir)
+		b.dir = filepath.Join(testimage.CacheDir(), "bin")
+		b.err = build(b.dir)
 	})
-	return b.containerd, b.ctr, b.err
+	return b.dir, b.err
 }
 
-// build compiles containerd and ctr into dir, serialised across processes
+// build compiles what is missing into dir, serialised across processes
 // by a lock file, each binary renamed into place when complete.
 func build(dir string) error {
+	missing := false
+	for _, p := range programs {
+		missing = missing || !exists(filepath.Join(dir, p.name))
+	}
+	if !missing {
+		return nil
+	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
 	}
@@ -68,20 +82,17 @@ func build(dir string) error {
 	if err != nil {
 		goBin = filepath.Join(runtime.GOROOT(), "bin", "go")
 	}
-	for _, b := range []struct {
-		name string
-		args []string
-	}{
-		{"containerd", []string{"-tags", "no_btrfs no_devmapper no_zfs", "github.com/containerd/containerd/v2/cmd/containerd"}},
-		{"ctr", []string{"github.com/containerd/containerd/v2/cmd/ctr"}},
-	} {
-		out := filepath.Join(dir, b.name)
+	for _, p := range programs {
+		out := filepath.Join(dir, p.name)
 		if exists(out) {
 			continue
 		}
-		args := append([]string{"build", "-o", out + ".tmp"}, b.args...)
-		if msg, err := exec.Command(goBin, args...).CombinedOutput(); err != nil {
-			return fmt.Errorf("%w: building %s: %v\n%s", ErrUnavailable, b.name, err, msg)
+		args := []string{"build", "-o", out + ".tmp"}
+		if p.tags != "" {
+			args = append(args, "-tags", p.tags)
+		}
+		if msg, err := exec.Command(goBin, append(args, p.pkg)...).CombinedOutput(); err != nil {
+			return fmt.Errorf("%w: building %s: %v\n%s", ErrUnavailable, p.name, err, msg)
 		}
 		if err := os.Rename(out+".tmp", out); err != nil {
 			return err
@@ -97,10 +108,22 @@ type Options struct {
 	// WalkingDiffer makes containerd unpack into kiln's snapshotter with
 	// its own walking differ instead of kiln's.
 	WalkingDiffer bool
+	// DiffService puts kiln's differ first in containerd's diff service
+	// (kiln containerd-config --diff-service), for Compare.
+	DiffService bool
 	// BlockDevices turns on kiln's block-device mode.
 	BlockDevices bool
 	// Inject lists the guest pieces kiln adds to every image.
 	Inject []string
+	// ContainerMode is kiln's container mode ("" for kiln's default).
+	ContainerMode string
+	// UnusedDiskGrace is kiln's grace for disks nothing needs ("" for
+	// kiln's default).
+	UnusedDiskGrace string
+	// CRI keeps containerd's CRI plugin, with a runtime handler "kiln"
+	// (runc, snapshotter kiln) and SandboxImage as the pod sandbox image.
+	CRI          bool
+	SandboxImage string
 }
 
 // Env is a running containerd and kiln serve.
@@ -112,15 +135,17 @@ type Env struct {
 	// KilnAddress is kiln's socket, KilnRoot its state directory and
 	// KilnConfig its configuration file.
 	KilnAddress, KilnRoot, KilnConfig string
+	// ContainerdRoot is containerd's root directory.
+	ContainerdRoot string
 
-	opts          Options
-	ctrBin        string
-	containerdBin string
+	opts   Options
+	binDir string
 
 	mu         sync.Mutex
 	kiln       *proc
 	containerd *proc
 	kilnRuns   int
+	ctdRuns    int
 }
 
 type proc struct {
@@ -131,13 +156,15 @@ type proc struct {
 	stopping bool // signalled by stop; only read and set by the test
 }
 
-// Start starts kiln serve, then containerd configured with the fragment
-// `kiln containerd-config` prints.
+// Start starts kiln serve, then containerd as users run it: from
+// `containerd config default`, with kiln's drop-in from `kiln
+// containerd-config` in the conf.d its imports name. Every path is moved
+// under one private directory.
 func Start(opts Options) (_ *Env, err error) {
 	if os.Geteuid() != 0 {
 		return nil, fmt.Errorf("%w: needs root", ErrUnavailable)
 	}
-	ctd, ctr, err := Binaries()
+	bin, err := BinDir()
 	if err != nil {
 		return nil, err
 	}
@@ -147,14 +174,14 @@ func Start(opts Options) (_ *Env, err error) {
 		return nil, err
 	}
 	e := &Env{
-		Dir:           dir,
-		Address:       filepath.Join(dir, "c.sock"),
-		KilnAddress:   filepath.Join(dir, "k.sock"),
-		KilnRoot:      filepath.Join(dir, "kiln"),
-		KilnConfig:    filepath.Join(dir, "kiln.toml"),
-		opts:          opts,
-		ctrBin:        ctr,
-		containerdBin: ctd,
+		Dir:            dir,
+		Address:        filepath.Join(dir, "c.sock"),
+		KilnAddress:    filepath.Join(dir, "k.sock"),
+		KilnRoot:       filepath.Join(dir, "kiln"),
+		KilnConfig:     filepath.Join(dir, "kiln.toml"),
+		ContainerdRoot: filepath.Join(dir, "root"),
+		opts:           opts,
+		binDir:         bin,
 	}
 	defer func() {
 		if err != nil {
@@ -163,6 +190,12 @@ func Start(opts Options) (_ *Env, err error) {
 	}()
 	kcfg := fmt.Sprintf("version = 1\nroot = %q\naddress = %q\ncontainerd_address = %q\nlog_level = \"debug\"\n\n[snapshotter]\nblock_devices = %v\n",
 		e.KilnRoot, e.KilnAddress, e.Address, opts.BlockDevices)
+	if opts.ContainerMode != "" {
+		kcfg += fmt.Sprintf("container_mode = %q\n", opts.ContainerMode)
+	}
+	if opts.UnusedDiskGrace != "" {
+		kcfg += fmt.Sprintf("unused_disk_grace = %q\n", opts.UnusedDiskGrace)
+	}
 	if len(opts.Inject) > 0 {
 		pieces, _ := json.Marshal(opts.Inject) // a TOML array of strings too
 		kcfg += fmt.Sprintf("\n[build]\ninject = %s\n", pieces)
@@ -170,85 +203,156 @@ func Start(opts Options) (_ *Env, err error) {
 	if err := os.WriteFile(e.KilnConfig, []byte(kcfg), 0o600); err != nil {
 		return nil, err
 	}
-	frag, err := exec.Command(opts.Kiln, "containerd-config", "--config", e.KilnConfig, "--address", e.KilnAddress).Output()
+	main, err := e.containerdConfig()
 	if err != nil {
-		return nil, fmt.Errorf("kiln containerd-config: %w", err)
+		return nil, err
 	}
-	fragment := string(frag)
+	mainPath := filepath.Join(dir, "containerd.toml")
+	if err := os.WriteFile(mainPath, []byte(main), 0o600); err != nil {
+		return nil, err
+	}
+	dropIn := filepath.Join(dir, "conf.d", "kiln.toml")
+	args := []string{"containerd-config", "--config", e.KilnConfig, "-o", dropIn, "--containerd-config", mainPath}
+	if opts.DiffService {
+		args = append(args, "--diff-service")
+	}
+	if out, err := exec.Command(opts.Kiln, args...).CombinedOutput(); err != nil || len(out) > 0 {
+		return nil, fmt.Errorf("kiln containerd-config: %v: %s", err, out)
+	}
 	if opts.WalkingDiffer {
-		if fragment, err = walkingFragment(fragment); err != nil {
+		if err := useWalkingDiffer(dropIn); err != nil {
 			return nil, err
 		}
 	}
-	if err := os.WriteFile(filepath.Join(dir, "containerd.toml"), []byte(e.containerdConfig()+"\n"+fragment), 0o600); err != nil {
-		return nil, err
+	if opts.CRI {
+		if err := e.writeCRIConfig(); err != nil {
+			return nil, err
+		}
 	}
 	if err := e.StartKiln(); err != nil {
 		return nil, err
 	}
-	if err := e.startContainerd(); err != nil {
+	if err := e.StartContainerd(); err != nil {
 		return nil, err
 	}
 	return e, nil
 }
 
-// walkingFragment turns kiln's fragment into one where containerd's
+// useWalkingDiffer turns kiln's drop-in into one where containerd's
 // walking differ fills kiln's snapshots, for pulls through the transfer
 // service and client-side ones alike.
-func walkingFragment(f string) (string, error) {
-	for _, r := range [][2]string{
-		{`differ = "kiln-diff"`, `differ = "walking"`},
-		{`default = ["kiln-diff", "walking"]`, `default = ["walking"]`},
-	} {
-		if !strings.Contains(f, r[0]) {
-			return "", fmt.Errorf("kiln containerd-config output has no %s:\n%s", r[0], f)
-		}
-		f = strings.ReplaceAll(f, r[0], r[1])
-	}
-	return f, nil
-}
-
-// containerdConfig keeps every path containerd would use under e.Dir and
-// leaves out the plugins a pull does not need (CRI, NRI, tracing), some of
-// which would touch host paths.
-func (e *Env) containerdConfig() string {
-	d := e.Dir
-	return fmt.Sprintf(`version = 3
-root = %q
-state = %q
-temp = %q
-imports = []
-disabled_plugins = [
-  "io.containerd.grpc.v1.cri",
-  "io.containerd.cri.v1.images",
-  "io.containerd.cri.v1.runtime",
-  "io.containerd.podsandbox.controller.v1.podsandbox",
-  "io.containerd.nri.v1.nri",
-  "io.containerd.internal.v1.tracing",
-  "io.containerd.tracing.processor.v1.otlp",
-  "io.containerd.image-verifier.v1.bindir",
-]
-
-[grpc]
-  address = %q
-
-[ttrpc]
-  address = %q
-
-[debug]
-  level = "debug"
-
-[plugins.'io.containerd.internal.v1.opt']
-  path = %q
-`, filepath.Join(d, "root"), filepath.Join(d, "state"), filepath.Join(d, "tmp"),
-		e.Address, e.Address+".ttrpc", filepath.Join(d, "opt"))
-}
-
-func (e *Env) startContainerd() error {
-	if err := os.MkdirAll(filepath.Join(e.Dir, "tmp"), 0o700); err != nil {
+func useWalkingDiffer(path string) error {
+	b, err := os.ReadFile(path)
+	if err != nil {
 		return err
 	}
-	p, err := startProc(e.containerdBin, filepath.Join(e.Dir, "containerd.log"), "--config", filepath.Join(e.Dir, "containerd.toml"))
+	f := string(b)
+	const kilnDiffer = `differ = "kiln-diff"`
+	if !strings.Contains(f, kilnDiffer) {
+		return fmt.Errorf("kiln's drop-in has no %s:\n%s", kilnDiffer, f)
+	}
+	f = strings.ReplaceAll(f, kilnDiffer, `differ = "walking"`)
+	f = strings.ReplaceAll(f, `default = ["kiln-diff", "walking"]`, `default = ["walking"]`)
+	return os.WriteFile(path, []byte(f), 0o600)
+}
+
+// writeCRIConfig adds the CRI settings a pod needs here: a runtime
+// handler "kiln" (runc, with kiln's snapshotter), the sandbox image, and
+// CNI directories of the test's own (pods use the host's network).
+func (e *Env) writeCRIConfig() error {
+	d := e.Dir
+	for _, sub := range []string{"cni/net.d", "cni/bin"} {
+		if err := os.MkdirAll(filepath.Join(d, sub), 0o755); err != nil {
+			return err
+		}
+	}
+	cfg := fmt.Sprintf(`version = 3
+
+[plugins.'io.containerd.cri.v1.images'.pinned_images]
+  sandbox = %q
+
+[plugins.'io.containerd.cri.v1.runtime']
+  # Containers may not get a lower oom_score_adj than containerd's: the
+  # machines the suite runs on may not grant CAP_SYS_RESOURCE.
+  restrict_oom_score_adj = true
+
+[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.kiln]
+  runtime_type = 'io.containerd.runc.v2'
+  snapshotter = 'kiln'
+  [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.kiln.options]
+    Root = %q
+
+[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
+  Root = %q
+
+[plugins.'io.containerd.cri.v1.runtime'.cni]
+  bin_dirs = [%q]
+  conf_dir = %q
+`, e.opts.SandboxImage, e.RuncRoot(), e.RuncRoot(), filepath.Join(d, "cni/bin"), filepath.Join(d, "cni/net.d"))
+	if err := os.WriteFile(filepath.Join(d, "crictl.yaml"), nil, 0o600); err != nil {
+		return err
+	}
+	return os.WriteFile(filepath.Join(d, "conf.d", "cri.toml"), []byte(cfg), 0o600)
+}
+
+// containerdConfig is `containerd config default` with every path that
+// containerd, its CRI plugin or NRI would use moved under e.Dir, debug
+// logs, and, unless CRI is wanted, the CRI plugins disabled.
+func (e *Env) containerdConfig() (string, error) {
+	out, err := exec.Command(filepath.Join(e.binDir, "containerd"), "config", "default").Output()
+	if err != nil {
+		return "", fmt.Errorf("containerd config default: %w", err)
+	}
+	cfg := string(out)
+	d := e.Dir
+	for _, r := range [][2]string{
+		{"root = '/var/lib/containerd'", fmt.Sprintf("root = %q", e.ContainerdRoot)},
+		{"state = '/run/containerd'", fmt.Sprintf("state = %q", filepath.Join(d, "state"))},
+		{"temp = ''", fmt.Sprintf("temp = %q", filepath.Join(d, "tmp"))},
+		{"imports = ['/etc/containerd/conf.d/*.toml']", fmt.Sprintf("imports = [%q]", filepath.Join(d, "conf.d", "*.toml"))},
+		{"address = '/run/containerd/containerd.sock'", fmt.Sprintf("address = %q", e.Address)},
+		{"address = '/run/containerd/containerd.sock.ttrpc'", fmt.Sprintf("address = %q", e.Address+".ttrpc")},
+		{"path = '/opt/containerd'", fmt.Sprintf("path = %q", filepath.Join(d, "opt"))},
+		{"bin_dir = '/opt/containerd/image-verifier/bin'", fmt.Sprintf("bin_dir = %q", filepath.Join(d, "verifiers"))},
+		{"socket_path = '/var/run/nri/nri.sock'", fmt.Sprintf("socket_path = %q", filepath.Join(d, "nri.sock"))},
+		{"plugin_path = '/opt/nri/plugins'", fmt.Sprintf("plugin_path = %q", filepath.Join(d, "nri"))},
+		{"plugin_config_path = '/etc/nri/conf.d'", fmt.Sprintf("plugin_config_path = %q", filepath.Join(d, "nri"))},
+		{"[debug]\n  level = ''", "[debug]\n  level = 'debug'"},
+		// Shims' sockets, under /run/containerd by default.
+		{"socket_dir = ''", fmt.Sprintf("socket_dir = %q", filepath.Join(d, "s"))},
+	} {
+		if !strings.Contains(cfg, r[0]) {
+			return "", fmt.Errorf("containerd config default has no %q", r[0])
+		}
+		cfg = strings.ReplaceAll(cfg, r[0], r[1])
+	}
+	disabled := []string{"io.containerd.nri.v1.nri"}
+	if !e.opts.CRI {
+		disabled = append(disabled,
+			"io.containerd.grpc.v1.cri",
+			"io.containerd.cri.v1.images",
+			"io.containerd.cri.v1.runtime",
+			"io.containerd.podsandbox.controller.v1.podsandbox",
+		)
+	}
+	quoted, _ := json.Marshal(disabled)
+	cfg = strings.Replace(cfg, "disabled_plugins = []", "disabled_plugins = "+string(quoted), 1)
+	for _, sub := range []string{"tmp", "conf.d"} {
+		if err := os.MkdirAll(filepath.Join(d, sub), 0o700); err != nil {
+			return "", err
+		}
+	}
+	return cfg, nil
+}
+
+// StartContainerd starts containerd (again, after StopContainerd) and
+// waits until it answers.
+func (e *Env) StartContainerd() error {
+	e.mu.Lock()
+	e.ctdRuns++
+	logf := filepath.Join(e.Dir, fmt.Sprintf("containerd.%d.log", e.ctdRuns))
+	e.mu.Unlock()
+	p, err := startProc(filepath.Join(e.binDir, "containerd"), logf, e.path(), "--config", filepath.Join(e.Dir, "containerd.toml"))
 	if err != nil {
 		return err
 	}
@@ -273,6 +377,28 @@ func (e *Env) startContainerd() error {
 	}
 }
 
+// StopContainerd stops containerd with SIGTERM.
+func (e *Env) StopContainerd() error {
+	e.mu.Lock()
+	p := e.containerd
+	e.mu.Unlock()
+	return e.stop(p, syscall.SIGTERM, 30*time.Second)
+}
+
+// RuncRoot is runc's state directory for this containerd's containers
+// (ctr run --runc-root): never the host's /run/containerd/runc.
+func (e *Env) RuncRoot() string { return filepath.Join(e.Dir, "runc") }
+
+// FIFODir is where ctr makes a task's IO fifos (ctr run --fifo-dir):
+// never the host's /run/containerd/fifo.
+func (e *Env) FIFODir() string { return filepath.Join(e.Dir, "fifo") }
+
+// path is the PATH containerd runs with: the test binaries (its runc
+// shim) first, then the system's, sbin included (runc).
+func (e *Env) path() string {
+	return e.binDir + ":/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+}
+
 // StartKiln starts kiln serve (again, after StopKiln or KillKiln) and
 // waits until it accepts connections.
 func (e *Env) StartKiln() error {
@@ -280,7 +406,7 @@ func (e *Env) StartKiln() error {
 	e.kilnRuns++
 	logf := filepath.Join(e.Dir, fmt.Sprintf("kiln.%d.log", e.kilnRuns))
 	e.mu.Unlock()
-	p, err := startProc(e.opts.Kiln, logf, "serve", "--config", e.KilnConfig, "--log-level", "debug")
+	p, err := startProc(e.opts.Kiln, logf, os.Getenv("PATH"), "serve", "--config", e.KilnConfig, "--log-level", "debug")
 	if err != nil {
 		return err
 	}
@@ -334,23 +460,51 @@ func (e *Env) KilnLog() string {
 
 // KilnLogs returns what every kiln serve of this environment logged.
 func (e *Env) KilnLogs() string {
-	var b strings.Builder
 	e.mu.Lock()
 	n := e.kilnRuns
 	e.mu.Unlock()
+	return e.logs("kiln", n)
+}
+
+// ContainerdLog returns what every containerd of this environment logged.
+func (e *Env) ContainerdLog() string {
+	e.mu.Lock()
+	n := e.ctdRuns
+	e.mu.Unlock()
+	return e.logs("containerd", n)
+}
+
+// logs concatenates the logs of a program's n runs.
+func (e *Env) logs(name string, n int) string {
+	var b strings.Builder
 	for i := 1; i <= n; i++ {
-		b.WriteString(readFile(filepath.Join(e.Dir, fmt.Sprintf("kiln.%d.log", i))))
+		b.WriteString(readFile(filepath.Join(e.Dir, fmt.Sprintf("%s.%d.log", name, i))))
 	}
 	return b.String()
 }
 
-// ContainerdLog returns what containerd logged.
-func (e *Env) ContainerdLog() string { return readFile(filepath.Join(e.Dir, "containerd.log")) }
+// Crictl runs crictl against this containerd's CRI plugin and returns its
+// standard output; its standard error is in the error.
+func (e *Env) Crictl(ctx context.Context, args ...string) (string, error) {
+	endpoint := "unix://" + e.Address
+	cmd := exec.CommandContext(ctx, filepath.Join(e.binDir, "crictl"), append([]string{
+		"--runtime-endpoint", endpoint, "--image-endpoint", endpoint, "--timeout", "2m",
+		"--config", filepath.Join(e.Dir, "crictl.yaml"),
+	}, args...)...)
+	cmd.Env = environ("CONTAINER_RUNTIME_ENDPOINT", "IMAGE_SERVICE_ENDPOINT", "CRI_CONFIG_FILE")
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		err = fmt.Errorf("%w: %s", err, strings.TrimSpace(stderr.String()))
+	}
+	return string(out), err
+}
 
 // Ctr runs ctr against this containerd and returns its combined output
 // (minus the cgroup v1 deprecation warning every call prints).
 func (e *Env) Ctr(ctx context.Context, args ...string) (string, error) {
-	cmd := exec.CommandContext(ctx, e.ctrBin, append([]string{"--address", e.Address}, args...)...)
+	cmd := exec.CommandContext(ctx, filepath.Join(e.binDir, "ctr"), append([]string{"--address", e.Address}, args...)...)
 	cmd.Env = environ("CONTAINERD_ADDRESS", "CONTAINERD_NAMESPACE", "CONTAINERD_SNAPSHOTTER")
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
@@ -436,14 +590,14 @@ func (e *Env) stop(p *proc, sig syscall.Signal, timeout time.Duration) error {
 	return p.err
 }
 
-func startProc(bin, logFile string, args ...string) (*proc, error) {
+func startProc(bin, logFile, path string, args ...string) (*proc, error) {
 	f, err := os.Create(logFile)
 	if err != nil {
 		return nil, err
 	}
 	cmd := exec.Command(bin, args...)
 	cmd.Stdout, cmd.Stderr = f, f
-	cmd.Env = environ("NOTIFY_SOCKET")
+	cmd.Env = append(environ("NOTIFY_SOCKET", "PATH"), "PATH="+path)
 	// Its own process group: signals to the test do not reach it, and
 	// everything it started can be killed with it.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}

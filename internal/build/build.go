@@ -20,10 +20,10 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/kilnfs/kiln/internal/ext4"
+	"github.com/kilnfs/kiln/internal/fstree"
 	"github.com/kilnfs/kiln/internal/inject"
 	"github.com/kilnfs/kiln/internal/layer"
 	"github.com/kilnfs/kiln/internal/progress"
-	"github.com/kilnfs/kiln/internal/fstree"
 )
 
 // Epoch is the time kiln gives to what no layer dates: directories that
@@ -33,7 +33,7 @@ var Epoch = time.Unix(0, 0).UTC()
 
 // formatVersion changes whenever the same input would build different
 // bytes, so that caches keyed by Key never serve an older layout.
-const formatVersion = "kiln-rootfs-2"
+const formatVersion = "kiln-rootfs-3"
 
 // Layer is one layer to replay.
 type Layer struct {

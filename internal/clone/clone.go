@@ -106,21 +106,30 @@ func Range(out, in *os.File, woff, roff, n int64) error {
 // copy is made in an unnamed file in dst's directory (O_TMPFILE, which
 // vanishes if kiln is killed) and given its name once complete. An
 // existing dst is replaced.
-func Atomic(src, dst string, perm os.FileMode) error {
+func Atomic(src, dst string, perm os.FileMode) error { return AtomicThen(src, dst, perm, nil) }
+
+// AtomicThen is Atomic with a last step: finish, if set, gets the copy
+// (open for reading and writing) before it is named.
+func AtomicThen(src, dst string, perm os.FileMode, finish func(*os.File) error) error {
 	in, err := os.Open(src)
 	if err != nil {
 		return err
 	}
 	defer in.Close()
 	dir := filepath.Dir(dst)
-	fd, err := unix.Open(dir, unix.O_TMPFILE|unix.O_WRONLY|unix.O_CLOEXEC, 0o600)
+	fd, err := unix.Open(dir, unix.O_TMPFILE|unix.O_RDWR|unix.O_CLOEXEC, 0o600)
 	if err != nil {
-		return atomicNamed(in, dst, perm)
+		return atomicNamed(in, dst, perm, finish)
 	}
 	out := os.NewFile(uintptr(fd), dst)
 	defer out.Close()
 	if err := Into(out, in); err != nil {
 		return err
+	}
+	if finish != nil {
+		if err := finish(out); err != nil {
+			return err
+		}
 	}
 	if err := out.Chmod(perm); err != nil {
 		return err
@@ -137,15 +146,18 @@ func Atomic(src, dst string, perm os.FileMode) error {
 	return nil
 }
 
-// atomicNamed is Atomic for filesystems without O_TMPFILE: a named
+// atomicNamed is AtomicThen for filesystems without O_TMPFILE: a named
 // temporary file, renamed into place.
-func atomicNamed(in *os.File, dst string, perm os.FileMode) error {
+func atomicNamed(in *os.File, dst string, perm os.FileMode, finish func(*os.File) error) error {
 	name := tempName(dst)
-	tmp, err := os.OpenFile(name, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	tmp, err := os.OpenFile(name, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
 		return err
 	}
 	err = Into(tmp, in)
+	if err == nil && finish != nil {
+		err = finish(tmp)
+	}
 	if err == nil {
 		err = tmp.Chmod(perm)
 	}

@@ -87,7 +87,7 @@ func Convert(ctx context.Context, src, out string, opts Options) (*Result, error
 		ChainID:  img.ChainID(),
 	}
 	res.Timings.Resolve = time.Since(start).Milliseconds()
-	set, err := inject.New(opts.Inject, img.ConfigJSON)
+	set, err := inject.New(opts.Inject)
 	if err != nil {
 		return nil, err
 	}
@@ -111,7 +111,9 @@ func Convert(ctx context.Context, src, out string, opts Options) (*Result, error
 		close(cleaned)
 	}
 	copyStart := time.Now()
-	err = clone.Atomic(cached, out, 0o644)
+	err = clone.AtomicThen(cached, out, 0o644, func(f *os.File) error {
+		return stampConfig(ctx, st, f, img)
+	})
 	<-cleaned
 	if err != nil {
 		return nil, fmt.Errorf("writing %s: %w", out, err)
@@ -126,6 +128,22 @@ func Convert(ctx context.Context, src, out string, opts Options) (*Result, error
 	}
 	res.Timings.Total = time.Since(start).Milliseconds()
 	return res, nil
+}
+
+// stampConfig writes the image's config into its copy of a disk built
+// with the init piece: the cached disk is shared by every image with the
+// same layers.
+func stampConfig(ctx context.Context, st *store.Store, f *os.File, img *image.Image) error {
+	needs, err := inject.NeedsConfig(f)
+	if err != nil || !needs {
+		return err
+	}
+	wd, err := st.NewWorkDir()
+	if err != nil {
+		return err
+	}
+	defer wd.Release()
+	return inject.StampConfig(ctx, f, img.ConfigJSON, "", build.Epoch, wd.Path)
 }
 
 // buildImage fetches what is missing and builds the rootfs into the cache.

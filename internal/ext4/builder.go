@@ -245,18 +245,11 @@ type dirName struct {
 // so that nothing about the host leaks into the image.
 func (b *builder) environ() []string {
 	fake := max(b.tree.Epoch().Unix(), 1) // e2fsprogs reads 0 as "unset"
-	env := []string{
-		"PATH=" + os.Getenv("PATH"),
-		"LC_ALL=C",
-		"TZ=UTC",
-		"POSIXLY_CORRECT=1", // debugfs options end at the first name
-		"E2FSPROGS_FAKE_TIME=" + strconv.FormatInt(fake, 10),
-		"E2FSCK_TIME=" + strconv.FormatInt(fake, 10),
-		"E2FSCK_CONFIG=" + filepath.Join(b.opts.WorkDir, "e2fsck.conf"),
-		"E2FSPROGS_LIBMAGIC_SUPPRESS=1",
-		"MKE2FS_CONFIG=" + filepath.Join(b.opts.WorkDir, "mke2fs.conf"),
-	}
-	return env
+	return append(fixedEnv(b.tree.Epoch()),
+		"E2FSCK_TIME="+strconv.FormatInt(fake, 10),
+		"E2FSCK_CONFIG="+filepath.Join(b.opts.WorkDir, "e2fsck.conf"),
+		"MKE2FS_CONFIG="+filepath.Join(b.opts.WorkDir, "mke2fs.conf"),
+	)
 }
 
 func (b *builder) mkfs(ctx context.Context, size, inodes int64) error {
@@ -266,15 +259,7 @@ func (b *builder) mkfs(ctx context.Context, size, inodes int64) error {
 	if err := os.WriteFile(filepath.Join(b.opts.WorkDir, "e2fsck.conf"), []byte(e2fsckConfig), 0o644); err != nil {
 		return err
 	}
-	f, err := os.OpenFile(b.meta, os.O_WRONLY, 0)
-	if err != nil {
-		return err
-	}
-	err = f.Truncate(size)
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
+	if err := sizeFile(b.meta, 0, size); err != nil {
 		return err
 	}
 	hashSeed := deriveUUID("kiln.hash-seed", b.opts.Identity)

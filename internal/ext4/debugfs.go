@@ -82,6 +82,12 @@ func encodeTime(t time.Time) (lo, extra uint32) {
 // failed: debugfs itself exits 0 regardless, and reports command errors on
 // stderr.
 func debugfs(ctx context.Context, image, workDir string, s *script, env []string) (stdout []byte, err error) {
+	return debugfsOn(ctx, image, nil, workDir, s, env)
+}
+
+// debugfsOn is debugfs for an image given by name, or as an open file
+// (passed to debugfs as its descriptor 3) when file is set.
+func debugfsOn(ctx context.Context, image string, file *os.File, workDir string, s *script, env []string) (stdout []byte, err error) {
 	f, err := os.CreateTemp(workDir, "debugfs-*.txt")
 	if err != nil {
 		return nil, err
@@ -94,8 +100,14 @@ func debugfs(ctx context.Context, image, workDir string, s *script, env []string
 	if err := f.Close(); err != nil {
 		return nil, err
 	}
+	if file != nil {
+		image = "/proc/self/fd/3"
+	}
 	cmd := tool(ctx, "debugfs", "-w", "-f", f.Name(), image)
 	cmd.Env = env
+	if file != nil {
+		cmd.ExtraFiles = []*os.File{file}
+	}
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
 	if err := cmd.Run(); err != nil {

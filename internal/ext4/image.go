@@ -14,6 +14,7 @@ import (
 // the inodes and where their blocks are. It never writes.
 type Image struct {
 	f             *os.File
+	owned         bool  // opened by OpenImage, closed by Close
 	cached        int64 // offset of the inode table block in cache, -1 if none
 	cache         []byte
 	blockSize     int64
@@ -51,16 +52,30 @@ func OpenImage(path string) (*Image, error) {
 	if err != nil {
 		return nil, err
 	}
-	im := &Image{f: f, cached: -1}
-	if err := im.readSuperblock(); err != nil {
+	im, err := readImage(f)
+	if err != nil {
 		f.Close()
 		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	im.owned = true
+	return im, nil
+}
+
+func readImage(f *os.File) (*Image, error) {
+	im := &Image{f: f, cached: -1}
+	if err := im.readSuperblock(); err != nil {
+		return nil, err
 	}
 	return im, nil
 }
 
 // Close releases the image file.
-func (im *Image) Close() error { return im.f.Close() }
+func (im *Image) Close() error {
+	if !im.owned {
+		return nil
+	}
+	return im.f.Close()
+}
 
 func (im *Image) readSuperblock() error {
 	sb := make([]byte, 1024)

@@ -2,8 +2,6 @@ package guest
 
 import (
 	_ "embed"
-	"encoding/json"
-	"errors"
 	"fmt"
 	"path"
 	"path/filepath"
@@ -126,13 +124,12 @@ func clone(b []byte) []byte { return append([]byte(nil), b...) }
 
 // Bundle lists the files to write into a root filesystem for the given
 // pieces. binDir holds the host's kiln-init and kiln-agent binaries, which
-// must be statically linked ELF executables. imageConfig is the image's OCI
-// config document; it is required by the init piece. hasSystemd tells
+// must be statically linked ELF executables. hasSystemd tells
 // whether the image boots with systemd, which decides whether systemd units
 // or kiln-init start the agent and configure the network.
 //
 // The result is sorted by path, so every directory precedes its contents.
-func Bundle(pieces []Piece, binDir string, imageConfig []byte, hasSystemd bool) ([]File, error) {
+func Bundle(pieces []Piece, binDir string, hasSystemd bool) ([]File, error) {
 	want := map[Piece]bool{}
 	for _, p := range pieces {
 		if !p.valid() {
@@ -162,13 +159,10 @@ func Bundle(pieces []Piece, binDir string, imageConfig []byte, hasSystemd bool) 
 		}
 	}
 	if want[PieceInit] {
-		if len(imageConfig) == 0 {
-			return nil, errors.New("guest piece \"init\" needs the image config, but it is empty")
-		}
-		if !json.Valid(imageConfig) {
-			return nil, errors.New("guest piece \"init\" needs the image config, but it is not valid JSON")
-		}
-		b.addData(ImageConfigPath, 0o644, imageConfig)
+		// The image's config is written last, into each image's own disk
+		// (see ImageConfigPath): images that share their layers share
+		// everything else.
+		b.add(File{Path: ImageConfigPath, Mode: ImageConfigMode, Data: []byte{}})
 		// kiln-init cannot create mount points on a read-only root.
 		for _, dir := range mountPoints {
 			b.add(File{Path: dir.path, Mode: dir.mode, Dir: true})

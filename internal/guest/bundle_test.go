@@ -120,7 +120,7 @@ func summarize(t *testing.T, files []File) (map[string]fileSummary, []string) {
 }
 
 func TestBundleInitOnly(t *testing.T) {
-	files, err := Bundle([]Piece{PieceInit}, binDir(t), []byte(testConfig), false)
+	files, err := Bundle([]Piece{PieceInit}, binDir(t), false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -143,14 +143,14 @@ func TestBundleInitOnly(t *testing.T) {
 		t.Errorf("order = %v, want %v", order, wantOrder)
 	}
 	for _, f := range files {
-		if f.Path == ImageConfigPath && string(f.Data) != testConfig {
-			t.Errorf("image config = %q", f.Data)
+		if f.Path == ImageConfigPath && len(f.Data) != 0 {
+			t.Errorf("image config = %q, want an empty placeholder", f.Data)
 		}
 	}
 }
 
 func TestBundleEverythingOnSystemd(t *testing.T) {
-	files, err := Bundle([]Piece{PieceNetwork, PieceAgent, PieceInit}, binDir(t), []byte(testConfig), true)
+	files, err := Bundle([]Piece{PieceNetwork, PieceAgent, PieceInit}, binDir(t), true)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -212,7 +212,7 @@ func TestBundleEverythingOnSystemd(t *testing.T) {
 }
 
 func TestBundleNetworkOnSystemdWithoutInit(t *testing.T) {
-	files, err := Bundle([]Piece{PieceNetwork}, binDir(t), nil, true)
+	files, err := Bundle([]Piece{PieceNetwork}, binDir(t), true)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -232,7 +232,7 @@ func TestBundleNetworkOnSystemdWithoutInit(t *testing.T) {
 }
 
 func TestBundleWithoutSystemdLeavesItToInit(t *testing.T) {
-	files, err := Bundle([]Piece{PieceInit, PieceAgent, PieceNetwork}, binDir(t), []byte(testConfig), false)
+	files, err := Bundle([]Piece{PieceInit, PieceAgent, PieceNetwork}, binDir(t), false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -256,29 +256,26 @@ func TestBundleErrors(t *testing.T) {
 		name       string
 		pieces     []Piece
 		bins       string
-		config     string
 		hasSystemd bool
 		want       string
 	}{
-		{"agent without init or systemd", []Piece{PieceAgent}, bins, "", false, `"agent" needs systemd in the image or the "init" piece`},
-		{"network without init or systemd", []Piece{PieceNetwork}, bins, "", false, `"network" needs systemd`},
-		{"init without config", []Piece{PieceInit}, bins, "", false, "image config, but it is empty"},
-		{"init with bad config", []Piece{PieceInit}, bins, "{", false, "not valid JSON"},
-		{"unknown piece", []Piece{"sshd"}, bins, testConfig, false, `unknown guest piece "sshd"`},
-		{"missing binary", []Piece{PieceInit}, t.TempDir(), testConfig, false, "does not exist; build it with CGO_ENABLED=0"},
-		{"dynamic binary", []Piece{PieceInit}, dynamic, testConfig, false, "dynamically linked"},
-		{"not ELF", []Piece{PieceInit}, notELF, testConfig, false, "not an ELF executable"},
-		{"relocatable object", []Piece{PieceInit}, object, testConfig, false, "not an executable"},
+		{"agent without init or systemd", []Piece{PieceAgent}, bins, false, `"agent" needs systemd in the image or the "init" piece`},
+		{"network without init or systemd", []Piece{PieceNetwork}, bins, false, `"network" needs systemd`},
+		{"unknown piece", []Piece{"sshd"}, bins, false, `unknown guest piece "sshd"`},
+		{"missing binary", []Piece{PieceInit}, t.TempDir(), false, "does not exist; build it with CGO_ENABLED=0"},
+		{"dynamic binary", []Piece{PieceInit}, dynamic, false, "dynamically linked"},
+		{"not ELF", []Piece{PieceInit}, notELF, false, "not an ELF executable"},
+		{"relocatable object", []Piece{PieceInit}, object, false, "not an executable"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			_, err := Bundle(tc.pieces, tc.bins, []byte(tc.config), tc.hasSystemd)
+			_, err := Bundle(tc.pieces, tc.bins, tc.hasSystemd)
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Errorf("err = %v, want it to mention %q", err, tc.want)
 			}
 		})
 	}
 
-	if files, err := Bundle(nil, bins, nil, true); err != nil || files != nil {
+	if files, err := Bundle(nil, bins, true); err != nil || files != nil {
 		t.Errorf("no pieces: %v, %v", files, err)
 	}
 }

@@ -23,8 +23,8 @@ import (
 
 	"github.com/pelletier/go-toml/v2"
 
-	"github.com/kilnfs/kiln/internal/guest"
 	"github.com/kilnfs/kiln/internal/fstree"
+	"github.com/kilnfs/kiln/internal/guest"
 )
 
 // Options choose what to inject.
@@ -44,18 +44,18 @@ type Options struct {
 const ManifestName = "manifest.toml"
 
 // Set is what will be injected, read and checked up front so that a
-// mistake fails before any layer is fetched.
+// mistake fails before any layer is fetched. It holds nothing of any one
+// image: the init piece leaves a placeholder for the image's config,
+// which StampConfig fills in each image's own disk.
 type Set struct {
 	opts        Options
-	imageConfig []byte
 	user        []guest.File
 	fingerprint string
 }
 
-// New prepares an injection. imageConfig is the image's config document,
-// which the init piece writes into the rootfs. It returns nil when there
-// is nothing to inject.
-func New(opts Options, imageConfig []byte) (*Set, error) {
+// New prepares an injection. It returns nil when there is nothing to
+// inject.
+func New(opts Options) (*Set, error) {
 	if len(opts.Pieces) == 0 && opts.Dir == "" {
 		return nil, nil
 	}
@@ -66,7 +66,7 @@ func New(opts Options, imageConfig []byte) (*Set, error) {
 		}
 		opts.BinDir = dir
 	}
-	s := &Set{opts: opts, imageConfig: imageConfig}
+	s := &Set{opts: opts}
 	if opts.Dir != "" {
 		user, err := ReadBundle(opts.Dir)
 		if err != nil {
@@ -117,7 +117,6 @@ func (s *Set) computeFingerprint() (string, error) {
 		}
 		fmt.Fprintf(h, "bin=%s:%s\x00", name, d)
 	}
-	fmt.Fprintf(h, "config=%x\x00", sha256.Sum256(s.imageConfig))
 	for _, f := range s.user {
 		if err := describeFile(h, f); err != nil {
 			return "", err
@@ -164,7 +163,7 @@ func (s *Set) Apply(ctx context.Context, tree *fstree.Tree) error {
 	}
 	var files []guest.File
 	if len(s.opts.Pieces) > 0 {
-		bundle, err := guest.Bundle(s.opts.Pieces, s.opts.BinDir, s.imageConfig, HasSystemd(tree))
+		bundle, err := guest.Bundle(s.opts.Pieces, s.opts.BinDir, HasSystemd(tree))
 		if err != nil {
 			return err
 		}

@@ -72,7 +72,7 @@ target = "/opt/agent/agent"
 
 func TestUserBundle(t *testing.T) {
 	dir := bundle(t, agentManifest, map[string]string{"agent": "#!/bin/sh\n"})
-	set, err := New(Options{Dir: dir}, nil)
+	set, err := New(Options{Dir: dir})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -95,12 +95,12 @@ func TestUserBundle(t *testing.T) {
 func TestClashNeedsForce(t *testing.T) {
 	dir := bundle(t, agentManifest, map[string]string{"agent": "new"})
 	existing := &tar.Header{Name: "opt/agent/agent", Typeflag: tar.TypeReg, Mode: 0o755, Size: 3}
-	set, _ := New(Options{Dir: dir}, nil)
+	set, _ := New(Options{Dir: dir})
 	err := set.Apply(context.Background(), tree(t, existing))
 	if !errors.Is(err, ErrClash) || !strings.Contains(err.Error(), "/opt/agent/agent") || !strings.Contains(err.Error(), "--force") {
 		t.Fatalf("err = %v, want a clash naming the path and --force", err)
 	}
-	forced, _ := New(Options{Dir: dir, Force: true}, nil)
+	forced, _ := New(Options{Dir: dir, Force: true})
 	tr := tree(t, existing)
 	if err := forced.Apply(context.Background(), tr); err != nil {
 		t.Fatal(err)

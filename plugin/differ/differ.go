@@ -1,9 +1,17 @@
-// Package differ is kiln's containerd differ. For extraction mounts of
-// kiln's snapshotter it reads the layer blob from containerd's content
-// store, decompresses and verifies it, checks every entry's name, and
-// stores the uncompressed tar in the snapshot, without mounting anything.
-// For any other mount it answers NotImplemented, so containerd goes on to
-// its next differ.
+// Package differ is kiln's containerd differ.
+//
+// Apply: for extraction mounts of kiln's snapshotter it reads the layer
+// blob from containerd's content store, decompresses and verifies it,
+// checks every entry's name, and stores the uncompressed tar in the
+// snapshot, without mounting anything.
+//
+// Compare: for kiln's container and view mounts it reads the disks in
+// userspace (a container's disk is written by a guest, and the host
+// kernel never parses it) and writes the OCI layer of the difference to
+// the content store.
+//
+// For any other mounts it answers NotImplemented, so containerd goes on
+// to its next differ.
 package differ
 
 import (
@@ -17,17 +25,36 @@ import (
 	"github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/containerd/v2/core/diff"
 	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
-	"github.com/kilnfs/kiln/internal/layer"
 	"github.com/kilnfs/kiln/internal/fstree"
+	"github.com/kilnfs/kiln/internal/layer"
 )
 
-// Snapshots tells the differ which mounts are kiln's extraction snapshots.
+// Snapshots is what the differ needs of kiln's snapshotter.
 type Snapshots interface {
-	SnapshotDir(m mount.Mount) (dir string, ok bool)
+	// Extraction recognises the mounts of one of kiln's extraction
+	// snapshots and says where its layer goes.
+	Extraction(mounts []mount.Mount) (Extraction, bool)
+	// Stage returns a sink that replays the layer ahead of the disk's
+	// build, or nil.
+	Stage(ctx context.Context, ext Extraction) LayerSink
+	// Disks recognises mounts of kiln's disks (views and containers), and
+	// no mounts at all as an empty filesystem.
+	Disks(mounts []mount.Mount) (Disks, bool)
+	// InUse says why a container's disk is in use ("" when it is not).
+	InUse(file string) string
+}
+
+// Extraction is where the layer of an extraction snapshot is stored.
+type Extraction struct {
+	// Dir is the snapshot's directory.
+	Dir string
+	// TarPath and DiffIDPath receive the uncompressed tar and its digest.
+	TarPath, DiffIDPath string
 }
 
 // LayerSink takes the layer's tar as it is stored, to replay it ahead of
@@ -38,30 +65,40 @@ type LayerSink interface {
 	Done(ok bool)
 }
 
-// Differ implements diff.Applier (and diff.Comparer, which it leaves to
-// containerd's walking differ).
-type Differ struct {
-	snapshots Snapshots
-	content   content.Provider
-	layerFile func(dir string) (tarPath, diffIDPath string)
-	// Stage, if set, gives a sink for a snapshot's layer (or nil).
-	Stage func(ctx context.Context, dir string) LayerSink
-	// Observe, if set, is told how each apply went.
-	Observe func(d time.Duration, bytes int64, err error)
+// Disks is what a set of kiln's mounts shows, in files: a read-only
+// disk, an overlay-mode container's scratch over it, or a copy-mode
+// container's disk.
+type Disks struct {
+	Disk, Scratch, Container string
 }
 
-// New returns a differ reading blobs from content (containerd's content
-// store, reached through its API) and storing layers where layerFile says.
-func New(sn Snapshots, cs content.Provider, layerFile func(dir string) (string, string)) *Differ {
-	return &Differ{snapshots: sn, content: cs, layerFile: layerFile}
+// Differ implements diff.Applier and diff.Comparer.
+type Differ struct {
+	snapshots Snapshots
+	content   content.Store
+	observe   func(d time.Duration, bytes int64, err error)
+}
+
+// New returns a differ reading and writing blobs in content (containerd's
+// content store, reached through its API). observe, if set, is told how
+// each apply went.
+func New(sn Snapshots, cs content.Store, observe func(d time.Duration, bytes int64, err error)) *Differ {
+	return &Differ{snapshots: sn, content: cs, observe: observe}
+}
+
+// outgoing passes the namespace of the request kiln serves on to
+// containerd: the content the differ reads and writes is the
+// namespace's.
+func outgoing(ctx context.Context) context.Context {
+	if ns, ok := namespaces.Namespace(ctx); ok {
+		return namespaces.WithNamespace(ctx, ns)
+	}
+	return ctx
 }
 
 // Apply stores a layer in a kiln extraction snapshot.
 func (d *Differ) Apply(ctx context.Context, desc ocispec.Descriptor, mounts []mount.Mount, opts ...diff.ApplyOpt) (_ ocispec.Descriptor, err error) {
-	if len(mounts) != 1 {
-		return ocispec.Descriptor{}, errdefs.ErrNotImplemented
-	}
-	dir, ok := d.snapshots.SnapshotDir(mounts[0])
+	ext, ok := d.snapshots.Extraction(mounts)
 	if !ok {
 		return ocispec.Descriptor{}, errdefs.ErrNotImplemented
 	}
@@ -80,11 +117,11 @@ func (d *Differ) Apply(ctx context.Context, desc ocispec.Descriptor, mounts []mo
 	start := time.Now()
 	var size int64
 	defer func() {
-		if d.Observe != nil {
-			d.Observe(time.Since(start), size, err)
+		if d.observe != nil {
+			d.observe(time.Since(start), size, err)
 		}
 	}()
-	applied, err := d.store(ctx, desc, dir, cfg.SyncFs)
+	applied, err := d.store(outgoing(ctx), desc, ext, cfg.SyncFs)
 	if err != nil {
 		log.G(ctx).WithError(err).WithField("layer", desc.Digest).Error("apply failed")
 		return ocispec.Descriptor{}, err
@@ -96,7 +133,7 @@ func (d *Differ) Apply(ctx context.Context, desc ocispec.Descriptor, mounts []mo
 	return applied, nil
 }
 
-func (d *Differ) store(ctx context.Context, desc ocispec.Descriptor, dir string, syncFs bool) (ocispec.Descriptor, error) {
+func (d *Differ) store(ctx context.Context, desc ocispec.Descriptor, ext Extraction, syncFs bool) (_ ocispec.Descriptor, err error) {
 	ra, err := d.content.ReaderAt(ctx, desc)
 	if err != nil {
 		return ocispec.Descriptor{}, fmt.Errorf("layer %s: reading blob from the content store: %w", desc.Digest, err)
@@ -111,13 +148,16 @@ func (d *Differ) store(ctx context.Context, desc ocispec.Descriptor, dir string,
 		lr.Close()
 	}()
 
-	tarPath, diffIDPath := d.layerFile(dir)
-	tmp := tarPath + ".tmp"
+	tmp := ext.TarPath + ".tmp"
 	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
 	if err != nil {
 		return ocispec.Descriptor{}, err
 	}
 	ok := false
+	sink := d.snapshots.Stage(ctx, ext)
+	if sink != nil {
+		defer func() { sink.Done(ok) }()
+	}
 	defer func() {
 		if !ok {
 			f.Close()
@@ -126,14 +166,9 @@ func (d *Differ) store(ctx context.Context, desc ocispec.Descriptor, dir string,
 	}()
 	w := bufio.NewWriterSize(f, 1<<20)
 	counter := &countingWriter{w: w}
-	var sink LayerSink
-	if d.Stage != nil {
-		sink = d.Stage(ctx, dir)
-	}
 	if sink != nil {
 		// The replay checks every entry too, against the layers below.
-		err = sink.Apply(ctx, io.TeeReader(lr, counter), desc.Digest.String(), tarPath)
-		defer func() { sink.Done(ok) }()
+		err = sink.Apply(ctx, io.TeeReader(lr, counter), desc.Digest.String(), ext.TarPath)
 	} else {
 		err = fstree.Check(ctx, io.TeeReader(lr, counter), desc.Digest.String())
 	}
@@ -157,10 +192,10 @@ func (d *Differ) store(ctx context.Context, desc ocispec.Descriptor, dir string,
 		return ocispec.Descriptor{}, err
 	}
 	diffID := lr.DiffID()
-	if err := os.WriteFile(diffIDPath, []byte(diffID.String()+"\n"), 0o600); err != nil {
+	if err := os.WriteFile(ext.DiffIDPath, []byte(diffID.String()+"\n"), 0o600); err != nil {
 		return ocispec.Descriptor{}, err
 	}
-	if err := os.Rename(tmp, tarPath); err != nil {
+	if err := os.Rename(tmp, ext.TarPath); err != nil {
 		return ocispec.Descriptor{}, err
 	}
 	ok = true
@@ -176,9 +211,4 @@ func (c *countingWriter) Write(p []byte) (int, error) {
 	n, err := c.w.Write(p)
 	c.n += int64(n)
 	return n, err
-}
-
-// Compare is not kiln's job: containerd's walking differ computes diffs.
-func (d *Differ) Compare(ctx context.Context, lower, upper []mount.Mount, opts ...diff.Opt) (ocispec.Descriptor, error) {
-	return ocispec.Descriptor{}, errdefs.ErrNotImplemented
 }

@@ -1,12 +1,11 @@
 // Package service wires kiln's snapshotter and differ into one gRPC server
 // speaking containerd's Snapshots and Diff APIs (with containerd's own
-// snapshotservice and diffservice), and connects to containerd's content
-// store for the layer blobs.
+// snapshotservice and diffservice), and connects to containerd for the
+// layer blobs in its content store and what its image store knows.
 package service
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -18,25 +17,18 @@ import (
 
 	contentapi "github.com/containerd/containerd/api/services/content/v1"
 	diffapi "github.com/containerd/containerd/api/services/diff/v1"
+	eventsapi "github.com/containerd/containerd/api/services/events/v1"
 	imagesapi "github.com/containerd/containerd/api/services/images/v1"
+	namespacesapi "github.com/containerd/containerd/api/services/namespaces/v1"
 	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
 	"github.com/containerd/containerd/v2/contrib/diffservice"
 	"github.com/containerd/containerd/v2/contrib/snapshotservice"
-	"github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/containerd/v2/core/content/proxy"
-	cimages "github.com/containerd/containerd/v2/core/images"
-	"github.com/containerd/containerd/v2/pkg/namespaces"
-	"github.com/containerd/containerd/v2/pkg/oci"
-	"github.com/containerd/errdefs"
-	"github.com/containerd/errdefs/pkg/errgrpc"
+	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/log"
-	"github.com/containerd/platforms"
-	"github.com/opencontainers/go-digest"
-	"github.com/opencontainers/image-spec/identity"
-	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
-	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/kilnfs/kiln/config"
@@ -67,101 +59,85 @@ func New(ctx context.Context, cfg config.Config) (*Service, error) {
 	if err != nil {
 		return nil, err
 	}
+	grace, err := time.ParseDuration(cfg.Snapshotter.UnusedDiskGrace)
+	if err != nil {
+		return nil, fmt.Errorf("config: snapshotter.unused_disk_grace: %w", err)
+	}
 	pieces, err := guest.ParsePieces(strings.Join(cfg.Build.Inject, ","))
 	if err != nil {
 		return nil, err
 	}
-	// The connection is made lazily: containerd may start after kiln.
+	injectOpts := inject.Options{Pieces: pieces, Dir: cfg.Build.InjectDir, Force: cfg.Build.Force, BinDir: cfg.Build.GuestBinDir}
+	if _, err := inject.New(injectOpts); err != nil {
+		return nil, fmt.Errorf("config: build.inject: %w", err) // missing guest binaries, a bad bundle
+	}
+	// The connection is made lazily: containerd may start after kiln
+	// (kiln's unit starts before containerd's). Calls wait for it rather
+	// than fail while an earlier attempt backs off, and the back-off
+	// stays short.
 	conn, err := grpc.NewClient("unix://"+cfg.ContainerdAddress,
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(16<<20)))
+		grpc.WithConnectParams(grpc.ConnectParams{Backoff: backoff.Config{
+			BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: 2 * time.Second,
+		}}),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(16<<20), grpc.WaitForReady(true)))
 	if err != nil {
 		return nil, fmt.Errorf("containerd %s: %w", cfg.ContainerdAddress, err)
 	}
-	injectOpts := inject.Options{Pieces: pieces, Dir: cfg.Build.InjectDir, Force: cfg.Build.Force, BinDir: cfg.Build.GuestBinDir}
-	if _, err := inject.New(injectOpts, []byte("{}")); err != nil {
-		conn.Close()
-		return nil, fmt.Errorf("config: build.inject: %w", err) // missing guest binaries, a bad bundle
-	}
-	cs := namespacedProvider{proxy.NewContentStore(contentapi.NewContentClient(conn))}
+	cs := proxy.NewContentStore(contentapi.NewContentClient(conn))
 	m := newMetrics()
 	sn, err := snapshotter.New(ctx, snapshotter.Config{
-		Root:         cfg.Root,
-		BlockDevices: cfg.Snapshotter.BlockDevices,
-		DefaultSize:  defSize,
-		Build:        build.Options{Size: size},
-		Inject:       injectOpts,
-		ImageConfig:  imageConfigFinder(imagesapi.NewImagesClient(conn), cs),
-		EagerBuild:   cfg.Snapshotter.EagerBuild,
-		ObserveBuild: m.observeBuild,
+		Root:             cfg.Root,
+		BlockDevices:     cfg.Snapshotter.BlockDevices,
+		ContainerMode:    cfg.Snapshotter.ContainerMode,
+		DefaultSize:      defSize,
+		MaxBuilds:        cfg.Snapshotter.MaxConcurrentBuilds,
+		EagerBuild:       cfg.Snapshotter.EagerBuild,
+		UnusedDiskGrace:  grace,
+		Build:            build.Options{Size: size},
+		Inject:           injectOpts,
+		Images:           newContainerdImages(imagesapi.NewImagesClient(conn), namespacesapi.NewNamespacesClient(conn), cs),
+		ObserveBuild:     m.observeBuild,
+		ObserveBuildWait: m.observeBuildWait,
 	})
 	if err != nil {
 		conn.Close()
 		return nil, fmt.Errorf("snapshotter: %w", err)
 	}
-	d := differ.New(sn, cs, snapshotter.LayerFiles)
-	d.Stage = func(ctx context.Context, dir string) differ.LayerSink {
-		if sink := sn.StageLayer(ctx, dir); sink != nil {
-			return sink
-		}
-		return nil
-	}
-	d.Observe = m.observeApply
+	m.register(sn)
+	d := differ.New(differSnapshots{sn}, cs, m.observeApply)
 
-	srv := grpc.NewServer()
+	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(m.unaryInterceptor), grpc.ChainStreamInterceptor(m.streamInterceptor))
 	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))
 	diffapi.RegisterDiffServer(srv, diffservice.FromApplierAndComparer(d, d))
 	return &Service{cfg: cfg, Snapshotter: sn, Differ: d, server: srv, containerd: conn, metrics: m}, nil
 }
 
-// namespacedProvider passes the namespace of the request kiln is serving
-// on to containerd: the content a differ reads is the namespace's.
-type namespacedProvider struct{ content.Provider }
+// differSnapshots is the snapshotter as the differ sees it.
+type differSnapshots struct{ sn *snapshotter.Snapshotter }
 
-func (p namespacedProvider) ReaderAt(ctx context.Context, desc ocispec.Descriptor) (content.ReaderAt, error) {
-	if ns, ok := namespaces.Namespace(ctx); ok {
-		ctx = namespaces.WithNamespace(ctx, ns)
+func (s differSnapshots) Extraction(mounts []mount.Mount) (differ.Extraction, bool) {
+	dir, ok := s.sn.ExtractionDir(mounts)
+	if !ok {
+		return differ.Extraction{}, false
 	}
-	return p.Provider.ReaderAt(ctx, desc)
+	tarPath, diffIDPath := snapshotter.LayerFiles(dir)
+	return differ.Extraction{Dir: dir, TarPath: tarPath, DiffIDPath: diffIDPath}, true
 }
 
-// imageConfigFinder finds, in containerd's image store, the config of an
-// image (for this host's platform) whose layers make a chain. When several
-// images share the chain, the most recently updated one wins.
-func imageConfigFinder(images imagesapi.ImagesClient, cs content.Provider) func(context.Context, string, digest.Digest) ([]byte, error) {
-	return func(ctx context.Context, ns string, chainID digest.Digest) ([]byte, error) {
-		ctx = namespaces.WithNamespace(ctx, ns)
-		resp, err := images.List(ctx, &imagesapi.ListImagesRequest{})
-		if err != nil {
-			return nil, errgrpc.ToNative(err)
-		}
-		var (
-			found   []byte
-			updated time.Time
-		)
-		for _, img := range resp.Images {
-			desc, err := cimages.Config(ctx, cs, oci.DescriptorFromProto(img.Target), platforms.Default())
-			if err != nil {
-				continue // another platform, or content not there
-			}
-			raw, err := content.ReadBlob(ctx, cs, desc)
-			if err != nil {
-				continue
-			}
-			var cfg ocispec.Image
-			if json.Unmarshal(raw, &cfg) != nil || identity.ChainID(cfg.RootFS.DiffIDs) != chainID {
-				continue
-			}
-			if t := img.UpdatedAt.AsTime(); found == nil || t.After(updated) {
-				found, updated = raw, t
-			}
-		}
-		if found == nil {
-			return nil, fmt.Errorf("image config for chain %s: %w", chainID, errdefs.ErrNotFound)
-		}
-		return found, nil
+func (s differSnapshots) Stage(ctx context.Context, ext differ.Extraction) differ.LayerSink {
+	if sink := s.sn.StageLayer(ctx, ext.Dir); sink != nil {
+		return sink
 	}
+	return nil // not a typed nil
 }
+
+func (s differSnapshots) Disks(mounts []mount.Mount) (differ.Disks, bool) {
+	d, ok := s.sn.ResolveDisks(mounts)
+	return differ.Disks{Disk: d.Disk, Scratch: d.Scratch, Container: d.Container}, ok
+}
+
+func (s differSnapshots) InUse(file string) string { return snapshotter.DiskInUse(file) }
 
 // Serve listens on the configured socket and serves until ctx ends, then
 // stops gracefully.
@@ -183,8 +159,12 @@ func (s *Service) Serve(ctx context.Context, ready func()) error {
 			}
 		}()
 	}
+	watchCtx, stopWatching := context.WithCancel(ctx)
+	defer stopWatching()
+	go watchImages(watchCtx, eventsapi.NewEventsClient(s.containerd), s.Snapshotter.Sweep)
 	log.G(ctx).WithFields(log.Fields{
 		"address": s.cfg.Address, "root": s.cfg.Root, "containerd": s.cfg.ContainerdAddress,
+		"container_mode": s.cfg.Snapshotter.ContainerMode,
 	}).Info("kiln serving containerd's snapshots and diff APIs")
 	if ready != nil {
 		ready()
@@ -242,58 +222,4 @@ func listen(path string) (net.Listener, error) {
 		}
 	}
 	return ln, nil
-}
-
-type metrics struct {
-	registry     *prometheus.Registry
-	applySeconds prometheus.Histogram
-	applyBytes   prometheus.Counter
-	applyErrors  prometheus.Counter
-	buildSeconds prometheus.Histogram
-	buildErrors  prometheus.Counter
-}
-
-func newMetrics() *metrics {
-	m := &metrics{
-		registry: prometheus.NewRegistry(),
-		applySeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
-			Namespace: "kiln", Name: "layer_apply_seconds", Help: "Time to store a layer blob in a snapshot.",
-			Buckets: prometheus.ExponentialBuckets(0.05, 2, 12),
-		}),
-		applyBytes: prometheus.NewCounter(prometheus.CounterOpts{
-			Namespace: "kiln", Name: "layer_apply_bytes_total", Help: "Uncompressed layer bytes stored.",
-		}),
-		applyErrors: prometheus.NewCounter(prometheus.CounterOpts{
-			Namespace: "kiln", Name: "layer_apply_errors_total", Help: "Layers that failed to verify or store.",
-		}),
-		buildSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
-			Namespace: "kiln", Name: "rootfs_build_seconds", Help: "Time to build an image's ext4 rootfs.",
-			Buckets: prometheus.ExponentialBuckets(0.1, 2, 12),
-		}),
-		buildErrors: prometheus.NewCounter(prometheus.CounterOpts{
-			Namespace: "kiln", Name: "rootfs_build_errors_total", Help: "Rootfs builds that failed.",
-		}),
-	}
-	m.registry.MustRegister(m.applySeconds, m.applyBytes, m.applyErrors, m.buildSeconds, m.buildErrors,
-		prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
-	return m
-}
-
-func (m *metrics) observeApply(d time.Duration, bytes int64, err error) {
-	if err != nil {
-		m.applyErrors.Inc()
-		return
-	}
-	m.applySeconds.Observe(d.Seconds())
-	m.applyBytes.Add(float64(bytes))
-}
-
-func (m *metrics) observeBuild(d time.Duration, err error) {
-	if err != nil {
-		if !errors.Is(err, context.Canceled) {
-			m.buildErrors.Inc()
-		}
-		return
-	}
-	m.buildSeconds.Observe(d.Seconds())
 }

@@ -11,15 +11,15 @@ import (
 	"github.com/containerd/log"
 )
 
-// Images are built without waiting for the disk (build.Options.NoSync): an
-// export or a VM wants the image now, and the disk can follow. kiln syncs
-// an image a while after building it rather than at once: forcing a few
-// hundred megabytes out right away would stall every other metadata sync
-// on the filesystem (containerd's and kiln's databases) behind it, in the
-// middle of the pull that wants the image.
+// Disks are built without waiting for stable storage (build.Options.NoSync):
+// an export or a VM wants the disk now, and the storage can follow. kiln
+// syncs a disk a while after building it rather than at once: forcing a
+// few hundred megabytes out right away would stall every other metadata
+// sync on the filesystem (containerd's and kiln's databases) behind it,
+// in the middle of the pull that wants the disk.
 //
-// Until the image is synced, a file beside it holds the boot ID. At
-// startup, such an image from an earlier boot may have been torn by the
+// Until the disk is synced, a file beside it holds the boot ID. At
+// startup, such a disk from an earlier boot may have been torn by the
 // crash and is removed (it is rebuilt from the stored layers when next
 // needed); one from this boot (kiln alone restarted) is whole in the page
 // cache and is synced.
@@ -32,18 +32,18 @@ func bootID() []byte {
 	return bytes.TrimSpace(b)
 }
 
-// markUnsynced records, before an image gets its name, that it is not on
-// the disk yet.
+// markUnsynced records, before a disk gets its name, that it is not on
+// stable storage yet.
 func markUnsynced(path string) error {
 	return os.WriteFile(path, append(bootID(), '\n'), 0o600)
 }
 
-// syncDelay is how long after its build an image is synced.
+// syncDelay is how long after its build a disk is synced.
 const syncDelay = 10 * time.Second
 
-// syncLater makes an image durable after syncDelay and then drops its
+// syncLater makes a disk durable after syncDelay and then drops its
 // mark. Closing the builder syncs at once and waits for it.
-func (b *imageBuilder) syncLater(image, mark string) {
+func (b *diskBuilder) syncLater(disk, mark string) {
 	b.wg.Add(1)
 	go func() {
 		defer b.wg.Done()
@@ -51,14 +51,14 @@ func (b *imageBuilder) syncLater(image, mark string) {
 		case <-time.After(syncDelay):
 		case <-b.ctx.Done():
 		}
-		if err := syncImage(image, mark); err != nil && !errors.Is(err, os.ErrNotExist) {
-			log.G(b.ctx).WithError(err).WithField("image", image).Warn("syncing image")
+		if err := syncDisk(disk, mark); err != nil && !errors.Is(err, os.ErrNotExist) {
+			log.G(b.ctx).WithError(err).WithField("disk", disk).Warn("syncing disk")
 		}
 	}()
 }
 
-func syncImage(image, mark string) error {
-	f, err := os.Open(image)
+func syncDisk(disk, mark string) error {
+	f, err := os.Open(disk)
 	if err != nil {
 		return err
 	}
@@ -72,22 +72,22 @@ func syncImage(image, mark string) error {
 	return os.Remove(mark)
 }
 
-// settleUnsynced deals with the images a previous run left unsynced.
-func (b *imageBuilder) settleUnsynced(ctx context.Context) {
-	marks, _ := filepath.Glob(filepath.Join(b.s.root, "snapshots", "*", unsyncedFile))
+// settleUnsynced deals with the disks a previous run left unsynced.
+func (b *diskBuilder) settleUnsynced(ctx context.Context) {
+	marks, _ := filepath.Glob(filepath.Join(b.root, snapshotsDir, "*", unsyncedFile))
 	now := bootID()
 	for _, mark := range marks {
-		image := filepath.Join(filepath.Dir(mark), imageFile)
+		disk := filepath.Join(filepath.Dir(mark), diskFile)
 		then, err := os.ReadFile(mark)
 		if err == nil && len(now) > 0 && bytes.Equal(bytes.TrimSpace(then), now) {
-			if err := syncImage(image, mark); err == nil || errors.Is(err, os.ErrNotExist) {
+			if err := syncDisk(disk, mark); err == nil || errors.Is(err, os.ErrNotExist) {
 				os.Remove(mark)
 				continue
 			}
 		}
-		log.G(ctx).WithField("image", image).Info("removing an image that did not reach the disk before a crash; it is rebuilt when needed")
-		if err := os.Remove(image); err != nil && !errors.Is(err, os.ErrNotExist) {
-			log.G(ctx).WithError(err).WithField("image", image).Warn("removing unsynced image")
+		log.G(ctx).WithField("disk", disk).Info("removing a disk that did not reach stable storage before a crash; it is rebuilt when needed")
+		if err := os.Remove(disk); err != nil && !errors.Is(err, os.ErrNotExist) {
+			log.G(ctx).WithError(err).WithField("disk", disk).Warn("removing unsynced disk")
 			continue
 		}
 		os.Remove(mark)

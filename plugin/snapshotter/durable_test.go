@@ -9,10 +9,10 @@ import (
 	"github.com/kilnfs/kiln/internal/testenv"
 )
 
-// TestUnsyncedImagesAtStartup: an image left unsynced in an earlier boot
+// TestUnsyncedDisksAtStartup: a disk left unsynced in an earlier boot
 // may be torn and is removed; one from this boot (kiln alone restarted)
 // is synced and kept.
-func TestUnsyncedImagesAtStartup(t *testing.T) {
+func TestUnsyncedDisksAtStartup(t *testing.T) {
 	if len(bootID()) == 0 {
 		testenv.Unavailable(t, "no boot ID at %s", bootIDFile)
 	}
@@ -22,7 +22,7 @@ func TestUnsyncedImagesAtStartup(t *testing.T) {
 		if err := os.MkdirAll(dir, 0o700); err != nil {
 			t.Fatal(err)
 		}
-		if err := os.WriteFile(filepath.Join(dir, imageFile), []byte("image"), 0o444); err != nil {
+		if err := os.WriteFile(filepath.Join(dir, diskFile), []byte("image"), 0o444); err != nil {
 			t.Fatal(err)
 		}
 		if err := os.WriteFile(filepath.Join(dir, unsyncedFile), []byte(bootID+"\n"), 0o600); err != nil {
@@ -37,10 +37,10 @@ func TestUnsyncedImagesAtStartup(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer sn.Close()
-	if exists(filepath.Join(before, imageFile)) || exists(filepath.Join(before, unsyncedFile)) {
-		t.Errorf("the image from an earlier boot was kept")
+	if exists(filepath.Join(before, diskFile)) || exists(filepath.Join(before, unsyncedFile)) {
+		t.Errorf("the disk from an earlier boot was kept")
 	}
-	if !exists(filepath.Join(now, imageFile)) || exists(filepath.Join(now, unsyncedFile)) {
-		t.Errorf("the image from this boot should be kept and marked synced")
+	if !exists(filepath.Join(now, diskFile)) || exists(filepath.Join(now, unsyncedFile)) {
+		t.Errorf("the disk from this boot should be kept and marked synced")
 	}
 }

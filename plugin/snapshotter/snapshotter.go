@@ -1,20 +1,15 @@
-// Package snapshotter is kiln's containerd snapshotter: image layers are
+// Package snapshotter is kiln's containerd snapshotter. Image layers are
 // stored as they arrive (a verified layer tar per snapshot, written by
-// kiln's differ), each image's rootfs is one ext4 file built once per chain
-// from those layers, and containers get a writable ext4 file of their own.
-//
-// Snapshot directories hold one of:
-//
-//	layer, fs/, work/   an extraction snapshot: "layer" marks it as kiln's,
-//	                    fs/ is the overlay upper directory that containerd's
-//	                    walking differ fills if it is used instead of kiln's
-//	layer.tar, diffid   the layer as kiln's differ stored it
-//	image.ext4          the rootfs built for a committed layer's chain
-//	rootfs.ext4         a container's writable filesystem (or a committed one)
+// kiln's differ); each committed chain gets one ext4 disk, built once from
+// those layers and shared read-only; a container gets a small writable
+// disk of its own that overlays the shared one (overlay mode) or a whole
+// copy of it (copy mode). See layout.go for what a snapshot directory
+// holds.
 //
 // Every metadata change happens in a storage.MetaStore transaction; work
 // that must not be undone (deleting files) happens after it commits, and
-// long work (building an image) happens outside any transaction.
+// long work (building a disk, copying one) happens before it, outside any
+// transaction.
 package snapshotter
 
 import (
@@ -24,6 +19,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
@@ -38,23 +34,23 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/kilnfs/kiln/internal/build"
+	"github.com/kilnfs/kiln/internal/ext4"
+	"github.com/kilnfs/kiln/internal/guest"
 	"github.com/kilnfs/kiln/internal/inject"
 	"github.com/kilnfs/kiln/internal/workdir"
 )
 
-// Files and directories of a snapshot.
-const (
-	layerMarker   = "layer"
-	namespaceFile = "namespace"
-	upperDir      = "fs"
-	workDir       = "work"
-	layerTar      = "layer.tar"
-	diffIDFile    = "diffid"
-	imageFile     = "image.ext4"
-	unsyncedFile  = "image.unsynced"
-	rootfsFile    = "rootfs.ext4"
-	loopFile      = "loop"
-)
+// Images is what kiln asks containerd's image store.
+type Images interface {
+	// Config returns the config document of the image named ref in
+	// namespace ns or, without ref, the one config that the images whose
+	// layers make chainID agree on. It fails with errdefs.ErrNotFound
+	// when there is none and errdefs.ErrConflict when they disagree.
+	Config(ctx context.Context, ns, ref string, chainID digest.Digest) ([]byte, error)
+	// Tops returns the chain IDs of every image's layers in every
+	// namespace: the snapshots containers of an image are made on.
+	Tops(ctx context.Context) (map[digest.Digest]bool, error)
+}
 
 // Config configures a Snapshotter.
 type Config struct {
@@ -63,31 +59,47 @@ type Config struct {
 	// BlockDevices makes Mounts attach loop devices and return them, for
 	// shims that accept only block devices.
 	BlockDevices bool
-	// DefaultSize is the size of a writable snapshot without a parent
-	// (bytes; 0: 1 GiB).
+	// ContainerMode is ModeOverlay (the default) or ModeCopy.
+	ContainerMode string
+	// DefaultSize is the size of an overlay-mode container's scratch disk,
+	// and of a container without a parent (bytes; 0: 1 GiB).
 	DefaultSize int64
-	// Build are the options images are built with.
-	Build build.Options
-	// Inject adds guest pieces or a bundle to every image built.
-	Inject inject.Options
-	// ImageConfig finds the config of the image whose layers make a chain,
-	// in a namespace: the init piece writes it into the rootfs.
-	ImageConfig func(ctx context.Context, namespace string, chainID digest.Digest) ([]byte, error)
-	// EagerBuild builds an image's rootfs as soon as its top layer is
-	// committed, instead of at the first container, view or export.
+	// MaxBuilds bounds the disks built at once (0: half the CPUs, at
+	// least one).
+	MaxBuilds int
+	// EagerBuild builds a disk as soon as a layer is committed, instead
+	// of at the first container, view or export.
 	EagerBuild bool
-	// ObserveBuild, if set, is told how each image build went.
-	ObserveBuild func(d time.Duration, err error)
+	// UnusedDiskGrace is how long a disk nothing needs is kept (see
+	// sweep.go).
+	UnusedDiskGrace time.Duration
+	// Build are the options disks are built with; Inject adds guest
+	// pieces to every disk.
+	Build  build.Options
+	Inject inject.Options
+	// Images answers questions about containerd's images; without it,
+	// containers get no image config and unneeded disks stay.
+	Images Images
+	// ObserveBuild and ObserveBuildWait, if set, are told how each build
+	// went and how long it waited to start.
+	ObserveBuild     func(d time.Duration, err error)
+	ObserveBuildWait func(urgent bool, d time.Duration)
 }
 
 // Snapshotter implements snapshots.Snapshotter (and snapshots.Cleaner).
 type Snapshotter struct {
-	cfg    Config
-	root   string
-	ms     *storage.MetaStore
-	images *imageBuilder
-	loops  *loops
-	staged stagedTrees
+	root         string
+	ms           *storage.MetaStore
+	blockDevices bool
+	mode         string
+	eager        bool
+	images       Images
+	disks        *diskBuilder
+	containers   *containerMaker
+	staged       *stagedTrees
+	loops        *loops
+	queue        *buildQueue
+	sweeper      *sweeper
 }
 
 var _ snapshots.Cleaner = (*Snapshotter)(nil)
@@ -97,31 +109,72 @@ func New(ctx context.Context, cfg Config) (*Snapshotter, error) {
 	if cfg.DefaultSize == 0 {
 		cfg.DefaultSize = 1 << 30
 	}
+	if cfg.ContainerMode == "" {
+		cfg.ContainerMode = ModeOverlay
+	}
+	if err := ValidMode(cfg.ContainerMode); err != nil {
+		return nil, err
+	}
+	if cfg.MaxBuilds <= 0 {
+		cfg.MaxBuilds = max(runtime.NumCPU()/2, 1)
+	}
+	set, err := inject.New(cfg.Inject)
+	if err != nil {
+		return nil, err
+	}
 	root := cfg.Root
-	for _, d := range []string{"snapshots", "tmp", "empty"} {
+	for _, d := range []string{snapshotsDir, tmpDir, emptyDir} {
 		if err := os.MkdirAll(filepath.Join(root, d), 0o700); err != nil {
 			return nil, err
 		}
 	}
 	// The empty lower directory of extraction mounts must be searchable.
-	if err := os.Chmod(filepath.Join(root, "empty"), 0o755); err != nil {
+	if err := os.Chmod(filepath.Join(root, emptyDir), 0o755); err != nil {
 		return nil, err
 	}
+	if err := migrateLayout(root); err != nil {
+		return nil, fmt.Errorf("renaming the files of an earlier kiln: %w", err)
+	}
+	removeLeftovers(filepath.Join(root, tmpDir))
 	ms, err := storage.NewMetaStore(filepath.Join(root, "metadata.db"))
 	if err != nil {
 		return nil, err
 	}
-	s := &Snapshotter{cfg: cfg, root: root, ms: ms, loops: &loops{}}
-	s.images = newImageBuilder(s)
-	if cfg.BlockDevices {
-		s.loops.detachStale(ctx, root)
+	s := &Snapshotter{
+		root:         root,
+		ms:           ms,
+		blockDevices: cfg.BlockDevices,
+		mode:         cfg.ContainerMode,
+		eager:        cfg.EagerBuild,
+		images:       cfg.Images,
+		containers:   &containerMaker{root: root, defaultSize: cfg.DefaultSize},
+		staged:       &stagedTrees{},
+		loops:        &loops{},
+		queue:        newBuildQueue(cfg.MaxBuilds, cfg.ObserveBuildWait),
 	}
-	workdir.RemoveStale(filepath.Join(root, "tmp"))
-	s.images.settleUnsynced(ctx)
+	s.disks = newDiskBuilder(root, chainReader{ms: ms, root: root}, s.staged, cfg.Build, set, s.queue, cfg.ObserveBuild)
+	s.loops.settle(ctx, root)
+	s.disks.settleUnsynced(ctx)
+	if s.images != nil {
+		s.sweeper = startSweeper(s, cfg.UnusedDiskGrace)
+	}
 	return s, nil
 }
 
-func (s *Snapshotter) dir(id string) string { return filepath.Join(s.root, "snapshots", id) }
+// removeLeftovers removes what interrupted runs left in the tmp
+// directory: build directories nobody holds, containers being made, disks
+// being removed.
+func removeLeftovers(tmp string) {
+	workdir.RemoveStale(tmp)
+	for _, pattern := range []string{"new-*", "rm-disk-*"} {
+		left, _ := filepath.Glob(filepath.Join(tmp, pattern))
+		for _, p := range left {
+			os.RemoveAll(p)
+		}
+	}
+}
+
+func (s *Snapshotter) dir(id string) string { return filepath.Join(s.root, snapshotsDir, id) }
 
 // Stat returns the info of a snapshot.
 func (s *Snapshotter) Stat(ctx context.Context, key string) (info snapshots.Info, err error) {
@@ -148,21 +201,18 @@ func (s *Snapshotter) Walk(ctx context.Context, fn snapshots.WalkFunc, filters .
 	})
 }
 
-// Usage reports the disk a snapshot uses itself (its parents excluded).
+// Usage reports the disk a snapshot uses itself, its parents excluded:
+// what its directory holds now, its disk and container disks included.
 func (s *Snapshotter) Usage(ctx context.Context, key string) (usage snapshots.Usage, err error) {
 	var id string
-	var info snapshots.Info
 	err = s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
-		id, info, usage, err = storage.GetInfo(ctx, key)
+		id, _, _, err = storage.GetInfo(ctx, key)
 		return err
 	})
 	if err != nil {
 		return usage, err
 	}
-	if info.Kind == snapshots.KindActive {
-		return diskUsage(s.dir(id))
-	}
-	return usage, nil
+	return diskUsage(s.dir(id))
 }
 
 // diskUsage counts the blocks and inodes under dir.
@@ -194,8 +244,7 @@ func diskUsage(dir string) (snapshots.Usage, error) {
 }
 
 // Prepare creates an active snapshot. An extraction gets a layer directory
-// for a differ to fill; anything else is a container and gets a writable
-// ext4 file.
+// for a differ to fill; anything else is a container.
 func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...snapshots.Opt) ([]mount.Mount, error) {
 	var info snapshots.Info
 	for _, o := range opts {
@@ -206,27 +255,101 @@ func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...s
 	if isExtraction(key, info.Labels) {
 		if parent != "" {
 			// The chain goes on: the parent is not an image's top.
-			s.images.cancelEager(ctx, parent)
+			if id, err := s.committedID(ctx, parent); err == nil {
+				s.disks.cancelEager(id)
+			}
 		}
 		return s.create(ctx, snapshots.KindActive, key, parent, opts, s.prepareLayer)
 	}
-	base, err := s.parentImage(ctx, parent)
+	req, release, err := s.containerRequest(ctx, parent, info.Labels)
 	if err != nil {
 		return nil, err
 	}
-	size := s.cfg.DefaultSize
-	if v := info.Labels[snapshots.LabelSnapshotMaxSize]; v != "" {
+	defer release()
+	return s.create(ctx, snapshots.KindActive, key, parent, opts, func(ctx context.Context, dir string) error {
+		return s.containers.make(ctx, dir, req)
+	})
+}
+
+// containerRequest works out what a new container's disk needs: its mode
+// and size from the labels and the configuration, its parent's disk
+// (built if needed and pinned until release), and the image config to
+// write into it.
+func (s *Snapshotter) containerRequest(ctx context.Context, parent string, labels map[string]string) (containerRequest, func(), error) {
+	req := containerRequest{mode: s.mode}
+	noop := func() {}
+	if m := labels[LabelContainerMode]; m != "" {
+		if err := ValidMode(m); err != nil {
+			return req, noop, fmt.Errorf("label %s: %w: %w", LabelContainerMode, err, errdefs.ErrInvalidArgument)
+		}
+		req.mode = m
+	}
+	if v := labels[snapshots.LabelSnapshotMaxSize]; v != "" {
 		n, err := strconv.ParseInt(v, 10, 64)
 		if err != nil || n <= 0 {
-			return nil, fmt.Errorf("label %s=%q: %w", snapshots.LabelSnapshotMaxSize, v, errdefs.ErrInvalidArgument)
+			return req, noop, fmt.Errorf("label %s=%q: %w", snapshots.LabelSnapshotMaxSize, v, errdefs.ErrInvalidArgument)
 		}
-		size = n
-	} else if base != "" {
-		size = 0 // the image's own size
+		req.size = n
 	}
-	return s.create(ctx, snapshots.KindActive, key, parent, opts, func(ctx context.Context, dir string) error {
-		return s.prepareContainer(ctx, dir, base, size)
-	})
+	if parent == "" {
+		return req, noop, nil
+	}
+	id, err := s.committedID(ctx, parent)
+	if err != nil {
+		return req, noop, err
+	}
+	disk, release, err := s.disks.acquire(ctx, id)
+	if err != nil {
+		return req, noop, err
+	}
+	req.disk = disk
+	if req.config, err = s.containerConfig(ctx, parent, disk, labels[LabelImage]); err != nil {
+		release()
+		return req, noop, err
+	}
+	return req, release, nil
+}
+
+// containerConfig returns the image config a container's disk gets when
+// its parent's disk was built with the init piece: the config of the
+// image the LabelImage label names, or the one the images made of the
+// parent's layers agree on. Without a label and an agreement the
+// container gets none, and kiln-init says why if it boots.
+func (s *Snapshotter) containerConfig(ctx context.Context, parent, disk, ref string) ([]byte, error) {
+	if s.images == nil {
+		return nil, nil
+	}
+	f, err := os.Open(disk)
+	if err != nil {
+		return nil, err
+	}
+	needs, err := inject.NeedsConfig(f)
+	f.Close()
+	if err != nil || !needs {
+		return nil, err
+	}
+	ns, _ := namespaces.Namespace(ctx)
+	chainID, _ := digest.Parse(chainOf(parent))
+	cfg, err := s.images.Config(ctx, ns, ref, chainID)
+	if err == nil {
+		return cfg, nil
+	}
+	if ref != "" {
+		return nil, fmt.Errorf("label %s=%q: %w", LabelImage, ref, err)
+	}
+	log.G(ctx).WithError(err).WithField("parent", parent).
+		Warnf("the container's disk gets no image config; label the snapshot %s=IMAGE to choose one", LabelImage)
+	return nil, nil
+}
+
+// chainOf returns the name containerd gave a committed snapshot, the
+// chain ID for an image's layers, without the "<namespace>/<n>/" prefix
+// containerd's metadata store adds.
+func chainOf(name string) string {
+	if i := strings.LastIndexByte(name, '/'); i >= 0 {
+		return name[i+1:]
+	}
+	return name
 }
 
 // isExtraction says whether a snapshot being prepared is for unpacking a
@@ -247,61 +370,64 @@ func isExtraction(key string, labels map[string]string) bool {
 	return strings.HasPrefix(key, snapshots.UnpackKeyPrefix+"-")
 }
 
-// View creates a read-only snapshot of a committed one: the image's ext4
-// itself, shared.
+// View creates a read-only snapshot of a committed one: its disk itself,
+// shared.
 func (s *Snapshotter) View(ctx context.Context, key, parent string, opts ...snapshots.Opt) ([]mount.Mount, error) {
-	if _, err := s.parentImage(ctx, parent); err != nil {
-		return nil, err
+	if parent != "" {
+		id, err := s.committedID(ctx, parent)
+		if err != nil {
+			return nil, err
+		}
+		_, release, err := s.disks.acquire(ctx, id)
+		if err != nil {
+			return nil, err
+		}
+		defer release()
 	}
 	return s.create(ctx, snapshots.KindView, key, parent, opts, func(context.Context, string) error { return nil })
 }
 
-// parentImage returns the ext4 holding a committed parent's filesystem,
-// building it if needed ("" for no parent). It runs before the snapshot's
-// transaction: a build can take seconds and must not hold the database.
-func (s *Snapshotter) parentImage(ctx context.Context, parent string) (string, error) {
-	if parent == "" {
-		return "", nil
-	}
+// committedID returns the id of a committed snapshot.
+func (s *Snapshotter) committedID(ctx context.Context, key string) (string, error) {
 	var id string
 	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
-		pid, info, _, err := storage.GetInfo(ctx, parent)
+		sid, info, _, err := storage.GetInfo(ctx, key)
 		if err != nil {
 			return err
 		}
 		if info.Kind != snapshots.KindCommitted {
-			return fmt.Errorf("parent %q is not committed: %w", parent, errdefs.ErrInvalidArgument)
+			return fmt.Errorf("parent %q is not committed: %w", key, errdefs.ErrInvalidArgument)
 		}
-		id = pid
+		id = sid
 		return nil
 	})
-	if err != nil {
-		return "", err
-	}
-	return s.images.get(ctx, id)
+	return id, err
 }
 
-// create records a snapshot and makes its directory with fill; both are
-// undone if either fails.
+// create makes a snapshot's directory with fill, outside any transaction,
+// then records the snapshot and gives the directory its place in one.
 func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, parent string, opts []snapshots.Opt,
 	fill func(ctx context.Context, dir string) error) ([]mount.Mount, error) {
+	stage, err := os.MkdirTemp(filepath.Join(s.root, tmpDir), "new-")
+	if err != nil {
+		return nil, err
+	}
+	if err := fill(ctx, stage); err != nil {
+		os.RemoveAll(stage)
+		return nil, err
+	}
 	var snap storage.Snapshot
-	err := s.ms.WithTransaction(ctx, true, func(ctx context.Context) (err error) {
+	err = s.ms.WithTransaction(ctx, true, func(ctx context.Context) (err error) {
 		snap, err = storage.CreateSnapshot(ctx, kind, key, parent, opts...)
 		if err != nil {
 			return err
 		}
-		dir := s.dir(snap.ID)
-		if err := os.Mkdir(dir, 0o700); err != nil {
-			return err
-		}
-		if err := fill(ctx, dir); err != nil {
-			os.RemoveAll(dir)
-			return err
-		}
-		return nil
+		return os.Rename(stage, s.dir(snap.ID))
 	})
 	if err != nil {
+		// A directory already renamed belongs to no snapshot: Cleanup
+		// removes it.
+		os.RemoveAll(stage)
 		return nil, err
 	}
 	return s.mounts(ctx, snap)
@@ -313,8 +439,7 @@ func (s *Snapshotter) prepareLayer(ctx context.Context, dir string) error {
 			return err
 		}
 	}
-	// The namespace is where the image's config is found later, for
-	// injecting init.
+	// The differ's work may need to know the namespace later.
 	ns, _ := namespaces.Namespace(ctx)
 	if err := os.WriteFile(filepath.Join(dir, namespaceFile), []byte(ns), 0o600); err != nil {
 		return err
@@ -335,41 +460,110 @@ func (s *Snapshotter) Mounts(ctx context.Context, key string) ([]mount.Mount, er
 	return s.mounts(ctx, snap)
 }
 
+// mounts describes a snapshot's filesystem:
+//
+//   - an extraction: an overlay whose upper directory containerd's walking
+//     differ can fill (kiln's differ recognises it and stores the layer
+//     instead);
+//   - a view: the parent's disk, read-only;
+//   - an overlay-mode container: in the form containerd's mount manager
+//     assembles (as for its erofs snapshotter's block mode): mount 0 is
+//     the scratch disk, mount 1 the parent's disk, read-only, and mount 2
+//     the overlay of upper/ and work/ on the scratch over the disk;
+//   - a copy-mode container: its disk.
+//
+// A container's disks are "format/ext4" mounts: containerd's mount
+// manager mounts them as ext4 (runc), a shim that claims the format
+// transform gets them as they are (a microVM attaches them), and code
+// that mounts snapshot mounts directly, such as containerd's walking
+// differ, cannot mount a disk a guest wrote.
 func (s *Snapshotter) mounts(ctx context.Context, snap storage.Snapshot) ([]mount.Mount, error) {
 	dir := s.dir(snap.ID)
-	if snap.Kind == snapshots.KindActive {
-		if _, err := os.Stat(filepath.Join(dir, layerMarker)); err == nil {
-			// Extraction: containerd's walking differ writes straight
-			// into the upper directory (converting whiteouts the
-			// overlayfs way); kiln's differ recognises the marker.
-			return []mount.Mount{{
-				Type:   "overlay",
-				Source: "overlay",
-				Options: []string{
-					"workdir=" + filepath.Join(dir, workDir),
-					"upperdir=" + filepath.Join(dir, upperDir),
-					"lowerdir=" + s.lowerDirs(snap.ParentIDs),
-				},
-			}}, nil
+	if snap.Kind == snapshots.KindView {
+		disk, err := s.parentDisk(ctx, snap)
+		if err != nil {
+			return nil, err
 		}
-		return s.ext4Mount(ctx, dir, filepath.Join(dir, rootfsFile), false)
+		m, err := s.diskMount(ctx, dir, loopDisk, disk, true)
+		if err != nil {
+			return nil, err
+		}
+		return []mount.Mount{m}, nil
 	}
-	// A view: the parent's image, read-only.
-	var file string
+	switch dirKind(dir) {
+	case kindLayer:
+		return []mount.Mount{{
+			Type:   "overlay",
+			Source: "overlay",
+			Options: []string{
+				"workdir=" + filepath.Join(dir, workDir),
+				"upperdir=" + filepath.Join(dir, upperDir),
+				"lowerdir=" + s.lowerDirs(snap.ParentIDs),
+			},
+		}}, nil
+	case kindCopy:
+		m, err := s.diskMount(ctx, dir, loopContainer, filepath.Join(dir, containerFile), false)
+		if err != nil {
+			return nil, err
+		}
+		return []mount.Mount{m}, nil
+	case kindOverlay:
+		disk, err := s.parentDisk(ctx, snap)
+		if err != nil {
+			return nil, err
+		}
+		scratch, err := s.diskMount(ctx, dir, loopScratch, filepath.Join(dir, scratchFile), false)
+		if err != nil {
+			return nil, err
+		}
+		lower, err := s.diskMount(ctx, dir, loopDisk, disk, true)
+		if err != nil {
+			return nil, err
+		}
+		return []mount.Mount{scratch, lower, {
+			Type:   "format/mkdir/overlay",
+			Source: "overlay",
+			Options: []string{
+				"X-containerd.mkdir.path={{ mount 0 }}/" + guest.ScratchUpper + ":0755",
+				"X-containerd.mkdir.path={{ mount 0 }}/" + guest.ScratchWork + ":0755",
+				"upperdir={{ mount 0 }}/" + guest.ScratchUpper,
+				"workdir={{ mount 0 }}/" + guest.ScratchWork,
+				"lowerdir={{ mount 1 }}",
+			},
+		}}, nil
+	}
+	return nil, fmt.Errorf("snapshot %s has no filesystem: %w", snap.ID, errdefs.ErrFailedPrecondition)
+}
+
+// parentDisk returns the disk under a view or an overlay-mode container,
+// building it again if it went (a crash can take an unsynced disk): disks
+// are derived, and the same layers give the same bytes.
+func (s *Snapshotter) parentDisk(ctx context.Context, snap storage.Snapshot) (string, error) {
 	if len(snap.ParentIDs) == 0 {
-		f, err := s.images.empty(ctx)
-		if err != nil {
-			return nil, err
-		}
-		file = f
-	} else {
-		f, err := s.images.get(ctx, snap.ParentIDs[0])
-		if err != nil {
-			return nil, err
-		}
-		file = f
+		return s.emptyDisk(ctx)
 	}
-	return s.ext4Mount(ctx, dir, file, true)
+	return s.disks.get(ctx, snap.ParentIDs[0])
+}
+
+// emptyDisk returns a small empty read-only disk for views without a
+// parent.
+func (s *Snapshotter) emptyDisk(ctx context.Context) (string, error) {
+	p := filepath.Join(s.root, "empty.ext4")
+	if exists(p) {
+		return p, nil
+	}
+	tmp, err := os.MkdirTemp(filepath.Join(s.root, tmpDir), "new-")
+	if err != nil {
+		return "", err
+	}
+	defer os.RemoveAll(tmp)
+	if err := ext4.Format(ctx, filepath.Join(tmp, "empty.ext4"), 16<<20, "", "kiln-empty", tmp); err != nil {
+		return "", err
+	}
+	if err := os.Chmod(filepath.Join(tmp, "empty.ext4"), 0o444); err != nil {
+		return "", err
+	}
+	return p, os.Rename(filepath.Join(tmp, "empty.ext4"), p)
 }
 
 // lowerDirs lists the upper directories of an extraction's parents, top
@@ -378,37 +572,38 @@ func (s *Snapshotter) mounts(ctx context.Context, snap storage.Snapshot) ([]moun
 // entry of its own: without them, it would make such a directory 0755,
 // owned by root, over the parent layer's. Parents that kiln's differ
 // stored (their upper directory is empty) and anything below a committed
-// container (an ext4 file) cannot help; with no parent directory at all,
-// the lower directory is an empty one.
+// container cannot help; with no parent directory at all, the lower
+// directory is an empty one.
 func (s *Snapshotter) lowerDirs(parents []string) string {
 	var dirs []string
 	for _, id := range parents {
-		if !exists(filepath.Join(s.dir(id), layerMarker)) {
+		if dirKind(s.dir(id)) != kindLayer {
 			break
 		}
 		dirs = append(dirs, filepath.Join(s.dir(id), upperDir))
 	}
 	if len(dirs) == 0 {
-		return filepath.Join(s.root, "empty")
+		return filepath.Join(s.root, emptyDir)
 	}
 	return strings.Join(dirs, ":")
 }
 
-// ext4Mount describes an ext4 file the way containerd's blockfile
-// snapshotter does, or as an attached loop device in block-device mode.
-func (s *Snapshotter) ext4Mount(ctx context.Context, dir, file string, readOnly bool) ([]mount.Mount, error) {
-	mode := "rw"
+// diskMount describes a disk: read-only as an ext4 loop mount, writable as
+// a format/ext4 one (see mounts), or an attached loop device in
+// block-device mode.
+func (s *Snapshotter) diskMount(ctx context.Context, dir, role, file string, readOnly bool) (mount.Mount, error) {
+	typ, mode := "format/ext4", "rw"
 	if readOnly {
-		mode = "ro"
+		typ, mode = "ext4", "ro"
 	}
-	if !s.cfg.BlockDevices {
-		return []mount.Mount{{Type: "ext4", Source: file, Options: []string{mode, "loop"}}}, nil
+	if !s.blockDevices {
+		return mount.Mount{Type: typ, Source: file, Options: []string{mode, "loop"}}, nil
 	}
-	dev, err := s.loops.attach(ctx, dir, file, readOnly)
+	dev, err := s.loops.attach(ctx, dir, role, file, readOnly)
 	if err != nil {
-		return nil, err
+		return mount.Mount{}, err
 	}
-	return []mount.Mount{{Type: "ext4", Source: dev, Options: []string{mode}}}, nil
+	return mount.Mount{Type: typ, Source: dev, Options: []string{mode}}, nil
 }
 
 // Commit turns an active snapshot into a committed one. It only records
@@ -421,21 +616,17 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 		if err != nil {
 			return err
 		}
-		dir := s.dir(oid)
-		_, err = os.Stat(filepath.Join(dir, layerMarker))
-		layer = err == nil
-		usage, err := diskUsage(dir)
-		if err != nil {
-			return err
-		}
-		id, err = storage.CommitActive(ctx, key, name, usage, opts...)
+		layer = dirKind(s.dir(oid)) == kindLayer
+		// Usage is measured when asked for: a committed snapshot's disk
+		// comes later.
+		id, err = storage.CommitActive(ctx, key, name, snapshots.Usage{}, opts...)
 		return err
 	})
 	if err != nil {
 		return err
 	}
-	if layer && s.cfg.EagerBuild {
-		s.images.startEager(id)
+	if layer && s.eager {
+		s.disks.startEager(id)
 	}
 	return nil
 }
@@ -448,7 +639,7 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 		if err != nil {
 			return fmt.Errorf("failed to remove snapshot %q: %w", key, err)
 		}
-		renamed = filepath.Join(s.root, "snapshots", "rm-"+id)
+		renamed = filepath.Join(s.root, snapshotsDir, removingPrefix+id)
 		if err := os.Rename(s.dir(id), renamed); err != nil {
 			if !errors.Is(err, os.ErrNotExist) {
 				return fmt.Errorf("failed to remove snapshot %q: %w", key, err)
@@ -465,7 +656,7 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 		}
 		return err
 	}
-	s.images.forget(id)
+	s.disks.forget(id)
 	s.staged.drop(id)
 	if renamed != "" {
 		s.loops.detachDir(ctx, renamed)
@@ -474,18 +665,22 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 			log.G(ctx).WithError(err).WithField("path", renamed).Warn("failed to remove snapshot files")
 		}
 	}
+	if s.sweeper != nil {
+		s.sweeper.soon()
+	}
 	return nil
 }
 
 // Cleanup removes what interrupted operations left: directories of
 // snapshots that do not exist, stale build directories, loop devices of
-// removed snapshots.
+// removed snapshots; then disks no image needs any more.
 //
 // containerd calls it after its garbage collection, while snapshots may be
 // created. The orphans are listed in a write transaction, which no create
-// runs alongside (create makes the directory in its own), and snapshot IDs
-// are never reused: a directory that is an orphan then stays one, and any
-// other directory belongs to a snapshot, maybe one created since.
+// runs alongside (create renames the directory into place in its own),
+// and snapshot IDs are never reused: a directory that is an orphan then
+// stays one, and any other directory belongs to a snapshot, maybe one
+// created since.
 func (s *Snapshotter) Cleanup(ctx context.Context) error {
 	var orphans []string
 	err := s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
@@ -493,13 +688,13 @@ func (s *Snapshotter) Cleanup(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		ents, err := os.ReadDir(filepath.Join(s.root, "snapshots"))
+		ents, err := os.ReadDir(filepath.Join(s.root, snapshotsDir))
 		if err != nil {
 			return err
 		}
 		for _, e := range ents {
 			if _, ok := ids[e.Name()]; !ok {
-				orphans = append(orphans, filepath.Join(s.root, "snapshots", e.Name()))
+				orphans = append(orphans, filepath.Join(s.root, snapshotsDir, e.Name()))
 			}
 		}
 		return nil
@@ -513,48 +708,19 @@ func (s *Snapshotter) Cleanup(ctx context.Context) error {
 			log.G(ctx).WithError(err).WithField("path", dir).Warn("cleanup failed")
 		}
 	}
-	workdir.RemoveStale(filepath.Join(s.root, "tmp"))
-	if s.cfg.BlockDevices {
-		// The directories left are live ones (but for a removal's rm-*
-		// that failed above): keep the devices they record.
-		s.loops.detachStale(ctx, s.root)
+	workdir.RemoveStale(filepath.Join(s.root, tmpDir))
+	if s.sweeper != nil {
+		s.sweeper.soon()
 	}
 	return nil
 }
 
-// Close releases the database and stops background builds.
+// Close stops background work and releases the database.
 func (s *Snapshotter) Close() error {
-	s.images.close()
+	if s.sweeper != nil {
+		s.sweeper.stop()
+	}
+	s.disks.close()
 	s.staged.close()
 	return s.ms.Close()
-}
-
-// SnapshotDir returns the directory of the extraction snapshot that an
-// overlay mount's upperdir option points into, if it is one of this
-// snapshotter's; kiln's differ uses it to recognise its own mounts.
-func (s *Snapshotter) SnapshotDir(m mount.Mount) (string, bool) {
-	if m.Type != "overlay" {
-		return "", false
-	}
-	for _, o := range m.Options {
-		upper, ok := strings.CutPrefix(o, "upperdir=")
-		if !ok {
-			continue
-		}
-		dir := filepath.Dir(filepath.Clean(upper))
-		if filepath.Dir(dir) != filepath.Join(s.root, "snapshots") || filepath.Base(upper) != upperDir {
-			return "", false
-		}
-		if _, err := os.Stat(filepath.Join(dir, layerMarker)); err != nil {
-			return "", false
-		}
-		return dir, true
-	}
-	return "", false
-}
-
-// LayerFiles says where kiln's differ stores a layer in a snapshot
-// directory: the uncompressed tar and its digest.
-func LayerFiles(dir string) (tarPath, diffIDPath string) {
-	return filepath.Join(dir, layerTar), filepath.Join(dir, diffIDFile)
 }

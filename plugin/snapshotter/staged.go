@@ -2,12 +2,9 @@ package snapshotter
 
 import (
 	"context"
-	"fmt"
 	"io"
-	"path/filepath"
 	"sync"
 
-	"github.com/containerd/containerd/v2/core/snapshots/storage"
 	"github.com/containerd/log"
 
 	"github.com/kilnfs/kiln/internal/build"
@@ -15,16 +12,16 @@ import (
 	"github.com/kilnfs/kiln/internal/workdir"
 )
 
-// Staged trees save the replay when an image is built right after it was
+// Staged trees save the replay when a disk is built right after it was
 // pulled: while kiln's differ stores a layer it also replays it into the
 // staging tree its parent layer left, and the tree passes from layer to
 // layer up the chain, taking file contents from the stored layer tars.
-// Building the top layer's image then only runs e2fsprogs and copies the
+// Building the top layer's disk then only runs e2fsprogs and copies the
 // contents. A tree is an optimisation only: whatever is not
 // staged (after a restart, a second image on the same base) is replayed
 // from the stored layers.
 
-// maxStaged bounds the trees kept for layers whose image may still be
+// maxStaged bounds the trees kept for layers whose disk may still be
 // built or that may still get a child layer.
 const maxStaged = 4
 
@@ -104,39 +101,21 @@ func (st *stagedTrees) close() {
 	st.byID, st.order = nil, nil
 }
 
-// LayerSink replays a layer into the tree staged for its snapshot's
+// StagedLayer replays a layer into the tree staged for its snapshot's
 // chain, for kiln's differ.
-type LayerSink struct {
-	s    *Snapshotter
-	id   string
-	tree *stagedTree
+type StagedLayer struct {
+	trees *stagedTrees
+	id    string
+	tree  *stagedTree
 }
 
-// StageLayer returns a sink for the layer of extraction snapshot dir, or
-// nil when its parent's tree is not at hand (the layer is then replayed at
-// build time).
-func (s *Snapshotter) StageLayer(ctx context.Context, dir string) *LayerSink {
-	id := filepath.Base(dir)
-	var parents []string
-	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
-		ids, err := storage.IDMap(ctx)
-		if err != nil {
-			return err
-		}
-		key, ok := ids[id]
-		if !ok {
-			return fmt.Errorf("snapshot %s not found", id)
-		}
-		snap, err := storage.GetSnapshot(ctx, key)
-		parents = snap.ParentIDs
-		return err
-	})
-	if err != nil {
-		return nil
-	}
+// stage returns a sink for the layer of extraction snapshot id, whose
+// parents (nearest first) are given, or nil when the parent's tree is not
+// at hand (the layer is then replayed at build time).
+func (st *stagedTrees) stage(tmp, id string, parents []string) *StagedLayer {
 	var t *stagedTree
 	if len(parents) == 0 {
-		wd, err := workdir.New(filepath.Join(s.root, "tmp"))
+		wd, err := workdir.New(tmp)
 		if err != nil {
 			return nil
 		}
@@ -146,7 +125,7 @@ func (s *Snapshotter) StageLayer(ctx context.Context, dir string) *LayerSink {
 			return nil
 		}
 		t = &stagedTree{tree: tree, wd: wd, owner: id}
-	} else if t = s.staged.take(parents[0]); t == nil {
+	} else if t = st.take(parents[0]); t == nil {
 		return nil
 	}
 	// Wait for builds still reading the parent's tree (the child's
@@ -154,38 +133,38 @@ func (s *Snapshotter) StageLayer(ctx context.Context, dir string) *LayerSink {
 	t.mu.Lock()
 	t.owner = id
 	t.mu.Unlock()
-	return &LayerSink{s: s, id: id, tree: t}
+	return &StagedLayer{trees: st, id: id, tree: t}
 }
 
 // Apply replays the layer's tar into the tree; the tree takes file
 // contents from the stored tar.
-func (l *LayerSink) Apply(ctx context.Context, r io.Reader, name, storedAt string) error {
+func (l *StagedLayer) Apply(ctx context.Context, r io.Reader, name, storedAt string) error {
 	return l.tree.tree.ApplyStored(ctx, r, name, storedAt)
 }
 
 // Done keeps the tree for the snapshot when the layer was stored, or
 // drops it.
-func (l *LayerSink) Done(ok bool) {
+func (l *StagedLayer) Done(ok bool) {
 	if !ok {
 		l.tree.wd.Release()
 		return
 	}
-	l.s.staged.put(l.id, l.tree)
+	l.trees.put(l.id, l.tree)
 }
 
-// buildStaged builds the image of snapshot id from its staged tree, if it
-// has one (ok false otherwise). Without injection the build only reads the
+// build builds the disk of snapshot id from its staged tree, if it has
+// one (ok false otherwise). Without injection the build only reads the
 // tree, which stays for a child layer until the build is done; injection
 // adds files to the tree, so then the build takes it.
-func (b *imageBuilder) buildStaged(ctx context.Context, id, out, key string, opts build.Options) (res build.Result, ok bool, err error) {
+func (st *stagedTrees) build(ctx context.Context, id, out, key string, opts build.Options) (res build.Result, ok bool, err error) {
 	var t *stagedTree
-	if b.s.injects() {
-		if t = b.s.staged.take(id); t == nil {
+	if opts.Inject != nil {
+		if t = st.take(id); t == nil {
 			return res, false, nil
 		}
 		defer t.wd.Release()
 	} else {
-		if t = b.s.staged.get(id); t == nil {
+		if t = st.get(id); t == nil {
 			return res, false, nil
 		}
 		t.mu.RLock()
@@ -196,15 +175,15 @@ func (b *imageBuilder) buildStaged(ctx context.Context, id, out, key string, opt
 		defer func() {
 			t.mu.RUnlock()
 			if err == nil {
-				// Built: the image is likely an image's top; free the
+				// Built: the disk is likely an image's top; free the
 				// staging space, after the caller has the result.
-				if b.s.staged.take(id) == t {
+				if st.take(id) == t {
 					go t.wd.Release()
 				}
 			}
 		}()
 	}
-	log.G(ctx).WithField("snapshot", id).Debug("building image from its staged tree")
+	log.G(ctx).WithField("snapshot", id).Debug("building disk from its staged tree")
 	res, err = build.FromTree(ctx, t.tree, out, t.wd.Path, key, opts, nil)
 	return res, true, err
 }

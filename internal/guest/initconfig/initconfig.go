@@ -68,6 +68,15 @@ func ExitStatus(err error) int {
 	return StatusFailure
 }
 
+// ErrNoImageConfig is what kiln-init reports for the empty placeholder of
+// a disk that images sharing their layers share: kiln writes each image's
+// config into that image's own disk.
+var ErrNoImageConfig = errors.New("this disk holds no image config (" + guest.ImageConfigPath + " is empty): " +
+	"images with the same layers share it, and kiln writes the image's config into the image's own disk " +
+	"(kiln convert, kiln export, a container's disk: label the container's snapshot " +
+	"containerd.io/snapshot/kiln.image=IMAGE when several images share its layers); " +
+	"or give the command after \"--\" on the kernel command line")
+
 // Process is the fully resolved workload.
 type Process struct {
 	// Args is argv, with Args[0] as the image gave it.
@@ -112,12 +121,24 @@ func ParseImageConfig(data []byte) (v1.ImageConfig, error) {
 func Load(root string, args []string) (*Process, error) {
 	file, err := hostPath(root, guest.ImageConfigPath)
 	if err == nil {
+		if fi, serr := os.Stat(file); serr == nil && fi.Size() == 0 && len(args) == 0 {
+			return nil, &Error{Status: StatusFailure, Err: ErrNoImageConfig}
+		}
 		var cfg v1.ImageConfig
-		if cfg, err = ReadImageConfig(file); err == nil {
+		if cfg, err = readConfigOrEmpty(file); err == nil {
 			return Resolve(cfg, root, args)
 		}
 	}
 	return nil, &Error{Status: StatusFailure, Err: err}
+}
+
+// readConfigOrEmpty reads an image config; the empty placeholder reads as
+// an empty config (the command comes from the kernel command line).
+func readConfigOrEmpty(file string) (v1.ImageConfig, error) {
+	if fi, err := os.Stat(file); err == nil && fi.Size() == 0 {
+		return v1.ImageConfig{}, nil
+	}
+	return ReadImageConfig(file)
 }
 
 // Resolve computes the workload for cfg in the root filesystem at root.

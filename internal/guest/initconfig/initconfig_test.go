@@ -292,6 +292,18 @@ func TestLoad(t *testing.T) {
 		t.Errorf("missing config: err = %v (status %d)", err, ExitStatus(err))
 	}
 
+	// The empty placeholder of a disk shared by images: said so, unless
+	// the kernel command line gives the command.
+	if err := os.WriteFile(cfgPath, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Load(root, nil); !errors.Is(err, ErrNoImageConfig) || ExitStatus(err) != 1 {
+		t.Errorf("empty config: err = %v", err)
+	}
+	if p, err := Load(root, []string{"/bin/app", "x"}); err != nil || p.Path != "/bin/app" {
+		t.Errorf("empty config with a command: %+v, %v", p, err)
+	}
+
 	if err := os.WriteFile(cfgPath, []byte(`{"config": {"Cmd": [`), 0o644); err != nil {
 		t.Fatal(err)
 	}

@@ -1,0 +1,278 @@
+package snapshotter
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+
+	"github.com/kilnfs/kiln/internal/build"
+	"github.com/kilnfs/kiln/internal/inject"
+	"github.com/kilnfs/kiln/internal/workdir"
+)
+
+// chainSource says what a committed snapshot's filesystem is made of.
+type chainSource interface {
+	chainLayers(ctx context.Context, id string) (chainLayers, error)
+}
+
+// diskBuilder builds, once per committed snapshot, the disk holding the
+// filesystem of its whole chain. Concurrent requests for one snapshot
+// share one build (a flight); builds run through a buildQueue. A disk a
+// container or view is being made on is pinned: the sweep (see sweep.go)
+// leaves it alone until the new snapshot is recorded.
+type diskBuilder struct {
+	root   string // kiln's root: snapshot directories and tmp
+	chains chainSource
+	staged *stagedTrees
+	opts   build.Options
+	inject *inject.Set // the guest pieces, without any image's config
+	queue  *buildQueue
+	// observe, if set, is told how each build went.
+	observe func(d time.Duration, err error)
+
+	ctx  context.Context // ends with close
+	stop context.CancelFunc
+	wg   sync.WaitGroup
+
+	mu      sync.Mutex
+	flights map[string]*flight
+	pins    map[string]int
+}
+
+type flight struct {
+	done    chan struct{}
+	hurry   chan struct{} // closed when somebody waits for an eager build
+	hurried bool
+	path    string
+	err     error
+	cancel  context.CancelFunc
+	eager   bool // started by a commit, nobody waits for it yet
+	waiters int
+}
+
+func newDiskBuilder(root string, chains chainSource, staged *stagedTrees, opts build.Options, set *inject.Set,
+	queue *buildQueue, observe func(time.Duration, error)) *diskBuilder {
+	ctx, stop := context.WithCancel(context.Background())
+	return &diskBuilder{
+		root: root, chains: chains, staged: staged, opts: opts, inject: set, queue: queue, observe: observe,
+		ctx: ctx, stop: stop, flights: map[string]*flight{}, pins: map[string]int{},
+	}
+}
+
+func (b *diskBuilder) close() {
+	b.stop()
+	b.wg.Wait()
+}
+
+func (b *diskBuilder) dir(id string) string { return filepath.Join(b.root, snapshotsDir, id) }
+
+// get returns the disk of committed snapshot id, building it if needed.
+func (b *diskBuilder) get(ctx context.Context, id string) (string, error) {
+	for {
+		if p := filepath.Join(b.dir(id), diskFile); exists(p) {
+			return p, nil
+		}
+		f := b.join(id, false)
+		select {
+		case <-f.done:
+		case <-ctx.Done():
+			b.leave(f)
+			return "", ctx.Err()
+		}
+		b.leave(f)
+		if errors.Is(f.err, context.Canceled) && ctx.Err() == nil {
+			continue // an eager build was called off; build for us
+		}
+		return f.path, f.err
+	}
+}
+
+// acquire is get for a disk a new snapshot will use: the disk stays
+// pinned until release, which the caller calls once the snapshot is
+// recorded.
+func (b *diskBuilder) acquire(ctx context.Context, id string) (path string, release func(), err error) {
+	b.mu.Lock()
+	b.pins[id]++
+	b.mu.Unlock()
+	release = func() {
+		b.mu.Lock()
+		if b.pins[id]--; b.pins[id] <= 0 {
+			delete(b.pins, id)
+		}
+		b.mu.Unlock()
+	}
+	path, err = b.get(ctx, id)
+	if err != nil {
+		release()
+		return "", nil, err
+	}
+	return path, release, nil
+}
+
+// join returns the flight building id, starting one if there is none.
+func (b *diskBuilder) join(id string, eager bool) *flight {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	f := b.flights[id]
+	if f == nil {
+		ctx, cancel := context.WithCancel(b.ctx)
+		f = &flight{done: make(chan struct{}), hurry: make(chan struct{}), cancel: cancel, eager: eager}
+		b.flights[id] = f
+		b.wg.Add(1)
+		go b.fly(ctx, id, f)
+	}
+	if !eager {
+		f.waiters++
+		f.eager = false
+		if !f.hurried {
+			f.hurried = true
+			close(f.hurry)
+		}
+	}
+	return f
+}
+
+func (b *diskBuilder) fly(ctx context.Context, id string, f *flight) {
+	defer b.wg.Done()
+	if f.eager && b.inject != nil {
+		// A build with injection takes the layer's staged tree: give the
+		// unpacker a moment to prepare a child layer, which calls this
+		// off and continues the tree instead.
+		select {
+		case <-time.After(eagerGrace):
+		case <-f.hurry:
+		case <-ctx.Done():
+		}
+	}
+	start := time.Now()
+	release, err := b.queue.acquire(ctx, !f.eager, f.hurry)
+	if err == nil {
+		f.path, f.err = b.build(ctx, id)
+		release()
+	} else {
+		f.err = err
+	}
+	if b.observe != nil {
+		b.observe(time.Since(start), f.err)
+	}
+	f.cancel()
+	b.mu.Lock()
+	if b.flights[id] == f {
+		delete(b.flights, id)
+	}
+	b.mu.Unlock()
+	close(f.done)
+}
+
+// eagerGrace is how long an eager build waits for a child layer.
+const eagerGrace = 200 * time.Millisecond
+
+func (b *diskBuilder) leave(f *flight) {
+	b.mu.Lock()
+	f.waiters--
+	b.mu.Unlock()
+}
+
+// startEager builds the disk of a just committed layer in the background:
+// it is likely an image's top layer, needed soon.
+func (b *diskBuilder) startEager(id string) { b.join(id, true) }
+
+// cancelEager calls off the eager build of a committed snapshot that just
+// got a child layer: it was not the top of an image.
+func (b *diskBuilder) cancelEager(id string) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if f := b.flights[id]; f != nil && f.eager && f.waiters == 0 {
+		f.cancel()
+	}
+}
+
+// forget calls off any build for a removed snapshot.
+func (b *diskBuilder) forget(id string) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if f := b.flights[id]; f != nil && f.waiters == 0 {
+		f.cancel()
+	}
+}
+
+// build makes the disk file of snapshot id from its chain.
+func (b *diskBuilder) build(ctx context.Context, id string) (string, error) {
+	dst := filepath.Join(b.dir(id), diskFile)
+	if exists(dst) {
+		return dst, nil // a build that just finished
+	}
+	chain, err := b.chains.chainLayers(ctx, id)
+	if err != nil {
+		return "", err
+	}
+	opts := b.opts
+	opts.NoSync = true // see durable.go
+	opts.Inject = b.inject
+	key := build.Key(chain.chainID, opts)
+	wd, err := workdir.New(filepath.Join(b.root, tmpDir))
+	if err != nil {
+		return "", err
+	}
+	defer wd.Release()
+	out := filepath.Join(wd.Path, diskFile)
+	res, staged, err := b.staged.build(ctx, id, out, key, opts)
+	if !staged {
+		log.G(ctx).WithFields(log.Fields{"snapshot": id, "layers": len(chain.layers)}).Debug("building disk")
+		res, err = build.Rootfs(ctx, chain.layers, out, wd.Path, key, opts, nil)
+	}
+	if err != nil {
+		return "", fmt.Errorf("building the disk of snapshot %s: %w", id, err)
+	}
+	if err := os.Chmod(out, 0o444); err != nil {
+		return "", err
+	}
+	unsynced := filepath.Join(b.dir(id), unsyncedFile)
+	if err := markUnsynced(unsynced); err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return "", fmt.Errorf("snapshot %s was removed: %w", id, errdefs.ErrNotFound)
+		}
+		return "", err
+	}
+	if err := os.Rename(out, dst); err != nil {
+		os.Remove(unsynced)
+		if errors.Is(err, os.ErrNotExist) {
+			return "", fmt.Errorf("snapshot %s was removed: %w", id, errdefs.ErrNotFound)
+		}
+		return "", err
+	}
+	b.syncLater(dst, unsynced)
+	log.G(ctx).WithFields(log.Fields{
+		"snapshot": id, "unpack": res.Unpack, "build": res.Build, "size": res.Size,
+	}).Info("built disk")
+	return dst, nil
+}
+
+// remove deletes the disk of snapshot id unless a build, a waiter or a
+// pin needs it; stillUnneeded is asked, with the builder locked, whether
+// nothing started using it since it was found unneeded.
+func (b *diskBuilder) remove(ctx context.Context, id string, stillUnneeded func() bool) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.flights[id] != nil || b.pins[id] > 0 || !stillUnneeded() {
+		return false
+	}
+	disk := filepath.Join(b.dir(id), diskFile)
+	tmp := filepath.Join(b.root, tmpDir, "rm-disk-"+id)
+	if err := os.Rename(disk, tmp); err != nil {
+		if !errors.Is(err, os.ErrNotExist) {
+			log.G(ctx).WithError(err).WithField("snapshot", id).Warn("removing an unneeded disk")
+		}
+		return false
+	}
+	os.Remove(filepath.Join(b.dir(id), unsyncedFile))
+	go os.Remove(tmp)
+	return true
+}

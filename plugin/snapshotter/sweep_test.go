@@ -1,0 +1,84 @@
+package snapshotter
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+)
+
+// fakeImages stands for containerd's image store: which chains are the
+// tops of images.
+type fakeImages struct{ tops map[digest.Digest]bool }
+
+func (f *fakeImages) Config(context.Context, string, string, digest.Digest) ([]byte, error) {
+	return nil, os.ErrNotExist
+}
+
+func (f *fakeImages) Tops(context.Context) (map[digest.Digest]bool, error) { return f.tops, nil }
+
+// TestSweepRemovesUnneededDisks: a disk stays while its snapshot is an
+// image's top or has a container on it, and goes once neither holds; its
+// layer stays, and the disk comes back when needed.
+func TestSweepRemovesUnneededDisks(t *testing.T) {
+	needE2fsprogs(t)
+	chain := digest.FromString("base")
+	images := &fakeImages{tops: map[digest.Digest]bool{chain: true}}
+	sn, ctx := newCommittedBase(t, Config{Images: images, UnusedDiskGrace: time.Minute})
+	// The committed name, as containerd's metadata store makes it.
+	storeLayer(t, sn, "extract-2 x", "", map[string]string{"etc/x": "x"})
+	name := "test/7/" + chain.String()
+	if err := sn.Commit(ctx, name, "extract-2 x"); err != nil {
+		t.Fatal(err)
+	}
+	view, err := sn.View(ctx, "v", name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	disk := view[0].Source
+	old := time.Now().Add(-time.Hour)
+	age := func() {
+		if err := os.Chtimes(disk, old, old); err != nil {
+			t.Fatal(err)
+		}
+	}
+	age()
+	sweep := func() int {
+		t.Helper()
+		n, err := sn.sweeper.sweep(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	if n := sweep(); n != 0 || !exists(disk) {
+		t.Fatalf("swept %d: an image's top lost its disk", n)
+	}
+	images.tops = nil
+	if n := sweep(); n != 0 || !exists(disk) {
+		t.Fatalf("swept %d: a disk with a view on it went", n)
+	}
+	if err := sn.Remove(ctx, "v"); err != nil {
+		t.Fatal(err)
+	}
+	if n := sweep(); n != 1 || exists(disk) {
+		t.Fatalf("swept %d: the unneeded disk stayed", n)
+	}
+	if !exists(filepath.Join(filepath.Dir(disk), layerTar)) {
+		t.Errorf("the layer went with the disk")
+	}
+	// Needed again: built again.
+	if _, err := sn.View(ctx, "v2", name); err != nil || !exists(disk) {
+		t.Errorf("the disk was not built again: %v", err)
+	}
+	// A fresh disk is left alone for a while.
+	if err := sn.Remove(ctx, "v2"); err != nil {
+		t.Fatal(err)
+	}
+	if n := sweep(); n != 0 {
+		t.Errorf("swept a disk built a moment ago")
+	}
+}
