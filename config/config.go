@@ -60,9 +60,10 @@ type Snapshotter struct {
 	// EagerBuild builds an image's disk as soon as its top layer is
 	// committed (otherwise at the first container, view or export).
 	EagerBuild bool `toml:"eager_build"`
-	// MaxConcurrentBuilds bounds the disks built at once; 0 is half the
-	// CPUs. Builds a container start or an export waits for never queue
-	// behind eager ones.
+	// MaxConcurrentBuilds bounds the disks built at once ahead of need
+	// (eager builds), and, apart, those somebody waits for (a container
+	// start, an export), which never queue behind eager ones; 0 is half
+	// the CPUs.
 	MaxConcurrentBuilds int `toml:"max_concurrent_builds"`
 	// UnusedDiskGrace is how long a disk that no image's top and no
 	// container or view needs is kept before it is removed (a duration

@@ -20,8 +20,8 @@ import (
 	"time"
 
 	diffapi "github.com/containerd/containerd/api/services/diff/v1"
-	containerd "github.com/containerd/containerd/v2/client"
 	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
+	containerd "github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/core/diff"
 	diffproxy "github.com/containerd/containerd/v2/core/diff/proxy"
 	"github.com/containerd/containerd/v2/core/mount"
@@ -37,8 +37,8 @@ import (
 	"github.com/opencontainers/go-digest"
 	"github.com/opencontainers/image-spec/identity"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
-	"google.golang.org/grpc"
 	bolt "go.etcd.io/bbolt"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/kilnfs/kiln/integration/ext4inspect"
@@ -938,8 +938,8 @@ func ctdSmallImage(t *testing.T, content string) v1.Image {
 
 // TestContainerdBlockDevices: in block-device mode a view's mount is an
 // attached loop device, detached when the view is removed; after kiln is
-// killed, the next kiln detaches the devices it attached for snapshots
-// that were being removed or that it never recorded, keeps the live ones,
+// killed, the next kiln detaches the devices it attached but never
+// recorded, keeps the live ones (a removal that did not commit included),
 // and leaves alone a device it did not attach.
 func TestContainerdBlockDevices(t *testing.T) {
 	needRoot(t, "loop devices")
@@ -992,9 +992,9 @@ func TestContainerdBlockDevices(t *testing.T) {
 	}
 	ctdUnmountSnapshot(t, mnt)
 
-	// A live view, one that kiln was removing when it died, one whose
-	// record kiln never wrote, and a device somebody else attached to
-	// kiln's disk.
+	// A live view, one that kiln was removing when it died (before the
+	// removal was recorded), one whose record kiln never wrote, and a
+	// device somebody else attached to kiln's disk.
 	live := view("live")
 	dying := view("dying")
 	unrecorded := view("unrecorded")
@@ -1029,13 +1029,16 @@ func TestContainerdBlockDevices(t *testing.T) {
 		t.Fatal(err)
 	}
 	devs := testcontainerd.LoopDevices(e.KilnRoot)
-	for _, d := range []string{dying, unrecorded} {
-		if f, ok := devs[d]; ok {
-			t.Errorf("stale %s (backed by %s) still attached after kiln's restart", d, f)
+	if f, ok := devs[unrecorded]; ok {
+		t.Errorf("stale %s (backed by %s) still attached after kiln's restart", unrecorded, f)
+	}
+	for _, d := range []string{live, dying} {
+		if devs[d] != disk {
+			t.Errorf("the view's %s lost its disk after kiln's restart (backed by %q)", d, devs[d])
 		}
 	}
-	if devs[live] != disk {
-		t.Errorf("the live view's %s lost its disk after kiln's restart (backed by %q)", live, devs[live])
+	if !ctdExists(dyingDir) {
+		t.Errorf("the half-removed view's directory was not put back")
 	}
 	if devs[theirs] != disk {
 		t.Errorf("kiln detached %s, which it did not attach", theirs)

@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
 	"text/template"
 
 	"github.com/containerd/platforms"
@@ -33,27 +34,27 @@ import (
 // than "not implemented", a differ whose socket is down included. kiln's
 // differ goes into that order only on request (--diff-service): then
 // those need kiln running, for every snapshotter.
-var dropIn = template.Must(template.New("").Parse(`# kiln: containerd drop-in. Put it in a directory containerd's config.toml
+var dropIn = template.Must(template.New("").Funcs(template.FuncMap{"toml": tomlString}).Parse(`# kiln: containerd drop-in. Put it in a directory containerd's config.toml
 # imports (imports = ['/etc/containerd/conf.d/*.toml']) and restart containerd.
 version = 3
 
 [proxy_plugins.{{.Snapshotter}}]
   type = "snapshot"
-  address = "{{.Address}}"
+  address = {{toml .Address}}
   [proxy_plugins.{{.Snapshotter}}.exports]
-    root = "{{.Root}}"
+    root = {{toml .Root}}
 
 [proxy_plugins.{{.Differ}}]
   type = "diff"
-  address = "{{.Address}}"
+  address = {{toml .Address}}
 
 [[plugins.'io.containerd.transfer.v1.local'.unpack_config]]
-  platform = "{{.Platform}}"
+  platform = {{toml .Platform}}
   snapshotter = "{{.Snapshotter}}"
   differ = "{{.Differ}}"
 
 [[plugins.'io.containerd.transfer.v1.local'.unpack_config]]
-  platform = "{{.Platform}}"
+  platform = {{toml .Platform}}
   snapshotter = "overlayfs"
   differ = "walking"
 {{- if .DiffService}}
@@ -65,6 +66,25 @@ version = 3
   default = ["{{.Differ}}", "walking"]
 {{- end}}
 `))
+
+// tomlString quotes s as a TOML basic string.
+func tomlString(s string) string {
+	var b strings.Builder
+	b.WriteByte('"')
+	for _, r := range s {
+		switch {
+		case r == '"' || r == '\\':
+			b.WriteByte('\\')
+			b.WriteRune(r)
+		case r < 0x20 || r == 0x7f:
+			fmt.Fprintf(&b, "\\u%04X", r)
+		default:
+			b.WriteRune(r)
+		}
+	}
+	b.WriteByte('"')
+	return b.String()
+}
 
 // Names of kiln's plugins in containerd.
 const (

@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
-	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -125,7 +124,7 @@ func (d *Differ) writeLayer(ctx context.Context, cfg diff.Config, layer func(con
 	ctype := compression.Uncompressed
 	if cfg.Compressor != nil {
 		if cfg.MediaType == "" {
-			return ocispec.Descriptor{}, errors.New("media type must be explicitly specified when using custom compressor")
+			return ocispec.Descriptor{}, fmt.Errorf("media type must be explicitly specified when using custom compressor: %w", errdefs.ErrInvalidArgument)
 		}
 	} else {
 		if cfg.MediaType == "" {
@@ -138,7 +137,8 @@ func (d *Differ) writeLayer(ctx context.Context, cfg diff.Config, layer func(con
 		case ocispec.MediaTypeImageLayerZstd:
 			ctype = compression.Zstd
 		default:
-			return ocispec.Descriptor{}, fmt.Errorf("unsupported diff media type: %v: %w", cfg.MediaType, errdefs.ErrNotImplemented)
+			// The mounts are kiln's: no other differ could do better.
+			return ocispec.Descriptor{}, fmt.Errorf("unsupported diff media type: %v: %w", cfg.MediaType, errdefs.ErrInvalidArgument)
 		}
 	}
 	ref, own := cfg.Reference, cfg.Reference == ""

@@ -64,14 +64,19 @@ func (c *containerdImages) configs(ctx context.Context, target ocispec.Descripto
 	}
 	seen := map[digest.Digest]bool{}
 	var out []imageConfig
+	complete := err == nil
 	for _, p := range ps {
 		desc, err := cimages.Config(ctx, c.content, target, platforms.Only(p))
 		if err != nil || seen[desc.Digest] {
-			continue // content not here
+			// Content not here (a platform not pulled), or a failure
+			// worth asking again for.
+			complete = complete && (err == nil || errdefs.IsNotFound(err))
+			continue
 		}
 		seen[desc.Digest] = true
 		raw, err := content.ReadBlob(ctx, c.content, desc)
 		if err != nil {
+			complete = false
 			continue
 		}
 		var img ocispec.Image
@@ -79,6 +84,9 @@ func (c *containerdImages) configs(ctx context.Context, target ocispec.Descripto
 			continue
 		}
 		out = append(out, imageConfig{chainID: identity.ChainID(img.RootFS.DiffIDs), raw: raw})
+	}
+	if !complete {
+		return out // not remembered: the next question asks again
 	}
 	c.mu.Lock()
 	if len(c.chains) > maxCachedImages {

@@ -94,6 +94,12 @@ func (c chainReader) chainLayers(ctx context.Context, id string) (chainLayers, e
 			layers = append(layers, ext4Layer(filepath.Join(dir, scratchFile), overlayUpper))
 			byID = false
 		case kindLayer:
+			if !exists(tarPath) && exists(diffIDPath) {
+				// kiln's differ stored it, and it is gone (a crash
+				// before it reached the disk): the disk would lack it.
+				return chainLayers{}, fmt.Errorf("snapshot %s: its stored layer is missing: "+
+					"remove the images with this layer and pull them again: %w", chain[i], errdefs.ErrDataLoss)
+			}
 			if !exists(tarPath) {
 				// Filled by containerd's walking differ.
 				upper := filepath.Join(dir, upperDir)

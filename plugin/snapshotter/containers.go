@@ -4,13 +4,13 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"sort"
 	"strconv"
 	"sync"
+	"time"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/errdefs"
@@ -78,7 +78,9 @@ type containerMaker struct {
 	root        string
 	defaultSize int64
 
-	mu sync.Mutex // serialises making scratch templates
+	// mu is held to read when a template is copied, to write when one is
+	// made or removed.
+	mu sync.RWMutex
 }
 
 // make fills dir, a new directory that becomes the container's, with the
@@ -98,11 +100,7 @@ func (c *containerMaker) make(ctx context.Context, dir string, req containerRequ
 		if size == 0 {
 			size = c.defaultSize
 		}
-		tmpl, err := c.scratchTemplate(ctx, size, req.config)
-		if err != nil {
-			return err
-		}
-		return clone.File(tmpl, filepath.Join(dir, scratchFile), 0o600)
+		return c.scratch(ctx, filepath.Join(dir, scratchFile), size, req.config)
 	case ModeCopy:
 		file := filepath.Join(dir, containerFile)
 		if err := clone.File(req.disk, file, 0o600); err != nil {
@@ -157,34 +155,53 @@ func (c *containerMaker) format(ctx context.Context, file string, size int64, la
 // config in use.
 const maxTemplates = 32
 
-// scratchTemplate returns an empty scratch disk of size bytes, made once
-// and copied for each container (a copy costs its few hundred KiB of
-// metadata): the filesystem, and the image's config in upper/ when
-// there is one.
-func (c *containerMaker) scratchTemplate(ctx context.Context, size int64, config []byte) (string, error) {
+// scratch writes a new scratch disk of size bytes to dst: a copy of a
+// template made once (the copy costs its few hundred KiB of metadata),
+// holding the filesystem, and the image's config in upper/ when there is
+// one.
+func (c *containerMaker) scratch(ctx context.Context, dst string, size int64, config []byte) error {
 	name := "scratch-" + strconv.FormatInt(size, 10)
 	if config != nil {
 		sum := sha256.Sum256(config)
 		name += "-" + hex.EncodeToString(sum[:8])
 	}
-	dir := filepath.Join(c.root, templatesDir)
-	file := filepath.Join(dir, name+".ext4")
-	if exists(file) {
-		return file, nil
+	tmpl := filepath.Join(c.root, templatesDir, name+".ext4")
+	for {
+		c.mu.RLock()
+		if exists(tmpl) {
+			now := time.Now()
+			os.Chtimes(tmpl, now, now) //nolint:errcheck // only the pruning order
+			err := clone.File(tmpl, dst, 0o600)
+			c.mu.RUnlock()
+			if err != nil {
+				return fmt.Errorf("copying the scratch disk template: %w", err)
+			}
+			return nil
+		}
+		c.mu.RUnlock()
+		if err := c.makeTemplate(ctx, tmpl, size, config); err != nil {
+			return err
+		}
 	}
+}
+
+// makeTemplate makes a scratch template, removing the least recently
+// used ones beyond maxTemplates.
+func (c *containerMaker) makeTemplate(ctx context.Context, file string, size int64, config []byte) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if exists(file) {
-		return file, nil
+		return nil
 	}
+	dir := filepath.Dir(file)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return "", err
+		return err
 	}
 	c.prune(dir)
 	tmp := file + ".tmp"
 	os.Remove(tmp)
-	if err := c.format(ctx, tmp, size, guest.ScratchLabel, name); err != nil {
-		return "", fmt.Errorf("making a scratch disk: %w", err)
+	if err := c.format(ctx, tmp, size, guest.ScratchLabel, filepath.Base(file)); err != nil {
+		return fmt.Errorf("making a scratch disk: %w", err)
 	}
 	if config != nil {
 		err := c.withFile(tmp, func(f *os.File, wd string) error {
@@ -192,36 +209,35 @@ func (c *containerMaker) scratchTemplate(ctx context.Context, size int64, config
 		})
 		if err != nil {
 			os.Remove(tmp)
-			return "", err
+			return err
 		}
 	}
 	if err := os.Rename(tmp, file); err != nil {
 		os.Remove(tmp)
-		return "", err
+		return err
 	}
-	return file, nil
+	return nil
 }
 
-// prune removes the least recently made templates beyond maxTemplates.
+// prune removes the least recently used templates beyond maxTemplates.
+// Called with mu held to write.
 func (c *containerMaker) prune(dir string) {
 	ents, err := os.ReadDir(dir)
 	if err != nil || len(ents) < maxTemplates {
 		return
 	}
-	type made struct {
+	type used struct {
 		name string
-		mod  int64
+		at   int64
 	}
-	var all []made
+	var all []used
 	for _, e := range ents {
 		if fi, err := e.Info(); err == nil {
-			all = append(all, made{e.Name(), fi.ModTime().UnixNano()})
+			all = append(all, used{e.Name(), fi.ModTime().UnixNano()})
 		}
 	}
-	sort.Slice(all, func(i, j int) bool { return all[i].mod < all[j].mod })
-	for _, m := range all[:len(all)-maxTemplates+1] {
-		if err := os.Remove(filepath.Join(dir, m.name)); err != nil && !errors.Is(err, os.ErrNotExist) {
-			continue
-		}
+	sort.Slice(all, func(i, j int) bool { return all[i].at < all[j].at })
+	for _, u := range all[:len(all)-maxTemplates+1] {
+		os.Remove(filepath.Join(dir, u.name))
 	}
 }

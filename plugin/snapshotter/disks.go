@@ -44,6 +44,9 @@ type diskBuilder struct {
 	mu      sync.Mutex
 	flights map[string]*flight
 	pins    map[string]int
+	// made counts the snapshots made on a pinned disk: the sweep removes
+	// a disk only if none was made since it looked.
+	made uint64
 }
 
 type flight struct {
@@ -87,7 +90,7 @@ func (b *diskBuilder) get(ctx context.Context, id string) (string, error) {
 			return "", ctx.Err()
 		}
 		b.leave(f)
-		if errors.Is(f.err, context.Canceled) && ctx.Err() == nil {
+		if errors.Is(f.err, context.Canceled) && ctx.Err() == nil && b.ctx.Err() == nil {
 			continue // an eager build was called off; build for us
 		}
 		return f.path, f.err
@@ -106,6 +109,7 @@ func (b *diskBuilder) acquire(ctx context.Context, id string) (path string, rele
 		if b.pins[id]--; b.pins[id] <= 0 {
 			delete(b.pins, id)
 		}
+		b.made++
 		b.mu.Unlock()
 	}
 	path, err = b.get(ctx, id)
@@ -126,7 +130,7 @@ func (b *diskBuilder) join(id string, eager bool) *flight {
 		f = &flight{done: make(chan struct{}), hurry: make(chan struct{}), cancel: cancel, eager: eager}
 		b.flights[id] = f
 		b.wg.Add(1)
-		go b.fly(ctx, id, f)
+		go b.fly(ctx, id, f, eager)
 	}
 	if !eager {
 		f.waiters++
@@ -139,9 +143,11 @@ func (b *diskBuilder) join(id string, eager bool) *flight {
 	return f
 }
 
-func (b *diskBuilder) fly(ctx context.Context, id string, f *flight) {
+// fly builds the disk of id for flight f; eager says whether it started
+// ahead of need (somebody waiting makes it urgent through f.hurry).
+func (b *diskBuilder) fly(ctx context.Context, id string, f *flight, eager bool) {
 	defer b.wg.Done()
-	if f.eager && b.inject != nil {
+	if eager && b.inject != nil {
 		// A build with injection takes the layer's staged tree: give the
 		// unpacker a moment to prepare a child layer, which calls this
 		// off and continues the tree instead.
@@ -152,7 +158,7 @@ func (b *diskBuilder) fly(ctx context.Context, id string, f *flight) {
 		}
 	}
 	start := time.Now()
-	release, err := b.queue.acquire(ctx, !f.eager, f.hurry)
+	release, err := b.queue.acquire(ctx, !eager, f.hurry)
 	if err == nil {
 		f.path, f.err = b.build(ctx, id)
 		release()
@@ -255,13 +261,20 @@ func (b *diskBuilder) build(ctx context.Context, id string) (string, error) {
 	return dst, nil
 }
 
-// remove deletes the disk of snapshot id unless a build, a waiter or a
-// pin needs it; stillUnneeded is asked, with the builder locked, whether
-// nothing started using it since it was found unneeded.
-func (b *diskBuilder) remove(ctx context.Context, id string, stillUnneeded func() bool) bool {
+// generation returns the count of snapshots made on pinned disks so far.
+func (b *diskBuilder) generation() uint64 {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if b.flights[id] != nil || b.pins[id] > 0 || !stillUnneeded() {
+	return b.made
+}
+
+// remove deletes the disk of snapshot id unless a build, a waiter or a
+// pin needs it, or a snapshot was made on a disk since generation gen
+// (when the caller found the disk unneeded).
+func (b *diskBuilder) remove(ctx context.Context, id string, gen uint64) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.flights[id] != nil || b.pins[id] > 0 || b.made != gen {
 		return false
 	}
 	disk := filepath.Join(b.dir(id), diskFile)

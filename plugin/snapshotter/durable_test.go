@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"testing"
 
+	"github.com/kilnfs/kiln/internal/build"
 	"github.com/kilnfs/kiln/internal/testenv"
 )
 
@@ -32,11 +33,9 @@ func TestUnsyncedDisksAtStartup(t *testing.T) {
 	}
 	before := write("1", "00000000-0000-0000-0000-000000000000")
 	now := write("2", string(bootID()))
-	sn, err := New(context.Background(), Config{Root: root})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sn.Close()
+	b := newDiskBuilder(root, nil, nil, build.Options{}, nil, newBuildQueue(1, nil), nil)
+	defer b.close()
+	b.settleUnsynced(context.Background())
 	if exists(filepath.Join(before, diskFile)) || exists(filepath.Join(before, unsyncedFile)) {
 		t.Errorf("the disk from an earlier boot was kept")
 	}

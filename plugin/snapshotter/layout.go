@@ -12,7 +12,6 @@ import (
 // An extraction snapshot (a layer being unpacked) holds:
 //
 //	layer        marker: kiln's differ recognises the snapshot by it
-//	namespace    the containerd namespace it was made in
 //	fs/, work/   the overlay upper and work directories that containerd's
 //	             walking differ fills when it is used instead of kiln's
 //	layer.tar    the layer, uncompressed, as kiln's differ stored it
@@ -35,7 +34,6 @@ import (
 // attached for it (see loops).
 const (
 	layerMarker   = "layer"
-	namespaceFile = "namespace"
 	upperDir      = "fs"
 	workDir       = "work"
 	layerTar      = "layer.tar"
@@ -79,22 +77,21 @@ func dirKind(dir string) kind {
 	return kindNone
 }
 
-// migrateLayout renames the files of snapshot directories that an earlier
-// kiln wrote under other names: image.ext4 (now disk.ext4, with its
-// image.unsynced mark) and rootfs.ext4 (now container.ext4, a copy-mode
-// container).
+// migrateLayout brings the snapshot directories of an earlier kiln to
+// this layout: its rootfs.ext4 (a container) is now container.ext4; its
+// image.ext4 was built the way that kiln built disks and is removed (it
+// is built again when needed).
 func migrateLayout(root string) error {
 	dirs, err := filepath.Glob(filepath.Join(root, snapshotsDir, "*"))
 	if err != nil {
 		return err
 	}
 	for _, dir := range dirs {
-		for old, now := range map[string]string{
-			"image.ext4":     diskFile,
-			"image.unsynced": unsyncedFile,
-			"rootfs.ext4":    containerFile,
-		} {
-			if err := os.Rename(filepath.Join(dir, old), filepath.Join(dir, now)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		if err := os.Rename(filepath.Join(dir, "rootfs.ext4"), filepath.Join(dir, containerFile)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return err
+		}
+		for _, old := range []string{"image.ext4", "image.unsynced"} {
+			if err := os.Remove(filepath.Join(dir, old)); err != nil && !errors.Is(err, os.ErrNotExist) {
 				return err
 			}
 		}
@@ -103,6 +100,29 @@ func migrateLayout(root string) error {
 		}
 	}
 	return nil
+}
+
+// disksKeyFile records what the disks under the root were built with.
+const disksKeyFile = "disks.key"
+
+// dropStaleDisks removes every disk when they were built with other
+// options than key says (another size, other guest pieces, another
+// format): disks are derived, and each is built again when needed. A
+// disk a container or VM still has open stays readable to it.
+func dropStaleDisks(root, key string) error {
+	p := filepath.Join(root, disksKeyFile)
+	old, err := os.ReadFile(p)
+	if err == nil && strings.TrimSpace(string(old)) == key {
+		return nil
+	}
+	disks, _ := filepath.Glob(filepath.Join(root, snapshotsDir, "*", diskFile))
+	for _, d := range disks {
+		if err := os.Remove(d); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return err
+		}
+		os.Remove(filepath.Join(filepath.Dir(d), unsyncedFile))
+	}
+	return os.WriteFile(p, []byte(key+"\n"), 0o600)
 }
 
 // adoptLoop renames the one "loop" record an earlier kiln kept and marks

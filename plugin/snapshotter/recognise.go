@@ -28,7 +28,8 @@ func (s *Snapshotter) ExtractionDir(mounts []mount.Mount) (string, bool) {
 			continue
 		}
 		dir := filepath.Dir(filepath.Clean(upper))
-		if filepath.Dir(dir) != filepath.Join(s.root, snapshotsDir) || filepath.Base(upper) != upperDir {
+		if filepath.Dir(dir) != filepath.Join(s.root, snapshotsDir) || filepath.Base(upper) != upperDir ||
+			strings.HasPrefix(filepath.Base(dir), removingPrefix) {
 			return "", false
 		}
 		if dirKind(dir) != kindLayer {
@@ -109,8 +110,9 @@ func (s *Snapshotter) ResolveDisks(mounts []mount.Mount) (Disks, bool) {
 	return Disks{}, false
 }
 
-// diskFile returns the file under kiln's root that an ext4 mount is of,
-// directly or through a loop device.
+// diskFile returns the disk of kiln's that an ext4 mount is of, directly
+// or through a loop device: a snapshot directory's disk.ext4,
+// scratch.ext4 or container.ext4, or the empty disk, and nothing else.
 func (s *Snapshotter) diskFile(m mount.Mount) (string, bool) {
 	if m.Type != "ext4" && m.Type != "format/ext4" {
 		return "", false
@@ -119,18 +121,30 @@ func (s *Snapshotter) diskFile(m mount.Mount) (string, bool) {
 	if strings.HasPrefix(file, "/dev/loop") {
 		file = backingFile(file)
 	}
-	rel, err := filepath.Rel(s.root, filepath.Clean(file))
-	if err != nil || rel == "." || strings.HasPrefix(rel, "..") {
+	file = filepath.Clean(file)
+	if file == filepath.Join(s.root, "empty.ext4") {
+		return file, true
+	}
+	dir, name := filepath.Split(file)
+	if filepath.Dir(filepath.Clean(dir)) != filepath.Join(s.root, snapshotsDir) ||
+		strings.HasPrefix(filepath.Base(dir), removingPrefix) {
 		return "", false
 	}
-	return filepath.Join(s.root, rel), true
+	switch name {
+	case diskFile, scratchFile, containerFile:
+		if fi, err := os.Lstat(file); err == nil && fi.Mode().IsRegular() {
+			return file, true
+		}
+	}
+	return "", false
 }
 
 // DiskInUse says why a container's disk is in use, or returns "" when it
-// is not: a loop device somebody else attached is backed by it
-// (containerd's mount manager, for runc), one kiln attached is mounted or
-// held open exclusively, or a process holds a lock on the disk or on
-// kiln's device (QEMU and Cloud Hypervisor lock the disks they open).
+// is not known to be: a loop device somebody else attached is backed by
+// it (containerd's mount manager, for runc), one kiln attached is mounted
+// or held open exclusively, or a process holds a lock on the disk or on
+// kiln's device (QEMU and Cloud Hypervisor lock the disks they open; a
+// VMM that takes no lock, such as Firecracker, goes unnoticed).
 func DiskInUse(file string) string {
 	for _, dev := range loopUsers(file) {
 		if !strings.HasPrefix(deviceMark(dev), loopMarkPrefix) {
@@ -151,8 +165,9 @@ func DiskInUse(file string) string {
 	return ""
 }
 
-// locked says whether a process holds a lock on a file: a POSIX or OFD
-// lock over any part of it, or a flock.
+// locked says whether a process holds a POSIX or OFD lock over any part
+// of a file. It only asks: taking a lock, even briefly, could make a VMM
+// starting at that moment fail to get its own.
 func locked(file string) bool {
 	f, err := os.Open(file)
 	if err != nil {
@@ -160,12 +175,5 @@ func locked(file string) bool {
 	}
 	defer f.Close()
 	lk := unix.Flock_t{Type: unix.F_WRLCK}
-	if err := unix.FcntlFlock(f.Fd(), unix.F_OFD_GETLK, &lk); err == nil && lk.Type != unix.F_UNLCK {
-		return true
-	}
-	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		return true
-	}
-	unix.Flock(int(f.Fd()), unix.LOCK_UN) //nolint:errcheck // ours, released with the file anyway
-	return false
+	return unix.FcntlFlock(f.Fd(), unix.F_OFD_GETLK, &lk) == nil && lk.Type != unix.F_UNLCK
 }

@@ -122,7 +122,18 @@ func New(ctx context.Context, cfg Config) (*Snapshotter, error) {
 	if err != nil {
 		return nil, err
 	}
-	root := cfg.Root
+	// The kernel names a loop device's file by its resolved path, and
+	// kiln recognises its files by path.
+	root, err := filepath.Abs(cfg.Root)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(root, 0o700); err != nil {
+		return nil, err
+	}
+	if root, err = filepath.EvalSymlinks(root); err != nil {
+		return nil, err
+	}
 	for _, d := range []string{snapshotsDir, tmpDir, emptyDir} {
 		if err := os.MkdirAll(filepath.Join(root, d), 0o700); err != nil {
 			return nil, err
@@ -133,7 +144,10 @@ func New(ctx context.Context, cfg Config) (*Snapshotter, error) {
 		return nil, err
 	}
 	if err := migrateLayout(root); err != nil {
-		return nil, fmt.Errorf("renaming the files of an earlier kiln: %w", err)
+		return nil, fmt.Errorf("moving the files of an earlier kiln: %w", err)
+	}
+	if err := dropStaleDisks(root, build.Key("", build.Options{Size: cfg.Build.Size, Inject: set})); err != nil {
+		return nil, fmt.Errorf("removing disks built with other options: %w", err)
 	}
 	removeLeftovers(filepath.Join(root, tmpDir))
 	ms, err := storage.NewMetaStore(filepath.Join(root, "metadata.db"))
@@ -153,7 +167,17 @@ func New(ctx context.Context, cfg Config) (*Snapshotter, error) {
 		queue:        newBuildQueue(cfg.MaxBuilds, cfg.ObserveBuildWait),
 	}
 	s.disks = newDiskBuilder(root, chainReader{ms: ms, root: root}, s.staged, cfg.Build, set, s.queue, cfg.ObserveBuild)
+	// What an interrupted run left: directories of snapshots that were
+	// never recorded or are half removed.
+	orphans, err := s.sweepOrphans(ctx, true)
+	if err != nil {
+		ms.Close()
+		return nil, err
+	}
 	s.loops.settle(ctx, root)
+	for _, dir := range orphans {
+		os.RemoveAll(dir)
+	}
 	s.disks.settleUnsynced(ctx)
 	if s.images != nil {
 		s.sweeper = startSweeper(s, cfg.UnusedDiskGrace)
@@ -417,20 +441,43 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 		return nil, err
 	}
 	var snap storage.Snapshot
+	placed := ""
 	err = s.ms.WithTransaction(ctx, true, func(ctx context.Context) (err error) {
 		snap, err = storage.CreateSnapshot(ctx, kind, key, parent, opts...)
 		if err != nil {
 			return err
 		}
-		return os.Rename(stage, s.dir(snap.ID))
+		dir := s.dir(snap.ID)
+		// A transaction that failed to commit gives its snapshot ID out
+		// again: a directory of that ID belongs to no snapshot.
+		if exists(dir) {
+			if err := os.Rename(dir, filepath.Join(s.root, snapshotsDir, removingPrefix+snap.ID+"-"+filepath.Base(stage))); err != nil {
+				return err
+			}
+		}
+		if err := os.Rename(stage, dir); err != nil {
+			return err
+		}
+		placed = dir
+		return nil
 	})
 	if err != nil {
-		// A directory already renamed belongs to no snapshot: Cleanup
-		// removes it.
+		if placed != "" {
+			os.RemoveAll(placed) // the snapshot was not recorded
+		}
 		os.RemoveAll(stage)
 		return nil, err
 	}
-	return s.mounts(ctx, snap)
+	m, err := s.mounts(ctx, snap)
+	if err != nil {
+		// Recorded, but of no use to the caller, who learns of it only
+		// through the error.
+		if rerr := s.Remove(ctx, key); rerr != nil {
+			log.G(ctx).WithError(rerr).WithField("key", key).Warn("removing a snapshot whose mounts failed")
+		}
+		return nil, err
+	}
+	return m, nil
 }
 
 func (s *Snapshotter) prepareLayer(ctx context.Context, dir string) error {
@@ -438,11 +485,6 @@ func (s *Snapshotter) prepareLayer(ctx context.Context, dir string) error {
 		if err := os.Mkdir(filepath.Join(dir, d), 0o755); err != nil {
 			return err
 		}
-	}
-	// The differ's work may need to know the namespace later.
-	ns, _ := namespaces.Namespace(ctx)
-	if err := os.WriteFile(filepath.Join(dir, namespaceFile), []byte(ns), 0o600); err != nil {
-		return err
 	}
 	return os.WriteFile(filepath.Join(dir, layerMarker), nil, 0o600)
 }
@@ -676,29 +718,11 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 // removed snapshots; then disks no image needs any more.
 //
 // containerd calls it after its garbage collection, while snapshots may be
-// created. The orphans are listed in a write transaction, which no create
-// runs alongside (create renames the directory into place in its own),
-// and snapshot IDs are never reused: a directory that is an orphan then
-// stays one, and any other directory belongs to a snapshot, maybe one
-// created since.
+// created. Orphans are found and renamed out of the way in a write
+// transaction, which no create runs alongside (create renames its
+// directory into place in its own), and deleted after it.
 func (s *Snapshotter) Cleanup(ctx context.Context) error {
-	var orphans []string
-	err := s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
-		ids, err := storage.IDMap(ctx)
-		if err != nil {
-			return err
-		}
-		ents, err := os.ReadDir(filepath.Join(s.root, snapshotsDir))
-		if err != nil {
-			return err
-		}
-		for _, e := range ents {
-			if _, ok := ids[e.Name()]; !ok {
-				orphans = append(orphans, filepath.Join(s.root, snapshotsDir, e.Name()))
-			}
-		}
-		return nil
-	})
+	orphans, err := s.sweepOrphans(ctx, false)
 	if err != nil {
 		return err
 	}
@@ -713,6 +737,51 @@ func (s *Snapshotter) Cleanup(ctx context.Context) error {
 		s.sweeper.soon()
 	}
 	return nil
+}
+
+// sweepOrphans renames the directories of snapshots that do not exist to
+// rm-* names and returns them (rm-* directories left before included).
+// At startup (restore), the directory of a recorded snapshot that a
+// removal interrupted before its transaction committed is put back.
+func (s *Snapshotter) sweepOrphans(ctx context.Context, restore bool) ([]string, error) {
+	var orphans []string
+	base := filepath.Join(s.root, snapshotsDir)
+	err := s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+		ids, err := storage.IDMap(ctx)
+		if errdefs.IsNotFound(err) {
+			ids, err = map[string]string{}, nil // no snapshot yet
+		}
+		if err != nil {
+			return err
+		}
+		ents, err := os.ReadDir(base)
+		if err != nil {
+			return err
+		}
+		for _, e := range ents {
+			name := e.Name()
+			if rest, ok := strings.CutPrefix(name, removingPrefix); ok {
+				if _, live := ids[rest]; live && restore && !exists(filepath.Join(base, rest)) {
+					if err := os.Rename(filepath.Join(base, name), filepath.Join(base, rest)); err != nil {
+						return err
+					}
+					continue
+				}
+				orphans = append(orphans, filepath.Join(base, name))
+				continue
+			}
+			if _, ok := ids[name]; ok {
+				continue
+			}
+			to := filepath.Join(base, removingPrefix+name+"-orphan")
+			if err := os.Rename(filepath.Join(base, name), to); err != nil {
+				return err
+			}
+			orphans = append(orphans, to)
+		}
+		return nil
+	})
+	return orphans, err
 }
 
 // Close stops background work and releases the database.

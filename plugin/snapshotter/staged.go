@@ -81,14 +81,22 @@ func (st *stagedTrees) put(id string, t *stagedTree) {
 	}
 	st.mu.Unlock()
 	for _, t := range evicted {
-		t.wd.Release()
+		go t.release()
 	}
+}
+
+// release deletes a tree no longer kept, once the builds still reading it
+// are done.
+func (t *stagedTree) release() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.wd.Release()
 }
 
 // drop releases the tree of a removed snapshot.
 func (st *stagedTrees) drop(id string) {
 	if t := st.take(id); t != nil {
-		t.wd.Release()
+		go t.release()
 	}
 }
 
@@ -178,7 +186,7 @@ func (st *stagedTrees) build(ctx context.Context, id, out, key string, opts buil
 				// Built: the disk is likely an image's top; free the
 				// staging space, after the caller has the result.
 				if st.take(id) == t {
-					go t.wd.Release()
+					go t.release()
 				}
 			}
 		}()

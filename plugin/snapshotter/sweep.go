@@ -104,6 +104,7 @@ func (w *sweeper) sweep(ctx context.Context) (int, error) {
 	if len(files) == 0 {
 		return 0, nil
 	}
+	gen := w.disks.generation()
 	names, used, err := w.usage(ctx)
 	if err != nil {
 		return 0, err
@@ -121,11 +122,7 @@ func (w *sweeper) sweep(ctx context.Context) (int, error) {
 		if fi, err := os.Stat(f); err != nil || time.Since(fi.ModTime()) < w.grace {
 			continue
 		}
-		gone := w.disks.remove(ctx, id, func() bool {
-			_, used, err := w.usage(ctx)
-			return err == nil && !used[id]
-		})
-		if gone {
+		if w.disks.remove(ctx, id, gen) {
 			log.G(ctx).WithFields(log.Fields{"snapshot": id, "name": name}).Debug("removed a disk no image needs")
 			removed++
 		}

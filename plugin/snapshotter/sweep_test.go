@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/opencontainers/go-digest"
+
+	"github.com/kilnfs/kiln/internal/build"
 )
 
 // fakeImages stands for containerd's image store: which chains are the
@@ -80,5 +82,55 @@ func TestSweepRemovesUnneededDisks(t *testing.T) {
 	}
 	if n := sweep(); n != 0 {
 		t.Errorf("swept a disk built a moment ago")
+	}
+}
+
+// TestStartupRecovers: what an interrupted run leaves is put right when
+// kiln starts: a directory no snapshot owns is removed (and its ID can be
+// given out again), a removal cut short before it was recorded is undone,
+// and disks built with other options go.
+func TestStartupRecovers(t *testing.T) {
+	needE2fsprogs(t)
+	root := t.TempDir()
+	sn, ctx := newCommittedBase(t, Config{Root: root})
+	if _, err := sn.View(ctx, "v", "base"); err != nil {
+		t.Fatal(err)
+	}
+	sn.Close()
+	base := filepath.Join(root, snapshotsDir)
+	// Snapshot 2 is the view: a removal renamed it and died. Snapshot 3
+	// was made by a transaction that did not commit.
+	if err := os.Rename(filepath.Join(base, "2"), filepath.Join(base, removingPrefix+"2")); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(filepath.Join(base, "3"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	sn, err := New(ctx, Config{Root: root})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !exists(filepath.Join(base, "2")) || exists(filepath.Join(base, removingPrefix+"2")) {
+		t.Errorf("the view's directory was not put back")
+	}
+	if exists(filepath.Join(base, "3")) {
+		t.Errorf("an orphan directory stayed")
+	}
+	if _, err := sn.Prepare(ctx, "c", "base"); err != nil {
+		t.Errorf("a new snapshot after the orphan: %v", err)
+	}
+	disk := filepath.Join(base, "1", diskFile)
+	if !exists(disk) {
+		t.Fatalf("no disk")
+	}
+	sn.Close()
+	// Other build options: the disk goes.
+	sn, err = New(ctx, Config{Root: root, Build: build.Options{Size: 512 << 20}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sn.Close()
+	if exists(disk) {
+		t.Errorf("a disk built with other options stayed")
 	}
 }
