@@ -41,6 +41,12 @@ func BenchmarkContainerPrepare(b *testing.B) {
 		b.Fatalf("pull: %v\n%s", err, out)
 	}
 	client, ctx := ctdClient(b, e, ns)
+	// A lease keeps containerd's garbage collection off the containers.
+	ctx, done, err := client.WithLease(ctx)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer done(context.Background()) //nolint:errcheck // containerd is stopped anyway
 	sn := client.SnapshotService("kiln")
 	chain := ctdChainID(b, img)
 	// The disk is built once, before the first container.
