@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -720,7 +721,7 @@ func TestContainerdContainers(t *testing.T) {
 	needRoot(t, "containerd and kiln serve run as root and mount ext4 files")
 	ref := minbaseRef(t)
 	chain := ctdChainID(t, minbase.img)
-	e := startContainerd(t, testcontainerd.Options{})
+	e := startContainerd(t, testcontainerd.Options{Metrics: true})
 	const ns = "containers"
 	ctr(t, e, ctdPullArgs(ns, ref, false)...)
 	dir := t.TempDir()
@@ -798,6 +799,26 @@ func TestContainerdContainers(t *testing.T) {
 		ctdUnmountSnapshot(t, mnt)
 	}
 
+	// What an operator watches.
+	metrics := ctdMetrics(t, e)
+	for _, want := range []string{
+		`kiln_containers{mode="overlay"} 1`,
+		`kiln_containers{mode="copy"} 1`,
+		`kiln_grpc_request_seconds_count{code="OK",method="/containerd.services.snapshots.v1.Snapshots/Prepare"}`,
+		`kiln_disk_build_wait_seconds_count{class=`,
+		`kiln_disk_build_queue{class="urgent"} 0`,
+		`kiln_loop_devices 0`,
+	} {
+		if !strings.Contains(metrics, want) {
+			t.Errorf("metrics lack %s", want)
+		}
+	}
+	for _, kind := range []string{"layers", "disks", "containers"} {
+		if !regexp.MustCompile(`kiln_disk_bytes\{kind="` + kind + `"\} [1-9]`).MatchString(metrics) {
+			t.Errorf("metrics: no disk used by %s", kind)
+		}
+	}
+
 	after := filepath.Join(dir, "after.ext4")
 	ctdExport(t, e, ns, ref, after)
 	if got := fileSHA(t, after); got != beforeSHA {
@@ -819,6 +840,21 @@ func TestContainerdContainers(t *testing.T) {
 	if devs := testcontainerd.LoopDevices(e.KilnRoot); len(devs) > 0 {
 		t.Errorf("loop devices still attached to kiln's files: %v", devs)
 	}
+}
+
+// ctdMetrics returns what kiln serves on /metrics.
+func ctdMetrics(t *testing.T, e *testcontainerd.Env) string {
+	t.Helper()
+	resp, err := http.Get("http://" + e.MetricsAddress + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("metrics: %s, %v", resp.Status, err)
+	}
+	return string(b)
 }
 
 // ctdClient connects to containerd for namespace ns; the client is closed

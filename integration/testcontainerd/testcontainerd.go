@@ -120,6 +120,9 @@ type Options struct {
 	// UnusedDiskGrace is kiln's grace for disks nothing needs ("" for
 	// kiln's default).
 	UnusedDiskGrace string
+	// Metrics makes kiln serve Prometheus metrics on a free port of
+	// 127.0.0.1 (Env.MetricsAddress).
+	Metrics bool
 	// CRI keeps containerd's CRI plugin, with a runtime handler "kiln"
 	// (runc, snapshotter kiln) and SandboxImage as the pod sandbox image.
 	CRI          bool
@@ -137,6 +140,9 @@ type Env struct {
 	KilnAddress, KilnRoot, KilnConfig string
 	// ContainerdRoot is containerd's root directory.
 	ContainerdRoot string
+	// MetricsAddress is where kiln serves its metrics (host:port), with
+	// Options.Metrics.
+	MetricsAddress string
 
 	opts   Options
 	binDir string
@@ -188,8 +194,18 @@ func Start(opts Options) (_ *Env, err error) {
 			e.Close()
 		}
 	}()
-	kcfg := fmt.Sprintf("version = 1\nroot = %q\naddress = %q\ncontainerd_address = %q\nlog_level = \"debug\"\n\n[snapshotter]\nblock_devices = %v\n",
-		e.KilnRoot, e.KilnAddress, e.Address, opts.BlockDevices)
+	kcfg := fmt.Sprintf("version = 1\nroot = %q\naddress = %q\ncontainerd_address = %q\nlog_level = \"debug\"\n",
+		e.KilnRoot, e.KilnAddress, e.Address)
+	if opts.Metrics {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return nil, err
+		}
+		e.MetricsAddress = ln.Addr().String()
+		ln.Close()
+		kcfg += fmt.Sprintf("metrics_address = %q\n", e.MetricsAddress)
+	}
+	kcfg += fmt.Sprintf("\n[snapshotter]\nblock_devices = %v\n", opts.BlockDevices)
 	if opts.ContainerMode != "" {
 		kcfg += fmt.Sprintf("container_mode = %q\n", opts.ContainerMode)
 	}
