@@ -2,7 +2,6 @@ package integration
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"path/filepath"
 	"slices"
@@ -12,7 +11,6 @@ import (
 
 	"github.com/containerd/containerd/v2/core/snapshots"
 
-	"github.com/kilnfs/kiln/integration/testcontainerd"
 	"github.com/kilnfs/kiln/integration/testimage"
 )
 
@@ -28,14 +26,7 @@ func BenchmarkContainerPrepare(b *testing.B) {
 	tarPath, _ := bigFileLayer(b, dir, 1<<30)
 	img := mustBuild(b, testimage.Image{Layers: []testimage.Layer{{File: tarPath}}})
 	ref := mustPush(b, "bench/big:v1", img)
-	e, err := testcontainerd.Start(testcontainerd.Options{Kiln: kilnBin})
-	if errors.Is(err, testcontainerd.ErrUnavailable) {
-		b.Skipf("containerd cannot run here: %v", err)
-	}
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer e.Close()
+	e := benchContainerd(b)
 	const ns = "bench"
 	if out, err := e.Ctr(context.Background(), "-n", ns, "image", "pull", "--snapshotter", "kiln", ref); err != nil {
 		b.Fatalf("pull: %v\n%s", err, out)

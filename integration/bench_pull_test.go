@@ -20,14 +20,7 @@ import (
 // pulls. Set TMPDIR to a dedicated filesystem for steadier numbers.
 func BenchmarkPullMinbase(b *testing.B) {
 	ref := minbaseRef(b)
-	e, err := testcontainerd.Start(testcontainerd.Options{Kiln: kilnBin})
-	if errors.Is(err, testcontainerd.ErrUnavailable) {
-		b.Skipf("containerd cannot run here: %v", err)
-	}
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer e.Close()
+	e := benchContainerd(b)
 	ctx := context.Background()
 	ctr := func(args ...string) time.Duration {
 		b.Helper()
@@ -61,4 +54,19 @@ func BenchmarkPullMinbase(b *testing.B) {
 	b.ReportMetric((pull+export).Seconds()/n, "kiln-pull+export-s")
 	b.ReportMetric(pull.Seconds()/overlay.Seconds(), "pull/overlayfs")
 	b.ReportMetric((pull+export).Seconds()/overlay.Seconds(), "pull+export/overlayfs")
+}
+
+// benchContainerd starts containerd and kiln serve for a benchmark,
+// stopped when it ends.
+func benchContainerd(b *testing.B) *testcontainerd.Env {
+	b.Helper()
+	e, err := testcontainerd.Start(testcontainerd.Options{Kiln: kilnBin})
+	if errors.Is(err, testcontainerd.ErrUnavailable) {
+		b.Skipf("containerd cannot run here: %v", err)
+	}
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { e.Close() })
+	return e
 }
