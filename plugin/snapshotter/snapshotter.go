@@ -359,7 +359,8 @@ func (s *Snapshotter) containerConfig(ctx context.Context, parent, disk, ref str
 		return cfg, nil
 	}
 	if ref != "" {
-		return nil, fmt.Errorf("label %s=%q: %w", LabelImage, ref, err)
+		// The caller's label is wrong, whatever went wrong in looking.
+		return nil, fmt.Errorf("label %s=%q: %v: %w", LabelImage, ref, err, errdefs.ErrInvalidArgument)
 	}
 	log.G(ctx).WithError(err).WithField("parent", parent).
 		Warnf("the container's disk gets no image config; label the snapshot %s=IMAGE to choose one", LabelImage)
