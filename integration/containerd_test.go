@@ -761,7 +761,7 @@ func TestContainerdContainers(t *testing.T) {
 
 	var secrets [2][]byte
 	for i, key := range []string{"c1", "c2"} {
-		mnt := ctdMountSnapshot(t, e, ns, key)
+		mnt, unmount := ctdMountSnapshot(t, e, ns, key)
 		osRelease, err := os.ReadFile(filepath.Join(mnt, "etc/os-release"))
 		if err != nil {
 			t.Fatalf("reading %s's /etc/os-release: %v", key, err)
@@ -775,13 +775,13 @@ func TestContainerdContainers(t *testing.T) {
 		if err := os.Remove(filepath.Join(mnt, "etc/hostname")); err != nil && !errors.Is(err, os.ErrNotExist) {
 			t.Fatal(err)
 		}
-		ctdUnmountSnapshot(t, mnt)
+		unmount()
 	}
 
 	// Each container and the view see nothing of the others; each
 	// container kept its own change.
 	for i, key := range []string{"c1", "c2", "v1"} {
-		mnt := ctdMountSnapshot(t, e, ns, key)
+		mnt, unmount := ctdMountSnapshot(t, e, ns, key)
 		for j, other := range []string{"c1", "c2"} {
 			b, err := os.ReadFile(filepath.Join(mnt, "root/"+other+"-only"))
 			switch {
@@ -796,7 +796,7 @@ func TestContainerdContainers(t *testing.T) {
 				t.Errorf("a view is writable")
 			}
 		}
-		ctdUnmountSnapshot(t, mnt)
+		unmount()
 	}
 
 	// What an operator watches.
@@ -882,9 +882,9 @@ func ctdMounts(t *testing.T, e *testcontainerd.Env, ns, key string) []mount.Moun
 
 // ctdMountSnapshot mounts a snapshot on a new directory the way containerd
 // mounts a container's root for a task: through a mount manager, which
-// mounts the disks and assembles the overlay. It is unmounted when the
-// test ends unless ctdUnmountSnapshot did it before.
-func ctdMountSnapshot(t *testing.T, e *testcontainerd.Env, ns, key string) string {
+// mounts the disks and assembles the overlay. It returns the directory and
+// what unmounts it, which runs when the test ends if not before.
+func ctdMountSnapshot(t *testing.T, e *testcontainerd.Env, ns, key string) (string, func()) {
 	t.Helper()
 	mounts := ctdMounts(t, e, ns, key)
 	state := t.TempDir()
@@ -921,20 +921,8 @@ func ctdMountSnapshot(t *testing.T, e *testcontainerd.Env, ns, key string) strin
 		}
 		mm.(io.Closer).Close()
 	}
-	ctdUnmounts[target] = unmount
 	t.Cleanup(unmount)
-	return target
-}
-
-// ctdUnmounts undoes ctdMountSnapshot, by target.
-var ctdUnmounts = map[string]func(){}
-
-func ctdUnmountSnapshot(t *testing.T, target string) {
-	t.Helper()
-	if f := ctdUnmounts[target]; f != nil {
-		f()
-		delete(ctdUnmounts, target)
-	}
+	return target, unmount
 }
 
 // ctdKilnFiles lists the snapshot directories under kiln's root and the
@@ -1022,11 +1010,11 @@ func TestContainerdBlockDevices(t *testing.T) {
 		!strings.HasSuffix(testcontainerd.LoopDevices(e.KilnRoot)[cm[0].Source], "/scratch.ext4") {
 		t.Errorf("container mounts in block-device mode: %+v", cm)
 	}
-	mnt := ctdMountSnapshot(t, e, ns, "c1")
+	mnt, unmount := ctdMountSnapshot(t, e, ns, "c1")
 	if b, err := os.ReadFile(filepath.Join(mnt, "etc/small")); err != nil || string(b) != "block devices" {
 		t.Errorf("the container's /etc/small: %q, %v", b, err)
 	}
-	ctdUnmountSnapshot(t, mnt)
+	unmount()
 
 	// A live view, one that kiln was removing when it died (before the
 	// removal was recorded), one whose record kiln never wrote, and a
@@ -1105,11 +1093,11 @@ func ctdViewDevice(t *testing.T, e *testcontainerd.Env, ns, key string) string {
 	if f := testcontainerd.LoopDevices(e.KilnRoot)[m[0].Source]; !strings.HasSuffix(f, "/disk.ext4") {
 		t.Fatalf("%s is backed by %q, want an image's disk.ext4 under kiln's root", m[0].Source, f)
 	}
-	mnt := ctdMountSnapshot(t, e, ns, key)
+	mnt, unmount := ctdMountSnapshot(t, e, ns, key)
 	if b, err := os.ReadFile(filepath.Join(mnt, "etc/small")); err != nil || string(b) != "block devices" {
 		t.Errorf("%s: /etc/small: %q, %v", key, b, err)
 	}
-	ctdUnmountSnapshot(t, mnt)
+	unmount()
 	return m[0].Source
 }
 

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/containerd/containerd/v2/core/content"
+	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/pkg/rootfs"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -46,9 +47,9 @@ func needRunc(t *testing.T) {
 
 // writtenFile reads a file of a container's writable disk with debugfs,
 // in userspace: where it is depends on the container mode.
-func writtenFile(t *testing.T, mounts []mountLike, name string) string {
+func writtenFile(t *testing.T, mounts []mount.Mount, name string) string {
 	t.Helper()
-	disk, path := mounts[0].source, "/upper"+name
+	disk, path := mounts[0].Source, "/upper"+name
 	if len(mounts) == 1 {
 		path = name
 	}
@@ -57,17 +58,6 @@ func writtenFile(t *testing.T, mounts []mountLike, name string) string {
 		t.Fatalf("debugfs cat %s in %s: %v", path, disk, err)
 	}
 	return string(out)
-}
-
-type mountLike struct{ source string }
-
-func asMountLike(t *testing.T, e *testcontainerd.Env, ns, key string) []mountLike {
-	t.Helper()
-	var out []mountLike
-	for _, m := range ctdMounts(t, e, ns, key) {
-		out = append(out, mountLike{m.Source})
-	}
-	return out
 }
 
 // imageDisk returns the disk of an image's top snapshot, from a view.
@@ -190,7 +180,7 @@ func TestContainerdRunc(t *testing.T) {
 				"--snapshotter-label", "containerd.io/snapshot/kiln.container-mode="+mode,
 				ref, id, "/bin/sh", "-c", "echo written-in-"+mode+" > /written && busybox rm /etc/gone && busybox cat /written")
 			ctdAssertContains(t, "ctr run", out, "written-in-"+mode)
-			mounts := asMountLike(t, e, ns, id)
+			mounts := ctdMounts(t, e, ns, id)
 			if want := map[string]int{"overlay": 3, "copy": 1}[mode]; len(mounts) != want {
 				t.Fatalf("%s container has %d mounts, want %d", mode, len(mounts), want)
 			}

@@ -112,6 +112,9 @@ func Convert(ctx context.Context, src, out string, opts Options) (*Result, error
 	}
 	copyStart := time.Now()
 	err = clone.AtomicThen(cached, out, 0o644, func(f *os.File) error {
+		if set.InitPath() == "" {
+			return nil
+		}
 		return stampConfig(ctx, st, f, img)
 	})
 	<-cleaned
@@ -134,10 +137,6 @@ func Convert(ctx context.Context, src, out string, opts Options) (*Result, error
 // with the init piece: the cached disk is shared by every image with the
 // same layers.
 func stampConfig(ctx context.Context, st *store.Store, f *os.File, img *image.Image) error {
-	needs, err := inject.NeedsConfig(f)
-	if err != nil || !needs {
-		return err
-	}
 	wd, err := st.NewWorkDir()
 	if err != nil {
 		return err

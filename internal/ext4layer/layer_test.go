@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"math/rand"
 	"net"
 	"os"
 	"path/filepath"
@@ -23,36 +22,11 @@ import (
 	"github.com/kilnfs/kiln/internal/ext4read/ext4test"
 )
 
-func pattern(n int, seed int64) []byte {
-	b := make([]byte, n)
-	rand.New(rand.NewSource(seed)).Read(b)
-	return b
-}
-
 func must(t *testing.T, err error) {
 	t.Helper()
 	if err != nil {
 		t.Fatal(err)
 	}
-}
-
-func writeFile(t *testing.T, path string, data []byte, mode uint32) {
-	t.Helper()
-	must(t, os.MkdirAll(filepath.Dir(path), 0o755))
-	must(t, os.WriteFile(path, data, 0o644))
-	must(t, unix.Chmod(path, mode))
-}
-
-func open(t *testing.T, img string) *ext4read.FS {
-	t.Helper()
-	f, err := os.Open(img)
-	must(t, err)
-	t.Cleanup(func() { f.Close() })
-	st, err := f.Stat()
-	must(t, err)
-	fsys, err := ext4read.Open(f, st.Size(), ext4read.Options{})
-	must(t, err)
-	return fsys
 }
 
 // entry is a tar entry as the tests check it.
@@ -142,12 +116,12 @@ var capability = []byte{1, 0, 0, 2, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
 func fullImage(t *testing.T) (img string, stage string) {
 	stage = t.TempDir()
 	p := func(name string) string { return filepath.Join(stage, name) }
-	writeFile(t, p("a/file"), []byte("content\n"), 0o4755)
+	ext4test.WriteFile(t, p("a/file"), []byte("content\n"), 0o4755)
 	must(t, os.Link(p("a/file"), p("a/link")))
 	must(t, os.Mkdir(p("b"), 0o755))
 	must(t, os.Link(p("a/file"), p("b/link2")))
-	writeFile(t, p("a/big"), pattern(3<<20+5, 1), 0o644)
-	writeFile(t, p("empty"), nil, 0o600)
+	ext4test.WriteFile(t, p("a/big"), ext4test.Pattern(3<<20+5, 1), 0o644)
+	ext4test.WriteFile(t, p("empty"), nil, 0o600)
 	sparse, err := os.Create(p("sparse"))
 	must(t, err)
 	_, err = sparse.WriteAt([]byte("tail"), 5<<20)
@@ -198,7 +172,7 @@ var fullWant = []string{
 func TestFull(t *testing.T) {
 	ext4test.Require(t)
 	img, stage := fullImage(t)
-	fsys := open(t, img)
+	fsys := ext4test.Open(t, img)
 	var out bytes.Buffer
 	must(t, ext4layer.Full(context.Background(), &out, fsys, fsys.Root(), ext4layer.Options{}))
 	ents := readTar(t, out.Bytes())
@@ -273,7 +247,7 @@ func TestFull(t *testing.T) {
 func TestChangesFromNothing(t *testing.T) {
 	ext4test.Require(t)
 	img, _ := fullImage(t)
-	fsys := open(t, img)
+	fsys := ext4test.Open(t, img)
 	var full, changes bytes.Buffer
 	must(t, ext4layer.Full(context.Background(), &full, fsys, fsys.Root(), ext4layer.Options{}))
 	must(t, ext4layer.Changes(context.Background(), &changes, nil, fsys, ext4layer.Options{}))
@@ -288,7 +262,7 @@ func TestChanges(t *testing.T) {
 	p := func(name string) string { return filepath.Join(stage, name) }
 	for _, name := range []string{"gone", "keep/changed", "keep/del", "keep/own", "keep/unchanged", "keep2/x",
 		"olddir/sub/deep", "olddir/f", "dir2file/child", "file2dir", "same/inplace", "same/untouched"} {
-		writeFile(t, p(name), []byte("data of "+name), 0o644)
+		ext4test.WriteFile(t, p(name), []byte("data of "+name), 0o644)
 	}
 	lowerImg := ext4test.Mkfs(t, stage, "16M")
 	local := filepath.Join(t.TempDir(), "new")
@@ -314,7 +288,7 @@ func TestChanges(t *testing.T) {
 		"zap_block -f /same/inplace -o 0 -l 4 -p 0x41 0",
 	)
 	ext4test.SetXattrs(t, upperImg, "/keep2/x", map[string][]byte{"user.new": []byte("v")})
-	lower, upper := open(t, lowerImg), open(t, upperImg)
+	lower, upper := ext4test.Open(t, lowerImg), ext4test.Open(t, upperImg)
 
 	want := []string{
 		"./ 5 700 0:0",
@@ -382,12 +356,12 @@ func TestOverlayUpper(t *testing.T) {
 	ext4test.Require(t)
 	stage := t.TempDir()
 	p := func(name string) string { return filepath.Join(stage, name) }
-	writeFile(t, p("upper/opq/new"), []byte("new"), 0o644)
-	writeFile(t, p("upper/f"), []byte("f"), 0o644)
-	writeFile(t, p("upper/esc"), nil, 0o644)
-	writeFile(t, p("upper/uopq/x"), nil, 0o644)
-	writeFile(t, p("upper/plain/x"), nil, 0o644)
-	writeFile(t, p("work/ignored"), nil, 0o644)
+	ext4test.WriteFile(t, p("upper/opq/new"), []byte("new"), 0o644)
+	ext4test.WriteFile(t, p("upper/f"), []byte("f"), 0o644)
+	ext4test.WriteFile(t, p("upper/esc"), nil, 0o644)
+	ext4test.WriteFile(t, p("upper/uopq/x"), nil, 0o644)
+	ext4test.WriteFile(t, p("upper/plain/x"), nil, 0o644)
+	ext4test.WriteFile(t, p("work/ignored"), nil, 0o644)
 	l, err := net.Listen("unix", p("upper/sock"))
 	must(t, err)
 	l.(*net.UnixListener).SetUnlinkOnClose(false)
@@ -401,7 +375,7 @@ func TestOverlayUpper(t *testing.T) {
 	ext4test.SetXattrs(t, img, "/upper/plain", map[string][]byte{"trusted.overlay.opaque": []byte("x"), "trusted.overlay.impure": []byte("y")})
 	ext4test.SetXattrs(t, img, "/upper/f", map[string][]byte{"trusted.overlay.origin": {0, 1}, "user.keep": []byte("k"), "security.capability": capability})
 	ext4test.SetXattrs(t, img, "/upper/esc", map[string][]byte{"trusted.overlay.overlay.foo": []byte("bar")})
-	fsys := open(t, img)
+	fsys := ext4test.Open(t, img)
 
 	var out bytes.Buffer
 	must(t, ext4layer.OverlayUpper(context.Background(), &out, fsys, "/upper", ext4layer.Options{}))
@@ -427,7 +401,7 @@ func TestOverlayUpper(t *testing.T) {
 	for _, x := range []string{"trusted.overlay.redirect", "user.overlay.metacopy"} {
 		bad := ext4test.Copy(t, img)
 		ext4test.SetXattrs(t, bad, "/upper/opq/new", map[string][]byte{x: []byte("/elsewhere")})
-		err := ext4layer.OverlayUpper(context.Background(), io.Discard, open(t, bad), "/upper", ext4layer.Options{})
+		err := ext4layer.OverlayUpper(context.Background(), io.Discard, ext4test.Open(t, bad), "/upper", ext4layer.Options{})
 		if err == nil || !strings.Contains(err.Error(), "/opq/new") || !strings.Contains(err.Error(), "not supported") {
 			t.Errorf("%s: %v", x, err)
 		}
@@ -467,7 +441,7 @@ func (w *cancelingWriter) Write(p []byte) (int, error) {
 func TestCancel(t *testing.T) {
 	ext4test.Require(t)
 	img, _ := fullImage(t)
-	fsys := open(t, img)
+	fsys := ext4test.Open(t, img)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	// Cancelled in the middle of a/big, the first file.
@@ -481,7 +455,7 @@ func TestCorruptEntryNamed(t *testing.T) {
 	ext4test.Require(t)
 	img, _ := fullImage(t)
 	ext4test.Debugfs(t, img, "sif /a/big block[0] 0")
-	fsys := open(t, img)
+	fsys := ext4test.Open(t, img)
 	err := ext4layer.Full(context.Background(), io.Discard, fsys, fsys.Root(), ext4layer.Options{})
 	if !errors.Is(err, ext4read.ErrCorrupt) || !strings.Contains(err.Error(), "/a/big") {
 		t.Errorf("got %v, want a corruption error naming /a/big", err)

@@ -88,16 +88,16 @@ func le32(v uint32) []byte { return binary.LittleEndian.AppendUint32(nil, v) }
 func TestCorruption(t *testing.T) {
 	ext4test.Require(t)
 	stage := t.TempDir()
-	writeFile(t, filepath.Join(stage, "hello"), []byte("hello\n"), 0o644)
-	writeFile(t, filepath.Join(stage, "big"), pattern(100000, 1), 0o644)
-	writeFile(t, filepath.Join(stage, "d/a"), []byte("a"), 0o644)
-	writeFile(t, filepath.Join(stage, "x"), nil, 0o644)
+	ext4test.WriteFile(t, filepath.Join(stage, "hello"), []byte("hello\n"), 0o644)
+	ext4test.WriteFile(t, filepath.Join(stage, "big"), ext4test.Pattern(100000, 1), 0o644)
+	ext4test.WriteFile(t, filepath.Join(stage, "d/a"), []byte("a"), 0o644)
+	ext4test.WriteFile(t, filepath.Join(stage, "x"), nil, 0o644)
 	must(t, os.Symlink("short", filepath.Join(stage, "d/fast")))
 	must(t, os.Symlink(strings.Repeat("y", 100), filepath.Join(stage, "d/slow")))
 	base := ext4test.Mkfs(t, stage, "16M")
 	baseExt2 := ext4test.Mkfs(t, stage, "16M", "-t", "ext2")
 	for _, img := range []string{base, baseExt2} {
-		ext4test.SetXattrs(t, img, "/x", map[string][]byte{"user.in": []byte("small"), "user.out": pattern(1000, 2)})
+		ext4test.SetXattrs(t, img, "/x", map[string][]byte{"user.in": []byte("small"), "user.out": ext4test.Pattern(1000, 2)})
 	}
 	const bs = 4096
 
@@ -230,9 +230,9 @@ func TestConcurrent(t *testing.T) {
 	ext4test.Require(t)
 	stage := t.TempDir()
 	for i := range 50 {
-		writeFile(t, filepath.Join(stage, fmt.Sprintf("d%d/f", i)), pattern(5000, int64(i)), 0o644)
+		ext4test.WriteFile(t, filepath.Join(stage, fmt.Sprintf("d%d/f", i)), ext4test.Pattern(5000, int64(i)), 0o644)
 	}
-	fsys := open(t, ext4test.Mkfs(t, stage, "16M", "-N", "4096"))
+	fsys := ext4test.Open(t, ext4test.Mkfs(t, stage, "16M", "-N", "4096"))
 	errs := make(chan error, 4)
 	for range 4 {
 		go func() { errs <- readEverything(fsys) }()

@@ -20,6 +20,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"io"
+	"os"
 	"sync"
 )
 
@@ -124,6 +125,24 @@ type superblock struct {
 }
 
 func (sb *superblock) has64bit() bool { return sb.incompat&incompat64bit != 0 }
+
+// OpenFile opens the ext4 image file at path with Open. The file stays
+// open for the FS; close it when done.
+func OpenFile(path string, opts Options) (*FS, io.Closer, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, nil, err
+	}
+	st, err := f.Stat()
+	if err == nil {
+		var fs *FS
+		if fs, err = Open(f, st.Size(), opts); err == nil {
+			return fs, f, nil
+		}
+	}
+	f.Close()
+	return nil, nil, fmt.Errorf("reading %s: %w", path, err)
+}
 
 // Open reads the superblock of the ext4 image r, size bytes long, and
 // replays its journal in memory if it needs recovery.

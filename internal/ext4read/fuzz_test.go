@@ -31,7 +31,7 @@ func fuzzSeeds(f testing.TB) [][]byte {
 		}
 	}
 	put("a", []byte("hi\n"))
-	put("ind", pattern(20000, 1)) // past the direct blocks of a block map
+	put("ind", ext4test.Pattern(20000, 1)) // past the direct blocks of a block map
 	for i := range 40 {
 		put(fmt.Sprintf("d/entry-with-a-long-name-%d", i), []byte{byte(i)})
 	}
@@ -65,7 +65,7 @@ func fuzzSeeds(f testing.TB) [][]byte {
 		{"3M", []string{"-b", "1024", "-J", "size=1", "-N", "64"}},
 	} {
 		img := ext4test.Mkfs(f, stage, c.size, c.args...)
-		ext4test.SetXattrs(f, img, "/a", map[string][]byte{"user.in": []byte("x"), "user.out": pattern(400, 2), "system.posix_acl_access": testACL})
+		ext4test.SetXattrs(f, img, "/a", map[string][]byte{"user.in": []byte("x"), "user.out": ext4test.Pattern(400, 2), "system.posix_acl_access": testACL})
 		ext4test.Fsck(f, img, "-fyD")
 		if slicesContain(c.args, "-J") {
 			out := strings.Fields(ext4test.Run(f, "debugfs", "-R", "bmap /a 0", img))

@@ -97,14 +97,14 @@ func fileHash(t *testing.T, path string) [32]byte {
 func TestJournalReplay(t *testing.T) {
 	ext4test.Require(t)
 	stage := t.TempDir()
-	writeFile(t, filepath.Join(stage, "hello"), []byte("hello\n"), 0o644)
-	writeFile(t, filepath.Join(stage, "d/gone"), []byte("bye"), 0o644)
-	writeFile(t, filepath.Join(stage, "keep"), pattern(20000, 1), 0o644)
+	ext4test.WriteFile(t, filepath.Join(stage, "hello"), []byte("hello\n"), 0o644)
+	ext4test.WriteFile(t, filepath.Join(stage, "d/gone"), []byte("bye"), 0o644)
+	ext4test.WriteFile(t, filepath.Join(stage, "keep"), ext4test.Pattern(20000, 1), 0o644)
 	local := t.TempDir()
 	added := filepath.Join(local, "added")
-	must(t, os.WriteFile(added, pattern(9000, 2), 0o644))
+	must(t, os.WriteFile(added, ext4test.Pattern(9000, 2), 0o644))
 	magic := filepath.Join(local, "magic")
-	must(t, os.WriteFile(magic, append(append([]byte{}, jbd2Magic...), pattern(5000, 3)...), 0o644))
+	must(t, os.WriteFile(magic, append(append([]byte{}, jbd2Magic...), ext4test.Pattern(5000, 3)...), 0o644))
 
 	for _, c := range []struct {
 		name     string
@@ -124,7 +124,7 @@ func TestJournalReplay(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			t.Parallel()
 			img := ext4test.Mkfs(t, stage, "16M", c.mkfs...)
-			bs := int(open(t, img).BlockSize())
+			bs := int(ext4test.Open(t, img).BlockSize())
 			mod := ext4test.Copy(t, img)
 			ext4test.Debugfs(t, mod,
 				"sif /hello mode 0100600",
@@ -178,7 +178,7 @@ func TestJournalReplay(t *testing.T) {
 			want := ext4test.Copy(t, img)
 			ext4test.Fsck(t, want, "-y", "-E", "journal_only")
 			sum := fileHash(t, img)
-			fsys := open(t, img)
+			fsys := ext4test.Open(t, img)
 
 			// Block for block, but for the superblock and the journal's,
 			// which e2fsck updates after replaying.
@@ -222,13 +222,13 @@ func TestJournalReplay(t *testing.T) {
 func TestJournalUncommitted(t *testing.T) {
 	ext4test.Require(t)
 	stage := t.TempDir()
-	writeFile(t, filepath.Join(stage, "hello"), []byte("hello\n"), 0o644)
+	ext4test.WriteFile(t, filepath.Join(stage, "hello"), []byte("hello\n"), 0o644)
 	img := ext4test.Mkfs(t, stage, "16M")
 	blk := bmap(t, img, "/hello", 0)
 	writeJournal(t, img, "jo -c", []journalTxn{{
 		blocks: []uint64{blk}, data: map[uint64][]byte{blk: bytes.Repeat([]byte("X"), 4096)}, noCommit: true,
 	}})
-	fsys := open(t, img)
+	fsys := ext4test.Open(t, img)
 	if got := string(content(t, fsys, "/hello")); got != "hello\n" {
 		t.Errorf("/hello = %q: an uncommitted transaction was replayed", got)
 	}
@@ -250,17 +250,17 @@ func TestJournalUncommitted(t *testing.T) {
 func TestSameBlocks(t *testing.T) {
 	ext4test.Require(t)
 	stage := t.TempDir()
-	writeFile(t, filepath.Join(stage, "a"), pattern(10000, 1), 0o644)
-	writeFile(t, filepath.Join(stage, "b"), pattern(10000, 2), 0o644)
+	ext4test.WriteFile(t, filepath.Join(stage, "a"), ext4test.Pattern(10000, 1), 0o644)
+	ext4test.WriteFile(t, filepath.Join(stage, "b"), ext4test.Pattern(10000, 2), 0o644)
 	img := ext4test.Mkfs(t, stage, "16M")
 	local := filepath.Join(t.TempDir(), "new")
-	must(t, os.WriteFile(local, pattern(10000, 3), 0o644))
+	must(t, os.WriteFile(local, ext4test.Pattern(10000, 3), 0o644))
 	rewritten := ext4test.Copy(t, img)
 	// Written before /a goes, so that it cannot take /a's blocks.
 	ext4test.Debugfs(t, rewritten, "write "+local+" c", "rm /a", "link /c /a", "unlink /c")
 	journaled := ext4test.Copy(t, img)
 	blk := bmap(t, img, "/b", 1)
-	writeJournal(t, journaled, "jo", []journalTxn{{blocks: []uint64{blk}, data: map[uint64][]byte{blk: pattern(4096, 4)}}})
+	writeJournal(t, journaled, "jo", []journalTxn{{blocks: []uint64{blk}, data: map[uint64][]byte{blk: ext4test.Pattern(4096, 4)}}})
 
 	same := func(x, y *ext4read.FS, path string) bool {
 		f, err := x.Open(lookup(t, x, path))
@@ -271,17 +271,17 @@ func TestSameBlocks(t *testing.T) {
 		must(t, err)
 		return ok
 	}
-	orig := open(t, img)
+	orig := ext4test.Open(t, img)
 	for _, c := range []struct {
 		other *ext4read.FS
 		path  string
 		want  bool
 	}{
-		{open(t, img), "/a", true},
-		{open(t, rewritten), "/a", false},
-		{open(t, rewritten), "/b", true},
-		{open(t, journaled), "/a", true},
-		{open(t, journaled), "/b", false},
+		{ext4test.Open(t, img), "/a", true},
+		{ext4test.Open(t, rewritten), "/a", false},
+		{ext4test.Open(t, rewritten), "/b", true},
+		{ext4test.Open(t, journaled), "/a", true},
+		{ext4test.Open(t, journaled), "/b", false},
 	} {
 		if got := same(orig, c.other, c.path); got != c.want {
 			t.Errorf("%s: SameBlocks = %v, want %v", c.path, got, c.want)

@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"io"
 	iofs "io/fs"
-	"math/rand"
 	"net"
 	"os"
 	"path/filepath"
@@ -24,26 +23,6 @@ import (
 	"github.com/kilnfs/kiln/internal/ext4read"
 	"github.com/kilnfs/kiln/internal/ext4read/ext4test"
 )
-
-// pattern returns n pseudo-random bytes, the same for the same seed.
-func pattern(n int, seed int64) []byte {
-	b := make([]byte, n)
-	rand.New(rand.NewSource(seed)).Read(b)
-	return b
-}
-
-func writeFile(t *testing.T, path string, data []byte, mode uint32) {
-	t.Helper()
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(path, data, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if err := unix.Chmod(path, uint32(mode)); err != nil {
-		t.Fatal(err)
-	}
-}
 
 // aclXattr encodes a POSIX ACL the way getxattr returns it.
 func aclXattr(entries ...[3]uint32) []byte {
@@ -66,13 +45,13 @@ var capability = []byte{1, 0, 0, 2, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
 func stageTree(t *testing.T, many int) string {
 	dir := t.TempDir()
 	p := func(name string) string { return filepath.Join(dir, name) }
-	writeFile(t, p("empty"), nil, 0o644)
-	writeFile(t, p("hello"), []byte("hello\n"), 0o644)
-	writeFile(t, p("block"), pattern(4096, 1), 0o600)
-	writeFile(t, p("odd"), pattern(5000, 2), 0o4755)
-	writeFile(t, p("sg"), pattern(10, 3), 0o2711)
-	writeFile(t, p("big"), pattern(3<<20, 4), 0o644)
-	writeFile(t, p("sp ace/ünï"), []byte("names"), 0o644)
+	ext4test.WriteFile(t, p("empty"), nil, 0o644)
+	ext4test.WriteFile(t, p("hello"), []byte("hello\n"), 0o644)
+	ext4test.WriteFile(t, p("block"), ext4test.Pattern(4096, 1), 0o600)
+	ext4test.WriteFile(t, p("odd"), ext4test.Pattern(5000, 2), 0o4755)
+	ext4test.WriteFile(t, p("sg"), ext4test.Pattern(10, 3), 0o2711)
+	ext4test.WriteFile(t, p("big"), ext4test.Pattern(3<<20, 4), 0o644)
+	ext4test.WriteFile(t, p("sp ace/ünï"), []byte("names"), 0o644)
 
 	// Sparse: a hole, data, a hole, data, and a hole up to the size.
 	f, err := os.Create(p("sparse"))
@@ -80,7 +59,7 @@ func stageTree(t *testing.T, many int) string {
 		t.Fatal(err)
 	}
 	for _, off := range []int64{1 << 20, 3<<20 - 10} {
-		if _, err := f.WriteAt(pattern(9000, off), off); err != nil {
+		if _, err := f.WriteAt(ext4test.Pattern(9000, off), off); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -88,9 +67,9 @@ func stageTree(t *testing.T, many int) string {
 		t.Fatal(err)
 	}
 	f.Close()
-	writeFile(t, p("d/f"), []byte("hello"), 0o640)
+	ext4test.WriteFile(t, p("d/f"), []byte("hello"), 0o640)
 	must(t, os.Link(p("d/f"), p("d/hard")))
-	writeFile(t, p("d/acl"), nil, 0o640)
+	ext4test.WriteFile(t, p("d/acl"), nil, 0o640)
 	must(t, os.Symlink("short", p("d/fast")))
 	must(t, os.Symlink(strings.Repeat("x", 100), p("d/slow")))
 	must(t, os.Symlink(strings.Repeat("long/", 190), p("d/long")))
@@ -108,9 +87,9 @@ func stageTree(t *testing.T, many int) string {
 	must(t, os.Mkdir(p("tmp"), 0o755))
 	must(t, unix.Chmod(p("tmp"), 0o1777))
 	for i := range many {
-		writeFile(t, p(fmt.Sprintf("many/file-with-a-longer-name-%04d", i)), nil, 0o644)
+		ext4test.WriteFile(t, p(fmt.Sprintf("many/file-with-a-longer-name-%04d", i)), nil, 0o644)
 	}
-	writeFile(t, p("a/b/c/d/e/f/leaf"), []byte("deep"), 0o644)
+	ext4test.WriteFile(t, p("a/b/c/d/e/f/leaf"), []byte("deep"), 0o644)
 	return dir
 }
 
@@ -154,7 +133,7 @@ func TestMatchesDebugfs(t *testing.T) {
 			bigInodes := !slicesContain(v.args, "128")
 			blockMap := slicesContain(v.args, "ext3") || slicesContain(v.args, "ext2")
 			far := edit(t, img, bigInodes, blockMap)
-			fsys := open(t, img)
+			fsys := ext4test.Open(t, img)
 			if !blockMap {
 				// The extent tree of /frag has index levels: two with
 				// 1 KiB blocks.
@@ -198,7 +177,7 @@ func TestMatchesDebugfs(t *testing.T) {
 			}
 			x, err := fsys.Xattrs(lookup(t, fsys, "/d/f"))
 			must(t, err)
-			if !bytes.Equal(x["security.capability"], capability) || !bytes.Equal(x["user.big"], pattern(700, 5)) ||
+			if !bytes.Equal(x["security.capability"], capability) || !bytes.Equal(x["user.big"], ext4test.Pattern(700, 5)) ||
 				!bytes.Equal(x["trusted.bin"], []byte{0, 1, 2, 0}) || string(x["user.small"]) != "v1" || len(x) != 4 {
 				t.Errorf("d/f xattrs: %q", x)
 			}
@@ -234,7 +213,7 @@ func TestHashedDirectory(t *testing.T) {
 	ext4test.Require(t)
 	stage := t.TempDir()
 	for i := range 5000 {
-		writeFile(t, filepath.Join(stage, fmt.Sprintf("many/file-with-a-longer-name-%04d", i)), nil, 0o644)
+		ext4test.WriteFile(t, filepath.Join(stage, fmt.Sprintf("many/file-with-a-longer-name-%04d", i)), nil, 0o644)
 	}
 	for _, bs := range []string{"4096", "1024"} {
 		t.Run(bs, func(t *testing.T) {
@@ -245,7 +224,7 @@ func TestHashedDirectory(t *testing.T) {
 			if !strings.Contains(htree, "Root node dump") || !strings.Contains(htree, levels) {
 				t.Fatalf("/many is not indexed as expected (%s):\n%.500s", levels, htree)
 			}
-			fsys := open(t, img)
+			fsys := ext4test.Open(t, img)
 			compareWithDebugfs(t, img, fsys)
 			ents, err := fsys.ReadDir(lookup(t, fsys, "/many"))
 			if err != nil || len(ents) != 5000 {
@@ -263,14 +242,14 @@ func TestHashedDirectory(t *testing.T) {
 // TestEAInode reads a value that ext4 keeps in an inode of its own.
 func TestEAInode(t *testing.T) {
 	stage := t.TempDir()
-	writeFile(t, filepath.Join(stage, "f"), []byte("x"), 0o644)
+	ext4test.WriteFile(t, filepath.Join(stage, "f"), []byte("x"), 0o644)
 	img := ext4test.Mkfs(t, stage, "16M", "-O", "ea_inode", "-b", "1024")
-	value := pattern(1024, 8) // debugfs stores at most a block
+	value := ext4test.Pattern(1024, 8) // debugfs stores at most a block
 	ext4test.SetXattrs(t, img, "/f", map[string][]byte{"user.big": value, "user.small": []byte("s")})
 	if out := ext4test.Run(t, "debugfs", "-R", "stat <13>", img); !strings.Contains(out, "Flags: 0x280000") {
 		t.Fatalf("no xattr value inode:\n%s", out)
 	}
-	fsys := open(t, img)
+	fsys := ext4test.Open(t, img)
 	x, err := fsys.Xattrs(lookup(t, fsys, "/f"))
 	if err != nil || !bytes.Equal(x["user.big"], value) || string(x["user.small"]) != "s" {
 		t.Fatalf("xattrs: %d bytes, %q, %v", len(x["user.big"]), x["user.small"], err)
@@ -295,14 +274,14 @@ func slicesContain(s []string, v string) bool {
 // block's number.
 func edit(t *testing.T, img string, bigInodes, blockMap bool) int64 {
 	frag := filepath.Join(t.TempDir(), "frag")
-	if err := os.WriteFile(frag, pattern(2<<20, 7), 0o644); err != nil {
+	if err := os.WriteFile(frag, ext4test.Pattern(2<<20, 7), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	start := filepath.Join(t.TempDir(), "start")
 	if err := os.WriteFile(start, []byte("start"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	bs := open(t, img).BlockSize()
+	bs := ext4test.Open(t, img).BlockSize()
 	far := int64(70000)
 	if apb := bs / 4; blockMap {
 		far = 12 + apb + apb*apb + 5
@@ -329,7 +308,7 @@ func edit(t *testing.T, img string, bigInodes, blockMap bool) int64 {
 	}
 	ext4test.Debugfs(t, img, cmds...)
 	ext4test.SetXattrs(t, img, "/d/f", map[string][]byte{
-		"user.small": []byte("v1"), "user.big": pattern(700, 5),
+		"user.small": []byte("v1"), "user.big": ext4test.Pattern(700, 5),
 		"security.capability": capability, "trusted.bin": {0, 1, 2, 0},
 	})
 	ext4test.SetXattrs(t, img, "/d/acl", map[string][]byte{"system.posix_acl_access": testACL})
@@ -375,24 +354,6 @@ func checkFar(t *testing.T, fsys *ext4read.FS, far int64) {
 	if n, err := f.ReadAt(make([]byte, 20), f.Size()-10); n != 10 || err != io.EOF {
 		t.Errorf("far: read across the end: %d, %v", n, err)
 	}
-}
-
-func open(t testing.TB, img string) *ext4read.FS {
-	t.Helper()
-	f, err := os.Open(img)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { f.Close() })
-	st, err := f.Stat()
-	if err != nil {
-		t.Fatal(err)
-	}
-	fsys, err := ext4read.Open(f, st.Size(), ext4read.Options{})
-	if err != nil {
-		t.Fatalf("opening %s: %v", img, err)
-	}
-	return fsys
 }
 
 func lookup(t *testing.T, fsys *ext4read.FS, path string) uint32 {
@@ -671,9 +632,9 @@ func checkContent(t *testing.T, fsys *ext4read.FS, ino uint32, dump string) {
 
 func TestLookup(t *testing.T) {
 	stage := t.TempDir()
-	writeFile(t, filepath.Join(stage, "a/b"), []byte("x"), 0o644)
+	ext4test.WriteFile(t, filepath.Join(stage, "a/b"), []byte("x"), 0o644)
 	must(t, os.Symlink("a", filepath.Join(stage, "link")))
-	fsys := open(t, ext4test.Mkfs(t, stage, "8M"))
+	fsys := ext4test.Open(t, ext4test.Mkfs(t, stage, "8M"))
 	for _, p := range []string{"", "/", ".", "/a/b", "a/./b/", "//a//b"} {
 		if _, err := fsys.Lookup(p); err != nil {
 			t.Errorf("Lookup(%q): %v", p, err)

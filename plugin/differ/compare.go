@@ -6,7 +6,6 @@ import (
 	"encoding/hex"
 	"fmt"
 	"io"
-	"os"
 
 	"github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/containerd/v2/core/diff"
@@ -101,19 +100,11 @@ func (d *Differ) layerOf(lo, up Disks, opts ext4layer.Options) (func(ctx context
 
 // withFS opens an ext4 file for reading in userspace.
 func withFS(file string, fn func(*ext4read.FS) error) error {
-	f, err := os.Open(file)
+	fs, f, err := ext4read.OpenFile(file, ext4read.Options{})
 	if err != nil {
 		return err
 	}
 	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
-		return err
-	}
-	fs, err := ext4read.Open(f, st.Size(), ext4read.Options{})
-	if err != nil {
-		return fmt.Errorf("reading %s: %w", file, err)
-	}
 	return fn(fs)
 }
 

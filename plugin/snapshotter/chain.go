@@ -171,19 +171,9 @@ func ext4Layer(file string, diff containerDiff) build.Layer {
 		Descriptor: descriptor(""),
 		Size:       -1,
 		Open: func() (io.ReadCloser, error) {
-			f, err := os.Open(file)
+			fs, f, err := ext4read.OpenFile(file, ext4read.Options{})
 			if err != nil {
 				return nil, err
-			}
-			st, err := f.Stat()
-			if err != nil {
-				f.Close()
-				return nil, err
-			}
-			fs, err := ext4read.Open(f, st.Size(), ext4read.Options{})
-			if err != nil {
-				f.Close()
-				return nil, fmt.Errorf("reading %s: %w", file, err)
 			}
 			pr, pw := io.Pipe()
 			ctx, cancel := context.WithCancel(context.Background())

@@ -327,7 +327,7 @@ func (s *Snapshotter) containerRequest(ctx context.Context, parent string, label
 		return req, noop, err
 	}
 	req.disk = disk
-	if req.config, err = s.containerConfig(ctx, parent, disk, labels[LabelImage]); err != nil {
+	if req.config, err = s.containerConfig(ctx, parent, labels[LabelImage]); err != nil {
 		release()
 		return req, noop, err
 	}
@@ -335,22 +335,14 @@ func (s *Snapshotter) containerRequest(ctx context.Context, parent string, label
 }
 
 // containerConfig returns the image config a container's disk gets when
-// its parent's disk was built with the init piece: the config of the
-// image the LabelImage label names, or the one the images made of the
-// parent's layers agree on. Without a label and an agreement the
-// container gets none, and kiln-init says why if it boots.
-func (s *Snapshotter) containerConfig(ctx context.Context, parent, disk, ref string) ([]byte, error) {
-	if s.images == nil {
+// disks are built with the init piece (every disk is built with the
+// configured pieces: see dropStaleDisks): the config of the image the
+// LabelImage label names, or the one the images made of the parent's
+// layers agree on. Without a label and an agreement the container gets
+// none, and kiln-init says why if it boots.
+func (s *Snapshotter) containerConfig(ctx context.Context, parent, ref string) ([]byte, error) {
+	if s.images == nil || s.disks.inject.InitPath() == "" {
 		return nil, nil
-	}
-	f, err := os.Open(disk)
-	if err != nil {
-		return nil, err
-	}
-	needs, err := inject.NeedsConfig(f)
-	f.Close()
-	if err != nil || !needs {
-		return nil, err
 	}
 	ns, _ := namespaces.Namespace(ctx)
 	chainID, _ := digest.Parse(chainOf(parent))

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io/fs"
 	"maps"
+	"math/rand"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -14,6 +15,9 @@ import (
 	"strings"
 	"testing"
 
+	"golang.org/x/sys/unix"
+
+	"github.com/kilnfs/kiln/internal/ext4read"
 	"github.com/kilnfs/kiln/internal/testenv"
 )
 
@@ -169,4 +173,37 @@ func Copy(t testing.TB, src string) string {
 		t.Fatal(err)
 	}
 	return dst
+}
+
+// Pattern returns n pseudo-random bytes, the same for the same seed.
+func Pattern(n int, seed int64) []byte {
+	b := make([]byte, n)
+	rand.New(rand.NewSource(seed)).Read(b)
+	return b
+}
+
+// WriteFile writes a file of a staging tree, its directories made as
+// needed, with exactly mode (the umask left out).
+func WriteFile(t testing.TB, path string, data []byte, mode uint32) {
+	t.Helper()
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(path, data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Chmod(path, mode); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Open opens an image with ext4read, for the rest of the test.
+func Open(t testing.TB, img string) *ext4read.FS {
+	t.Helper()
+	fsys, f, err := ext4read.OpenFile(img, ext4read.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	return fsys
 }
