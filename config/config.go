@@ -14,6 +14,7 @@ import (
 
 	"github.com/pelletier/go-toml/v2"
 
+	"github.com/kilnfs/kiln/internal/build"
 	"github.com/kilnfs/kiln/internal/guest"
 )
 
@@ -76,6 +77,9 @@ type Snapshotter struct {
 type Build struct {
 	// Size is "auto" (content plus headroom) or a size such as "4G".
 	Size string `toml:"size"`
+	// Writer lays out the ext4: "kiln" (kiln's own, one pass, the
+	// default) or "e2fsprogs" (mke2fs and debugfs, the reference).
+	Writer string `toml:"writer"`
 	// Inject lists guest pieces to add to every image: "init", "agent",
 	// "network" (see kiln convert --inject). Empty: the image, exactly.
 	Inject []string `toml:"inject"`
@@ -104,7 +108,7 @@ func Default() Config {
 			EagerBuild:      true,
 			UnusedDiskGrace: "1m",
 		},
-		Build: Build{Size: "auto"},
+		Build: Build{Size: "auto", Writer: "kiln"},
 	}
 }
 
@@ -146,6 +150,9 @@ func (c Config) Validate() error {
 	}
 	if _, err := ParseSize(c.Build.Size); err != nil {
 		return fmt.Errorf("config: build.size: %w", err)
+	}
+	if _, err := build.WriterNamed(c.Build.Writer); err != nil {
+		return fmt.Errorf("config: build.writer: %w", err)
 	}
 	if _, err := guest.ParsePieces(strings.Join(c.Build.Inject, ",")); err != nil {
 		return fmt.Errorf("config: build.inject: %w", err)

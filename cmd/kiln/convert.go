@@ -4,11 +4,13 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"strings"
 
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
 
 	"github.com/kilnfs/kiln/config"
+	"github.com/kilnfs/kiln/internal/build"
 	"github.com/kilnfs/kiln/internal/convert"
 	"github.com/kilnfs/kiln/internal/guest"
 	"github.com/kilnfs/kiln/internal/image"
@@ -30,6 +32,7 @@ func newConvertCommand() *cobra.Command {
 		bundle   string
 		force    bool
 		guestBin string
+		writer   string
 	)
 	cmd := &cobra.Command{
 		Use:   "convert SOURCE -o rootfs.ext4",
@@ -68,6 +71,9 @@ Layer blobs and built images are cached per digest in
 			opts.Image.HostsDir = hostsDir
 			opts.Image.UserAgent = version.UserAgent()
 			opts.Build.Size = sz
+			if opts.Build.Writer, err = build.WriterNamed(writer); err != nil {
+				return fmt.Errorf("--writer: %w", err)
+			}
 			if opts.Inject.Pieces, err = guest.ParsePieces(pieces); err != nil {
 				return fmt.Errorf("--inject: %w", err)
 			}
@@ -91,6 +97,7 @@ Layer blobs and built images are cached per digest in
 	f.StringVarP(&output, "output", "o", "", "where to write the ext4 image")
 	f.StringVar(&platform, "platform", "", "platform to select from a multi-platform image, os/arch[/variant] (default: this host's)")
 	f.StringVar(&size, "size", "auto", "filesystem size: auto (content plus headroom) or a size such as 2G, 512MiB")
+	f.StringVar(&writer, "writer", build.DefaultWriter.Name(), "how the ext4 is laid out: "+strings.Join(build.WriterNames(), " (one pass, in Go) or ")+" (mke2fs and debugfs, the reference)")
 	f.StringVar(&cacheDir, "cache-dir", store.DefaultDir(), "cache for layer blobs and built images")
 	f.StringSliceVar(&insecure, "insecure-registry", nil, "registry (host[:port]) that may use plain HTTP or unverified TLS; repeatable")
 	f.StringVar(&hostsDir, "hosts-dir", image.DefaultHostsDir, "containerd-style registry host configuration (REGISTRY/hosts.toml: mirrors, TLS, headers); empty: none")

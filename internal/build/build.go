@@ -1,6 +1,7 @@
 // Package build turns an image's layers into its ext4 root filesystem:
 // it replays the layers into a merged tree (internal/fstree) and writes
-// the tree with e2fsprogs (internal/ext4). The standalone converter and
+// the tree with one of the ext4 writers: kiln's own (internal/ext4write,
+// the default) or e2fsprogs (internal/ext4, the reference). The standalone converter and
 // the containerd snapshotter both build through here, so the same chain of
 // layers with the same options gives the same bytes either way.
 package build
@@ -15,11 +16,13 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/opencontainers/go-digest"
 
 	"github.com/kilnfs/kiln/internal/ext4"
+	"github.com/kilnfs/kiln/internal/ext4write"
 	"github.com/kilnfs/kiln/internal/fstree"
 	"github.com/kilnfs/kiln/internal/inject"
 	"github.com/kilnfs/kiln/internal/layer"
@@ -33,7 +36,7 @@ var Epoch = time.Unix(0, 0).UTC()
 
 // formatVersion changes whenever the same input would build different
 // bytes, so that caches keyed by Key never serve an older layout.
-const formatVersion = "kiln-rootfs-3"
+const formatVersion = "kiln-rootfs-4"
 
 // Layer is one layer to replay.
 type Layer struct {
@@ -54,78 +57,145 @@ type Options struct {
 	Size int64
 	// Inject adds guest pieces or a user bundle after the layers.
 	Inject *inject.Set
+	// Writer lays out the ext4; nil is DefaultWriter.
+	Writer Writer
 	// NoSync returns before the file contents reach the disk (see
 	// ext4.Options); it does not change the bytes.
 	NoSync bool
 }
 
-// Key identifies what Rootfs builds from a chain of layers with these
+func (o Options) writer() Writer {
+	if o.Writer == nil {
+		return DefaultWriter
+	}
+	return o.Writer
+}
+
+// Writer lays out a merged tree as an ext4 image.
+type Writer interface {
+	// Name is how configuration and flags choose the writer.
+	Name() string
+	// Staged says whether the writer reads the tree's names from a
+	// staging directory on the host (see fstree.New).
+	Staged() bool
+	Write(ctx context.Context, tree *fstree.Tree, out string, opts ext4.Options) (ext4.Result, error)
+}
+
+// The writers: kiln's own, one pass in Go, and e2fsprogs, the reference
+// it is checked against.
+var (
+	DefaultWriter Writer = ext4write.Writer{}
+	writers              = []Writer{ext4write.Writer{}, ext4.E2fsprogs{}}
+)
+
+// WriterNamed returns the writer with a name; "" is the default.
+func WriterNamed(name string) (Writer, error) {
+	if name == "" {
+		return DefaultWriter, nil
+	}
+	for _, w := range writers {
+		if w.Name() == name {
+			return w, nil
+		}
+	}
+	return nil, fmt.Errorf("unknown ext4 writer %q (one of %s)", name, strings.Join(WriterNames(), ", "))
+}
+
+// WriterNames lists the writers' names, the default first.
+func WriterNames() []string {
+	var names []string
+	for _, w := range writers {
+		names = append(names, w.Name())
+	}
+	return names
+}
+
+// Key identifies what a build makes from a chain of layers with these
 // options. It names the cached file and seeds the filesystem UUID.
 func Key(chainID digest.Digest, opts Options) string {
 	h := sha256.New()
-	fmt.Fprintf(h, "%s\x00chain=%s\x00size=%s\x00", formatVersion, chainID, strconv.FormatInt(opts.Size, 10))
+	fmt.Fprintf(h, "%s\x00chain=%s\x00size=%s\x00writer=%s\x00", formatVersion, chainID, strconv.FormatInt(opts.Size, 10), opts.writer().Name())
 	if fp := opts.Inject.Fingerprint(); fp != "" {
 		fmt.Fprintf(h, "inject=%s\x00", fp)
 	}
 	return hex.EncodeToString(h.Sum(nil))
 }
 
+// Request is one build: an image's layers, the chain ID they make, where
+// the image goes and how it is built.
+type Request struct {
+	ChainID digest.Digest
+	Layers  []Layer
+	Out     string // the image file, which must not exist
+	WorkDir string // the build's temporary files
+	Options Options
+}
+
+// Key is the request's Key.
+func (r Request) Key() string { return Key(r.ChainID, r.Options) }
+
 // Result describes a built image and where the time went.
 type Result struct {
 	ext4.Result
-	Unpack time.Duration // replaying layers into the staging tree
-	Build  time.Duration // writing the ext4 (e2fsprogs and the contents)
+	Unpack time.Duration // replaying layers into the tree
+	Build  time.Duration // writing the ext4
 }
 
-// Rootfs replays layers in order into a staging tree under workDir and
-// writes the ext4 image to out. key is what Key returned for the chain.
-func Rootfs(ctx context.Context, layers []Layer, out, workDir, key string, opts Options, rep progress.Reporter) (Result, error) {
+// Rootfs replays the request's layers in order into a tree and writes
+// the ext4 image.
+func Rootfs(ctx context.Context, req Request, rep progress.Reporter) (Result, error) {
 	if rep == nil {
 		rep = progress.Discard
 	}
 	start := time.Now()
-	tree, err := NewTree(workDir)
+	tree, err := NewTree(req.WorkDir, req.Options)
 	if err != nil {
 		return Result{}, err
 	}
 	var total int64
-	for _, l := range layers {
+	for _, l := range req.Layers {
 		total += max(l.Size, 0)
 	}
 	unpack := rep.Bar("unpack", total, true)
-	for _, l := range layers {
+	for _, l := range req.Layers {
 		if err := applyLayer(ctx, tree, l, unpack); err != nil {
 			return Result{}, err
 		}
 	}
 	unpack.Done()
-	res, err := FromTree(ctx, tree, out, workDir, key, opts, rep)
+	res, err := FromTree(ctx, tree, req, rep)
 	res.Unpack = time.Since(start) - res.Build
 	return res, err
 }
 
-// NewTree starts an empty merged tree staged in workDir.
-func NewTree(workDir string) (*fstree.Tree, error) {
-	stage := filepath.Join(workDir, "stage")
-	if err := os.Mkdir(stage, 0o700); err != nil {
-		return nil, err
+// NewTree starts an empty merged tree in workDir, staged on the host if
+// the options' writer needs it.
+func NewTree(workDir string, opts Options) (*fstree.Tree, error) {
+	stage := ""
+	if opts.writer().Staged() {
+		stage = filepath.Join(workDir, "stage")
+		if err := os.Mkdir(stage, 0o700); err != nil {
+			return nil, err
+		}
 	}
 	return fstree.New(stage, filepath.Join(workDir, "stage.data"), Epoch)
 }
 
-// FromTree writes a tree that holds all of an image's layers as an ext4
+// FromTree writes a tree that holds all of an image's layers (made by
+// NewTree with the same options; req.Layers is not used) as an ext4
 // image: injection first, then the filesystem. It changes the tree.
-func FromTree(ctx context.Context, tree *fstree.Tree, out, workDir, key string, opts Options, rep progress.Reporter) (Result, error) {
+func FromTree(ctx context.Context, tree *fstree.Tree, req Request, rep progress.Reporter) (Result, error) {
 	if rep == nil {
 		rep = progress.Discard
 	}
 	start := time.Now()
+	opts := req.Options
 	if err := opts.Inject.Apply(ctx, tree); err != nil {
 		return Result{}, err
 	}
 	mid := time.Now()
 	bar := rep.Bar("build", 1, false)
-	res, err := ext4.Build(ctx, tree, out, ext4.Options{Size: opts.Size, Identity: key, WorkDir: workDir, NoSync: opts.NoSync})
+	res, err := opts.writer().Write(ctx, tree, req.Out, ext4.Options{Size: opts.Size, Identity: req.Key(), WorkDir: req.WorkDir, NoSync: opts.NoSync})
 	if err != nil {
 		return Result{}, err
 	}

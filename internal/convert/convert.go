@@ -171,7 +171,7 @@ func buildImage(ctx context.Context, st *store.Store, img *image.Image, key stri
 		}
 	}
 	out := filepath.Join(wd.Path, "rootfs.ext4")
-	res, err := build.Rootfs(ctx, layers, out, wd.Path, key, opts, rep)
+	res, err := build.Rootfs(ctx, build.Request{ChainID: img.ChainID(), Layers: layers, Out: out, WorkDir: wd.Path, Options: opts}, rep)
 	if fetchWait != nil {
 		if err != nil {
 			cancelFetch() // a failed build needs no more blobs

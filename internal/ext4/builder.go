@@ -81,20 +81,30 @@ const mke2fsConfig = `[defaults]
 	}
 `
 
+// E2fsprogs is Build as a build.Writer: the reference writer, which
+// reads the tree's names from its staging directory.
+type E2fsprogs struct{}
+
+func (E2fsprogs) Name() string { return "e2fsprogs" }
+func (E2fsprogs) Staged() bool { return true }
+func (E2fsprogs) Write(ctx context.Context, tree *fstree.Tree, out string, opts Options) (Result, error) {
+	return Build(ctx, tree, out, opts)
+}
+
 // Build writes the tree as an ext4 image to out, which must not exist.
 func Build(ctx context.Context, tree *fstree.Tree, out string, opts Options) (Result, error) {
 	if opts.WorkDir == "" {
 		return Result{}, errors.New("ext4: no work directory")
 	}
 	stats := tree.Stats()
-	size, inodes := opts.Size, inodeCount(stats, opts.Size)
+	size, inodes := opts.Size, InodeCount(stats, opts.Size)
 	if size == 0 {
 		size = AutoSize(stats)
-		inodes = inodeCount(stats, size)
+		inodes = InodeCount(stats, size)
 	}
 	size = size / BlockSize * BlockSize
 	b := &builder{tree: tree, out: out, size: size, opts: opts}
-	b.uuid = deriveUUID("kiln.fs-uuid", opts.Identity)
+	b.uuid = DeriveUUID("kiln.fs-uuid", opts.Identity)
 	b.env = b.environ()
 	meta, err := os.CreateTemp(opts.WorkDir, "meta-*.ext4")
 	if err != nil {
@@ -156,8 +166,8 @@ func AutoSize(s fstree.Stats) int64 {
 	content := s.DataBlocks + s.LongSymlinks + s.XattrBlocks + dirBlocks(s)
 	headroom := max(content/4, (64<<20)/BlockSize)
 	blocks := content + headroom
-	inodes := inodeCount(s, blocks*BlockSize)
-	blocks += inodes*256/BlockSize + journalBlocks(blocks)
+	inodes := InodeCount(s, blocks*BlockSize)
+	blocks += inodes*256/BlockSize + JournalBlocks(blocks)
 	blocks += blocks/50 + 1024 // bitmaps, descriptors, reserved GDT
 	const mib = (1 << 20) / BlockSize
 	blocks = (blocks + mib - 1) / mib * mib
@@ -170,14 +180,14 @@ func dirBlocks(s fstree.Stats) int64 {
 	return s.Dirs + s.DirEntryBytes*3/2/BlockSize
 }
 
-// inodeCount gives room for many small files: twice the content's inodes,
+// InodeCount gives room for many small files: twice the content's inodes,
 // and no fewer than one per 16 KiB.
-func inodeCount(s fstree.Stats, size int64) int64 {
+func InodeCount(s fstree.Stats, size int64) int64 {
 	return max(s.Inodes*2+1024, size/16384)
 }
 
-// journalBlocks mirrors ext2fs_default_journal_size for sizing.
-func journalBlocks(blocks int64) int64 {
+// JournalBlocks mirrors ext2fs_default_journal_size for sizing.
+func JournalBlocks(blocks int64) int64 {
 	switch {
 	case blocks < 32768:
 		return 1024
@@ -197,8 +207,8 @@ func journalBlocks(blocks int64) int64 {
 	return 262144
 }
 
-// deriveUUID makes a version-4-shaped UUID from a purpose and an identity.
-func deriveUUID(purpose, identity string) string {
+// DeriveUUID makes a version-4-shaped UUID from a purpose and an identity.
+func DeriveUUID(purpose, identity string) string {
 	h := sha256.Sum256([]byte(purpose + "\x00" + identity))
 	u := h[:16]
 	u[6] = u[6]&0x0f | 0x40
@@ -262,7 +272,7 @@ func (b *builder) mkfs(ctx context.Context, size, inodes int64) error {
 	if err := sizeFile(b.meta, 0, size); err != nil {
 		return err
 	}
-	hashSeed := deriveUUID("kiln.hash-seed", b.opts.Identity)
+	hashSeed := DeriveUUID("kiln.hash-seed", b.opts.Identity)
 	args := []string{
 		"-t", "ext4", "-F", "-q",
 		"-b", strconv.Itoa(BlockSize), "-I", "256",
@@ -466,7 +476,7 @@ func (b *builder) restoreMetadata(ctx context.Context, files []placement) error 
 		}
 	}
 	for _, d := range b.devices {
-		b0, b1 := encodeDevice(d.inode.Major, d.inode.Minor)
+		b0, b1 := EncodeDevice(d.inode.Major, d.inode.Minor)
 		s.printf("sif <%d> block[0] 0x%x", d.ino, b0)
 		s.printf("sif <%d> block[1] 0x%x", d.ino, b1)
 		for _, extra := range d.names[1:] {
@@ -497,20 +507,27 @@ const e2fsckConfig = `[problems]
 	}
 `
 
-// finish indexes the directories and turns on metadata checksums.
+// finish turns on metadata checksums and indexes the directories.
 // mke2fs -d and debugfs insert names one by one, scanning whole
 // directories each time, and with checksums they verify every block they
 // scan; building without and adding them at the end is about twice as
-// fast. e2fsck -D then hashes large directories, as the kernel would have
-// done while they grew, and tune2fs writes every checksum once.
+// fast. tune2fs writes every checksum once, then e2fsck -D hashes large
+// directories, as the kernel would have done while they grew. In the
+// other order, a directory whose index blocks e2fsck filled has no room
+// left for the checksum tail, and tune2fs leaves it invalid.
 func (b *builder) finish(ctx context.Context) error {
 	for _, args := range [][]string{
-		{"e2fsck", "-fyD", b.meta},
 		{"tune2fs", "-O", "metadata_csum", b.meta},
+		{"e2fsck", "-fyD", b.meta},
 	} {
 		cmd := tool(ctx, args[0], args[1:]...)
 		cmd.Env = b.env
-		if out, err := cmd.CombinedOutput(); err != nil {
+		out, err := cmd.CombinedOutput()
+		var ee *exec.ExitError
+		if args[0] == "e2fsck" && errors.As(err, &ee) && ee.ExitCode() == 1 {
+			err = nil // the directories were optimised
+		}
+		if err != nil {
 			return fmt.Errorf("%s: %w: %s", strings.Join(args[:len(args)-1], " "), err, strings.TrimSpace(string(out)))
 		}
 	}
@@ -529,10 +546,10 @@ func Check(ctx context.Context, image string) error {
 	return nil
 }
 
-// encodeDevice stores device numbers the way the kernel does: the old
+// EncodeDevice stores device numbers the way the kernel does: the old
 // 8:8-bit form in the first block slot when both fit, else the new form
 // (12-bit major, 20-bit minor) in the second.
-func encodeDevice(major, minor uint32) (b0, b1 uint32) {
+func EncodeDevice(major, minor uint32) (b0, b1 uint32) {
 	if major < 256 && minor < 256 {
 		return major<<8 | minor, 0
 	}

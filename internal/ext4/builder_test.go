@@ -50,9 +50,9 @@ func TestEncodeTime(t *testing.T) {
 		{time.Unix(1<<40, 0), uint32(maxTime), uint32(maxTime >> 32)},
 	}
 	for _, c := range cases {
-		lo, extra := encodeTime(c.t)
+		lo, extra := EncodeTime(c.t)
 		if lo != c.lo || extra != c.extra {
-			t.Errorf("encodeTime(%d) = %#x %#x, want %#x %#x", c.t.Unix(), lo, extra, c.lo, c.extra)
+			t.Errorf("EncodeTime(%d) = %#x %#x, want %#x %#x", c.t.Unix(), lo, extra, c.lo, c.extra)
 		}
 		// The kernel's decoding must give the time back.
 		sec := int64(int32(lo)) + int64(extra&3)<<32

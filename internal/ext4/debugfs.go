@@ -46,7 +46,7 @@ func quote(name string) (string, error) {
 // survive exactly. have is what the inode holds now; fields that already
 // match are left alone.
 func (s *script) setTime(ino uint32, field string, t time.Time, have rawTime) {
-	lo, extra := encodeTime(t)
+	lo, extra := EncodeTime(t)
 	if lo != have.lo {
 		s.printf("sif <%d> %s_lo 0x%x", ino, field, lo)
 	}
@@ -63,9 +63,9 @@ var (
 	maxTime = int64(3<<32 - 1<<31 - 1)
 )
 
-// encodeTime splits a time into ext4's on-disk seconds field and extra
+// EncodeTime splits a time into ext4's on-disk seconds field and extra
 // field (nanoseconds << 2 | epoch bits), clamping like the kernel does.
-func encodeTime(t time.Time) (lo, extra uint32) {
+func EncodeTime(t time.Time) (lo, extra uint32) {
 	sec, nsec := t.Unix(), int64(t.Nanosecond())
 	if sec < minTime {
 		sec, nsec = minTime, 0

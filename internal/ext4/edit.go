@@ -34,8 +34,8 @@ func Format(ctx context.Context, file string, size int64, label, identity, workD
 		// Checksums right away: nothing is added afterwards that would
 		// make building without them faster.
 		"-O", "^uninit_bg,metadata_csum",
-		"-U", deriveUUID("kiln.fs-uuid", identity),
-		"-E", "hash_seed=" + deriveUUID("kiln.hash-seed", identity) + ",root_owner=0:0,nodiscard,assume_storage_prezeroed=1",
+		"-U", DeriveUUID("kiln.fs-uuid", identity),
+		"-E", "hash_seed=" + DeriveUUID("kiln.hash-seed", identity) + ",root_owner=0:0,nodiscard,assume_storage_prezeroed=1",
 	}
 	if label != "" {
 		args = append(args, "-L", label)
@@ -172,7 +172,7 @@ func Add(ctx context.Context, image *os.File, workDir string, entries []Entry) e
 
 // setAllTimes sets atime, mtime and ctime (seconds and extra fields).
 func (s *script) setAllTimes(q string, t time.Time) {
-	lo, extra := encodeTime(t)
+	lo, extra := EncodeTime(t)
 	for _, f := range []string{"atime", "mtime", "ctime"} {
 		s.printf("sif %s %s_lo 0x%x", q, f, lo)
 		s.printf("sif %s %s_hi 0x%x", q, f, extra)

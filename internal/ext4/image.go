@@ -20,7 +20,7 @@ type Image struct {
 	blockSize     int64
 	inodeSize     int64
 	inodesPerGrp  uint32
-	inodeCount    uint32
+	InodeCount    uint32
 	inodeTables   []int64 // first block of each group's inode table
 	incompat64bit bool
 }
@@ -86,7 +86,7 @@ func (im *Image) readSuperblock() error {
 	if le.Uint16(sb[0x38:]) != ext4Magic {
 		return errors.New("not an ext4 filesystem")
 	}
-	im.inodeCount = le.Uint32(sb[0x0:])
+	im.InodeCount = le.Uint32(sb[0x0:])
 	firstDataBlock := int64(le.Uint32(sb[0x14:]))
 	im.blockSize = 1024 << le.Uint32(sb[0x18:])
 	blocksPerGroup := int64(le.Uint32(sb[0x20:]))
@@ -130,7 +130,7 @@ func (im *Image) readSuperblock() error {
 
 // inode returns the raw bytes of an inode.
 func (im *Image) inode(ino uint32) ([]byte, error) {
-	if ino == 0 || ino > im.inodeCount {
+	if ino == 0 || ino > im.InodeCount {
 		return nil, fmt.Errorf("inode %d out of range", ino)
 	}
 	g := (ino - 1) / im.inodesPerGrp

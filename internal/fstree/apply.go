@@ -238,7 +238,7 @@ func (a *applier) entry(hdr *tar.Header, r io.Reader) error {
 			return err
 		}
 		n := a.attach(parent, base, in)
-		return mkdir(a.t.StagingPath(n))
+		return a.t.stageDir(n)
 
 	case tar.TypeReg, tar.TypeRegA, tar.TypeGNUSparse, tar.TypeCont:
 		in, err := a.inode(hdr, TypeReg)
@@ -267,6 +267,9 @@ func (a *applier) entry(hdr *tar.Header, r io.Reader) error {
 			return err
 		}
 		n := a.attach(parent, base, in)
+		if !a.t.staged() {
+			return nil
+		}
 		if err := os.Symlink(hdr.Linkname, a.t.StagingPath(n)); err != nil {
 			return fmt.Errorf("staging symlink: %w", err)
 		}
@@ -284,7 +287,7 @@ func (a *applier) entry(hdr *tar.Header, r io.Reader) error {
 			return err
 		}
 		n := a.attach(parent, base, target.inode)
-		if target.inode.Type.IsDevice() {
+		if target.inode.Type.IsDevice() || !a.t.staged() {
 			return nil
 		}
 		if err := os.Link(a.t.StagingPath(target), a.t.StagingPath(n)); err != nil {
@@ -311,7 +314,7 @@ func (a *applier) entry(hdr *tar.Header, r io.Reader) error {
 			return err
 		}
 		n := a.attach(parent, base, in)
-		if typ == TypeFifo {
+		if typ == TypeFifo && a.t.staged() {
 			if err := unix.Mkfifo(a.t.StagingPath(n), 0o600); err != nil {
 				return fmt.Errorf("staging fifo: %w", err)
 			}
@@ -366,7 +369,7 @@ func (a *applier) remove(n *Node) error {
 	}
 	forget(n)
 	delete(n.parent.children, n.name)
-	if n.inode.Type.IsDevice() {
+	if n.inode.Type.IsDevice() || !a.t.staged() {
 		return nil
 	}
 	if err := os.RemoveAll(a.t.StagingPath(n)); err != nil {
@@ -448,7 +451,7 @@ func (a *applier) resolveDir(parts []string, create bool) (*Node, error) {
 				return nil, nil
 			}
 			child = a.attach(n, c.name, a.t.implicitDir())
-			if err := mkdir(a.t.StagingPath(child)); err != nil {
+			if err := a.t.stageDir(child); err != nil {
 				return nil, err
 			}
 		}
@@ -575,15 +578,18 @@ func headerXattrs(hdr *tar.Header) (map[string]string, error) {
 // by its owner) and times, so that mke2fs already writes most of the
 // inode right and the builder's metadata script has less to change.
 func (a *applier) writeFile(path string, in *Inode, r io.Reader, inPlace bool) (err error) {
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL|unix.O_NOFOLLOW, 0o600)
-	if err != nil {
-		return fmt.Errorf("staging file: %w", err)
-	}
-	defer func() {
-		if cerr := f.Close(); err == nil && cerr != nil {
-			err = fmt.Errorf("staging file: %w", cerr)
+	var f *os.File
+	if a.t.staged() {
+		f, err = os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL|unix.O_NOFOLLOW, 0o600)
+		if err != nil {
+			return fmt.Errorf("staging file: %w", err)
 		}
-	}()
+		defer func() {
+			if cerr := f.Close(); err == nil && cerr != nil {
+				err = fmt.Errorf("staging file: %w", cerr)
+			}
+		}()
+	}
 	file, base := 0, a.t.dataEnd
 	if inPlace {
 		// The content is read straight from the stored tar: runs point
@@ -653,7 +659,9 @@ func (a *applier) writeFile(path string, in *Inode, r io.Reader, inPlace bool) (
 		a.t.dataEnd = base + (size+blockSize-1)/blockSize*blockSize
 	}
 	in.Size, in.Data, in.Blocks = size, runs, blocks(runs)
-
+	if f == nil {
+		return nil
+	}
 	if err := f.Truncate(size); err != nil {
 		return fmt.Errorf("staging file: %w", err)
 	}
@@ -738,8 +746,12 @@ func fill(r io.Reader, buf []byte) (int, error) {
 	return n, nil
 }
 
-func mkdir(path string) error {
-	if err := os.Mkdir(path, 0o700); err != nil {
+// stageDir creates a directory node in the staging directory, if any.
+func (t *Tree) stageDir(n *Node) error {
+	if !t.staged() {
+		return nil
+	}
+	if err := os.Mkdir(t.StagingPath(n), 0o700); err != nil {
 		return fmt.Errorf("staging directory: %w", err)
 	}
 	return nil

@@ -1,7 +1,7 @@
 // Package fstree merges image layers into one root filesystem: an in-memory
-// tree holding every entry's metadata exactly as the layer tars say, a
-// staging directory holding its names, and data files holding the contents
-// of its regular files.
+// tree holding every entry's metadata exactly as the layer tars say, data
+// files holding the contents of its regular files and, for the e2fsprogs
+// writer only, a staging directory holding its names.
 //
 // The staging directory is the tree's shape only: directories, symlinks,
 // fifos, hard links and a placeholder without data for every regular file,
@@ -182,13 +182,18 @@ type Tree struct {
 // yet. epoch is the time given to directories that no layer describes (the
 // root, parents that a layer leaves implicit), so that the result does not
 // depend on when it was built.
+//
+// With dir empty, nothing is staged: the tree lives in memory and in its
+// data files only, which is all a writer that lays out ext4 itself needs.
 func New(dir, dataFile string, epoch time.Time) (*Tree, error) {
-	st, err := os.Lstat(dir)
-	if err != nil {
-		return nil, fmt.Errorf("staging directory: %w", err)
-	}
-	if !st.IsDir() {
-		return nil, fmt.Errorf("staging directory %s is not a directory", dir)
+	if dir != "" {
+		st, err := os.Lstat(dir)
+		if err != nil {
+			return nil, fmt.Errorf("staging directory: %w", err)
+		}
+		if !st.IsDir() {
+			return nil, fmt.Errorf("staging directory %s is not a directory", dir)
+		}
 	}
 	f, err := os.OpenFile(dataFile, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
@@ -209,7 +214,10 @@ func (t *Tree) implicitDir() *Inode {
 // Root returns the root directory node.
 func (t *Tree) Root() *Node { return t.root }
 
-// StagingDir returns the directory holding the tree's names.
+func (t *Tree) staged() bool { return t.staging != "" }
+
+// StagingDir returns the directory holding the tree's names, "" if the
+// tree is not staged.
 func (t *Tree) StagingDir() string { return t.staging }
 
 // DataFiles returns the files holding the contents of the regular files

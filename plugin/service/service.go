@@ -55,6 +55,10 @@ func New(ctx context.Context, cfg config.Config) (*Service, error) {
 	if err != nil {
 		return nil, err
 	}
+	writer, err := build.WriterNamed(cfg.Build.Writer)
+	if err != nil {
+		return nil, err
+	}
 	defSize, err := config.ParseSize(cfg.Snapshotter.DefaultSize)
 	if err != nil {
 		return nil, err
@@ -94,7 +98,7 @@ func New(ctx context.Context, cfg config.Config) (*Service, error) {
 		MaxBuilds:        cfg.Snapshotter.MaxConcurrentBuilds,
 		EagerBuild:       cfg.Snapshotter.EagerBuild,
 		UnusedDiskGrace:  grace,
-		Build:            build.Options{Size: size},
+		Build:            build.Options{Size: size, Writer: writer},
 		Inject:           injectOpts,
 		Images:           newContainerdImages(imagesapi.NewImagesClient(conn), namespacesapi.NewNamespacesClient(conn), cs),
 		ObserveBuild:     m.observeBuild,

@@ -222,17 +222,17 @@ func (b *diskBuilder) build(ctx context.Context, id string) (string, error) {
 	opts := b.opts
 	opts.NoSync = true // see durable.go
 	opts.Inject = b.inject
-	key := build.Key(chain.chainID, opts)
 	wd, err := workdir.New(filepath.Join(b.root, tmpDir))
 	if err != nil {
 		return "", err
 	}
 	defer wd.Release()
-	out := filepath.Join(wd.Path, diskFile)
-	res, staged, err := b.staged.build(ctx, id, out, key, opts)
+	req := build.Request{ChainID: chain.chainID, Layers: chain.layers, Out: filepath.Join(wd.Path, diskFile), WorkDir: wd.Path, Options: opts}
+	out := req.Out
+	res, staged, err := b.staged.build(ctx, id, req)
 	if !staged {
 		log.G(ctx).WithFields(log.Fields{"snapshot": id, "layers": len(chain.layers)}).Debug("building disk")
-		res, err = build.Rootfs(ctx, chain.layers, out, wd.Path, key, opts, nil)
+		res, err = build.Rootfs(ctx, req, nil)
 	}
 	if err != nil {
 		return "", fmt.Errorf("building the disk of snapshot %s: %w", id, err)

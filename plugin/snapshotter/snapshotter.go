@@ -162,7 +162,7 @@ func New(ctx context.Context, cfg Config) (*Snapshotter, error) {
 		eager:        cfg.EagerBuild,
 		images:       cfg.Images,
 		containers:   &containerMaker{root: root, defaultSize: cfg.DefaultSize},
-		staged:       &stagedTrees{},
+		staged:       &stagedTrees{opts: cfg.Build},
 		loops:        &loops{},
 		queue:        newBuildQueue(cfg.MaxBuilds, cfg.ObserveBuildWait),
 	}

@@ -36,6 +36,7 @@ type stagedTree struct {
 }
 
 type stagedTrees struct {
+	opts  build.Options // what the trees are built with
 	mu    sync.Mutex
 	byID  map[string]*stagedTree
 	order []string // oldest first
@@ -127,7 +128,7 @@ func (st *stagedTrees) stage(tmp, id string, parents []string) *StagedLayer {
 		if err != nil {
 			return nil
 		}
-		tree, err := build.NewTree(wd.Path)
+		tree, err := build.NewTree(wd.Path, st.opts)
 		if err != nil {
 			wd.Release()
 			return nil
@@ -164,9 +165,9 @@ func (l *StagedLayer) Done(ok bool) {
 // one (ok false otherwise). Without injection the build only reads the
 // tree, which stays for a child layer until the build is done; injection
 // adds files to the tree, so then the build takes it.
-func (st *stagedTrees) build(ctx context.Context, id, out, key string, opts build.Options) (res build.Result, ok bool, err error) {
+func (st *stagedTrees) build(ctx context.Context, id string, req build.Request) (res build.Result, ok bool, err error) {
 	var t *stagedTree
-	if opts.Inject != nil {
+	if req.Options.Inject != nil {
 		if t = st.take(id); t == nil {
 			return res, false, nil
 		}
@@ -192,6 +193,7 @@ func (st *stagedTrees) build(ctx context.Context, id, out, key string, opts buil
 		}()
 	}
 	log.G(ctx).WithField("snapshot", id).Debug("building disk from its staged tree")
-	res, err = build.FromTree(ctx, t.tree, out, t.wd.Path, key, opts, nil)
+	req.WorkDir = t.wd.Path
+	res, err = build.FromTree(ctx, t.tree, req, nil)
 	return res, true, err
 }

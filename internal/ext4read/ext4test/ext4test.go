@@ -3,7 +3,9 @@
 package ext4test
 
 import (
+	"crypto/sha256"
 	"fmt"
+	"io"
 	"io/fs"
 	"maps"
 	"math/rand"
@@ -206,4 +208,114 @@ func Open(t testing.TB, img string) *ext4read.FS {
 	}
 	t.Cleanup(func() { f.Close() })
 	return fsys
+}
+
+// Describe returns every entry of an image by path, as debugfs (the
+// reference reader) reports it: type, mode, owner, link count, times
+// with nanoseconds, extended attributes, symlink target, device numbers,
+// the size of what is not a directory, and for regular files a digest of
+// their content (read with ext4read). Names that are hard links of one
+// inode say so. Two images hold the same tree when their descriptions
+// are equal, however differently they lay it out.
+func Describe(t testing.TB, img string) map[string]string {
+	t.Helper()
+	fsys := Open(t, img)
+	type named struct {
+		path string
+		in   *ext4read.Inode
+	}
+	var ents []named
+	first := map[uint32]string{}
+	if err := fsys.Walk(fsys.Root(), func(p string, in *ext4read.Inode) error {
+		ents = append(ents, named{p, in})
+		return nil
+	}); err != nil {
+		t.Fatalf("walking %s: %v", img, err)
+	}
+	var cmds []string
+	for _, e := range ents {
+		cmds = append(cmds, fmt.Sprintf("stat <%d>", e.in.Ino))
+	}
+	script := filepath.Join(t.TempDir(), "cmds")
+	if err := os.WriteFile(script, []byte(strings.Join(cmds, "\n")+"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out := Run(t, "debugfs", "-f", script, img)
+	if strings.Contains(out, "checksum does not match") || strings.Contains(out, "Filesystem not open") {
+		t.Fatalf("debugfs cannot read %s cleanly:\n%.2000s", img, out)
+	}
+	stats := strings.Split(out, "debugfs: stat <")[1:]
+	if len(stats) != len(ents) {
+		t.Fatalf("debugfs reported %d inodes of %s, want %d", len(stats), img, len(ents))
+	}
+	desc := make(map[string]string, len(ents))
+	for i, e := range ents {
+		if p, ok := first[e.in.Ino]; ok && e.in.Type != ext4read.TypeDir {
+			desc[e.path] = "hard link of " + p
+			continue
+		}
+		first[e.in.Ino] = e.path
+		d := describeStat(stats[i], e.in.Type == ext4read.TypeDir)
+		if e.in.Type == ext4read.TypeRegular {
+			f, err := fsys.Open(e.in.Ino)
+			if err != nil {
+				t.Fatalf("%s: %v", e.path, err)
+			}
+			h := sha256.New()
+			if _, err := io.Copy(h, io.NewSectionReader(f, 0, f.Size())); err != nil {
+				t.Fatalf("reading %s of %s: %v", e.path, img, err)
+			}
+			d += fmt.Sprintf("content %x\n", h.Sum(nil))
+		}
+		if e.in.Type == ext4read.TypeSymlink {
+			target, err := fsys.Readlink(e.in.Ino)
+			if err != nil {
+				t.Fatalf("%s: %v", e.path, err)
+			}
+			d += fmt.Sprintf("target %q\n", target)
+		}
+		desc[e.path] = d
+	}
+	return desc
+}
+
+// describeStat keeps the lines of a debugfs stat report that say what a
+// file is, and drops those that say where or how it is stored (inode
+// number, flags, blocks, checksums, creation time).
+func describeStat(stat string, dir bool) string {
+	var b strings.Builder
+	var xattrs []string // sorted below: each writer has its own order
+	inXattrs := false
+	for _, line := range strings.Split(stat, "\n") {
+		f := strings.Fields(line)
+		switch {
+		case inXattrs && strings.HasPrefix(line, "  "):
+			xattrs = append(xattrs, "xattr "+strings.TrimSpace(line)+"\n")
+			continue
+		case strings.HasPrefix(line, "Extended attributes:"):
+			inXattrs = true
+			continue
+		}
+		inXattrs = false
+		switch {
+		case strings.HasPrefix(line, "Inode:"):
+			// "Inode: N   Type: T    Mode:  M   Flags: F"
+			b.WriteString(strings.Join(f[2:len(f)-2], " ") + "\n")
+		case strings.HasPrefix(line, "User:"):
+			if dir {
+				f = f[:len(f)-2] // directories' sizes depend on the layout
+			}
+			b.WriteString(strings.Join(f, " ") + "\n")
+		case strings.HasPrefix(line, "Links:"):
+			b.WriteString(strings.Join(f[:2], " ") + "\n")
+		case strings.HasPrefix(strings.TrimSpace(line), "ctime:"), strings.HasPrefix(strings.TrimSpace(line), "atime:"),
+			strings.HasPrefix(strings.TrimSpace(line), "mtime:"):
+			b.WriteString(strings.Join(f[:2], " ") + "\n")
+		case strings.HasPrefix(line, "Fast link dest:"), strings.HasPrefix(line, "Device major/minor"):
+			b.WriteString(strings.TrimSpace(line) + "\n")
+		}
+	}
+	slices.Sort(xattrs)
+	b.WriteString(strings.Join(xattrs, ""))
+	return b.String()
 }

@@ -1,0 +1,221 @@
+package ext4write
+
+import "fmt"
+
+// On-disk constants of the filesystems kiln writes: 4 KiB blocks, 256-byte
+// inodes with 32 bytes of extra fields, 64-byte group descriptors.
+const (
+	blockSize      = 4096
+	inodeSize      = 256
+	extraIsize     = 32
+	blocksPerGroup = 8 * blockSize // one block bitmap per group
+	descSize       = 64
+	inodesPerBlock = blockSize / inodeSize
+	logGroupsFlex  = 4 // flex_bg groups of 16, as mke2fs makes them
+
+	rootIno    = 2
+	journalIno = 8
+	firstIno   = 11 // first inode not reserved by the filesystem
+
+	maxExtentLen = 32768 // longest initialized extent, in blocks
+	maxLinks     = 65000 // EXT4_LINK_MAX
+)
+
+// The feature set: what e2fsprogs 1.46 and kernels since 4.x accept, the
+// same as the e2fsprogs writer's (see internal/ext4's mke2fsConfig plus
+// metadata_csum), less resize_inode, which only reserves room for growing
+// the filesystem online.
+const (
+	compatHasJournal = 0x4
+	compatExtAttr    = 0x8
+	compatDirIndex   = 0x20
+
+	incompatFiletype = 0x2
+	incompatExtents  = 0x40
+	incompat64bit    = 0x80
+	incompatFlexBg   = 0x200
+
+	roCompatSparseSuper  = 0x1
+	roCompatLargeFile    = 0x2
+	roCompatHugeFile     = 0x8
+	roCompatDirNlink     = 0x20
+	roCompatExtraIsize   = 0x40
+	roCompatMetadataCsum = 0x400
+)
+
+// Inode flags.
+const (
+	flagIndex   = 0x1000
+	flagExtents = 0x80000
+)
+
+// geometry is how a filesystem of a given size is cut into groups.
+type geometry struct {
+	blocks       int64  // blocks in the filesystem
+	groups       int64  // block groups
+	ipg          uint32 // inodes per group
+	itableBlocks int64  // inode table blocks per group
+	gdtBlocks    int64  // blocks of group descriptors
+}
+
+// newGeometry lays out a filesystem of size bytes with room for at least
+// inodes inodes.
+func newGeometry(size, inodes int64) (geometry, error) {
+	var g geometry
+	g.blocks = size / blockSize
+	g.groups = (g.blocks + blocksPerGroup - 1) / blocksPerGroup
+	g.gdtBlocks = (g.groups*descSize + blockSize - 1) / blockSize
+	// A last group too small for its own metadata is dropped, as
+	// mke2fs does.
+	if last := g.blocks - (g.groups-1)*blocksPerGroup; g.groups > 1 && last < 1+g.gdtBlocks+64 {
+		g.blocks -= last
+		g.groups--
+	}
+	if g.blocks < 1024 {
+		return g, fmt.Errorf("a filesystem of %d bytes is too small", size)
+	}
+	ipg := (inodes + g.groups - 1) / g.groups
+	ipg = (ipg + inodesPerBlock - 1) / inodesPerBlock * inodesPerBlock
+	ipg = max(ipg, inodesPerBlock)
+	ipg = min(ipg, blocksPerGroup, (1<<32-1)/g.groups/inodesPerBlock*inodesPerBlock)
+	g.ipg = uint32(ipg)
+	g.itableBlocks = ipg * inodeSize / blockSize
+	return g, nil
+}
+
+func (g geometry) inodes() uint32 { return g.ipg * uint32(g.groups) }
+
+// hasSuper says whether a group holds a copy of the superblock and group
+// descriptors: groups 0 and 1 and the powers of 3, 5 and 7 (sparse_super).
+func hasSuper(group int64) bool {
+	if group <= 1 {
+		return true
+	}
+	for _, base := range []int64{3, 5, 7} {
+		n := base
+		for n < group {
+			n *= base
+		}
+		if n == group {
+			return true
+		}
+	}
+	return false
+}
+
+// allocator hands out blocks in ascending order, skipping the superblock
+// and descriptor copies, and records them in the block bitmap.
+type allocator struct {
+	g      geometry
+	next   int64
+	bitmap []byte // one bit per block of the filesystem
+}
+
+func newAllocator(g geometry) *allocator {
+	a := &allocator{g: g, bitmap: make([]byte, g.groups*blocksPerGroup/8)}
+	for grp := int64(0); grp < g.groups; grp++ {
+		if hasSuper(grp) {
+			a.mark(grp*blocksPerGroup, 1+g.gdtBlocks)
+		}
+	}
+	// Bits past the end of the filesystem are set, as e2fsck expects.
+	a.mark(g.blocks, g.groups*blocksPerGroup-g.blocks)
+	return a
+}
+
+func (a *allocator) mark(start, n int64) {
+	for b := start; b < start+n; b++ {
+		a.bitmap[b/8] |= 1 << (b % 8)
+	}
+}
+
+// reservedEnd returns the end of the superblock copy that block b falls
+// in, or b if it is free to take.
+func (a *allocator) reservedEnd(b int64) int64 {
+	grp := b / blocksPerGroup
+	if off := b - grp*blocksPerGroup; hasSuper(grp) && off < 1+a.g.gdtBlocks {
+		return grp*blocksPerGroup + 1 + a.g.gdtBlocks
+	}
+	return b
+}
+
+// take returns the next run of free blocks, at most n long.
+func (a *allocator) take(n int64) (start, got int64, err error) {
+	a.next = a.reservedEnd(a.next)
+	if a.next >= a.g.blocks {
+		return 0, 0, errNoSpace
+	}
+	start = a.next
+	end := min(start+n, a.g.blocks)
+	// Stop before the next group's superblock copy, if any.
+	if nextGrp := start/blocksPerGroup + 1; nextGrp*blocksPerGroup < end && hasSuper(nextGrp) {
+		end = nextGrp * blocksPerGroup
+	}
+	a.mark(start, end-start)
+	a.next = end
+	return start, end - start, nil
+}
+
+// contiguous returns n blocks in one run, leaving free whatever it skips.
+func (a *allocator) contiguous(n int64) (int64, error) {
+	for {
+		a.next = a.reservedEnd(a.next)
+		start := a.next
+		end := start + n
+		if end > a.g.blocks {
+			return 0, errNoSpace
+		}
+		clear := true
+		for grp := start/blocksPerGroup + 1; grp*blocksPerGroup < end; grp++ {
+			if hasSuper(grp) {
+				a.next = grp * blocksPerGroup
+				clear = false
+				break
+			}
+		}
+		if clear {
+			a.mark(start, n)
+			a.next = end
+			return start, nil
+		}
+	}
+}
+
+// piece is a run of blocks the allocator gave.
+type piece struct{ start, length int64 }
+
+// blocks returns n blocks as runs, in order.
+func (a *allocator) blocks(n int64) ([]piece, error) {
+	var out []piece
+	for n > 0 {
+		s, got, err := a.take(n)
+		if err != nil {
+			return nil, err
+		}
+		if k := len(out) - 1; k >= 0 && out[k].start+out[k].length == s {
+			out[k].length += got
+		} else {
+			out = append(out, piece{s, got})
+		}
+		n -= got
+	}
+	return out, nil
+}
+
+// freeIn counts the free blocks of a group.
+func (a *allocator) freeIn(grp int64) int64 {
+	var used int64
+	for _, b := range a.bitmap[grp*blocksPerGroup/8 : (grp+1)*blocksPerGroup/8] {
+		used += int64(popcount[b])
+	}
+	return blocksPerGroup - used
+}
+
+var popcount = func() (t [256]uint8) {
+	for i := range t {
+		for b := i; b != 0; b &= b - 1 {
+			t[i]++
+		}
+	}
+	return t
+}()

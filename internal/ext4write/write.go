@@ -1,0 +1,549 @@
+// Package ext4write writes an ext4 image straight from a merged tree, in
+// one pass and in Go: no staging directory on the host, no e2fsprogs, no
+// privileges, and the same bytes for the same tree and options on any
+// machine.
+//
+// The layout is fixed and simple. Inodes are numbered in the tree's walk
+// order (parents first, names sorted). All group metadata (bitmaps and
+// inode tables, flex_bg) sits at the start, then the journal, then each
+// inode's blocks in inode order: a directory's blocks, a file's data, its
+// extent tree and attribute block. Blocks are handed out in ascending
+// order, so metadata goes out through a sequential buffer, and large file
+// contents move with kernel-side copies from the tree's data files (the
+// stored, verified layer tars) into their blocks. Whatever the image
+// leaves free stays a hole in the output file.
+package ext4write
+
+import (
+	"context"
+	"encoding/binary"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/kilnfs/kiln/internal/clone"
+	"github.com/kilnfs/kiln/internal/ext4"
+	"github.com/kilnfs/kiln/internal/fstree"
+)
+
+var errNoSpace = ext4.ErrNoSpace
+
+// entry is one inode of the content.
+type entry struct {
+	inode *fstree.Inode
+	node  *fstree.Node // its first name: a directory's children, errors
+	links uint32
+}
+
+type writer struct {
+	tree   *fstree.Tree
+	opts   ext4.Options
+	g      geometry
+	alloc  *allocator
+	out    *os.File
+	srcs   []*os.File
+	meta   seqWriter // metadata and small contents, in block order
+	itable seqWriter // inode tables, in inode order
+	dirs   dirBuilder
+	fsSeed uint32
+	uuid   [16]byte
+	epoch  time.Time
+
+	entries []entry                  // from firstIno on, in number order
+	numbers map[*fstree.Inode]uint32 // non-directories, for hard links
+
+	blockBitmaps, inodeBitmaps int64   // first block of each
+	itables                    []int64 // first block of each group's table
+	dirsIn                     []uint32
+	rootLinks                  uint32
+	journal                    [60]byte // the journal inode's i_block
+	buf                        []byte   // for small copies
+}
+
+// Write writes the tree as an ext4 image to out, which must not exist.
+func Write(ctx context.Context, tree *fstree.Tree, out string, opts ext4.Options) (ext4.Result, error) {
+	stats := tree.Stats()
+	size := opts.Size
+	if size == 0 {
+		size = ext4.AutoSize(stats)
+	}
+	w := &writer{tree: tree, opts: opts, epoch: tree.Epoch(), numbers: map[*fstree.Inode]uint32{}}
+	if err := w.number(); err != nil {
+		return ext4.Result{}, err
+	}
+	g, err := newGeometry(size, ext4.InodeCount(stats, size))
+	if err != nil {
+		return ext4.Result{}, err
+	}
+	w.g = g
+	if used := int64(firstIno-1) + int64(len(w.entries)); used > int64(g.inodes()) {
+		return ext4.Result{}, fmt.Errorf("%w: %d inodes, the filesystem has room for %d", errNoSpace, used, g.inodes())
+	}
+	uuid := ext4.DeriveUUID("kiln.fs-uuid", opts.Identity)
+	if _, err := hex.Decode(w.uuid[:], []byte(strings.ReplaceAll(uuid, "-", ""))); err != nil {
+		return ext4.Result{}, err
+	}
+	w.fsSeed = crc32c(^uint32(0), w.uuid[:])
+	w.dirs.fsSeed = w.fsSeed
+	var hs [16]byte
+	hex.Decode(hs[:], []byte(strings.ReplaceAll(ext4.DeriveUUID("kiln.hash-seed", opts.Identity), "-", "")))
+	for i := range w.dirs.hashSeed {
+		w.dirs.hashSeed[i] = binary.LittleEndian.Uint32(hs[4*i:])
+	}
+
+	f, err := os.OpenFile(out, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
+	if err != nil {
+		return ext4.Result{}, err
+	}
+	w.out = f
+	err = w.write(ctx)
+	for _, s := range w.srcs {
+		s.Close()
+	}
+	if err == nil && !opts.NoSync {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		os.Remove(out)
+		if errors.Is(err, errNoSpace) {
+			err = fmt.Errorf("%w (%d MiB; --size auto fits the content)", err, size>>20)
+		}
+		return ext4.Result{}, err
+	}
+	return ext4.Result{Size: g.blocks * blockSize, Inodes: stats.Inodes, UUID: uuid}, nil
+}
+
+// number gives every inode of the tree its number, in walk order, and
+// counts links.
+func (w *writer) number() error {
+	subdirs := map[*fstree.Node]uint32{}
+	err := w.tree.Walk(func(n *fstree.Node) error {
+		in := n.Inode()
+		if n.Parent() == nil {
+			return nil
+		}
+		if in.Type == fstree.TypeDir {
+			subdirs[n.Parent()]++
+			w.entries = append(w.entries, entry{inode: in, node: n})
+			return nil
+		}
+		if ino, ok := w.numbers[in]; ok {
+			e := &w.entries[ino-firstIno]
+			e.links++
+			if e.links > maxLinks {
+				return fmt.Errorf("ext4: %q: more than %d hard links", "/"+n.Path(), maxLinks)
+			}
+			return nil
+		}
+		w.numbers[in] = uint32(firstIno + len(w.entries))
+		w.entries = append(w.entries, entry{inode: in, node: n, links: 1})
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	if len(w.entries) > 1<<32-firstIno-1 {
+		return fmt.Errorf("ext4: %d inodes are too many", len(w.entries))
+	}
+	for i := range w.entries {
+		if e := &w.entries[i]; e.inode.Type == fstree.TypeDir {
+			e.links = dirLinks(subdirs[e.node])
+		}
+	}
+	w.rootLinks = dirLinks(subdirs[w.tree.Root()])
+	return nil
+}
+
+// dirLinks is a directory's link count: its name, ".", and each
+// subdirectory's ".."; dir_nlink's 1 past the limit.
+func dirLinks(subdirs uint32) uint32 {
+	if n := 2 + subdirs; n <= maxLinks {
+		return n
+	}
+	return 1
+}
+
+func (w *writer) write(ctx context.Context) error {
+	w.meta = seqWriter{f: w.out, buf: make([]byte, 0, 4<<20)}
+	w.itable = seqWriter{f: w.out, buf: make([]byte, 0, 1<<20)}
+	w.buf = make([]byte, smallCopy)
+	for _, name := range w.tree.DataFiles() {
+		s, err := os.Open(name)
+		if err != nil {
+			return err
+		}
+		w.srcs = append(w.srcs, s)
+	}
+	if err := w.out.Truncate(w.g.blocks * blockSize); err != nil {
+		return err
+	}
+	w.alloc = newAllocator(w.g)
+	var err error
+	if w.blockBitmaps, err = w.alloc.contiguous(w.g.groups); err != nil {
+		return err
+	}
+	if w.inodeBitmaps, err = w.alloc.contiguous(w.g.groups); err != nil {
+		return err
+	}
+	w.itables = make([]int64, w.g.groups)
+	for grp := range w.itables {
+		if w.itables[grp], err = w.alloc.contiguous(w.g.itableBlocks); err != nil {
+			return err
+		}
+	}
+	w.dirsIn = make([]uint32, w.g.groups)
+
+	// Reserved inodes first, the journal among them, then the root and
+	// the content: inode numbers only go up, so the tables are written
+	// in one sequential stream.
+	dirIno := w.dirNumbers()
+	for ino := uint32(1); ino < firstIno; ino++ {
+		var raw []byte
+		var err error
+		switch ino {
+		case rootIno:
+			raw, err = w.inode(ctx, ino, entry{inode: w.tree.Root().Inode(), node: w.tree.Root(), links: w.rootLinks}, dirIno)
+		case journalIno:
+			raw, err = w.journalInode()
+		default:
+			raw = make([]byte, inodeSize)
+		}
+		if err != nil {
+			return err
+		}
+		if err := w.putInode(ino, raw); err != nil {
+			return err
+		}
+	}
+	for i, e := range w.entries {
+		if i%1024 == 0 {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+		}
+		ino := uint32(firstIno + i)
+		raw, err := w.inode(ctx, ino, e, dirIno)
+		if err != nil {
+			return fmt.Errorf("ext4: %q: %w", "/"+e.node.Path(), err)
+		}
+		if err := w.putInode(ino, raw); err != nil {
+			return err
+		}
+	}
+	if err := w.finish(); err != nil {
+		return err
+	}
+	if err := w.meta.flush(); err != nil {
+		return err
+	}
+	return w.itable.flush()
+}
+
+// dirNumbers returns a function giving a directory node's inode number.
+func (w *writer) dirNumbers() func(*fstree.Node) uint32 {
+	nums := make(map[*fstree.Node]uint32)
+	for i, e := range w.entries {
+		if e.inode.Type == fstree.TypeDir {
+			nums[e.node] = uint32(firstIno + i)
+		}
+	}
+	root := w.tree.Root()
+	return func(n *fstree.Node) uint32 {
+		if n == root {
+			return rootIno
+		}
+		return nums[n]
+	}
+}
+
+func (w *writer) numberOf(n *fstree.Node, dirIno func(*fstree.Node) uint32) uint32 {
+	if n.Inode().Type == fstree.TypeDir {
+		return dirIno(n)
+	}
+	return w.numbers[n.Inode()]
+}
+
+var modeBits = map[fstree.Type]uint16{
+	fstree.TypeDir:     0o040000,
+	fstree.TypeReg:     0o100000,
+	fstree.TypeSymlink: 0o120000,
+	fstree.TypeFifo:    0o010000,
+	fstree.TypeChar:    0o020000,
+	fstree.TypeBlock:   0o060000,
+}
+
+var fileTypes = map[fstree.Type]uint8{
+	fstree.TypeDir:     ftDir,
+	fstree.TypeReg:     ftReg,
+	fstree.TypeSymlink: ftSymlink,
+	fstree.TypeFifo:    ftFifo,
+	fstree.TypeChar:    ftChar,
+	fstree.TypeBlock:   ftBlock,
+}
+
+// inode lays out one inode's blocks, writes them, and returns the inode.
+func (w *writer) inode(ctx context.Context, ino uint32, e entry, dirIno func(*fstree.Node) uint32) ([]byte, error) {
+	le := binary.LittleEndian
+	in := e.inode
+	raw := make([]byte, inodeSize)
+	le.PutUint16(raw[0x0:], modeBits[in.Type]|uint16(in.Mode&0o7777))
+	le.PutUint16(raw[0x2:], uint16(in.UID))
+	le.PutUint16(raw[0x78:], uint16(in.UID>>16))
+	le.PutUint16(raw[0x18:], uint16(in.GID))
+	le.PutUint16(raw[0x7A:], uint16(in.GID>>16))
+	le.PutUint16(raw[0x1A:], uint16(e.links))
+	putTime(raw, 0x08, 0x8C, in.Atime)
+	putTime(raw, 0x0C, 0x84, in.Ctime)
+	putTime(raw, 0x10, 0x88, in.Mtime)
+	putTime(raw, 0x90, 0x94, w.epoch) // creation: when the image was made
+	le.PutUint16(raw[0x80:], extraIsize)
+
+	var size, blocks int64
+	var flags uint32
+	var exts []extent
+	switch in.Type {
+	case fstree.TypeDir:
+		ents := make([]dirent, 0, len(e.node.ChildNames()))
+		for _, name := range e.node.ChildNames() {
+			c := e.node.Child(name)
+			ents = append(ents, dirent{name: name, ino: w.numberOf(c, dirIno), ftype: fileTypes[c.Inode().Type]})
+		}
+		parent := uint32(rootIno)
+		if p := e.node.Parent(); p != nil {
+			parent = dirIno(p)
+		}
+		data, indexed, err := w.dirs.build(ino, parent, ents)
+		if err != nil {
+			return nil, err
+		}
+		if indexed {
+			flags |= flagIndex
+		}
+		pieces, err := w.alloc.blocks(int64(len(data)))
+		if err != nil {
+			return nil, err
+		}
+		i := 0
+		for _, p := range pieces {
+			for b := p.start; b < p.start+p.length; b++ {
+				if err := w.meta.writeAt(data[i], b*blockSize); err != nil {
+					return nil, err
+				}
+				i++
+			}
+		}
+		exts = extentsFor([]span{{0, int64(len(data))}}, pieces)
+		size, blocks = int64(len(data))*blockSize, int64(len(data))
+		w.dirsIn[(ino-1)/w.g.ipg]++
+	case fstree.TypeReg:
+		var err error
+		if exts, err = w.fileData(ctx, in); err != nil {
+			return nil, err
+		}
+		size, blocks = in.Size, in.Blocks
+	case fstree.TypeSymlink:
+		if len(in.Target) < 60 {
+			copy(raw[0x28:], in.Target)
+			size = int64(len(in.Target))
+			break
+		}
+		pieces, err := w.alloc.blocks(1)
+		if err != nil {
+			return nil, err
+		}
+		b := make([]byte, blockSize)
+		copy(b, in.Target)
+		if err := w.meta.writeAt(b, pieces[0].start*blockSize); err != nil {
+			return nil, err
+		}
+		exts = extentsFor([]span{{0, 1}}, pieces)
+		size, blocks = int64(len(in.Target)), 1
+	case fstree.TypeChar, fstree.TypeBlock:
+		b0, b1 := ext4.EncodeDevice(in.Major, in.Minor)
+		le.PutUint32(raw[0x28:], b0)
+		le.PutUint32(raw[0x2C:], b1)
+	}
+	if exts != nil || in.Type == fstree.TypeReg || in.Type == fstree.TypeDir {
+		flags |= flagExtents
+		treeBlocks, err := w.extentTree(ino, exts, raw[0x28:0x64])
+		if err != nil {
+			return nil, err
+		}
+		blocks += treeBlocks
+	}
+	if err := w.xattrs(ino, in, raw, &blocks); err != nil {
+		return nil, err
+	}
+	le.PutUint32(raw[0x04:], uint32(size))
+	le.PutUint32(raw[0x6C:], uint32(size>>32))
+	sectors := blocks * (blockSize / 512)
+	le.PutUint32(raw[0x1C:], uint32(sectors))
+	le.PutUint16(raw[0x74:], uint16(sectors>>32))
+	le.PutUint32(raw[0x20:], flags)
+	return raw, nil
+}
+
+// xattrs stores an inode's extended attributes: in the inode as far as
+// they fit, the rest in a block of its own.
+func (w *writer) xattrs(ino uint32, in *fstree.Inode, raw []byte, blocks *int64) error {
+	if len(in.Xattrs) == 0 {
+		return nil
+	}
+	xs, err := encodeXattrs(in.Xattrs)
+	if err != nil {
+		return err
+	}
+	inInode, inBlock, err := splitXattrs(xs)
+	if err != nil {
+		return err
+	}
+	inodeXattrs(raw, inInode)
+	if len(inBlock) == 0 {
+		return nil
+	}
+	pieces, err := w.alloc.blocks(1)
+	if err != nil {
+		return err
+	}
+	blk := pieces[0].start
+	if err := w.meta.writeAt(xattrBlock(inBlock, blk, w.fsSeed), blk*blockSize); err != nil {
+		return err
+	}
+	binary.LittleEndian.PutUint32(raw[0x68:], uint32(blk))
+	binary.LittleEndian.PutUint16(raw[0x76:], uint16(blk>>32))
+	*blocks++
+	return nil
+}
+
+// smallCopy is the size up to which contents are read and written
+// through the sequential buffer; larger ones are copied by the kernel.
+const smallCopy = 256 << 10
+
+// fileData gives a regular file its blocks, copies its content there and
+// returns its extents. Holes (the blocks no data run covers) get none.
+func (w *writer) fileData(ctx context.Context, in *fstree.Inode) ([]extent, error) {
+	if in.Blocks == 0 {
+		return nil, nil
+	}
+	pieces, err := w.alloc.blocks(in.Blocks)
+	if err != nil {
+		return nil, err
+	}
+	spans := make([]span, 0, len(in.Data))
+	for _, r := range in.Data {
+		first := r.Offset / blockSize
+		spans = append(spans, span{first, (r.Offset+r.Length+blockSize-1)/blockSize - first})
+	}
+	// Copy each run to the blocks it gets, which follow one another
+	// through the pieces in order.
+	pi, used := 0, int64(0) // current piece, blocks of it used
+	for _, r := range in.Data {
+		if r.File < 0 || r.File >= len(w.srcs) {
+			return nil, fmt.Errorf("no data file %d", r.File)
+		}
+		src := w.srcs[r.File]
+		done := int64(0)
+		for done < r.Length {
+			if err := ctx.Err(); err != nil {
+				return nil, err
+			}
+			p := pieces[pi]
+			n := min(r.Length-done, (p.length-used)*blockSize)
+			at := (p.start + used) * blockSize
+			if err := w.copyData(src, at, r.DataOffset+done, n); err != nil {
+				return nil, err
+			}
+			done += n
+			used += (n + blockSize - 1) / blockSize
+			if used == p.length {
+				pi, used = pi+1, 0
+			}
+		}
+	}
+	return extentsFor(spans, pieces), nil
+}
+
+func (w *writer) copyData(src *os.File, at, from, n int64) error {
+	if n > smallCopy {
+		return clone.Range(w.out, src, at, from, n)
+	}
+	b := w.buf[:n]
+	if _, err := src.ReadAt(b, from); err != nil {
+		return fmt.Errorf("reading content: %w", err)
+	}
+	return w.meta.writeAt(b, at)
+}
+
+// putInode checksums an inode and adds it to its inode table.
+func (w *writer) putInode(ino uint32, raw []byte) error {
+	le := binary.LittleEndian
+	le.PutUint16(raw[0x7C:], 0)
+	le.PutUint16(raw[0x82:], 0)
+	c := crc32c(inodeSeed(w.fsSeed, ino, 0), raw)
+	le.PutUint16(raw[0x7C:], uint16(c))
+	if le.Uint16(raw[0x80:]) >= 4 { // the extra fields hold the high half
+		le.PutUint16(raw[0x82:], uint16(c>>16))
+	}
+	grp, idx := int64(ino-1)/int64(w.g.ipg), int64(ino-1)%int64(w.g.ipg)
+	return w.itable.writeAt(raw, w.itables[grp]*blockSize+idx*inodeSize)
+}
+
+// putTime stores a time in an inode's seconds field and extra field.
+func putTime(raw []byte, lo, extra int, t time.Time) {
+	l, x := ext4.EncodeTime(t)
+	binary.LittleEndian.PutUint32(raw[lo:], l)
+	binary.LittleEndian.PutUint32(raw[extra:], x)
+}
+
+// seqWriter buffers writes that mostly follow one another. A gap within
+// the block the last write ended in (the rest of a file's last block) is
+// filled with zeros; any other gap starts a new buffer, so the blocks it
+// skips, which may hold what another write put there, are never touched.
+type seqWriter struct {
+	f   *os.File
+	off int64
+	buf []byte
+}
+
+func (s *seqWriter) writeAt(p []byte, off int64) error {
+	end := s.off + int64(len(s.buf))
+	if len(s.buf) > 0 && off >= end && (off == end || off/blockSize == (end-1)/blockSize+1 && off%blockSize == 0 && end%blockSize != 0) &&
+		len(s.buf)+int(off-end)+len(p) <= cap(s.buf) {
+		s.buf = append(s.buf, zeros[:off-end]...)
+		s.buf = append(s.buf, p...)
+		return nil
+	}
+	if err := s.flush(); err != nil {
+		return err
+	}
+	if len(p) >= cap(s.buf) {
+		_, err := s.f.WriteAt(p, off)
+		return err
+	}
+	s.off, s.buf = off, append(s.buf[:0], p...)
+	return nil
+}
+
+func (s *seqWriter) flush() error {
+	if len(s.buf) == 0 {
+		return nil
+	}
+	_, err := s.f.WriteAt(s.buf, s.off)
+	s.buf = s.buf[:0]
+	return err
+}
+
+// Writer is this package as a build.Writer.
+type Writer struct{}
+
+func (Writer) Name() string { return "kiln" }
+func (Writer) Staged() bool { return false }
+func (Writer) Write(ctx context.Context, tree *fstree.Tree, out string, opts ext4.Options) (ext4.Result, error) {
+	return Write(ctx, tree, out, opts)
+}
