@@ -186,9 +186,12 @@ func InodeCount(s fstree.Stats, size int64) int64 {
 	return max(s.Inodes*2+1024, size/16384)
 }
 
-// JournalBlocks mirrors ext2fs_default_journal_size for sizing.
+// JournalBlocks mirrors ext2fs_default_journal_size: how big a journal
+// a filesystem of this many blocks gets; 0 (none) below 8 MiB.
 func JournalBlocks(blocks int64) int64 {
 	switch {
+	case blocks < 2048:
+		return 0
 	case blocks < 32768:
 		return 1024
 	case blocks < 256*1024:

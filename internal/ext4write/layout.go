@@ -147,9 +147,12 @@ func (a *allocator) take(n int64) (start, got int64, err error) {
 	}
 	start = a.next
 	end := min(start+n, a.g.blocks)
-	// Stop before the next group's superblock copy, if any.
-	if nextGrp := start/blocksPerGroup + 1; nextGrp*blocksPerGroup < end && hasSuper(nextGrp) {
-		end = nextGrp * blocksPerGroup
+	// Stop before the next superblock copy, if any.
+	for grp := start/blocksPerGroup + 1; grp*blocksPerGroup < end; grp++ {
+		if hasSuper(grp) {
+			end = grp * blocksPerGroup
+			break
+		}
 	}
 	a.mark(start, end-start)
 	a.next = end

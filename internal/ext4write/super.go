@@ -10,6 +10,9 @@ import (
 // 2, sized as mke2fs sizes it) and returns its inode.
 func (w *writer) journalInode() ([]byte, error) {
 	jblocks := ext4.JournalBlocks(w.g.blocks)
+	if jblocks == 0 {
+		return make([]byte, inodeSize), nil // too small for one
+	}
 	pieces, err := w.alloc.blocks(jblocks)
 	if err != nil {
 		return nil, err
@@ -158,23 +161,27 @@ func (w *writer) superblock(freeBlocks, freeInodes int64) []byte {
 	le.PutUint32(sb[0x4C:], 1) // dynamic revision
 	le.PutUint32(sb[0x54:], firstIno)
 	le.PutUint16(sb[0x58:], inodeSize)
-	le.PutUint32(sb[0x5C:], compatHasJournal|compatExtAttr|compatDirIndex)
+	compat := uint32(compatExtAttr | compatDirIndex)
+	jsize := ext4.JournalBlocks(g.blocks) * blockSize
+	if jsize > 0 {
+		compat |= compatHasJournal
+		le.PutUint32(sb[0xE0:], journalIno)
+		sb[0xFD] = 1 // s_jnl_blocks holds a copy of the journal's i_block
+		copy(sb[0x10C:], w.journal[:])
+		le.PutUint32(sb[0x10C+15*4:], uint32(jsize>>32))
+		le.PutUint32(sb[0x10C+16*4:], uint32(jsize))
+	}
+	le.PutUint32(sb[0x5C:], compat)
 	le.PutUint32(sb[0x60:], incompatFiletype|incompatExtents|incompat64bit|incompatFlexBg)
 	le.PutUint32(sb[0x64:], roCompatSparseSuper|roCompatLargeFile|roCompatHugeFile|roCompatDirNlink|roCompatExtraIsize|roCompatMetadataCsum)
 	copy(sb[0x68:], w.uuid[:])
-	le.PutUint32(sb[0xE0:], journalIno)
 	for i, v := range w.dirs.hashSeed {
 		le.PutUint32(sb[0xEC+4*i:], v)
 	}
 	sb[0xFC] = hashHalfMD4
-	sb[0xFD] = 1 // s_jnl_blocks holds a copy of the journal's i_block
 	le.PutUint16(sb[0xFE:], descSize)
 	le.PutUint32(sb[0x100:], 0x4|0x8) // user_xattr, acl
 	le.PutUint32(sb[0x108:], now)     // mkfs time
-	copy(sb[0x10C:], w.journal[:])
-	jsize := ext4.JournalBlocks(g.blocks) * blockSize
-	le.PutUint32(sb[0x10C+15*4:], uint32(jsize>>32))
-	le.PutUint32(sb[0x10C+16*4:], uint32(jsize))
 	le.PutUint16(sb[0x15C:], extraIsize)
 	le.PutUint16(sb[0x15E:], extraIsize)
 	le.PutUint32(sb[0x160:], 1) // signed directory hash

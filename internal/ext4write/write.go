@@ -20,6 +20,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"strings"
 	"time"
@@ -45,6 +46,7 @@ type writer struct {
 	alloc  *allocator
 	out    *os.File
 	srcs   []*os.File
+	window window // small reads from srcs
 	meta   seqWriter // metadata and small contents, in block order
 	itable seqWriter // inode tables, in inode order
 	dirs   dirBuilder
@@ -60,7 +62,6 @@ type writer struct {
 	dirsIn                     []uint32
 	rootLinks                  uint32
 	journal                    [60]byte // the journal inode's i_block
-	buf                        []byte   // for small copies
 }
 
 // Write writes the tree as an ext4 image to out, which must not exist.
@@ -172,7 +173,7 @@ func dirLinks(subdirs uint32) uint32 {
 func (w *writer) write(ctx context.Context) error {
 	w.meta = seqWriter{f: w.out, buf: make([]byte, 0, 4<<20)}
 	w.itable = seqWriter{f: w.out, buf: make([]byte, 0, 1<<20)}
-	w.buf = make([]byte, smallCopy)
+	w.window.buf = make([]byte, 0, 2<<20)
 	for _, name := range w.tree.DataFiles() {
 		s, err := os.Open(name)
 		if err != nil {
@@ -473,11 +474,42 @@ func (w *writer) copyData(src *os.File, at, from, n int64) error {
 	if n > smallCopy {
 		return clone.Range(w.out, src, at, from, n)
 	}
-	b := w.buf[:n]
-	if _, err := src.ReadAt(b, from); err != nil {
+	b, err := w.window.read(src, from, n)
+	if err != nil {
 		return fmt.Errorf("reading content: %w", err)
 	}
 	return w.meta.writeAt(b, at)
+}
+
+// window reads small contents from the data files through a buffer:
+// files are laid out in about the order their contents lie in the
+// layers, so a read just ahead of the last one reads ahead a whole
+// buffer, and the reads after it are served from memory. A read
+// elsewhere reads only what it needs.
+type window struct {
+	f   *os.File
+	off int64
+	buf []byte
+}
+
+func (r *window) read(f *os.File, from, n int64) ([]byte, error) {
+	end := r.off + int64(len(r.buf))
+	if f != r.f || from < r.off || from+n > end {
+		size := n
+		if f == r.f && from >= r.off && from < end+int64(cap(r.buf)) {
+			size = int64(cap(r.buf))
+		}
+		r.f, r.buf = f, r.buf[:size]
+		m, err := f.ReadAt(r.buf, from)
+		if err != nil && !errors.Is(err, io.EOF) {
+			return nil, err
+		}
+		r.off, r.buf = from, r.buf[:m]
+		if int64(m) < n {
+			return nil, io.ErrUnexpectedEOF
+		}
+	}
+	return r.buf[from-r.off : from-r.off+n], nil
 }
 
 // putInode checksums an inode and adds it to its inode table.

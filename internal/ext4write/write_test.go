@@ -397,3 +397,53 @@ func TestKernelReads(t *testing.T) {
 		t.Errorf("x/acl's ACL through the kernel: %d bytes, %v", n, err)
 	}
 }
+
+// TestAllocatorSkipsSuperblocks hands out every block of a filesystem of
+// ten groups in runs of all sizes (each run stops at the next
+// superblock copy): no run may touch a superblock or
+// descriptor copy, and every other block is handed out once.
+func TestAllocatorSkipsSuperblocks(t *testing.T) {
+	g, err := newGeometry(10*blocksPerGroup*blockSize-5*blockSize, 1000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := newAllocator(g)
+	seen := make([]bool, g.blocks)
+	for i := int64(1); ; i = i*3 + 1 {
+		start, got, err := a.take(min(i, 5*blocksPerGroup))
+		if errors.Is(err, errNoSpace) {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, p := range []piece{{start, got}} {
+			for b := p.start; b < p.start+p.length; b++ {
+				if a.reservedEnd(b) != b {
+					t.Fatalf("block %d (group %d) is a superblock copy", b, b/blocksPerGroup)
+				}
+				if seen[b] {
+					t.Fatalf("block %d handed out twice", b)
+				}
+				seen[b] = true
+			}
+		}
+	}
+	for b, ok := range seen {
+		if !ok && a.reservedEnd(int64(b)) == int64(b) {
+			t.Fatalf("block %d never handed out", b)
+		}
+	}
+}
+
+// TestSmallFilesystem: below 8 MiB there is no journal, as mke2fs does.
+func TestSmallFilesystem(t *testing.T) {
+	ext4test.Require(t)
+	img := write(t, []layer{{reg("f", 0o644, string(ext4test.Pattern(1<<20, 3)))}}, ext4.Options{Identity: "small", Size: 4 << 20})
+	if err := ext4.Check(context.Background(), img); err != nil {
+		t.Fatal(err)
+	}
+	if out := ext4test.Run(t, "dumpe2fs", "-h", img); strings.Contains(out, "has_journal") {
+		t.Errorf("a 4 MiB filesystem has a journal:\n%s", out)
+	}
+}

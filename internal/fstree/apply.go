@@ -61,7 +61,7 @@ type applier struct {
 	layer int
 	name  string
 	buf   []byte
-	data  *os.File // the tree's own data file, opened at the first content
+	data  *appender // the tree's own data file, opened at the first content
 	// stored is the index in t.data of the file that holds the layer
 	// tar itself, -1 if none; pos counts the tar's bytes read so far.
 	stored int
@@ -96,7 +96,7 @@ func (t *Tree) apply(ctx context.Context, r io.Reader, layer, storedAt string) e
 	}
 	err := eachEntry(ctx, r, layer, a.entry)
 	if a.data != nil {
-		if cerr := a.data.Close(); err == nil && cerr != nil {
+		if cerr := a.data.close(); err == nil && cerr != nil {
 			err = fmt.Errorf("data file: %w", cerr)
 		}
 	}
@@ -249,7 +249,7 @@ func (a *applier) entry(hdr *tar.Header, r io.Reader) error {
 			return err
 		}
 		n := a.attach(parent, base, in)
-		return a.writeFile(a.t.StagingPath(n), in, r, a.inPlace(hdr))
+		return a.writeFile(a.t.StagingPath(n), in, r, a.inPlace(hdr), hdr.Size)
 
 	case tar.TypeSymlink:
 		if hdr.Linkname == "" {
@@ -571,13 +571,13 @@ func headerXattrs(hdr *tar.Header) (map[string]string, error) {
 // writeFile stages a regular file: a placeholder at path, and where its
 // content is, as runs that leave out whole zero blocks so that sparse
 // files stay sparse. The content is either left in place in the stored
-// layer tar or appended, block aligned, to the tree's own data file. It
+// layer tar or appended to the tree's own data file. It
 // sets in's Size, Data and Blocks.
 //
 // The placeholder holds no data but carries the size, mode (kept readable
 // by its owner) and times, so that mke2fs already writes most of the
 // inode right and the builder's metadata script has less to change.
-func (a *applier) writeFile(path string, in *Inode, r io.Reader, inPlace bool) (err error) {
+func (a *applier) writeFile(path string, in *Inode, r io.Reader, inPlace bool, sizeHint int64) (err error) {
 	var f *os.File
 	if a.t.staged() {
 		f, err = os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL|unix.O_NOFOLLOW, 0o600)
@@ -590,15 +590,20 @@ func (a *applier) writeFile(path string, in *Inode, r io.Reader, inPlace bool) (
 			}
 		}()
 	}
-	file, base := 0, a.t.dataEnd
+	file, base := 0, int64(0)
 	if inPlace {
 		// The content is read straight from the stored tar: runs point
 		// there and nothing is written.
 		file, base = a.stored, a.pos.n
 	} else if a.data == nil {
-		if a.data, err = os.OpenFile(a.t.data[0], os.O_WRONLY, 0); err != nil {
+		f, err := os.OpenFile(a.t.data[0], os.O_WRONLY, 0)
+		if err != nil {
 			return fmt.Errorf("data file: %w", err)
 		}
+		a.data = &appender{f: f, off: a.t.dataEnd, buf: make([]byte, 0, 4<<20)}
+	}
+	if !inPlace && sizeHint >= alignAbove {
+		a.t.dataEnd = (a.t.dataEnd + blockSize - 1) / blockSize * blockSize
 	}
 	var (
 		size int64
@@ -614,16 +619,20 @@ func (a *applier) writeFile(path string, in *Inode, r io.Reader, inPlace bool) (
 				return nil
 			}
 			off := size + int64(runStart)
+			length := int64(end - runStart)
+			at := base + off
 			if !inPlace {
-				if _, err := a.data.WriteAt(data[runStart:end], base+off); err != nil {
+				// Packed: holes take no room in the data file.
+				at = a.t.dataEnd
+				if err := a.data.writeAt(data[runStart:end], at); err != nil {
 					return fmt.Errorf("data file: %w", err)
 				}
+				a.t.dataEnd += length
 			}
-			length := int64(end - runStart)
-			if k := len(runs) - 1; k >= 0 && runs[k].Offset+runs[k].Length == off {
+			if k := len(runs) - 1; k >= 0 && runs[k].Offset+runs[k].Length == off && runs[k].DataOffset+runs[k].Length == at {
 				runs[k].Length += length
 			} else {
-				runs = append(runs, Run{Offset: off, Length: length, File: file, DataOffset: base + off})
+				runs = append(runs, Run{Offset: off, Length: length, File: file, DataOffset: at})
 			}
 			runStart = -1
 			return nil
@@ -651,12 +660,8 @@ func (a *applier) writeFile(path string, in *Inode, r io.Reader, inPlace bool) (
 			return fmt.Errorf("reading content: %w", rerr)
 		}
 	}
-	if inPlace {
-		if a.pos.n-base != size {
-			return fmt.Errorf("content is not stored contiguously in the layer tar")
-		}
-	} else {
-		a.t.dataEnd = base + (size+blockSize-1)/blockSize*blockSize
+	if inPlace && a.pos.n-base != size {
+		return fmt.Errorf("content is not stored contiguously in the layer tar")
 	}
 	in.Size, in.Data, in.Blocks = size, runs, blocks(runs)
 	if f == nil {
@@ -708,6 +713,57 @@ func (a *applier) inPlace(hdr *tar.Header) bool {
 		}
 	}
 	return true
+}
+
+// alignAbove is the size from which a file's content starts on a block
+// boundary of the tree's data file, where the kernel can share its
+// blocks with the image's (a reflink); smaller ones are packed end to
+// end.
+const alignAbove = 64 << 10
+
+// appender buffers the contents appended to the tree's own data file, so
+// that small files cost no system call each; the alignment padding
+// before a large file is written as zeros.
+type appender struct {
+	f   *os.File
+	off int64 // where buf goes
+	buf []byte
+}
+
+func (w *appender) writeAt(p []byte, at int64) error {
+	end := w.off + int64(len(w.buf))
+	if at < end || at-end >= blockSize {
+		return fmt.Errorf("data file: write at %d does not follow %d", at, end)
+	}
+	if len(w.buf)+int(at-end)+len(p) > cap(w.buf) {
+		if err := w.flush(); err != nil {
+			return err
+		}
+		w.off, end = at, at
+	}
+	if len(p) > cap(w.buf) {
+		_, err := w.f.WriteAt(p, at)
+		w.off += int64(len(p))
+		return err
+	}
+	w.buf = append(w.buf, make([]byte, at-end)...)
+	w.buf = append(w.buf, p...)
+	return nil
+}
+
+func (w *appender) flush() error {
+	_, err := w.f.WriteAt(w.buf, w.off)
+	w.off += int64(len(w.buf))
+	w.buf = w.buf[:0]
+	return err
+}
+
+func (w *appender) close() error {
+	err := w.flush()
+	if cerr := w.f.Close(); err == nil {
+		err = cerr
+	}
+	return err
 }
 
 // countingReader counts the bytes read through it. archive/tar reads

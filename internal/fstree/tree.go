@@ -3,18 +3,19 @@
 // files holding the contents of its regular files and, for the e2fsprogs
 // writer only, a staging directory holding its names.
 //
-// The staging directory is the tree's shape only: directories, symlinks,
-// fifos, hard links and a placeholder without data for every regular file,
-// which is all mke2fs needs to lay out the names. The contents stay where they
-// are when the layer tar is stored uncompressed (ApplyStored), or go,
-// block aligned, into the tree's own data file; either way the ext4
-// builder copies them straight to the blocks the image gives each file,
-// leaving holes where the content has whole zero blocks.
+// The contents stay where they are when the layer tar is stored
+// uncompressed (ApplyStored), or go, packed (holes take no room), into
+// the tree's own data file; either way the ext4 writer
+// copies them straight to the blocks the image gives each file, leaving
+// holes where the content has whole zero blocks.
 //
-// Nothing is written with privileges: files are owned by whoever runs
-// kiln, modes are kept owner-writable, device nodes and extended attributes
-// are not created at all. The tree is the authority on metadata; the ext4
-// builder restores it afterwards. This is what makes the result the same
+// The staging directory is the tree's shape only: directories, symlinks,
+// fifos, hard links and a placeholder without data for every regular
+// file, which is all mke2fs needs to lay out the names. Nothing is
+// written with privileges: files are owned by whoever runs kiln, modes
+// are kept owner-writable, device nodes and extended attributes are not
+// created at all. The tree is the authority on metadata; the e2fsprogs
+// writer restores it afterwards. This is what makes the result the same
 // whether kiln runs as root or not.
 package fstree
 
