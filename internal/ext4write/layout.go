@@ -8,7 +8,7 @@ const (
 	blockSize      = 4096
 	inodeSize      = 256
 	extraIsize     = 32
-	blocksPerGroup = 8 * blockSize // one block bitmap per group
+	maxPerGroup    = 8 * blockSize // blocks or inodes: one bitmap block each
 	descSize       = 64
 	inodesPerBlock = blockSize / inodeSize
 	logGroupsFlex  = 4 // flex_bg groups of 16, as mke2fs makes them
@@ -52,6 +52,7 @@ const (
 // geometry is how a filesystem of a given size is cut into groups.
 type geometry struct {
 	blocks       int64  // blocks in the filesystem
+	bpg          int64  // blocks per group
 	groups       int64  // block groups
 	ipg          uint32 // inodes per group
 	itableBlocks int64  // inode table blocks per group
@@ -63,21 +64,28 @@ type geometry struct {
 func newGeometry(size, inodes int64) (geometry, error) {
 	var g geometry
 	g.blocks = size / blockSize
-	g.groups = (g.blocks + blocksPerGroup - 1) / blocksPerGroup
+	if g.blocks < 1024 {
+		return g, fmt.Errorf("a filesystem of %d bytes is too small", size)
+	}
+	// Full groups, unless the inodes need more groups than that makes
+	// (each holds at most maxPerGroup): then smaller ones, as mke2fs
+	// makes them.
+	g.bpg = maxPerGroup
+	if need := (inodes + maxPerGroup - 1) / maxPerGroup; need > (g.blocks+g.bpg-1)/g.bpg {
+		g.bpg = ((g.blocks+need-1)/need + 7) &^ 7
+	}
+	g.groups = (g.blocks + g.bpg - 1) / g.bpg
 	g.gdtBlocks = (g.groups*descSize + blockSize - 1) / blockSize
 	// A last group too small for its own metadata is dropped, as
 	// mke2fs does.
-	if last := g.blocks - (g.groups-1)*blocksPerGroup; g.groups > 1 && last < 1+g.gdtBlocks+64 {
+	if last := g.blocks - (g.groups-1)*g.bpg; g.groups > 1 && last < 1+g.gdtBlocks+64 {
 		g.blocks -= last
 		g.groups--
-	}
-	if g.blocks < 1024 {
-		return g, fmt.Errorf("a filesystem of %d bytes is too small", size)
 	}
 	ipg := (inodes + g.groups - 1) / g.groups
 	ipg = (ipg + inodesPerBlock - 1) / inodesPerBlock * inodesPerBlock
 	ipg = max(ipg, inodesPerBlock)
-	ipg = min(ipg, blocksPerGroup, (1<<32-1)/g.groups/inodesPerBlock*inodesPerBlock)
+	ipg = min(ipg, maxPerGroup, (1<<32-1)/g.groups/inodesPerBlock*inodesPerBlock)
 	g.ipg = uint32(ipg)
 	g.itableBlocks = ipg * inodeSize / blockSize
 	return g, nil
@@ -112,14 +120,14 @@ type allocator struct {
 }
 
 func newAllocator(g geometry) *allocator {
-	a := &allocator{g: g, bitmap: make([]byte, g.groups*blocksPerGroup/8)}
+	a := &allocator{g: g, bitmap: make([]byte, g.groups*g.bpg/8)}
 	for grp := int64(0); grp < g.groups; grp++ {
 		if hasSuper(grp) {
-			a.mark(grp*blocksPerGroup, 1+g.gdtBlocks)
+			a.mark(grp*a.g.bpg, 1+g.gdtBlocks)
 		}
 	}
 	// Bits past the end of the filesystem are set, as e2fsck expects.
-	a.mark(g.blocks, g.groups*blocksPerGroup-g.blocks)
+	a.mark(g.blocks, g.groups*a.g.bpg-g.blocks)
 	return a
 }
 
@@ -132,9 +140,9 @@ func (a *allocator) mark(start, n int64) {
 // reservedEnd returns the end of the superblock copy that block b falls
 // in, or b if it is free to take.
 func (a *allocator) reservedEnd(b int64) int64 {
-	grp := b / blocksPerGroup
-	if off := b - grp*blocksPerGroup; hasSuper(grp) && off < 1+a.g.gdtBlocks {
-		return grp*blocksPerGroup + 1 + a.g.gdtBlocks
+	grp := b / a.g.bpg
+	if off := b - grp*a.g.bpg; hasSuper(grp) && off < 1+a.g.gdtBlocks {
+		return grp*a.g.bpg + 1 + a.g.gdtBlocks
 	}
 	return b
 }
@@ -148,9 +156,9 @@ func (a *allocator) take(n int64) (start, got int64, err error) {
 	start = a.next
 	end := min(start+n, a.g.blocks)
 	// Stop before the next superblock copy, if any.
-	for grp := start/blocksPerGroup + 1; grp*blocksPerGroup < end; grp++ {
+	for grp := start/a.g.bpg + 1; grp*a.g.bpg < end; grp++ {
 		if hasSuper(grp) {
-			end = grp * blocksPerGroup
+			end = grp * a.g.bpg
 			break
 		}
 	}
@@ -169,9 +177,9 @@ func (a *allocator) contiguous(n int64) (int64, error) {
 			return 0, errNoSpace
 		}
 		clear := true
-		for grp := start/blocksPerGroup + 1; grp*blocksPerGroup < end; grp++ {
+		for grp := start/a.g.bpg + 1; grp*a.g.bpg < end; grp++ {
 			if hasSuper(grp) {
-				a.next = grp * blocksPerGroup
+				a.next = grp * a.g.bpg
 				clear = false
 				break
 			}
@@ -208,10 +216,10 @@ func (a *allocator) blocks(n int64) ([]piece, error) {
 // freeIn counts the free blocks of a group.
 func (a *allocator) freeIn(grp int64) int64 {
 	var used int64
-	for _, b := range a.bitmap[grp*blocksPerGroup/8 : (grp+1)*blocksPerGroup/8] {
+	for _, b := range a.bitmap[grp*a.g.bpg/8 : (grp+1)*a.g.bpg/8] {
 		used += int64(popcount[b])
 	}
-	return blocksPerGroup - used
+	return a.g.bpg - used
 }
 
 var popcount = func() (t [256]uint8) {

@@ -62,23 +62,23 @@ func (w *writer) finish() error {
 	var freeBlocks, freeInodes int64
 	// The block bitmaps are final only now; written in order, then the
 	// inode bitmaps, they go out in two sequential runs.
+	bb := make([]byte, blockSize)
 	for grp := int64(0); grp < g.groups; grp++ {
-		bb := w.alloc.bitmap[grp*blocksPerGroup/8 : (grp+1)*blocksPerGroup/8]
+		copy(bb, w.alloc.bitmap[grp*g.bpg/8:(grp+1)*g.bpg/8])
+		setPadding(bb, g.bpg)
 		if err := w.meta.writeAt(bb, (w.blockBitmaps+grp)*blockSize); err != nil {
 			return err
 		}
 	}
 	ib := make([]byte, blockSize)
 	for grp := int64(0); grp < g.groups; grp++ {
-		bb := w.alloc.bitmap[grp*blocksPerGroup/8 : (grp+1)*blocksPerGroup/8]
+		bb := w.alloc.bitmap[grp*g.bpg/8 : (grp+1)*g.bpg/8]
 		inUse := min(max(int64(used)-grp*int64(g.ipg), 0), int64(g.ipg))
 		clear(ib)
 		for i := int64(0); i < inUse; i++ {
 			ib[i/8] |= 1 << (i % 8)
 		}
-		for i := int64(g.ipg); i < blocksPerGroup; i++ { // padding
-			ib[i/8] |= 1 << (i % 8)
-		}
+		setPadding(ib, int64(g.ipg))
 		if err := w.meta.writeAt(ib, (w.inodeBitmaps+grp)*blockSize); err != nil {
 			return err
 		}
@@ -119,7 +119,7 @@ func (w *writer) finish() error {
 		if !hasSuper(grp) {
 			continue
 		}
-		at := grp * blocksPerGroup * blockSize
+		at := grp * g.bpg * blockSize
 		if grp == 0 {
 			at = 1024
 		}
@@ -128,7 +128,7 @@ func (w *writer) finish() error {
 		if err := w.meta.writeAt(sb, at); err != nil {
 			return err
 		}
-		if err := w.meta.writeAt(desc, (grp*blocksPerGroup+1)*blockSize); err != nil {
+		if err := w.meta.writeAt(desc, (grp*g.bpg+1)*blockSize); err != nil {
 			return err
 		}
 	}
@@ -149,8 +149,8 @@ func (w *writer) superblock(freeBlocks, freeInodes int64) []byte {
 	le.PutUint32(sb[0x14:], 0) // first data block
 	le.PutUint32(sb[0x18:], 2) // 4 KiB blocks
 	le.PutUint32(sb[0x1C:], 2)
-	le.PutUint32(sb[0x20:], blocksPerGroup)
-	le.PutUint32(sb[0x24:], blocksPerGroup)
+	le.PutUint32(sb[0x20:], uint32(g.bpg))
+	le.PutUint32(sb[0x24:], uint32(g.bpg))
 	le.PutUint32(sb[0x28:], g.ipg)
 	le.PutUint32(sb[0x30:], now)    // write time
 	le.PutUint16(sb[0x36:], 0xFFFF) // no mount count checks
@@ -188,4 +188,12 @@ func (w *writer) superblock(freeBlocks, freeInodes int64) []byte {
 	sb[0x174] = logGroupsFlex
 	sb[0x175] = 1 // crc32c checksums
 	return sb
+}
+
+// setPadding sets the bits of a bitmap block past the n a group uses, as
+// e2fsck expects.
+func setPadding(b []byte, n int64) {
+	for i := n; i < maxPerGroup; i++ {
+		b[i/8] |= 1 << (i % 8)
+	}
 }

@@ -46,7 +46,7 @@ type writer struct {
 	alloc  *allocator
 	out    *os.File
 	srcs   []*os.File
-	window window // small reads from srcs
+	window window    // small reads from srcs
 	meta   seqWriter // metadata and small contents, in block order
 	itable seqWriter // inode tables, in inode order
 	dirs   dirBuilder
@@ -310,8 +310,9 @@ func (w *writer) inode(ctx context.Context, ino uint32, e entry, dirIno func(*fs
 	var exts []extent
 	switch in.Type {
 	case fstree.TypeDir:
-		ents := make([]dirent, 0, len(e.node.ChildNames()))
-		for _, name := range e.node.ChildNames() {
+		names := e.node.ChildNames()
+		ents := make([]dirent, 0, len(names))
+		for _, name := range names {
 			c := e.node.Child(name)
 			ents = append(ents, dirent{name: name, ino: w.numberOf(c, dirIno), ftype: fileTypes[c.Inode().Type]})
 		}

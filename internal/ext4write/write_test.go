@@ -403,14 +403,14 @@ func TestKernelReads(t *testing.T) {
 // superblock copy): no run may touch a superblock or
 // descriptor copy, and every other block is handed out once.
 func TestAllocatorSkipsSuperblocks(t *testing.T) {
-	g, err := newGeometry(10*blocksPerGroup*blockSize-5*blockSize, 1000)
+	g, err := newGeometry(10*maxPerGroup*blockSize-5*blockSize, 1000)
 	if err != nil {
 		t.Fatal(err)
 	}
 	a := newAllocator(g)
 	seen := make([]bool, g.blocks)
 	for i := int64(1); ; i = i*3 + 1 {
-		start, got, err := a.take(min(i, 5*blocksPerGroup))
+		start, got, err := a.take(min(i, 5*g.bpg))
 		if errors.Is(err, errNoSpace) {
 			break
 		}
@@ -420,7 +420,7 @@ func TestAllocatorSkipsSuperblocks(t *testing.T) {
 		for _, p := range []piece{{start, got}} {
 			for b := p.start; b < p.start+p.length; b++ {
 				if a.reservedEnd(b) != b {
-					t.Fatalf("block %d (group %d) is a superblock copy", b, b/blocksPerGroup)
+					t.Fatalf("block %d (group %d) is a superblock copy", b, b/g.bpg)
 				}
 				if seen[b] {
 					t.Fatalf("block %d handed out twice", b)
@@ -445,5 +445,23 @@ func TestSmallFilesystem(t *testing.T) {
 	}
 	if out := ext4test.Run(t, "dumpe2fs", "-h", img); strings.Contains(out, "has_journal") {
 		t.Errorf("a 4 MiB filesystem has a journal:\n%s", out)
+	}
+}
+
+// TestManyInodes: more inodes than full groups hold (32768 each) make
+// smaller groups, as mke2fs does, rather than a filesystem too small.
+func TestManyInodes(t *testing.T) {
+	ext4test.Require(t)
+	var l layer
+	for i := 0; i < 70000; i++ {
+		l = append(l, reg(fmt.Sprintf("d%02d/f%05d", i%50, i), 0o644, ""))
+	}
+	img := write(t, []layer{l}, ext4.Options{Identity: "inodes"})
+	if err := ext4.Check(context.Background(), img); err != nil {
+		t.Fatal(err)
+	}
+	out := ext4test.Run(t, "dumpe2fs", "-h", img)
+	if !regexp.MustCompile(`Blocks per group:\s+[0-9]{3,4}\n`).MatchString(out) {
+		t.Errorf("expected groups smaller than 32768 blocks:\n%s", out)
 	}
 }

@@ -147,10 +147,12 @@ func (b *diskBuilder) join(id string, eager bool) *flight {
 // ahead of need (somebody waiting makes it urgent through f.hurry).
 func (b *diskBuilder) fly(ctx context.Context, id string, f *flight, eager bool) {
 	defer b.wg.Done()
-	if eager && b.inject != nil {
-		// A build with injection takes the layer's staged tree: give the
-		// unpacker a moment to prepare a child layer, which calls this
-		// off and continues the tree instead.
+	if eager {
+		// Give the unpacker a moment to prepare a child layer, which
+		// calls this off: only an image's top layer needs a disk, and a
+		// build of every layer of a many-layer image would cost layers
+		// times its size. (A build with injection would also take the
+		// layer's staged tree, which the child continues.)
 		select {
 		case <-time.After(eagerGrace):
 		case <-f.hurry:
