@@ -1,9 +1,10 @@
 // Package build turns an image's layers into its ext4 root filesystem:
 // it replays the layers into a merged tree (internal/fstree) and writes
-// the tree with one of the ext4 writers: kiln's own (internal/ext4write,
-// the default) or e2fsprogs (internal/ext4, the reference). The standalone converter and
-// the containerd snapshotter both build through here, so the same chain of
-// layers with the same options gives the same bytes either way.
+// the tree with one of the ext4 writers, kiln's own (internal/ext4write,
+// the default) or e2fsprogs (internal/ext4, the reference). The
+// standalone converter and the containerd snapshotter both build through
+// here, so the same chain of layers with the same options gives the same
+// bytes either way.
 package build
 
 import (
@@ -163,7 +164,9 @@ func Rootfs(ctx context.Context, req Request, rep progress.Reporter) (Result, er
 		}
 	}
 	unpack.Done()
-	res, err := FromTree(ctx, tree, req, rep)
+	// The tree is this build's own: the writer may make its data file
+	// the image.
+	res, err := fromTree(ctx, tree, req, rep, true)
 	res.Unpack = time.Since(start) - res.Build
 	return res, err
 }
@@ -185,6 +188,10 @@ func NewTree(workDir string, opts Options) (*fstree.Tree, error) {
 // NewTree with the same options; req.Layers is not used) as an ext4
 // image: injection first, then the filesystem. It changes the tree.
 func FromTree(ctx context.Context, tree *fstree.Tree, req Request, rep progress.Reporter) (Result, error) {
+	return fromTree(ctx, tree, req, rep, false)
+}
+
+func fromTree(ctx context.Context, tree *fstree.Tree, req Request, rep progress.Reporter, own bool) (Result, error) {
 	if rep == nil {
 		rep = progress.Discard
 	}
@@ -195,7 +202,9 @@ func FromTree(ctx context.Context, tree *fstree.Tree, req Request, rep progress.
 	}
 	mid := time.Now()
 	bar := rep.Bar("build", 1, false)
-	res, err := opts.writer().Write(ctx, tree, req.Out, ext4.Options{Size: opts.Size, Identity: req.Key(), WorkDir: req.WorkDir, NoSync: opts.NoSync})
+	res, err := opts.writer().Write(ctx, tree, req.Out, ext4.Options{
+		Size: opts.Size, Identity: req.Key(), WorkDir: req.WorkDir, NoSync: opts.NoSync, TakeData: own,
+	})
 	if err != nil {
 		return Result{}, err
 	}

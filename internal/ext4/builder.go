@@ -46,6 +46,10 @@ type Options struct {
 	// waiting for the disk; the caller syncs the image file before
 	// relying on it after a crash.
 	NoSync bool
+	// TakeData lets a writer turn the tree's own data file into the
+	// image (renamed to out), so that contents already where the image
+	// wants them are not copied again. The tree is not used afterwards.
+	TakeData bool
 }
 
 // Result describes a built image.

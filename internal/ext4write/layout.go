@@ -147,6 +147,19 @@ func (a *allocator) reservedEnd(b int64) int64 {
 	return b
 }
 
+// nextReserved returns the first block of the next superblock copy after
+// block b, or the end of the filesystem.
+func (a *allocator) nextReserved(b int64) int64 {
+	for grp := b/a.g.bpg + 1; grp < a.g.groups; grp++ {
+		if hasSuper(grp) {
+			return grp * a.g.bpg
+		}
+	}
+	return a.g.blocks
+}
+
+func (a *allocator) used(b int64) bool { return a.bitmap[b/8]&(1<<(b%8)) != 0 }
+
 // take returns the next run of free blocks, at most n long.
 func (a *allocator) take(n int64) (start, got int64, err error) {
 	a.next = a.reservedEnd(a.next)

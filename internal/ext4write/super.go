@@ -115,17 +115,23 @@ func (w *writer) finish() error {
 	}
 
 	sb := w.superblock(freeBlocks, freeInodes)
+	// Whole blocks: the first holds the superblock after 1024 bytes left
+	// for a boot loader, a copy's at its start; the rest is zeros (the
+	// block may have held contents, see place).
+	block := make([]byte, blockSize)
 	for grp := int64(0); grp < g.groups; grp++ {
 		if !hasSuper(grp) {
 			continue
 		}
-		at := grp * g.bpg * blockSize
-		if grp == 0 {
-			at = 1024
-		}
 		le.PutUint16(sb[0x5A:], uint16(grp))
 		le.PutUint32(sb[0x3FC:], crc32c(^uint32(0), sb[:0x3FC]))
-		if err := w.meta.writeAt(sb, at); err != nil {
+		clear(block)
+		if grp == 0 {
+			copy(block[1024:], sb)
+		} else {
+			copy(block, sb)
+		}
+		if err := w.meta.writeAt(block, grp*g.bpg*blockSize); err != nil {
 			return err
 		}
 		if err := w.meta.writeAt(desc, (grp*g.bpg+1)*blockSize); err != nil {

@@ -25,6 +25,8 @@ import (
 	"strings"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/kilnfs/kiln/internal/clone"
 	"github.com/kilnfs/kiln/internal/ext4"
 	"github.com/kilnfs/kiln/internal/fstree"
@@ -45,6 +47,7 @@ type writer struct {
 	g      geometry
 	alloc  *allocator
 	out    *os.File
+	take   bool // out is the tree's own data file (ext4.Options.TakeData)
 	srcs   []*os.File
 	window window    // small reads from srcs
 	meta   seqWriter // metadata and small contents, in block order
@@ -67,9 +70,13 @@ type writer struct {
 // Write writes the tree as an ext4 image to out, which must not exist.
 func Write(ctx context.Context, tree *fstree.Tree, out string, opts ext4.Options) (ext4.Result, error) {
 	stats := tree.Stats()
+	space := tree.DataSpace() / blockSize
 	size := opts.Size
 	if size == 0 {
-		size = ext4.AutoSize(stats)
+		// Room for the data space, which holds what later layers
+		// replaced too, rather than for the files' data alone.
+		const mib = 1 << 20
+		size = (ext4.AutoSize(stats) + (space-stats.DataBlocks)*blockSize + mib - 1) / mib * mib
 	}
 	w := &writer{tree: tree, opts: opts, epoch: tree.Epoch(), numbers: map[*fstree.Inode]uint32{}}
 	if err := w.number(); err != nil {
@@ -95,7 +102,19 @@ func Write(ctx context.Context, tree *fstree.Tree, out string, opts ext4.Options
 		w.dirs.hashSeed[i] = binary.LittleEndian.Uint32(hs[4*i:])
 	}
 
-	f, err := os.OpenFile(out, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
+	if space > g.blocks {
+		return ext4.Result{}, fmt.Errorf("%w: the files' data needs %d MiB", errNoSpace, space*blockSize>>20)
+	}
+	var f *os.File
+	w.take = opts.TakeData && len(tree.DataFiles()) > 0
+	if w.take {
+		if _, err := os.Lstat(out); err == nil {
+			return ext4.Result{}, fmt.Errorf("%s: %w", out, os.ErrExist)
+		}
+		f, err = os.OpenFile(tree.DataFiles()[0], os.O_RDWR, 0)
+	} else {
+		f, err = os.OpenFile(out, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
+	}
 	if err != nil {
 		return ext4.Result{}, err
 	}
@@ -110,8 +129,15 @@ func Write(ctx context.Context, tree *fstree.Tree, out string, opts ext4.Options
 	if cerr := f.Close(); err == nil {
 		err = cerr
 	}
+	if err == nil && w.take {
+		if err = os.Chmod(tree.DataFiles()[0], 0o644); err == nil {
+			err = os.Rename(tree.DataFiles()[0], out)
+		}
+	}
 	if err != nil {
-		os.Remove(out)
+		if !w.take {
+			os.Remove(out)
+		}
 		if errors.Is(err, errNoSpace) {
 			err = fmt.Errorf("%w (%d MiB; --size auto fits the content)", err, size>>20)
 		}
@@ -185,6 +211,8 @@ func (w *writer) write(ctx context.Context) error {
 		return err
 	}
 	w.alloc = newAllocator(w.g)
+	// The data space comes first (see place); everything else after it.
+	w.alloc.next = w.tree.DataSpace() / blockSize
 	var err error
 	if w.blockBitmaps, err = w.alloc.contiguous(w.g.groups); err != nil {
 		return err
@@ -234,6 +262,13 @@ func (w *writer) write(ctx context.Context) error {
 			return fmt.Errorf("ext4: %q: %w", "/"+e.node.Path(), err)
 		}
 		if err := w.putInode(ino, raw); err != nil {
+			return err
+		}
+	}
+	if w.take {
+		// What later layers replaced reads as zeros, as it would in an
+		// image written afresh.
+		if err := w.punchFree(w.tree.DataSpace() / blockSize); err != nil {
 			return err
 		}
 	}
@@ -427,48 +462,71 @@ func (w *writer) xattrs(ino uint32, in *fstree.Inode, raw []byte, blocks *int64)
 // through the sequential buffer; larger ones are copied by the kernel.
 const smallCopy = 256 << 10
 
-// fileData gives a regular file its blocks, copies its content there and
+// fileData places a regular file's blocks, copies its content there and
 // returns its extents. Holes (the blocks no data run covers) get none.
 func (w *writer) fileData(ctx context.Context, in *fstree.Inode) ([]extent, error) {
 	if in.Blocks == 0 {
 		return nil, nil
 	}
-	pieces, err := w.alloc.blocks(in.Blocks)
-	if err != nil {
-		return nil, err
-	}
 	spans := make([]span, 0, len(in.Data))
+	var pieces []piece
 	for _, r := range in.Data {
-		first := r.Offset / blockSize
-		spans = append(spans, span{first, (r.Offset+r.Length+blockSize-1)/blockSize - first})
-	}
-	// Copy each run to the blocks it gets, which follow one another
-	// through the pieces in order.
-	pi, used := 0, int64(0) // current piece, blocks of it used
-	for _, r := range in.Data {
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
 		if r.File < 0 || r.File >= len(w.srcs) {
 			return nil, fmt.Errorf("no data file %d", r.File)
 		}
-		src := w.srcs[r.File]
-		done := int64(0)
-		for done < r.Length {
-			if err := ctx.Err(); err != nil {
-				return nil, err
-			}
-			p := pieces[pi]
-			n := min(r.Length-done, (p.length-used)*blockSize)
-			at := (p.start + used) * blockSize
-			if err := w.copyData(src, at, r.DataOffset+done, n); err != nil {
-				return nil, err
-			}
-			done += n
-			used += (n + blockSize - 1) / blockSize
-			if used == p.length {
-				pi, used = pi+1, 0
-			}
+		n := (r.Length + blockSize - 1) / blockSize
+		spans = append(spans, span{r.Offset / blockSize, n})
+		ps, err := w.place(r, n)
+		if err != nil {
+			return nil, err
 		}
+		pieces = append(pieces, ps...)
 	}
 	return extentsFor(spans, pieces), nil
+}
+
+// place puts the n blocks of a run where the data space has them (see
+// fstree.Run.Virtual), except those that fall on a superblock copy,
+// which go after the data space, and copies the run's content there,
+// unless it already is in place (the tree's own data file is the image).
+func (w *writer) place(r fstree.Run, n int64) ([]piece, error) {
+	var out []piece
+	put := func(p piece, done int64) error {
+		out = append(out, p)
+		from := done * blockSize
+		length := min(p.length*blockSize, r.Length-from)
+		if w.take && r.File == 0 && p.start*blockSize == r.DataOffset+from {
+			return nil
+		}
+		return w.copyData(w.srcs[r.File], p.start*blockSize, r.DataOffset+from, length)
+	}
+	v := r.Virtual / blockSize
+	for done := int64(0); done < n; {
+		b := v + done
+		if end := w.alloc.reservedEnd(b); end != b {
+			moved, err := w.alloc.blocks(min(end-b, n-done))
+			if err != nil {
+				return nil, err
+			}
+			for _, p := range moved {
+				if err := put(p, done); err != nil {
+					return nil, err
+				}
+				done += p.length
+			}
+			continue
+		}
+		k := min(n-done, w.alloc.nextReserved(b)-b)
+		w.alloc.mark(b, k)
+		if err := put(piece{b, k}, done); err != nil {
+			return nil, err
+		}
+		done += k
+	}
+	return out, nil
 }
 
 func (w *writer) copyData(src *os.File, at, from, n int64) error {
@@ -511,6 +569,25 @@ func (r *window) read(f *os.File, from, n int64) ([]byte, error) {
 		}
 	}
 	return r.buf[from-r.off : from-r.off+n], nil
+}
+
+// punchFree turns the free blocks below end into holes.
+func (w *writer) punchFree(end int64) error {
+	for b := int64(0); b < end; {
+		if w.alloc.used(b) {
+			b++
+			continue
+		}
+		start := b
+		for b < end && !w.alloc.used(b) {
+			b++
+		}
+		err := unix.Fallocate(int(w.out.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, start*blockSize, (b-start)*blockSize)
+		if err != nil {
+			return fmt.Errorf("freeing replaced contents: %w", err)
+		}
+	}
+	return nil
 }
 
 // putInode checksums an inode and adds it to its inode table.

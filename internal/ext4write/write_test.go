@@ -465,3 +465,67 @@ func TestManyInodes(t *testing.T) {
 		t.Errorf("expected groups smaller than 32768 blocks:\n%s", out)
 	}
 }
+
+// TestSameBytesWherever: the image does not depend on where the tree
+// keeps the contents (its own data file, or stored layer tars as kiln
+// serve keeps them) nor on whether the writer turns the tree's data file
+// into the image; what later layers replaced reads as zeros.
+func TestSameBytesWherever(t *testing.T) {
+	layers := edgeLayers()
+	opts := ext4.Options{Identity: "wherever", NoSync: true}
+	copied := write(t, layers, opts)
+
+	tree, work := newTree(t, layers, false)
+	taken := filepath.Join(work, "taken.ext4")
+	opts.TakeData = true
+	if _, err := Write(context.Background(), tree, taken, opts); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(tree.DataFiles()[0]); !os.IsNotExist(err) {
+		t.Errorf("the tree's data file is still there: %v", err)
+	}
+
+	work = t.TempDir()
+	stored, err := fstree.New("", filepath.Join(work, "data"), time.Unix(0, 0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, l := range layers {
+		tarFile := filepath.Join(work, fmt.Sprintf("layer%d.tar", i))
+		if err := os.WriteFile(tarFile, tarOf(t, l), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		f, err := os.Open(tarFile)
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = stored.ApplyStored(context.Background(), f, fmt.Sprintf("layer%d", i), tarFile)
+		f.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	fromTars := filepath.Join(work, "stored.ext4")
+	if _, err := Write(context.Background(), stored, fromTars, opts); err != nil {
+		t.Fatal(err)
+	}
+
+	want, _ := os.ReadFile(copied)
+	for _, img := range []string{taken, fromTars} {
+		got, err := os.ReadFile(img)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, want) {
+			for i := range got {
+				if got[i] != want[i] {
+					t.Errorf("%s differs from the image written by copying, first at byte %d (block %d)", filepath.Base(img), i, i/blockSize)
+					break
+				}
+			}
+		}
+	}
+	if err := ext4.Check(context.Background(), taken); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -249,7 +249,7 @@ func (a *applier) entry(hdr *tar.Header, r io.Reader) error {
 			return err
 		}
 		n := a.attach(parent, base, in)
-		return a.writeFile(a.t.StagingPath(n), in, r, a.inPlace(hdr), hdr.Size)
+		return a.writeFile(a.t.StagingPath(n), in, r, a.inPlace(hdr))
 
 	case tar.TypeSymlink:
 		if hdr.Linkname == "" {
@@ -571,13 +571,13 @@ func headerXattrs(hdr *tar.Header) (map[string]string, error) {
 // writeFile stages a regular file: a placeholder at path, and where its
 // content is, as runs that leave out whole zero blocks so that sparse
 // files stay sparse. The content is either left in place in the stored
-// layer tar or appended to the tree's own data file. It
-// sets in's Size, Data and Blocks.
+// layer tar or written to the tree's own data file. It sets in's Size,
+// Data and Blocks.
 //
 // The placeholder holds no data but carries the size, mode (kept readable
 // by its owner) and times, so that mke2fs already writes most of the
 // inode right and the builder's metadata script has less to change.
-func (a *applier) writeFile(path string, in *Inode, r io.Reader, inPlace bool, sizeHint int64) (err error) {
+func (a *applier) writeFile(path string, in *Inode, r io.Reader, inPlace bool) (err error) {
 	var f *os.File
 	if a.t.staged() {
 		f, err = os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL|unix.O_NOFOLLOW, 0o600)
@@ -602,9 +602,6 @@ func (a *applier) writeFile(path string, in *Inode, r io.Reader, inPlace bool, s
 		}
 		a.data = &appender{f: f, off: a.t.dataEnd, buf: make([]byte, 0, 4<<20)}
 	}
-	if !inPlace && sizeHint >= alignAbove {
-		a.t.dataEnd = (a.t.dataEnd + blockSize - 1) / blockSize * blockSize
-	}
 	var (
 		size int64
 		runs []Run
@@ -620,19 +617,19 @@ func (a *applier) writeFile(path string, in *Inode, r io.Reader, inPlace bool, s
 			}
 			off := size + int64(runStart)
 			length := int64(end - runStart)
+			virtual := a.t.dataEnd
+			a.t.dataEnd += (length + blockSize - 1) / blockSize * blockSize
 			at := base + off
 			if !inPlace {
-				// Packed: holes take no room in the data file.
-				at = a.t.dataEnd
+				at = virtual
 				if err := a.data.writeAt(data[runStart:end], at); err != nil {
 					return fmt.Errorf("data file: %w", err)
 				}
-				a.t.dataEnd += length
 			}
 			if k := len(runs) - 1; k >= 0 && runs[k].Offset+runs[k].Length == off && runs[k].DataOffset+runs[k].Length == at {
 				runs[k].Length += length
 			} else {
-				runs = append(runs, Run{Offset: off, Length: length, File: file, DataOffset: at})
+				runs = append(runs, Run{Offset: off, Length: length, File: file, DataOffset: at, Virtual: virtual})
 			}
 			runStart = -1
 			return nil
@@ -715,15 +712,9 @@ func (a *applier) inPlace(hdr *tar.Header) bool {
 	return true
 }
 
-// alignAbove is the size from which a file's content starts on a block
-// boundary of the tree's data file, where the kernel can share its
-// blocks with the image's (a reflink); smaller ones are packed end to
-// end.
-const alignAbove = 64 << 10
-
 // appender buffers the contents appended to the tree's own data file, so
-// that small files cost no system call each; the alignment padding
-// before a large file is written as zeros.
+// that small files cost no system call each; the rest of a file's last
+// block is written as zeros.
 type appender struct {
 	f   *os.File
 	off int64 // where buf goes
@@ -732,10 +723,12 @@ type appender struct {
 
 func (w *appender) writeAt(p []byte, at int64) error {
 	end := w.off + int64(len(w.buf))
-	if at < end || at-end >= blockSize {
-		return fmt.Errorf("data file: write at %d does not follow %d", at, end)
+	if at < end {
+		return fmt.Errorf("data file: write at %d before %d", at, end)
 	}
-	if len(w.buf)+int(at-end)+len(p) > cap(w.buf) {
+	// The rest of the last block is padded; a larger gap (contents kept
+	// in a stored layer) stays a hole.
+	if at-end >= blockSize || len(w.buf)+int(at-end)+len(p) > cap(w.buf) {
 		if err := w.flush(); err != nil {
 			return err
 		}

@@ -4,8 +4,8 @@
 // writer only, a staging directory holding its names.
 //
 // The contents stay where they are when the layer tar is stored
-// uncompressed (ApplyStored), or go, packed (holes take no room), into
-// the tree's own data file; either way the ext4 writer
+// uncompressed (ApplyStored), or go into the tree's own data file, each
+// file's on a block boundary, holes left out; either way the ext4 writer
 // copies them straight to the blocks the image gives each file, leaving
 // holes where the content has whole zero blocks.
 //
@@ -90,10 +90,18 @@ type Inode struct {
 // offset Offset, stored at DataOffset in data file File (an index into
 // Tree.DataFiles). Offset is a multiple of the block size, and so is
 // Length except where the run ends the file.
+//
+// Virtual is where the run lies in the tree's data space: every run of
+// every file the layers held, in the order they came, each on a block
+// boundary, holes left out. It depends on the layers only, not on where
+// their contents are kept, so a writer can lay files out by it and get
+// the same image either way. The tree's own data file mirrors it: a run
+// kept there has DataOffset equal to Virtual.
 type Run struct {
 	Offset, Length int64
 	File           int
 	DataOffset     int64
+	Virtual        int64
 }
 
 // XattrNames returns the extended attribute names in a stable order.
@@ -173,7 +181,7 @@ type Tree struct {
 	root    *Node
 	staging string
 	data    []string // data files; the first is the tree's own
-	dataEnd int64    // where the next file's content goes in data[0]
+	dataEnd int64    // the end of the data space (see Run.Virtual)
 	epoch   time.Time
 	layers  int
 }
@@ -224,6 +232,10 @@ func (t *Tree) StagingDir() string { return t.staging }
 // DataFiles returns the files holding the contents of the regular files
 // (see Run.File).
 func (t *Tree) DataFiles() []string { return t.data }
+
+// DataSpace returns the size of the tree's data space (see Run.Virtual),
+// a multiple of the block size.
+func (t *Tree) DataSpace() int64 { return t.dataEnd }
 
 // Epoch returns the time given to entries no layer describes.
 func (t *Tree) Epoch() time.Time { return t.epoch }
