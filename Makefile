@@ -80,8 +80,14 @@ test: deps-test build guest containerd
 test-unit:
 	$(GO) test -count=1 ./internal/... ./plugin/... ./config/...
 
+# BENCH picks benchmarks by name (make bench BENCH=Shapes); -v prints
+# their logs (BenchmarkShapes' table) in full. KILN_BENCH_SHAPES picks
+# image shapes and KILN_BENCH_TABLE names a file for the shapes table.
+# All of them take 20-30 minutes on 2 cores, fixtures cached.
+BENCH ?= .
+BENCHTIME ?= 3x
 bench: deps-test build guest containerd
-	$(GO) test -count=1 -run '^$$' -bench . -benchtime 3x -timeout 60m ./integration/
+	$(GO) test -count=1 -v -run '^$$' -bench '$(BENCH)' -benchtime $(BENCHTIME) -timeout 60m ./integration/
 
 clean:
 	rm -rf $(BIN) .cache

@@ -35,6 +35,7 @@ import (
 	"github.com/kilnfs/kiln/integration/ext4inspect"
 	"github.com/kilnfs/kiln/integration/testimage"
 	"github.com/kilnfs/kiln/integration/testregistry"
+	"github.com/kilnfs/kiln/internal/ext4read/ext4test"
 )
 
 func inspect(t *testing.T, image string) *ext4inspect.FS {
@@ -1077,5 +1078,39 @@ func TestConvertHostsToml(t *testing.T) {
 	msg := convertFails(t, "registry.invalid/mirrored/app:v1", filepath.Join(t.TempDir(), "x.ext4"), t.TempDir(), "--hosts-dir", "")
 	if !strings.Contains(msg, "registry.invalid") {
 		t.Errorf("without the mirror the error should name the registry: %s", msg)
+	}
+}
+
+// TestWritersAgree converts real images, the edge-case image and Debian
+// minbase (with kiln's guest pieces injected), with kiln's own writer
+// and with e2fsprogs: both outputs pass e2fsck and hold the same tree,
+// entry by entry, as debugfs reads them.
+func TestWritersAgree(t *testing.T) {
+	for name, ref := range map[string]func() string{
+		"edge":    func() string { return mustPush(t, "writers/edge:v1", mustBuild(t, edgeImage(t))) },
+		"minbase": func() string { return minbaseRef(t) },
+	} {
+		t.Run(name, func(t *testing.T) {
+			src := ref()
+			dir := t.TempDir()
+			var desc [2]map[string]string
+			for i, writer := range []string{"kiln", "e2fsprogs"} {
+				out := filepath.Join(dir, writer+".ext4")
+				convert(t, src, out, filepath.Join(dir, "cache-"+writer), "--writer", writer, "--inject", "init")
+				fsck(t, out)
+				desc[i] = ext4test.Describe(t, out)
+			}
+			for _, p := range slices.Sorted(maps.Keys(desc[1])) {
+				if got, want := desc[0][p], desc[1][p]; got != want {
+					t.Errorf("%s:\n  kiln:      %q\n  e2fsprogs: %q", p, got, want)
+				}
+			}
+			for p := range desc[0] {
+				if _, ok := desc[1][p]; !ok {
+					t.Errorf("%s: only in kiln's image", p)
+				}
+			}
+			t.Logf("%d entries agree", len(desc[1]))
+		})
 	}
 }

@@ -26,6 +26,14 @@ func CacheDir() string {
 	return filepath.Join(os.TempDir(), "kiln-test")
 }
 
+// Cached returns dir, built once with make (into a temporary sibling,
+// renamed into place) and kept between runs; concurrent test processes
+// wait for each other. Name dir under CacheDir() and change the name when
+// what make writes changes.
+func Cached(dir string, make func(tmp string) error) (string, error) {
+	return cached(dir, make)
+}
+
 // cached builds dir once with make (into a temporary sibling, renamed into
 // place), serialised across processes by a lock file.
 func cached(dir string, make func(tmp string) error) (string, error) {
