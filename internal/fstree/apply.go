@@ -715,6 +715,9 @@ func (a *applier) inPlace(hdr *tar.Header) bool {
 // appender buffers the contents appended to the tree's own data file, so
 // that small files cost no system call each; the rest of a file's last
 // block is written as zeros.
+// directWrite is the size from which contents skip the buffer.
+const directWrite = 256 << 10
+
 type appender struct {
 	f   *os.File
 	off int64 // where buf goes
@@ -728,13 +731,13 @@ func (w *appender) writeAt(p []byte, at int64) error {
 	}
 	// The rest of the last block is padded; a larger gap (contents kept
 	// in a stored layer) stays a hole.
-	if at-end >= blockSize || len(w.buf)+int(at-end)+len(p) > cap(w.buf) {
+	if at-end >= blockSize || len(w.buf)+int(at-end)+len(p) > cap(w.buf) || len(p) >= directWrite {
 		if err := w.flush(); err != nil {
 			return err
 		}
 		w.off, end = at, at
 	}
-	if len(p) > cap(w.buf) {
+	if len(p) >= directWrite {
 		_, err := w.f.WriteAt(p, at)
 		w.off += int64(len(p))
 		return err
