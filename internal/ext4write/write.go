@@ -3,15 +3,22 @@
 // privileges, and the same bytes for the same tree and options on any
 // machine.
 //
-// The layout is fixed and simple. Inodes are numbered in the tree's walk
-// order (parents first, names sorted). All group metadata (bitmaps and
-// inode tables, flex_bg) sits at the start, then the journal, then each
-// inode's blocks in inode order: a directory's blocks, a file's data, its
-// extent tree and attribute block. Blocks are handed out in ascending
-// order, so metadata goes out through a sequential buffer, and large file
-// contents move with kernel-side copies from the tree's data files (the
-// stored, verified layer tars) into their blocks. Whatever the image
-// leaves free stays a hole in the output file.
+// The layout is fixed and simple. File contents come first, each run
+// where the tree's data space has it (fstree.Run.Virtual: the order the
+// layers hold the files), so that the image does not depend on where the
+// contents were kept, and a build that owns its tree can make the tree's
+// data file the image without copying a byte (ext4.Options.TakeData).
+// Only the blocks that fall on a superblock copy move, to after the data
+// space. Then come the group metadata (bitmaps and inode tables,
+// flex_bg), the journal, and each inode's other blocks in inode order
+// (inodes are numbered in the tree's walk order, parents first, names
+// sorted): directories, extent tree and attribute blocks. Blocks are
+// handed out in ascending order, so metadata goes out through a
+// sequential buffer, and contents not in place move with kernel-side
+// copies from the tree's data files (the stored, verified layer tars).
+// Whatever the image leaves free stays a hole in the output file. When
+// the size asked for cannot hold the data space with the gaps replaced
+// contents left, the data space is packed instead.
 package ext4write
 
 import (
@@ -22,6 +29,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"sort"
 	"strings"
 	"time"
 
@@ -47,7 +55,9 @@ type writer struct {
 	g      geometry
 	alloc  *allocator
 	out    *os.File
-	take   bool // out is the tree's own data file (ext4.Options.TakeData)
+	take   bool     // out is the tree's own data file (ext4.Options.TakeData)
+	space  int64    // blocks of the data space, which comes first
+	packed *packing // the data space without gaps, if it did not fit
 	srcs   []*os.File
 	window window    // small reads from srcs
 	meta   seqWriter // metadata and small contents, in block order
@@ -69,8 +79,59 @@ type writer struct {
 
 // Write writes the tree as an ext4 image to out, which must not exist.
 func Write(ctx context.Context, tree *fstree.Tree, out string, opts ext4.Options) (ext4.Result, error) {
+	res, err := writeImage(ctx, tree, out, opts, nil)
+	if errors.Is(err, errNoSpace) && opts.Size != 0 {
+		// The data space keeps room for what later layers replaced;
+		// without those gaps the content may fit the size asked for.
+		// The tree alone decides, so the bytes stay reproducible.
+		if p := pack(tree); p.end < tree.DataSpace()/blockSize {
+			opts.TakeData = false
+			res, err = writeImage(ctx, tree, out, opts, p)
+		}
+	}
+	if errors.Is(err, errNoSpace) && opts.Size != 0 {
+		err = fmt.Errorf("%w (%d MiB; --size auto fits the content)", err, opts.Size>>20)
+	}
+	return res, err
+}
+
+// packing maps the data space to one without the gaps that replaced
+// contents left: the first block of each run to where it goes.
+type packing struct {
+	at  map[int64]int64
+	end int64
+}
+
+func pack(tree *fstree.Tree) *packing {
+	type run struct{ virtual, blocks int64 }
+	var runs []run
+	seen := map[*fstree.Inode]bool{}
+	_ = tree.Walk(func(n *fstree.Node) error {
+		in := n.Inode()
+		if in.Type != fstree.TypeReg || seen[in] {
+			return nil
+		}
+		seen[in] = true
+		for _, r := range in.Data {
+			runs = append(runs, run{r.Virtual / blockSize, (r.Length + blockSize - 1) / blockSize})
+		}
+		return nil
+	})
+	sort.Slice(runs, func(i, j int) bool { return runs[i].virtual < runs[j].virtual })
+	p := &packing{at: make(map[int64]int64, len(runs))}
+	for _, r := range runs {
+		p.at[r.virtual] = p.end
+		p.end += r.blocks
+	}
+	return p
+}
+
+func writeImage(ctx context.Context, tree *fstree.Tree, out string, opts ext4.Options, packed *packing) (ext4.Result, error) {
 	stats := tree.Stats()
 	space := tree.DataSpace() / blockSize
+	if packed != nil {
+		space = packed.end
+	}
 	size := opts.Size
 	if size == 0 {
 		// Room for the data space, which holds what later layers
@@ -78,7 +139,7 @@ func Write(ctx context.Context, tree *fstree.Tree, out string, opts ext4.Options
 		const mib = 1 << 20
 		size = (ext4.AutoSize(stats) + (space-stats.DataBlocks)*blockSize + mib - 1) / mib * mib
 	}
-	w := &writer{tree: tree, opts: opts, epoch: tree.Epoch(), numbers: map[*fstree.Inode]uint32{}}
+	w := &writer{tree: tree, opts: opts, epoch: tree.Epoch(), numbers: map[*fstree.Inode]uint32{}, space: space, packed: packed}
 	if err := w.number(); err != nil {
 		return ext4.Result{}, err
 	}
@@ -103,7 +164,7 @@ func Write(ctx context.Context, tree *fstree.Tree, out string, opts ext4.Options
 	}
 
 	if space > g.blocks {
-		return ext4.Result{}, fmt.Errorf("%w: the files' data needs %d MiB", errNoSpace, space*blockSize>>20)
+		return ext4.Result{}, fmt.Errorf("%w: the layers' data needs %d MiB", errNoSpace, space*blockSize>>20)
 	}
 	var f *os.File
 	w.take = opts.TakeData && len(tree.DataFiles()) > 0
@@ -137,9 +198,6 @@ func Write(ctx context.Context, tree *fstree.Tree, out string, opts ext4.Options
 	if err != nil {
 		if !w.take {
 			os.Remove(out)
-		}
-		if errors.Is(err, errNoSpace) {
-			err = fmt.Errorf("%w (%d MiB; --size auto fits the content)", err, size>>20)
 		}
 		return ext4.Result{}, err
 	}
@@ -212,7 +270,7 @@ func (w *writer) write(ctx context.Context) error {
 	}
 	w.alloc = newAllocator(w.g)
 	// The data space comes first (see place); everything else after it.
-	w.alloc.next = w.tree.DataSpace() / blockSize
+	w.alloc.next = w.space
 	var err error
 	if w.blockBitmaps, err = w.alloc.contiguous(w.g.groups); err != nil {
 		return err
@@ -268,7 +326,7 @@ func (w *writer) write(ctx context.Context) error {
 	if w.take {
 		// What later layers replaced reads as zeros, as it would in an
 		// image written afresh.
-		if err := w.punchFree(w.tree.DataSpace() / blockSize); err != nil {
+		if err := w.punchFree(w.space); err != nil {
 			return err
 		}
 	}
@@ -488,10 +546,10 @@ func (w *writer) fileData(ctx context.Context, in *fstree.Inode) ([]extent, erro
 	return extentsFor(spans, pieces), nil
 }
 
-// place puts the n blocks of a run where the data space has them (see
-// fstree.Run.Virtual), except those that fall on a superblock copy,
-// which go after the data space, and copies the run's content there,
-// unless it already is in place (the tree's own data file is the image).
+// place puts the n blocks of a run where the data space (packed, if it
+// is) has them, except those that fall on a superblock copy, which go
+// after the data space, and copies the run's content there, unless it
+// already is in place (the tree's own data file is the image).
 func (w *writer) place(r fstree.Run, n int64) ([]piece, error) {
 	var out []piece
 	put := func(p piece, done int64) error {
@@ -504,6 +562,9 @@ func (w *writer) place(r fstree.Run, n int64) ([]piece, error) {
 		return w.copyData(w.srcs[r.File], p.start*blockSize, r.DataOffset+from, length)
 	}
 	v := r.Virtual / blockSize
+	if w.packed != nil {
+		v = w.packed.at[v]
+	}
 	for done := int64(0); done < n; {
 		b := v + done
 		if end := w.alloc.reservedEnd(b); end != b {

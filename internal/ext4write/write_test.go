@@ -529,3 +529,47 @@ func TestSameBytesWherever(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestSizeWithReplacedContent: an explicit size need not hold what later
+// layers replaced; the data space is packed then, the same way whichever
+// mode writes it.
+func TestSizeWithReplacedContent(t *testing.T) {
+	ext4test.Require(t)
+	layers := []layer{{reg("big", 0o644, string(ext4test.Pattern(40<<20, 4)))}, {reg("big", 0o644, "tiny")}}
+	var imgs []string
+	for _, take := range []bool{false, true} {
+		tree, work := newTree(t, layers, false)
+		out := filepath.Join(work, "out.ext4")
+		if _, err := Write(context.Background(), tree, out, ext4.Options{Identity: "packed", Size: 32 << 20, TakeData: take}); err != nil {
+			t.Fatal(err)
+		}
+		if err := ext4.Check(context.Background(), out); err != nil {
+			t.Fatal(err)
+		}
+		imgs = append(imgs, out)
+	}
+	a, _ := os.ReadFile(imgs[0])
+	b, _ := os.ReadFile(imgs[1])
+	if !bytes.Equal(a, b) {
+		t.Error("the packed image depends on TakeData")
+	}
+	if got := ext4test.Describe(t, imgs[0])["big"]; !strings.Contains(got, "Size: 4") {
+		t.Errorf("big: %q", got)
+	}
+}
+
+// TestAutoSizeXattrs: inodes whose attributes just miss the room in the
+// inode each need a block, which the automatic size counts.
+func TestAutoSizeXattrs(t *testing.T) {
+	ext4test.Require(t)
+	var l layer
+	for i := 0; i < 22000; i++ {
+		h := reg(fmt.Sprintf("d%02d/f%05d", i%20, i), 0o644, "")
+		h.PAXRecords["SCHILY.xattr.user.a"] = strings.Repeat("v", 70)
+		l = append(l, h)
+	}
+	img := write(t, []layer{l}, ext4.Options{Identity: "xattrs"})
+	if err := ext4.Check(context.Background(), img); err != nil {
+		t.Fatal(err)
+	}
+}
