@@ -1081,14 +1081,16 @@ func TestConvertHostsToml(t *testing.T) {
 	}
 }
 
-// TestWritersAgree converts real images, the edge-case image and Debian
-// minbase (with kiln's guest pieces injected), with kiln's own writer
-// and with e2fsprogs: both outputs pass e2fsck and hold the same tree,
-// entry by entry, as debugfs reads them.
+// TestWritersAgree converts the suite's images (the edge-case images,
+// busybox and Debian minbase, with kiln's guest pieces injected) with
+// kiln's own writer and with e2fsprogs: both outputs pass e2fsck and hold
+// the same tree, entry by entry, as debugfs reads them.
 func TestWritersAgree(t *testing.T) {
 	for name, ref := range map[string]func() string{
-		"edge":    func() string { return mustPush(t, "writers/edge:v1", mustBuild(t, edgeImage(t))) },
-		"minbase": func() string { return minbaseRef(t) },
+		"edge":            func() string { return mustPush(t, "writers/edge:v1", mustBuild(t, edgeImage(t))) },
+		"containerd-edge": func() string { return mustPush(t, "writers/ctd-edge:v1", mustBuild(t, ctdEdgeImage(t, true))) },
+		"busybox":         func() string { return mustPush(t, "writers/busybox:v1", busyboxImage(t, v1.Config{})) },
+		"minbase":         func() string { return minbaseRef(t) },
 	} {
 		t.Run(name, func(t *testing.T) {
 			src := ref()
