@@ -331,6 +331,27 @@ func ctdWalkingMtimes(edge bool) map[string]string {
 	return m
 }
 
+// TestContainerdPullE2fsprogsWriter pulls the edge-case image into kiln
+// serve configured with the e2fsprogs writer: the export is what kiln
+// convert --writer e2fsprogs gives, byte for byte.
+func TestContainerdPullE2fsprogsWriter(t *testing.T) {
+	needRoot(t, "containerd and kiln serve run as root")
+	ref := mustPush(t, "ctd-edge-e2fsprogs:v1", mustBuild(t, ctdEdgeImage(t, true)))
+	e := startContainerd(t, testcontainerd.Options{Writer: "e2fsprogs"})
+	dir := t.TempDir()
+	want := filepath.Join(dir, "convert.ext4")
+	convert(t, ref, want, filepath.Join(dir, "cache"), "--writer", "e2fsprogs")
+	if out, err := ctrRun(t, e, ctdPullArgs("e2fsprogs", ref, false)...); err != nil {
+		t.Fatalf("pull: %v\n%s", err, ctdTail(out, 4000))
+	}
+	out := filepath.Join(dir, "export.ext4")
+	ctdExport(t, e, "e2fsprogs", ref, out)
+	fsck(t, out)
+	if got, w := fileSHA(t, out), fileSHA(t, want); got != w {
+		t.Errorf("kiln export with the e2fsprogs writer: sha256 %s, kiln convert --writer e2fsprogs: %s", got, w)
+	}
+}
+
 // TestContainerdPull pulls the minbase image and the edge-case image into
 // the kiln snapshotter through containerd's transfer service, with
 // client-side unpacking (--local), and with containerd's walking differ

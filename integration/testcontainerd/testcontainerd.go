@@ -115,6 +115,8 @@ type Options struct {
 	BlockDevices bool
 	// Inject lists the guest pieces kiln adds to every image.
 	Inject []string
+	// Writer is kiln's ext4 writer ("" for kiln's default).
+	Writer string
 	// ContainerMode is kiln's container mode ("" for kiln's default).
 	ContainerMode string
 	// UnusedDiskGrace is kiln's grace for disks nothing needs ("" for
@@ -212,9 +214,15 @@ func Start(opts Options) (_ *Env, err error) {
 	if opts.UnusedDiskGrace != "" {
 		kcfg += fmt.Sprintf("unused_disk_grace = %q\n", opts.UnusedDiskGrace)
 	}
+	if len(opts.Inject) > 0 || opts.Writer != "" {
+		kcfg += "\n[build]\n"
+	}
 	if len(opts.Inject) > 0 {
 		pieces, _ := json.Marshal(opts.Inject) // a TOML array of strings too
-		kcfg += fmt.Sprintf("\n[build]\ninject = %s\n", pieces)
+		kcfg += fmt.Sprintf("inject = %s\n", pieces)
+	}
+	if opts.Writer != "" {
+		kcfg += fmt.Sprintf("writer = %q\n", opts.Writer)
 	}
 	if err := os.WriteFile(e.KilnConfig, []byte(kcfg), 0o600); err != nil {
 		return nil, err
