@@ -75,6 +75,7 @@ type writer struct {
 	dirsIn                     []uint32
 	rootLinks                  uint32
 	journal                    [60]byte // the journal inode's i_block
+	raw                        [inodeSize]byte
 }
 
 // Write writes the tree as an ext4 image to out, which must not exist.
@@ -385,7 +386,8 @@ var fileTypes = map[fstree.Type]uint8{
 func (w *writer) inode(ctx context.Context, ino uint32, e entry, dirIno func(*fstree.Node) uint32) ([]byte, error) {
 	le := binary.LittleEndian
 	in := e.inode
-	raw := make([]byte, inodeSize)
+	raw := w.raw[:] // copied into the inode table by putInode
+	clear(raw)
 	le.PutUint16(raw[0x0:], modeBits[in.Type]|uint16(in.Mode&0o7777))
 	le.PutUint16(raw[0x2:], uint16(in.UID))
 	le.PutUint16(raw[0x78:], uint16(in.UID>>16))
