@@ -20,6 +20,7 @@ import (
 	"github.com/kilnfs/kiln/internal/ext4"
 	"github.com/kilnfs/kiln/internal/ext4read/ext4test"
 	"github.com/kilnfs/kiln/internal/fstree"
+	"github.com/kilnfs/kiln/internal/testenv"
 )
 
 // layer is a tar built from headers; a header's content is its PAX
@@ -357,7 +358,7 @@ func TestNoSpace(t *testing.T) {
 // kernel: the names of the hashed directories resolve, contents match.
 func TestKernelReads(t *testing.T) {
 	if os.Geteuid() != 0 {
-		t.Skip("mounting an image needs root")
+		testenv.Unavailable(t, "mounting an image needs root")
 	}
 	img := write(t, edgeLayers(), ext4.Options{Identity: "kernel"})
 	mnt := t.TempDir()
