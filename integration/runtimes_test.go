@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/containerd/containerd/v2/core/content"
+	"github.com/containerd/containerd/v2/core/leases"
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/pkg/rootfs"
@@ -368,6 +369,16 @@ func commitLayer(t *testing.T, e *testcontainerd.Env, ns, key string) v1.Layer {
 	desc, err := rootfs.CreateDiff(ctx, key, client.SnapshotService("kiln"), client.DiffService())
 	if err != nil {
 		t.Fatalf("diff of %s: %v", key, err)
+	}
+	// Garbage collection right away must not take the diff: the caller's
+	// lease does not reach kiln, which leases the blob itself.
+	lm := client.LeasesService()
+	gc, err := lm.Create(ctx, leases.WithRandomID())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := lm.Delete(ctx, gc, leases.SynchronousDelete); err != nil {
+		t.Fatal(err)
 	}
 	info, err := client.ContentStore().Info(ctx, desc.Digest)
 	if err != nil || info.Labels["containerd.io/uncompressed"] == "" {

@@ -6,9 +6,11 @@ import (
 	"encoding/hex"
 	"fmt"
 	"io"
+	"time"
 
 	"github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/containerd/v2/core/diff"
+	"github.com/containerd/containerd/v2/core/leases"
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/pkg/archive/compression"
 	"github.com/containerd/containerd/v2/pkg/epoch"
@@ -61,7 +63,11 @@ func (d *Differ) Compare(ctx context.Context, lower, upper []mount.Mount, opts .
 	if err != nil {
 		return ocispec.Descriptor{}, err
 	}
-	desc, err := d.writeLayer(outgoing(ctx), cfg, layer)
+	ctx, err = d.leased(outgoing(ctx))
+	if err != nil {
+		return ocispec.Descriptor{}, err
+	}
+	desc, err := d.writeLayer(ctx, cfg, layer)
 	if err != nil {
 		return ocispec.Descriptor{}, err
 	}
@@ -208,3 +214,24 @@ func (d *Differ) writeLayer(ctx context.Context, cfg diff.Config, layer func(con
 type nopCloser struct{ io.Writer }
 
 func (nopCloser) Close() error { return nil }
+
+// diffLease is how long a diff kiln writes outside any lease of the
+// caller's is kept from garbage collection: long enough for the caller
+// to reference it (in an image, or a lease of its own).
+const diffLease = 10 * time.Minute
+
+// leased returns ctx with a lease for the diff about to be written. A
+// caller's lease does not reach kiln (containerd's diff service does not
+// pass it on to a proxy differ), so without one of its own the blob
+// could be collected before the caller sees it. The lease expires by
+// itself.
+func (d *Differ) leased(ctx context.Context) (context.Context, error) {
+	if _, ok := leases.FromContext(ctx); ok || d.leases == nil {
+		return ctx, nil
+	}
+	l, err := d.leases.Create(ctx, leases.WithRandomID(), leases.WithExpiration(diffLease))
+	if err != nil {
+		return nil, fmt.Errorf("creating a lease for the diff: %w", err)
+	}
+	return leases.WithLease(ctx, l.ID), nil
+}

@@ -24,6 +24,7 @@ import (
 
 	"github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/containerd/v2/core/diff"
+	"github.com/containerd/containerd/v2/core/leases"
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/errdefs"
@@ -76,22 +77,28 @@ type Disks struct {
 type Differ struct {
 	snapshots Snapshots
 	content   content.Store
+	leases    leases.Manager
 	observe   func(d time.Duration, bytes int64, err error)
 }
 
 // New returns a differ reading and writing blobs in content (containerd's
-// content store, reached through its API). observe, if set, is told how
-// each apply went.
-func New(sn Snapshots, cs content.Store, observe func(d time.Duration, bytes int64, err error)) *Differ {
-	return &Differ{snapshots: sn, content: cs, observe: observe}
+// content store, reached through its API), protecting what it writes with
+// leases from lm. observe, if set, is told how each apply went.
+func New(sn Snapshots, cs content.Store, lm leases.Manager, observe func(d time.Duration, bytes int64, err error)) *Differ {
+	return &Differ{snapshots: sn, content: cs, leases: lm, observe: observe}
 }
 
-// outgoing passes the namespace of the request kiln serves on to
-// containerd: the content the differ reads and writes is the
-// namespace's.
+// outgoing passes the namespace and the lease of the request kiln serves
+// on to containerd: the content the differ reads and writes is the
+// namespace's, and what it writes belongs to the caller's lease (as with
+// containerd's own differs), so that garbage collection does not remove
+// a diff before the caller has referenced it.
 func outgoing(ctx context.Context) context.Context {
 	if ns, ok := namespaces.Namespace(ctx); ok {
-		return namespaces.WithNamespace(ctx, ns)
+		ctx = namespaces.WithNamespace(ctx, ns)
+	}
+	if l, ok := leases.FromContext(ctx); ok {
+		ctx = leases.WithLease(ctx, l)
 	}
 	return ctx
 }
