@@ -83,7 +83,7 @@ test-unit:
 # BENCH picks benchmarks by name (make bench BENCH=Shapes); -v prints
 # their logs (BenchmarkShapes' table) in full. KILN_BENCH_SHAPES picks
 # image shapes and KILN_BENCH_TABLE names a file for the shapes table.
-# All of them take 20-30 minutes on 2 cores, fixtures cached.
+# All of them take about 10 minutes on 2 cores, fixtures cached.
 BENCH ?= .
 BENCHTIME ?= 3x
 bench: deps-test build guest containerd
