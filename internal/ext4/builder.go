@@ -216,11 +216,18 @@ func JournalBlocks(blocks int64) int64 {
 
 // DeriveUUID makes a version-4-shaped UUID from a purpose and an identity.
 func DeriveUUID(purpose, identity string) string {
+	u := DeriveID(purpose, identity)
+	return fmt.Sprintf("%x-%x-%x-%x-%x", u[0:4], u[4:6], u[6:8], u[8:10], u[10:16])
+}
+
+// DeriveID is DeriveUUID's bytes.
+func DeriveID(purpose, identity string) [16]byte {
 	h := sha256.Sum256([]byte(purpose + "\x00" + identity))
-	u := h[:16]
+	var u [16]byte
+	copy(u[:], h[:16])
 	u[6] = u[6]&0x0f | 0x40
 	u[8] = u[8]&0x3f | 0x80
-	return fmt.Sprintf("%x-%x-%x-%x-%x", u[0:4], u[4:6], u[6:8], u[8:10], u[10:16])
+	return u
 }
 
 type builder struct {
@@ -421,15 +428,6 @@ func (b *builder) allocate(ctx context.Context) error {
 	return nil
 }
 
-var typeBits = map[fstree.Type]uint32{
-	fstree.TypeDir:     0o040000,
-	fstree.TypeReg:     0o100000,
-	fstree.TypeSymlink: 0o120000,
-	fstree.TypeFifo:    0o010000,
-	fstree.TypeChar:    0o020000,
-	fstree.TypeBlock:   0o060000,
-}
-
 // restoreMetadata writes every inode's owner, mode, size, times and
 // xattrs, the extra names of device nodes, and marks the files' extents
 // written, in one debugfs run.
@@ -446,7 +444,7 @@ func (b *builder) restoreMetadata(ctx context.Context, files []placement) error 
 		// Only what differs from what mke2fs wrote: setting a field to
 		// the value it has changes no byte.
 		have := decodeInode(n.raw)
-		if mode := uint16(typeBits[in.Type] | in.Mode); mode != have.mode {
+		if mode := uint16(in.Type.FileType() | in.Mode); mode != have.mode {
 			s.printf("sif <%d> mode 0%o", ino, mode)
 		}
 		if in.UID != have.uid {

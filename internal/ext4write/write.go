@@ -24,13 +24,11 @@ package ext4write
 import (
 	"context"
 	"encoding/binary"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
 	"os"
 	"sort"
-	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -68,7 +66,7 @@ type writer struct {
 	epoch  time.Time
 
 	entries []entry                  // from firstIno on, in number order
-	numbers map[*fstree.Inode]uint32 // non-directories, for hard links
+	numbers map[*fstree.Inode]uint32 // for directory entries
 
 	blockBitmaps, inodeBitmaps int64   // first block of each
 	itables                    []int64 // first block of each group's table
@@ -140,7 +138,8 @@ func writeImage(ctx context.Context, tree *fstree.Tree, out string, opts ext4.Op
 		const mib = 1 << 20
 		size = (ext4.AutoSize(stats) + (space-stats.DataBlocks)*blockSize + mib - 1) / mib * mib
 	}
-	w := &writer{tree: tree, opts: opts, epoch: tree.Epoch(), numbers: map[*fstree.Inode]uint32{}, space: space, packed: packed}
+	w := &writer{tree: tree, opts: opts, epoch: tree.Epoch(), space: space, packed: packed,
+		numbers: map[*fstree.Inode]uint32{tree.Root().Inode(): rootIno}}
 	if err := w.number(); err != nil {
 		return ext4.Result{}, err
 	}
@@ -152,14 +151,10 @@ func writeImage(ctx context.Context, tree *fstree.Tree, out string, opts ext4.Op
 	if used := int64(firstIno-1) + int64(len(w.entries)); used > int64(g.inodes()) {
 		return ext4.Result{}, fmt.Errorf("%w: %d inodes, the filesystem has room for %d", errNoSpace, used, g.inodes())
 	}
-	uuid := ext4.DeriveUUID("kiln.fs-uuid", opts.Identity)
-	if _, err := hex.Decode(w.uuid[:], []byte(strings.ReplaceAll(uuid, "-", ""))); err != nil {
-		return ext4.Result{}, err
-	}
+	w.uuid = ext4.DeriveID("kiln.fs-uuid", opts.Identity)
 	w.fsSeed = crc32c(^uint32(0), w.uuid[:])
 	w.dirs.fsSeed = w.fsSeed
-	var hs [16]byte
-	hex.Decode(hs[:], []byte(strings.ReplaceAll(ext4.DeriveUUID("kiln.hash-seed", opts.Identity), "-", "")))
+	hs := ext4.DeriveID("kiln.hash-seed", opts.Identity)
 	for i := range w.dirs.hashSeed {
 		w.dirs.hashSeed[i] = binary.LittleEndian.Uint32(hs[4*i:])
 	}
@@ -202,7 +197,7 @@ func writeImage(ctx context.Context, tree *fstree.Tree, out string, opts ext4.Op
 		}
 		return ext4.Result{}, err
 	}
-	return ext4.Result{Size: g.blocks * blockSize, Inodes: stats.Inodes, UUID: uuid}, nil
+	return ext4.Result{Size: g.blocks * blockSize, Inodes: stats.Inodes, UUID: ext4.DeriveUUID("kiln.fs-uuid", opts.Identity)}, nil
 }
 
 // number gives every inode of the tree its number, in walk order, and
@@ -216,6 +211,7 @@ func (w *writer) number() error {
 		}
 		if in.Type == fstree.TypeDir {
 			subdirs[n.Parent()]++
+			w.numbers[in] = uint32(firstIno + len(w.entries))
 			w.entries = append(w.entries, entry{inode: in, node: n})
 			return nil
 		}
@@ -290,13 +286,12 @@ func (w *writer) write(ctx context.Context) error {
 	// Reserved inodes first, the journal among them, then the root and
 	// the content: inode numbers only go up, so the tables are written
 	// in one sequential stream.
-	dirIno := w.dirNumbers()
 	for ino := uint32(1); ino < firstIno; ino++ {
 		var raw []byte
 		var err error
 		switch ino {
 		case rootIno:
-			raw, err = w.inode(ctx, ino, entry{inode: w.tree.Root().Inode(), node: w.tree.Root(), links: w.rootLinks}, dirIno)
+			raw, err = w.inode(ctx, ino, entry{inode: w.tree.Root().Inode(), node: w.tree.Root(), links: w.rootLinks})
 		case journalIno:
 			raw, err = w.journalInode()
 		default:
@@ -316,7 +311,7 @@ func (w *writer) write(ctx context.Context) error {
 			}
 		}
 		ino := uint32(firstIno + i)
-		raw, err := w.inode(ctx, ino, e, dirIno)
+		raw, err := w.inode(ctx, ino, e)
 		if err != nil {
 			return fmt.Errorf("ext4: %q: %w", "/"+e.node.Path(), err)
 		}
@@ -340,39 +335,6 @@ func (w *writer) write(ctx context.Context) error {
 	return w.itable.flush()
 }
 
-// dirNumbers returns a function giving a directory node's inode number.
-func (w *writer) dirNumbers() func(*fstree.Node) uint32 {
-	nums := make(map[*fstree.Node]uint32)
-	for i, e := range w.entries {
-		if e.inode.Type == fstree.TypeDir {
-			nums[e.node] = uint32(firstIno + i)
-		}
-	}
-	root := w.tree.Root()
-	return func(n *fstree.Node) uint32 {
-		if n == root {
-			return rootIno
-		}
-		return nums[n]
-	}
-}
-
-func (w *writer) numberOf(n *fstree.Node, dirIno func(*fstree.Node) uint32) uint32 {
-	if n.Inode().Type == fstree.TypeDir {
-		return dirIno(n)
-	}
-	return w.numbers[n.Inode()]
-}
-
-var modeBits = map[fstree.Type]uint16{
-	fstree.TypeDir:     0o040000,
-	fstree.TypeReg:     0o100000,
-	fstree.TypeSymlink: 0o120000,
-	fstree.TypeFifo:    0o010000,
-	fstree.TypeChar:    0o020000,
-	fstree.TypeBlock:   0o060000,
-}
-
 var fileTypes = map[fstree.Type]uint8{
 	fstree.TypeDir:     ftDir,
 	fstree.TypeReg:     ftReg,
@@ -383,12 +345,12 @@ var fileTypes = map[fstree.Type]uint8{
 }
 
 // inode lays out one inode's blocks, writes them, and returns the inode.
-func (w *writer) inode(ctx context.Context, ino uint32, e entry, dirIno func(*fstree.Node) uint32) ([]byte, error) {
+func (w *writer) inode(ctx context.Context, ino uint32, e entry) ([]byte, error) {
 	le := binary.LittleEndian
 	in := e.inode
 	raw := w.raw[:] // copied into the inode table by putInode
 	clear(raw)
-	le.PutUint16(raw[0x0:], modeBits[in.Type]|uint16(in.Mode&0o7777))
+	le.PutUint16(raw[0x0:], uint16(in.Type.FileType()|in.Mode&0o7777))
 	le.PutUint16(raw[0x2:], uint16(in.UID))
 	le.PutUint16(raw[0x78:], uint16(in.UID>>16))
 	le.PutUint16(raw[0x18:], uint16(in.GID))
@@ -409,11 +371,11 @@ func (w *writer) inode(ctx context.Context, ino uint32, e entry, dirIno func(*fs
 		ents := make([]dirent, 0, len(names))
 		for _, name := range names {
 			c := e.node.Child(name)
-			ents = append(ents, dirent{name: name, ino: w.numberOf(c, dirIno), ftype: fileTypes[c.Inode().Type]})
+			ents = append(ents, dirent{name: name, ino: w.numbers[c.Inode()], ftype: fileTypes[c.Inode().Type]})
 		}
 		parent := uint32(rootIno)
 		if p := e.node.Parent(); p != nil {
-			parent = dirIno(p)
+			parent = w.numbers[p.Inode()]
 		}
 		data, indexed, err := w.dirs.build(ino, parent, ents)
 		if err != nil {

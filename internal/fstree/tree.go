@@ -62,6 +62,26 @@ func (t Type) String() string {
 // unprivileged writer cannot create in the staging directory.
 func (t Type) IsDevice() bool { return t == TypeChar || t == TypeBlock }
 
+// FileType returns the file type bits of an inode's mode (S_IFMT), as
+// ext4 and stat(2) store them.
+func (t Type) FileType() uint32 {
+	switch t {
+	case TypeDir:
+		return 0o040000
+	case TypeReg:
+		return 0o100000
+	case TypeSymlink:
+		return 0o120000
+	case TypeFifo:
+		return 0o010000
+	case TypeChar:
+		return 0o020000
+	case TypeBlock:
+		return 0o060000
+	}
+	return 0
+}
+
 // Inode is the metadata of one file. Hard links share one Inode.
 type Inode struct {
 	Type     Type
