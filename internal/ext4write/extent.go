@@ -106,7 +106,7 @@ func (w *writer) extentTree(ino uint32, exts []extent, iblock []byte) (int64, er
 			}
 			tail := extentHead + 12*extentsInBlock
 			binary.LittleEndian.PutUint32(b[tail:], crc32c(seed, b[:tail]))
-			if err := w.meta.writeAt(b, blk*blockSize); err != nil {
+			if err := w.meta.WriteAt(b, blk*blockSize); err != nil {
 				return nil, err
 			}
 			used++

@@ -27,7 +27,7 @@ func (w *writer) journalInode() ([]byte, error) {
 	be.PutUint32(sb[0x18:], 1) // first sequence
 	copy(sb[0x30:], w.uuid[:])
 	be.PutUint32(sb[0x40:], 1) // users
-	if err := w.meta.writeAt(sb, pieces[0].start*blockSize); err != nil {
+	if err := w.meta.WriteAt(sb, pieces[0].start*blockSize); err != nil {
 		return nil, err
 	}
 
@@ -66,7 +66,7 @@ func (w *writer) finish() error {
 	for grp := int64(0); grp < g.groups; grp++ {
 		copy(bb, w.alloc.bitmap[grp*g.bpg/8:(grp+1)*g.bpg/8])
 		setPadding(bb, g.bpg)
-		if err := w.meta.writeAt(bb, (w.blockBitmaps+grp)*blockSize); err != nil {
+		if err := w.meta.WriteAt(bb, (w.blockBitmaps+grp)*blockSize); err != nil {
 			return err
 		}
 	}
@@ -79,7 +79,7 @@ func (w *writer) finish() error {
 			ib[i/8] |= 1 << (i % 8)
 		}
 		setPadding(ib, int64(g.ipg))
-		if err := w.meta.writeAt(ib, (w.inodeBitmaps+grp)*blockSize); err != nil {
+		if err := w.meta.WriteAt(ib, (w.inodeBitmaps+grp)*blockSize); err != nil {
 			return err
 		}
 		free := w.alloc.freeIn(grp)
@@ -131,10 +131,10 @@ func (w *writer) finish() error {
 		} else {
 			copy(block, sb)
 		}
-		if err := w.meta.writeAt(block, grp*g.bpg*blockSize); err != nil {
+		if err := w.meta.WriteAt(block, grp*g.bpg*blockSize); err != nil {
 			return err
 		}
-		if err := w.meta.writeAt(desc, (grp*g.bpg+1)*blockSize); err != nil {
+		if err := w.meta.WriteAt(desc, (grp*g.bpg+1)*blockSize); err != nil {
 			return err
 		}
 	}

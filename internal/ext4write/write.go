@@ -36,6 +36,7 @@ import (
 	"github.com/kilnfs/kiln/internal/clone"
 	"github.com/kilnfs/kiln/internal/ext4"
 	"github.com/kilnfs/kiln/internal/fstree"
+	"github.com/kilnfs/kiln/internal/seqwrite"
 )
 
 var errNoSpace = ext4.ErrNoSpace
@@ -57,9 +58,9 @@ type writer struct {
 	space  int64    // blocks of the data space, which comes first
 	packed *packing // the data space without gaps, if it did not fit
 	srcs   []*os.File
-	window window    // small reads from srcs
-	meta   seqWriter // metadata and small contents, in block order
-	itable seqWriter // inode tables, in inode order
+	window window           // small reads from srcs
+	meta   *seqwrite.Writer // metadata and small contents, in block order
+	itable *seqwrite.Writer // inode tables, in inode order
 	dirs   dirBuilder
 	fsSeed uint32
 	uuid   [16]byte
@@ -252,8 +253,8 @@ func dirLinks(subdirs uint32) uint32 {
 }
 
 func (w *writer) write(ctx context.Context) error {
-	w.meta = seqWriter{f: w.out, buf: make([]byte, 0, 4<<20)}
-	w.itable = seqWriter{f: w.out, buf: make([]byte, 0, 1<<20)}
+	w.meta = seqwrite.New(w.out, 4<<20)
+	w.itable = seqwrite.New(w.out, 1<<20)
 	w.window.buf = make([]byte, 0, 2<<20)
 	for _, name := range w.tree.DataFiles() {
 		s, err := os.Open(name)
@@ -329,10 +330,10 @@ func (w *writer) write(ctx context.Context) error {
 	if err := w.finish(); err != nil {
 		return err
 	}
-	if err := w.meta.flush(); err != nil {
+	if err := w.meta.Flush(); err != nil {
 		return err
 	}
-	return w.itable.flush()
+	return w.itable.Flush()
 }
 
 var fileTypes = map[fstree.Type]uint8{
@@ -391,7 +392,7 @@ func (w *writer) inode(ctx context.Context, ino uint32, e entry) ([]byte, error)
 		i := 0
 		for _, p := range pieces {
 			for b := p.start; b < p.start+p.length; b++ {
-				if err := w.meta.writeAt(data[i], b*blockSize); err != nil {
+				if err := w.meta.WriteAt(data[i], b*blockSize); err != nil {
 					return nil, err
 				}
 				i++
@@ -418,7 +419,7 @@ func (w *writer) inode(ctx context.Context, ino uint32, e entry) ([]byte, error)
 		}
 		b := make([]byte, blockSize)
 		copy(b, in.Target)
-		if err := w.meta.writeAt(b, pieces[0].start*blockSize); err != nil {
+		if err := w.meta.WriteAt(b, pieces[0].start*blockSize); err != nil {
 			return nil, err
 		}
 		exts = extentsFor([]span{{0, 1}}, pieces)
@@ -471,7 +472,7 @@ func (w *writer) xattrs(ino uint32, in *fstree.Inode, raw []byte, blocks *int64)
 		return err
 	}
 	blk := pieces[0].start
-	if err := w.meta.writeAt(xattrBlock(inBlock, blk, w.fsSeed), blk*blockSize); err != nil {
+	if err := w.meta.WriteAt(xattrBlock(inBlock, blk, w.fsSeed), blk*blockSize); err != nil {
 		return err
 	}
 	binary.LittleEndian.PutUint32(raw[0x68:], uint32(blk))
@@ -562,7 +563,7 @@ func (w *writer) copyData(src *os.File, at, from, n int64) error {
 	if err != nil {
 		return fmt.Errorf("reading content: %w", err)
 	}
-	return w.meta.writeAt(b, at)
+	return w.meta.WriteAt(b, at)
 }
 
 // window reads small contents from the data files through a buffer:
@@ -626,7 +627,7 @@ func (w *writer) putInode(ino uint32, raw []byte) error {
 		le.PutUint16(raw[0x82:], uint16(c>>16))
 	}
 	grp, idx := int64(ino-1)/int64(w.g.ipg), int64(ino-1)%int64(w.g.ipg)
-	return w.itable.writeAt(raw, w.itables[grp]*blockSize+idx*inodeSize)
+	return w.itable.WriteAt(raw, w.itables[grp]*blockSize+idx*inodeSize)
 }
 
 // putTime stores a time in an inode's seconds field and extra field.
@@ -634,44 +635,6 @@ func putTime(raw []byte, lo, extra int, t time.Time) {
 	l, x := ext4.EncodeTime(t)
 	binary.LittleEndian.PutUint32(raw[lo:], l)
 	binary.LittleEndian.PutUint32(raw[extra:], x)
-}
-
-// seqWriter buffers writes that mostly follow one another. A gap within
-// the block the last write ended in (the rest of a file's last block) is
-// filled with zeros; any other gap starts a new buffer, so the blocks it
-// skips, which may hold what another write put there, are never touched.
-type seqWriter struct {
-	f   *os.File
-	off int64
-	buf []byte
-}
-
-func (s *seqWriter) writeAt(p []byte, off int64) error {
-	end := s.off + int64(len(s.buf))
-	if len(s.buf) > 0 && off >= end && (off == end || off/blockSize == (end-1)/blockSize+1 && off%blockSize == 0 && end%blockSize != 0) &&
-		len(s.buf)+int(off-end)+len(p) <= cap(s.buf) {
-		s.buf = append(s.buf, zeros[:off-end]...)
-		s.buf = append(s.buf, p...)
-		return nil
-	}
-	if err := s.flush(); err != nil {
-		return err
-	}
-	if len(p) >= cap(s.buf) {
-		_, err := s.f.WriteAt(p, off)
-		return err
-	}
-	s.off, s.buf = off, append(s.buf[:0], p...)
-	return nil
-}
-
-func (s *seqWriter) flush() error {
-	if len(s.buf) == 0 {
-		return nil
-	}
-	_, err := s.f.WriteAt(s.buf, s.off)
-	s.buf = s.buf[:0]
-	return err
 }
 
 // Writer is this package as a build.Writer.

@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/kilnfs/kiln/internal/seqwrite"
 )
 
 // OCI whiteout markers (image-spec layer.md).
@@ -61,7 +63,11 @@ type applier struct {
 	layer int
 	name  string
 	buf   []byte
-	data  *appender // the tree's own data file, opened at the first content
+	// data is the tree's own data file, opened at the first content, and
+	// written through dataW: files come one after another, so small ones
+	// cost no system call each.
+	data  *os.File
+	dataW *seqwrite.Writer
 	// stored is the index in t.data of the file that holds the layer
 	// tar itself, -1 if none; pos counts the tar's bytes read so far.
 	stored int
@@ -96,7 +102,11 @@ func (t *Tree) apply(ctx context.Context, r io.Reader, layer, storedAt string) e
 	}
 	err := eachEntry(ctx, r, layer, a.entry)
 	if a.data != nil {
-		if cerr := a.data.close(); err == nil && cerr != nil {
+		cerr := a.dataW.Flush()
+		if ccerr := a.data.Close(); cerr == nil {
+			cerr = ccerr
+		}
+		if err == nil && cerr != nil {
 			err = fmt.Errorf("data file: %w", cerr)
 		}
 	}
@@ -596,11 +606,10 @@ func (a *applier) writeFile(path string, in *Inode, r io.Reader, inPlace bool) (
 		// there and nothing is written.
 		file, base = a.stored, a.pos.n
 	} else if a.data == nil {
-		f, err := os.OpenFile(a.t.data[0], os.O_WRONLY, 0)
-		if err != nil {
+		if a.data, err = os.OpenFile(a.t.data[0], os.O_WRONLY, 0); err != nil {
 			return fmt.Errorf("data file: %w", err)
 		}
-		a.data = &appender{f: f, off: a.t.dataEnd, buf: make([]byte, 0, 4<<20)}
+		a.dataW = seqwrite.New(a.data, 1<<20)
 	}
 	var (
 		size int64
@@ -622,7 +631,7 @@ func (a *applier) writeFile(path string, in *Inode, r io.Reader, inPlace bool) (
 			at := base + off
 			if !inPlace {
 				at = virtual
-				if err := a.data.writeAt(data[runStart:end], at); err != nil {
+				if err := a.dataW.WriteAt(data[runStart:end], at); err != nil {
 					return fmt.Errorf("data file: %w", err)
 				}
 			}
@@ -710,56 +719,6 @@ func (a *applier) inPlace(hdr *tar.Header) bool {
 		}
 	}
 	return true
-}
-
-// appender buffers the contents appended to the tree's own data file, so
-// that small files cost no system call each; the rest of a file's last
-// block is written as zeros.
-// directWrite is the size from which contents skip the buffer.
-const directWrite = 256 << 10
-
-type appender struct {
-	f   *os.File
-	off int64 // where buf goes
-	buf []byte
-}
-
-func (w *appender) writeAt(p []byte, at int64) error {
-	end := w.off + int64(len(w.buf))
-	if at < end {
-		return fmt.Errorf("data file: write at %d before %d", at, end)
-	}
-	// The rest of the last block is padded; a larger gap (contents kept
-	// in a stored layer) stays a hole.
-	if at-end >= blockSize || len(w.buf)+int(at-end)+len(p) > cap(w.buf) || len(p) >= directWrite {
-		if err := w.flush(); err != nil {
-			return err
-		}
-		w.off, end = at, at
-	}
-	if len(p) >= directWrite {
-		_, err := w.f.WriteAt(p, at)
-		w.off += int64(len(p))
-		return err
-	}
-	w.buf = append(w.buf, make([]byte, at-end)...)
-	w.buf = append(w.buf, p...)
-	return nil
-}
-
-func (w *appender) flush() error {
-	_, err := w.f.WriteAt(w.buf, w.off)
-	w.off += int64(len(w.buf))
-	w.buf = w.buf[:0]
-	return err
-}
-
-func (w *appender) close() error {
-	err := w.flush()
-	if cerr := w.f.Close(); err == nil {
-		err = cerr
-	}
-	return err
 }
 
 // countingReader counts the bytes read through it. archive/tar reads
