@@ -5,6 +5,7 @@ package config
 
 import (
 	"bytes"
+	"math"
 	"errors"
 	"fmt"
 	"os"
@@ -15,6 +16,7 @@ import (
 	"github.com/pelletier/go-toml/v2"
 
 	"github.com/kilnfs/kiln/internal/build"
+	"github.com/kilnfs/kiln/internal/fstree"
 	"github.com/kilnfs/kiln/internal/guest"
 )
 
@@ -40,6 +42,111 @@ type Config struct {
 
 	Snapshotter Snapshotter `toml:"snapshotter"`
 	Build       Build       `toml:"build"`
+	Limits      Limits      `toml:"limits"`
+}
+
+// Limits caps what one image may make kiln do: images are untrusted,
+// and a few kilobytes of layer can decompress into terabytes. An image
+// past a limit fails to unpack with an error naming the limit, the layer
+// and the entry. Sizes are as for build.size ("64G"); "0" is no limit.
+type Limits struct {
+	// LayerBytes and ImageBytes cap the uncompressed tar of one layer,
+	// and of all of an image's layers.
+	LayerBytes string `toml:"layer_bytes"`
+	ImageBytes string `toml:"image_bytes"`
+	// Entries caps the entries of all of an image's layers.
+	Entries int64 `toml:"entries"`
+	// PathDepth caps the components of an entry's name.
+	PathDepth int `toml:"path_depth"`
+	// FileSize caps a file's logical size, sparse or not (never above
+	// what ext4 holds, 16 TiB).
+	FileSize string `toml:"file_size"`
+	// XattrBytes caps an entry's extended attributes, names and values.
+	XattrBytes string `toml:"xattr_bytes"`
+}
+
+// DefaultLimits are kiln's default limits, as the configuration says them.
+func DefaultLimits() Limits {
+	d := fstree.DefaultLimits()
+	return Limits{
+		LayerBytes: FormatSize(d.LayerBytes),
+		ImageBytes: FormatSize(d.ImageBytes),
+		Entries:    d.Entries,
+		PathDepth:  d.PathDepth,
+		FileSize:   FormatSize(d.FileSize),
+		XattrBytes: FormatSize(d.XattrBytes),
+	}
+}
+
+// Set changes one limit by its name in [limits], as `kiln convert
+// --limit NAME=VALUE` does.
+func (l *Limits) Set(name, value string) error {
+	switch name {
+	case "layer_bytes":
+		l.LayerBytes = value
+	case "image_bytes":
+		l.ImageBytes = value
+	case "file_size":
+		l.FileSize = value
+	case "xattr_bytes":
+		l.XattrBytes = value
+	case "entries", "path_depth":
+		v, err := strconv.ParseInt(value, 10, 64)
+		if err != nil || v < 0 || v > math.MaxInt32 && name == "path_depth" {
+			return fmt.Errorf("limit %s %q: want a number, or 0 for none", name, value)
+		}
+		if name == "entries" {
+			l.Entries = v
+		} else {
+			l.PathDepth = int(v)
+		}
+	default:
+		return fmt.Errorf("no limit %q (there are layer_bytes, image_bytes, entries, path_depth, file_size, xattr_bytes)", name)
+	}
+	return nil
+}
+
+// Parse turns the configured limits into the tree's.
+func (l Limits) Parse() (fstree.Limits, error) {
+	var out fstree.Limits
+	for _, s := range []struct {
+		name string
+		val  string
+		to   *int64
+	}{
+		{"layer_bytes", l.LayerBytes, &out.LayerBytes},
+		{"image_bytes", l.ImageBytes, &out.ImageBytes},
+		{"file_size", l.FileSize, &out.FileSize},
+		{"xattr_bytes", l.XattrBytes, &out.XattrBytes},
+	} {
+		if strings.TrimSpace(s.val) == "0" {
+			continue
+		}
+		v, err := ParseSize(s.val)
+		if err != nil || v == 0 {
+			return out, fmt.Errorf("config: limits.%s %q: want a size such as 64G, or 0 for none", s.name, s.val)
+		}
+		*s.to = v
+	}
+	if l.Entries < 0 || l.PathDepth < 0 {
+		return out, fmt.Errorf("config: limits.entries and limits.path_depth: want 0 (none) or more")
+	}
+	out.Entries, out.PathDepth = l.Entries, l.PathDepth
+	return out, nil
+}
+
+// FormatSize writes a size the way ParseSize reads it, in the largest
+// unit that divides it.
+func FormatSize(n int64) string {
+	for _, u := range []struct {
+		suffix string
+		shift  uint
+	}{{"T", 40}, {"G", 30}, {"M", 20}, {"K", 10}} {
+		if n != 0 && n%(1<<u.shift) == 0 {
+			return strconv.FormatInt(n>>u.shift, 10) + u.suffix
+		}
+	}
+	return strconv.FormatInt(n, 10)
 }
 
 // Snapshotter configures how snapshots are served.
@@ -108,7 +215,8 @@ func Default() Config {
 			EagerBuild:      true,
 			UnusedDiskGrace: "1m",
 		},
-		Build: Build{Size: "auto", Writer: "kiln"},
+		Build:  Build{Size: "auto", Writer: "kiln"},
+		Limits: DefaultLimits(),
 	}
 }
 
@@ -170,6 +278,9 @@ func (c Config) Validate() error {
 	}
 	if c.Snapshotter.MaxConcurrentBuilds < 0 {
 		return fmt.Errorf("config: snapshotter.max_concurrent_builds %d: want 0 (automatic) or more", c.Snapshotter.MaxConcurrentBuilds)
+	}
+	if _, err := c.Limits.Parse(); err != nil {
+		return err
 	}
 	switch c.LogFormat {
 	case "", "text", "json":

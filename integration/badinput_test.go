@@ -268,6 +268,27 @@ func badCases(t *testing.T) []badCase {
 			mention: []string{"application/vnd.example.unknown"},
 		},
 		{
+			name: "zstd bomb past the layer_bytes limit", layer: 0, entry: "bomb",
+			img: func(t *testing.T) v1.Image {
+				tb := layerTar(t, okFile, tFile("bomb", 0o644, t1, strings.Repeat("\x00", 96<<20)))
+				return rawImage(t, rawLayer{blob: zst(t, tb), mediaType: types.OCILayerZStd, diffID: sha(t, tb)})
+			},
+			args:    []string{"--limit", "layer_bytes=32M"},
+			mention: []string{"over the layer_bytes limit of 32 MiB"},
+		},
+		{
+			name: "entry flood past the entries limit", layer: 0, entry: "f0999",
+			img: func(t *testing.T) v1.Image {
+				entries := []tarEntry{okFile}
+				for i := 0; i < 1200; i++ {
+					entries = append(entries, tFile(fmt.Sprintf("f%04d", i), 0o644, t1, ""))
+				}
+				return rawImage(t, gzLayer(t, layerTar(t, entries...)))
+			},
+			args:    []string{"--limit", "entries=1000"},
+			mention: []string{"over the entries limit of 1000"},
+		},
+		{
 			name: "missing platform", layer: -1,
 			src: func(t *testing.T, dir string) string {
 				arm := platformImage(t, "arm64")

@@ -33,6 +33,7 @@ func newConvertCommand() *cobra.Command {
 		force    bool
 		guestBin string
 		writer   string
+		limits   []string
 	)
 	cmd := &cobra.Command{
 		Use:   "convert SOURCE -o rootfs.ext4",
@@ -78,6 +79,19 @@ Layer blobs and built images are cached per digest in
 				return fmt.Errorf("--inject: %w", err)
 			}
 			opts.Inject.Dir, opts.Inject.Force, opts.Inject.BinDir = bundle, force, guestBin
+			lim := config.DefaultLimits()
+			for _, kv := range limits {
+				name, value, ok := strings.Cut(kv, "=")
+				if !ok {
+					return fmt.Errorf("--limit %q: want NAME=VALUE", kv)
+				}
+				if err := lim.Set(name, value); err != nil {
+					return fmt.Errorf("--limit: %w", err)
+				}
+			}
+			if opts.Build.Limits, err = lim.Parse(); err != nil {
+				return fmt.Errorf("--limit: %w", err)
+			}
 			if !asJSON && term.IsTerminal(int(os.Stderr.Fd())) {
 				opts.Progress = progress.Terminal(os.Stderr)
 			}
@@ -105,6 +119,14 @@ Layer blobs and built images are cached per digest in
 	f.StringVar(&pieces, "inject", "", "guest pieces to add: init, agent, network (comma-separated; default none: the rootfs is the image, exactly)")
 	f.StringVar(&bundle, "inject-dir", "", "add a bundle of your own: a directory with a manifest.toml of paths, owners and modes")
 	f.BoolVar(&force, "force", false, "let injected files replace files the image has (default: refuse)")
+	f.StringArrayVar(&limits, "limit", nil, "change a limit on what an image may make kiln do, NAME=VALUE (repeatable; 0 is none): "+limitsHelp())
 	f.StringVar(&guestBin, "guest-bin-dir", "", "where kiln-init and kiln-agent are (default: next to kiln, in $PATH, or in libexec)")
 	return cmd
+}
+
+// limitsHelp lists the limits with their defaults.
+func limitsHelp() string {
+	d := config.DefaultLimits()
+	return fmt.Sprintf("layer_bytes=%s image_bytes=%s entries=%d path_depth=%d file_size=%s xattr_bytes=%s",
+		d.LayerBytes, d.ImageBytes, d.Entries, d.PathDepth, d.FileSize, d.XattrBytes)
 }

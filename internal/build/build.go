@@ -51,7 +51,7 @@ type Layer struct {
 	Stored string
 }
 
-// Options are the choices for a build. All but NoSync change the bytes
+// Options are the choices for a build. All but NoSync and Limits change the bytes
 // and so go into Key.
 type Options struct {
 	// Size is the filesystem size in bytes; 0 sizes it automatically.
@@ -63,6 +63,9 @@ type Options struct {
 	// NoSync returns before the file contents reach the disk (see
 	// ext4.Options); it does not change the bytes.
 	NoSync bool
+	// Limits caps what the layers may make kiln do; an image past one
+	// is not built at all, so they do not change the bytes either.
+	Limits fstree.Limits
 }
 
 func (o Options) writer() Writer {
@@ -181,7 +184,12 @@ func NewTree(workDir string, opts Options) (*fstree.Tree, error) {
 			return nil, err
 		}
 	}
-	return fstree.New(stage, filepath.Join(workDir, "stage.data"), Epoch)
+	tree, err := fstree.New(stage, filepath.Join(workDir, "stage.data"), Epoch)
+	if err != nil {
+		return nil, err
+	}
+	tree.SetLimits(opts.Limits)
+	return tree, nil
 }
 
 // FromTree writes a tree that holds all of an image's layers (made by

@@ -242,7 +242,10 @@ type builder struct {
 	// inodes lists every inode of the content with its number, in the
 	// order the tree walk first met it.
 	inodes []numbered
-	seen   map[*fstree.Inode]bool
+	seen   map[*fstree.Inode]uint32 // the inode number of each inode's first name
+	// relinks are names mke2fs gave an inode of their own that belong
+	// to another's: see add.
+	relinks []relink
 	// devices are created by debugfs; each needs its names.
 	devices []*device
 }
@@ -328,9 +331,9 @@ func (b *builder) mapInodes() error {
 		return err
 	}
 	defer im.Close()
-	b.seen = map[*fstree.Inode]bool{}
+	b.seen = map[*fstree.Inode]uint32{}
 	devs := map[*fstree.Inode]*device{}
-	b.add(rootInode, b.tree.Root())
+	b.add(0, rootInode, b.tree.Root())
 
 	var walk func(dir *fstree.Node, ino uint32) error
 	walk = func(dir *fstree.Node, ino uint32) error {
@@ -348,7 +351,7 @@ func (b *builder) mapInodes() error {
 				return fmt.Errorf("ext4: unexpected entry %q in the built image", e.Name)
 			}
 			found[e.Name] = true
-			b.add(e.Ino, child)
+			b.add(ino, e.Ino, child)
 			if child.Inode().Type == fstree.TypeDir {
 				if err := walk(child, e.Ino); err != nil {
 					return err
@@ -376,12 +379,25 @@ func (b *builder) mapInodes() error {
 	return walk(b.tree.Root(), rootInode)
 }
 
-func (b *builder) add(ino uint32, n *fstree.Node) {
+// relink is a name in directory dir that must link to inode ino.
+type relink struct {
+	dir, ino uint32
+	name     string
+}
+
+// add records the inode mke2fs gave name n in directory dir. mke2fs -d
+// makes one inode for the names of a hard-linked regular file, but one
+// for each name of a hard-linked symlink: the names after the first are
+// linked again to the first's inode.
+func (b *builder) add(dir, ino uint32, n *fstree.Node) {
 	in := n.Inode()
-	if b.seen[in] {
+	if first, ok := b.seen[in]; ok {
+		if first != ino {
+			b.relinks = append(b.relinks, relink{dir: dir, ino: first, name: n.Name()})
+		}
 		return
 	}
-	b.seen[in] = true
+	b.seen[in] = ino
 	b.inodes = append(b.inodes, numbered{ino: ino, inode: in, node: n})
 }
 
@@ -479,6 +495,9 @@ func (b *builder) restoreMetadata(ctx context.Context, files []placement) error 
 			}
 			s.printf("ea_set -f %s <%d> %s", qfile, ino, name)
 		}
+	}
+	if err := b.relinkNames(&s); err != nil {
+		return err
 	}
 	for _, d := range b.devices {
 		b0, b1 := EncodeDevice(d.inode.Major, d.inode.Minor)
@@ -617,6 +636,31 @@ func Recover(ctx context.Context, image string) error {
 	}
 	if err != nil {
 		return fmt.Errorf("replaying the journal of %s: %w: %s", image, err, strings.TrimSpace(string(out)))
+	}
+	return nil
+}
+
+// relinkNames points the names in b.relinks at the inode they share with
+// another name, releasing the inode mke2fs made for each.
+func (b *builder) relinkNames(s *script) error {
+	links := map[uint32]int{}
+	var inos []uint32
+	for _, r := range b.relinks {
+		name, err := quote(r.name)
+		if err != nil {
+			return err
+		}
+		s.printf("cd <%d>", r.dir)
+		s.printf("rm %s", name)
+		s.printf("ln <%d> %s", r.ino, name)
+		if links[r.ino] == 0 {
+			inos = append(inos, r.ino)
+			links[r.ino] = 1
+		}
+		links[r.ino]++
+	}
+	for _, ino := range inos {
+		s.printf("sif <%d> links_count %d", ino, links[ino])
 	}
 	return nil
 }

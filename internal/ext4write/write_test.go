@@ -141,6 +141,8 @@ func edgeLayers() []layer {
 		{Name: "links/long", Typeflag: tar.TypeSymlink, Linkname: "/" + strings.Repeat("t/", 2000) + "end", ModTime: t1},
 		{Name: "links/hard", Typeflag: tar.TypeLink, Linkname: "bin/suid"},
 		{Name: "links/hard2", Typeflag: tar.TypeLink, Linkname: "bin/suid"},
+		{Name: "links/fast-again", Typeflag: tar.TypeLink, Linkname: "links/fast"},
+		{Name: "links/long-again", Typeflag: tar.TypeLink, Linkname: "links/long"},
 		{Name: "dev/null", Typeflag: tar.TypeChar, Mode: 0o666, Devmajor: 1, Devminor: 3, ModTime: t1},
 		{Name: "dev/sda", Typeflag: tar.TypeBlock, Mode: 0o660, Devmajor: 8, Devminor: 0, ModTime: t1},
 		{Name: "dev/big", Typeflag: tar.TypeChar, Mode: 0o600, Devmajor: 300, Devminor: 70000, ModTime: t1},

@@ -50,19 +50,14 @@ func (e *EntryError) Error() string {
 
 func (e *EntryError) Unwrap() error { return e.Err }
 
-// component is one pending path element while resolving; clamp says that
-// ".." at the root stays at the root (it came from an absolute symlink
-// target, which is interpreted inside the rootfs like a chroot would).
-type component struct {
-	name  string
-	clamp bool
-}
-
 type applier struct {
+	ctx   context.Context
 	t     *Tree
 	layer int
 	name  string
 	buf   []byte
+	// meter counts the layer's bytes as the tar reader takes them.
+	meter *meter
 	// data is the tree's own data file, opened at the first content, and
 	// written through dataW: files come one after another, so small ones
 	// cost no system call each.
@@ -93,7 +88,9 @@ func (t *Tree) ApplyStored(ctx context.Context, r io.Reader, layer, storedAt str
 
 func (t *Tree) apply(ctx context.Context, r io.Reader, layer, storedAt string) error {
 	t.layers++
-	a := &applier{t: t, layer: t.layers, name: layer, buf: make([]byte, 1<<20), stored: -1}
+	m := &meter{ctx: ctx, r: r, image: &t.imageBytes, limits: t.limits}
+	a := &applier{ctx: ctx, t: t, layer: t.layers, name: layer, buf: make([]byte, 1<<20), stored: -1, meter: m}
+	r = m
 	if storedAt != "" {
 		a.stored = len(t.data)
 		t.data = append(t.data, storedAt)
@@ -113,15 +110,34 @@ func (t *Tree) apply(ctx context.Context, r io.Reader, layer, storedAt string) e
 	return err
 }
 
-// Check reads a layer and runs CheckHeader on every entry, without a
-// tree: for storing a layer whose lower layers are not at hand.
-func Check(ctx context.Context, r io.Reader, layer string) error {
-	return eachEntry(ctx, r, layer, func(hdr *tar.Header, r io.Reader) error {
+// Check reads a layer and runs CheckHeader and the limits that one layer
+// decides on every entry, without a tree: for storing a layer whose lower
+// layers are not at hand.
+func Check(ctx context.Context, r io.Reader, layer string, limits Limits) error {
+	var entries int64
+	buf := make([]byte, 1<<20)
+	return eachEntry(ctx, &meter{ctx: ctx, r: r, limits: limits}, layer, func(hdr *tar.Header, r io.Reader) error {
 		if err := CheckHeader(hdr); err != nil {
 			return err
 		}
-		_, err := io.Copy(io.Discard, r)
-		return err
+		entries++
+		if err := over("entries", entries, limits.Entries); err != nil {
+			return err
+		}
+		parts, _ := splitName(hdr.Name) // CheckHeader took it
+		if err := limits.checkHeader(hdr, len(parts)); err != nil {
+			return err
+		}
+		for {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+			if _, err := fill(r, buf); err == io.EOF {
+				return nil
+			} else if err != nil {
+				return err
+			}
+		}
 	})
 }
 
@@ -129,6 +145,7 @@ func Check(ctx context.Context, r io.Reader, layer string) error {
 // the entry in its errors.
 func eachEntry(ctx context.Context, r io.Reader, layer string, fn func(*tar.Header, io.Reader) error) error {
 	tr := tar.NewReader(r)
+	last := ""
 	for {
 		if err := ctx.Err(); err != nil {
 			return err
@@ -137,9 +154,15 @@ func eachEntry(ctx context.Context, r io.Reader, layer string, fn func(*tar.Head
 		if err == io.EOF {
 			return nil
 		}
+		var lerr *LimitError
+		if errors.As(err, &lerr) && last != "" {
+			// Passed while skipping what is left of the last entry.
+			return &EntryError{Layer: layer, Entry: last, Err: err}
+		}
 		if err != nil {
 			return fmt.Errorf("layer %s: reading tar: %w", layer, err)
 		}
+		last = hdr.Name
 		if err := fn(hdr, tr); err != nil {
 			var ee *EntryError
 			if errors.As(err, &ee) {
@@ -210,6 +233,13 @@ func (a *applier) entry(hdr *tar.Header, r io.Reader) error {
 	}
 	parts, err := splitName(hdr.Name)
 	if err != nil {
+		return err
+	}
+	a.t.entries++
+	if err := over("entries", a.t.entries, a.t.limits.Entries); err != nil {
+		return err
+	}
+	if err := a.t.limits.checkHeader(hdr, len(parts)); err != nil {
 		return err
 	}
 	if len(parts) == 0 {
@@ -379,6 +409,9 @@ func (a *applier) remove(n *Node) error {
 	}
 	forget(n)
 	delete(n.parent.children, n.name)
+	if n.inode.Type == TypeDir || n.inode.Type == TypeSymlink {
+		a.t.gen++ // where symlinks lead may have changed
+	}
 	if n.inode.Type.IsDevice() || !a.t.staged() {
 		return nil
 	}
@@ -435,32 +468,34 @@ func (a *applier) hideLower(d *Node) error {
 // (as a layer that leaves parents implicit expects); otherwise a missing
 // directory yields (nil, nil).
 func (a *applier) resolveDir(parts []string, create bool) (*Node, error) {
-	pending := make([]component, len(parts))
-	for i, p := range parts {
-		pending[i] = component{name: p}
-	}
-	n := a.t.root
 	hops := 0
-	for len(pending) > 0 {
-		c := pending[0]
-		pending = pending[1:]
-		switch c.name {
+	return a.walk(a.t.root, parts, false, create, &hops)
+}
+
+// walk resolves names from directory n, following symlinks. clamp says
+// that ".." at the root stays at the root: the names came from an
+// absolute symlink target, which is interpreted inside the rootfs like a
+// chroot would. hops counts the symlinks followed so far.
+func (a *applier) walk(n *Node, names []string, clamp, create bool, hops *int) (*Node, error) {
+	for _, name := range names {
+		a.t.walked++
+		switch name {
 		case "", ".":
 			continue
 		case "..":
 			if n.parent != nil {
 				n = n.parent
-			} else if !c.clamp {
+			} else if !clamp {
 				return nil, fmt.Errorf("%w: a symlink leads outside the rootfs", ErrUnsafePath)
 			}
 			continue
 		}
-		child := n.children[c.name]
+		child := n.children[name]
 		if child == nil {
 			if !create {
 				return nil, nil
 			}
-			child = a.attach(n, c.name, a.t.implicitDir())
+			child = a.attach(n, name, a.t.implicitDir())
 			if err := a.t.stageDir(child); err != nil {
 				return nil, err
 			}
@@ -469,25 +504,64 @@ func (a *applier) resolveDir(parts []string, create bool) (*Node, error) {
 		case TypeDir:
 			n = child
 		case TypeSymlink:
-			hops++
-			if hops > maxSymlinks {
-				return nil, fmt.Errorf("too many levels of symlinks at %q", child.Path())
+			next, err := a.follow(child, clamp, create, hops)
+			if err != nil || next == nil {
+				return nil, err
 			}
-			target := child.inode.Target
-			abs := strings.HasPrefix(target, "/")
-			var expanded []component
-			for _, p := range strings.Split(target, "/") {
-				expanded = append(expanded, component{name: p, clamp: abs || c.clamp})
-			}
-			if abs {
-				n = a.t.root
-			}
-			pending = append(expanded, pending...)
+			n = next
 		default:
 			return nil, fmt.Errorf("%q is a %s, not a directory", child.Path(), child.inode.Type)
 		}
 	}
 	return n, nil
+}
+
+// linkKey is a symlink followed on the way to a directory, and whether
+// ".." at the root was clamped where it was met.
+type linkKey struct {
+	link  *Node
+	clamp bool
+}
+
+// resolvedLink is where a symlink led and how many symlinks that took.
+type resolvedLink struct {
+	dir  *Node
+	hops int
+}
+
+// follow resolves a symlink met on the way to a directory. The tree
+// remembers where each leads until a directory or symlink is removed:
+// otherwise every entry below a long chain of symlinks, their targets
+// padded with "./", resolves the whole chain again.
+func (a *applier) follow(link *Node, clamp, create bool, hops *int) (*Node, error) {
+	t := a.t
+	if t.links == nil || t.linksGen != t.gen {
+		t.links, t.linksGen = map[linkKey]resolvedLink{}, t.gen
+	}
+	key := linkKey{link, clamp}
+	start := *hops
+	if r, ok := t.links[key]; ok {
+		*hops += r.hops
+	} else {
+		*hops++
+	}
+	if *hops > maxSymlinks {
+		return nil, fmt.Errorf("too many levels of symlinks at %q", link.Path())
+	}
+	if r, ok := t.links[key]; ok {
+		return r.dir, nil
+	}
+	target := link.inode.Target
+	from, abs := link.parent, strings.HasPrefix(target, "/")
+	if abs {
+		from = t.root
+	}
+	dir, err := a.walk(from, strings.Split(target, "/"), clamp || abs, create, hops)
+	if err != nil || dir == nil {
+		return nil, err
+	}
+	t.links[key] = resolvedLink{dir: dir, hops: *hops - start}
+	return dir, nil
 }
 
 // linkTarget finds the node a hard link entry points to.
@@ -617,7 +691,14 @@ func (a *applier) writeFile(path string, in *Inode, r io.Reader, inPlace bool) (
 		zero [blockSize]byte
 	)
 	for {
+		if err := a.ctx.Err(); err != nil {
+			return err
+		}
+		before := a.meter.layer
 		n, rerr := fill(r, a.buf)
+		// Nothing read from the layer: the whole chunk is a hole of a
+		// sparse entry, zeros that need no looking at.
+		hole := a.meter.layer == before
 		data := a.buf[:n]
 		runStart := -1
 		flush := func(end int) error {
@@ -643,7 +724,7 @@ func (a *applier) writeFile(path string, in *Inode, r io.Reader, inPlace bool) (
 			runStart = -1
 			return nil
 		}
-		for off := 0; off < n; off += blockSize {
+		for off := 0; off < n && !hole; off += blockSize {
 			end := min(off+blockSize, n)
 			if bytes.Equal(data[off:end], zero[:end-off]) {
 				if err := flush(off); err != nil {
@@ -772,7 +853,7 @@ func (t *Tree) stageDir(n *Node) error {
 // in every component (like the kernel would in the booted guest). It
 // returns nil if nothing is there.
 func (t *Tree) Resolve(path string) (*Node, error) {
-	a := &applier{t: t}
+	a := &applier{ctx: context.Background(), t: t}
 	parts, err := splitName(strings.TrimPrefix(path, "/"))
 	if err != nil {
 		return nil, err

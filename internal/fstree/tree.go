@@ -204,6 +204,18 @@ type Tree struct {
 	dataEnd int64    // the end of the data space (see Run.Virtual)
 	epoch   time.Time
 	layers  int
+
+	limits     Limits
+	imageBytes int64 // uncompressed bytes of the layers applied
+	entries    int64 // entries of the layers applied
+
+	// links remembers where symlinks lead (see applier.follow) while
+	// linksGen is gen, which changes whenever one might lead elsewhere.
+	links         map[linkKey]resolvedLink
+	gen, linksGen uint64
+	// walked counts the path components resolved: what bounds the work
+	// a crafted layer can ask for, entry by entry.
+	walked int64
 }
 
 // New returns an empty tree staged in dir, which must be an empty directory
@@ -239,6 +251,10 @@ func New(dir, dataFile string, epoch time.Time) (*Tree, error) {
 func (t *Tree) implicitDir() *Inode {
 	return &Inode{Type: TypeDir, Mode: 0o755, Mtime: t.epoch, Atime: t.epoch, Ctime: t.epoch}
 }
+
+// SetLimits caps what the layers applied from now on may do (see
+// Limits); a tree starts without limits.
+func (t *Tree) SetLimits(l Limits) { t.limits = l }
 
 // Root returns the root directory node.
 func (t *Tree) Root() *Node { return t.root }

@@ -48,6 +48,8 @@ type Snapshots interface {
 	Disks(mounts []mount.Mount) (Disks, bool)
 	// InUse says why a container's disk is in use ("" when it is not).
 	InUse(file string) string
+	// Limits caps what a layer may make kiln do.
+	Limits() fstree.Limits
 }
 
 // Extraction is where the layer of an extraction snapshot is stored.
@@ -177,7 +179,7 @@ func (d *Differ) store(ctx context.Context, desc ocispec.Descriptor, ext Extract
 		// The replay checks every entry too, against the layers below.
 		err = sink.Apply(ctx, io.TeeReader(lr, counter), desc.Digest.String(), ext.TarPath)
 	} else {
-		err = fstree.Check(ctx, io.TeeReader(lr, counter), desc.Digest.String())
+		err = fstree.Check(ctx, io.TeeReader(lr, counter), desc.Digest.String(), d.snapshots.Limits())
 	}
 	if err != nil {
 		return ocispec.Descriptor{}, layer.Cause(err, lr)

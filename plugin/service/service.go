@@ -35,6 +35,7 @@ import (
 
 	"github.com/kilnfs/kiln/config"
 	"github.com/kilnfs/kiln/internal/build"
+	"github.com/kilnfs/kiln/internal/fstree"
 	"github.com/kilnfs/kiln/internal/guest"
 	"github.com/kilnfs/kiln/internal/inject"
 	"github.com/kilnfs/kiln/plugin/differ"
@@ -73,6 +74,10 @@ func New(ctx context.Context, cfg config.Config) (*Service, error) {
 	if err != nil {
 		return nil, err
 	}
+	limits, err := cfg.Limits.Parse()
+	if err != nil {
+		return nil, err
+	}
 	injectOpts := inject.Options{Pieces: pieces, Dir: cfg.Build.InjectDir, Force: cfg.Build.Force, BinDir: cfg.Build.GuestBinDir}
 	if _, err := inject.New(injectOpts); err != nil {
 		return nil, fmt.Errorf("config: build.inject: %w", err) // missing guest binaries, a bad bundle
@@ -100,7 +105,7 @@ func New(ctx context.Context, cfg config.Config) (*Service, error) {
 		MaxBuilds:        cfg.Snapshotter.MaxConcurrentBuilds,
 		EagerBuild:       cfg.Snapshotter.EagerBuild,
 		UnusedDiskGrace:  grace,
-		Build:            build.Options{Size: size, Writer: writer},
+		Build:            build.Options{Size: size, Writer: writer, Limits: limits},
 		Inject:           injectOpts,
 		Images:           newContainerdImages(imagesapi.NewImagesClient(conn), namespacesapi.NewNamespacesClient(conn), cs),
 		ObserveBuild:     m.observeBuild,
@@ -111,7 +116,7 @@ func New(ctx context.Context, cfg config.Config) (*Service, error) {
 		return nil, fmt.Errorf("snapshotter: %w", err)
 	}
 	m.register(sn)
-	d := differ.New(differSnapshots{sn}, cs, leasesproxy.NewLeaseManager(leasesapi.NewLeasesClient(conn)), m.observeApply)
+	d := differ.New(differSnapshots{sn, limits}, cs, leasesproxy.NewLeaseManager(leasesapi.NewLeasesClient(conn)), m.observeApply)
 
 	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(m.unaryInterceptor), grpc.ChainStreamInterceptor(m.streamInterceptor))
 	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))
@@ -120,7 +125,12 @@ func New(ctx context.Context, cfg config.Config) (*Service, error) {
 }
 
 // differSnapshots is the snapshotter as the differ sees it.
-type differSnapshots struct{ sn *snapshotter.Snapshotter }
+type differSnapshots struct {
+	sn     *snapshotter.Snapshotter
+	limits fstree.Limits
+}
+
+func (s differSnapshots) Limits() fstree.Limits { return s.limits }
 
 func (s differSnapshots) Extraction(mounts []mount.Mount) (differ.Extraction, bool) {
 	dir, ok := s.sn.ExtractionDir(mounts)
