@@ -29,8 +29,16 @@ type Config struct {
 	Version int `toml:"version"`
 	// Root holds kiln's state: snapshots, layers, built images.
 	Root string `toml:"root"`
-	// Address is the unix socket kiln serves containerd on.
+	// Address is the unix socket kiln serves containerd on. Its directory
+	// must not be world-writable.
 	Address string `toml:"address"`
+	// SocketMode is the socket's permission bits, in octal; others may
+	// get none (whoever can connect drives kiln).
+	SocketMode string `toml:"socket_mode"`
+	// SocketGroup owns the socket (a group name or number), so that its
+	// members may connect when SocketMode lets the group in; empty: the
+	// group kiln runs as.
+	SocketGroup string `toml:"socket_group"`
 	// ContainerdAddress is containerd's socket, for its content store.
 	ContainerdAddress string `toml:"containerd_address"`
 	// LogLevel is debug, info, warn or error; LogFormat text or json.
@@ -206,6 +214,7 @@ func Default() Config {
 		Version:           1,
 		Root:              "/var/lib/kiln",
 		Address:           "/run/kiln/kiln.sock",
+		SocketMode:        "0660",
 		ContainerdAddress: "/run/containerd/containerd.sock",
 		LogLevel:          "info",
 		LogFormat:         "text",
@@ -256,6 +265,9 @@ func (c Config) Validate() error {
 	if c.Root == "" || c.Address == "" {
 		return errors.New("config: root and address must be set")
 	}
+	if _, err := ParseSocketMode(c.SocketMode); err != nil {
+		return fmt.Errorf("config: socket_mode: %w", err)
+	}
 	if _, err := ParseSize(c.Build.Size); err != nil {
 		return fmt.Errorf("config: build.size: %w", err)
 	}
@@ -292,6 +304,20 @@ func (c Config) Validate() error {
 
 // Encode renders the configuration as TOML.
 func (c Config) Encode() ([]byte, error) { return toml.Marshal(c) }
+
+// ParseSocketMode reads a socket's permission bits in octal ("0660").
+// Modes that let every local user connect are refused: whoever can
+// connect makes kiln create, write and remove disks.
+func ParseSocketMode(s string) (os.FileMode, error) {
+	v, err := strconv.ParseUint(s, 8, 32)
+	if err != nil || v > 0o777 {
+		return 0, fmt.Errorf("%q: want octal permission bits such as 0660", s)
+	}
+	if v&0o007 != 0 {
+		return 0, fmt.Errorf("%q lets every local user connect: want at most 0770", s)
+	}
+	return os.FileMode(v), nil
+}
 
 // ParseSize reads "auto" (0) or a size with an optional K/M/G/T suffix
 // (binary multiples; "MiB", "MB" and "M" are the same).

@@ -21,7 +21,7 @@ func TestDefaults(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c.Root != "/var/lib/kiln" || c.Address != "/run/kiln/kiln.sock" || c.ContainerdAddress != "/run/containerd/containerd.sock" {
+	if c.Root != "/var/lib/kiln" || c.Address != "/run/kiln/kiln.sock" || c.ContainerdAddress != "/run/containerd/containerd.sock" || c.SocketMode != "0660" || c.SocketGroup != "" {
 		t.Errorf("defaults: %+v", c)
 	}
 	if _, err := Load(filepath.Join(t.TempDir(), "missing.toml"), true); err == nil {
@@ -56,6 +56,9 @@ func TestErrors(t *testing.T) {
 		"[build]\nsize = \"lots\"":         "build.size",
 		"log_format = \"xml\"":             "log_format",
 		"[snapshotter]\nblock_devices = 3": "config",
+		`socket_mode = "0666"`:             "every local user",
+		`socket_mode = "rw"`:               "socket_mode",
+		`socket_mode = "1660"`:             "socket_mode",
 	} {
 		_, err := Load(write(t, body), true)
 		if err == nil || !strings.Contains(err.Error(), want) {

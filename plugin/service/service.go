@@ -11,7 +11,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"path/filepath"
 	"strings"
 	"time"
 
@@ -50,10 +49,22 @@ type Service struct {
 	server      *grpc.Server
 	containerd  *grpc.ClientConn
 	metrics     *metrics
+	listener    net.Listener
+	lock        *os.File // held on the root while kiln runs
 }
 
-// New opens kiln's state and prepares the server; Serve starts it.
-func New(ctx context.Context, cfg config.Config) (*Service, error) {
+// New opens kiln's state and its socket, and prepares the server; Serve
+// starts it. It refuses a root or socket directory other local users
+// could change, a root another kiln serves, and a socket in use.
+func New(ctx context.Context, cfg config.Config) (_ *Service, err error) {
+	perm, err := config.ParseSocketMode(cfg.SocketMode)
+	if err != nil {
+		return nil, fmt.Errorf("config: socket_mode: %w", err)
+	}
+	gid, err := lookupGroup(cfg.SocketGroup)
+	if err != nil {
+		return nil, err
+	}
 	size, err := config.ParseSize(cfg.Build.Size)
 	if err != nil {
 		return nil, err
@@ -82,6 +93,27 @@ func New(ctx context.Context, cfg config.Config) (*Service, error) {
 	if _, err := inject.New(injectOpts); err != nil {
 		return nil, fmt.Errorf("config: build.inject: %w", err) // missing guest binaries, a bad bundle
 	}
+	// Root and socket first, before other work: a second kiln must stop
+	// before it touches the first's state, and the socket is made under
+	// a umask that must not reach other files.
+	lock, err := openRoot(cfg.Root)
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		if err != nil {
+			lock.Close()
+		}
+	}()
+	ln, err := listen(cfg.Address, perm, gid)
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		if err != nil {
+			ln.Close()
+		}
+	}()
 	// The connection is made lazily: containerd may start after kiln
 	// (kiln's unit starts before containerd's). Calls wait for it rather
 	// than fail while an earlier attempt backs off, and the back-off
@@ -121,7 +153,7 @@ func New(ctx context.Context, cfg config.Config) (*Service, error) {
 	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(m.unaryInterceptor), grpc.ChainStreamInterceptor(m.streamInterceptor))
 	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))
 	diffapi.RegisterDiffServer(srv, diffservice.FromApplierAndComparer(d, d))
-	return &Service{cfg: cfg, Snapshotter: sn, Differ: d, server: srv, containerd: conn, metrics: m}, nil
+	return &Service{cfg: cfg, Snapshotter: sn, Differ: d, server: srv, containerd: conn, metrics: m, listener: ln, lock: lock}, nil
 }
 
 // differSnapshots is the snapshotter as the differ sees it.
@@ -155,15 +187,12 @@ func (s differSnapshots) Disks(mounts []mount.Mount) (differ.Disks, bool) {
 
 func (s differSnapshots) InUse(file string) string { return snapshotter.DiskInUse(file) }
 
-// Serve listens on the configured socket and serves until ctx ends, then
-// stops gracefully.
+// Serve serves on the configured socket until ctx ends, then stops
+// gracefully.
 func (s *Service) Serve(ctx context.Context, ready func()) error {
-	ln, err := listen(s.cfg.Address)
-	if err != nil {
-		return err
-	}
+	var err error
 	errc := make(chan error, 2)
-	go func() { errc <- s.server.Serve(ln) }()
+	go func() { errc <- s.server.Serve(s.listener) }()
 	var metricsSrv *http.Server
 	if s.cfg.MetricsAddress != "" {
 		mux := http.NewServeMux()
@@ -179,7 +208,7 @@ func (s *Service) Serve(ctx context.Context, ready func()) error {
 	defer stopWatching()
 	go watchImages(watchCtx, eventsapi.NewEventsClient(s.containerd), s.Snapshotter.Sweep)
 	log.G(ctx).WithFields(log.Fields{
-		"address": s.cfg.Address, "root": s.cfg.Root, "containerd": s.cfg.ContainerdAddress,
+		"address": s.cfg.Address, "socket_mode": s.cfg.SocketMode, "root": s.cfg.Root, "containerd": s.cfg.ContainerdAddress,
 		"container_mode": s.cfg.Snapshotter.ContainerMode,
 	}).Info("kiln serving containerd's snapshots and diff APIs")
 	if ready != nil {
@@ -202,40 +231,11 @@ func (s *Service) Serve(ctx context.Context, ready func()) error {
 	return err
 }
 
-// Close releases kiln's state.
+// Close releases kiln's state, and the root's lock last.
 func (s *Service) Close() error {
+	s.listener.Close() // when Serve did not run; removes the socket
 	s.containerd.Close()
-	return s.Snapshotter.Close()
-}
-
-// listen opens the unix socket: owned by root, mode 0660, replacing a
-// stale socket from an earlier run.
-func listen(path string) (net.Listener, error) {
-	if err := os.MkdirAll(filepath.Dir(path), 0o711); err != nil {
-		return nil, err
-	}
-	if _, err := os.Lstat(path); err == nil {
-		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
-			c.Close()
-			return nil, fmt.Errorf("%s is in use by another process", path)
-		}
-		if err := os.Remove(path); err != nil {
-			return nil, err
-		}
-	}
-	ln, err := net.Listen("unix", path)
-	if err != nil {
-		return nil, err
-	}
-	if err := os.Chmod(path, 0o660); err != nil {
-		ln.Close()
-		return nil, err
-	}
-	if os.Geteuid() == 0 {
-		if err := os.Chown(path, 0, 0); err != nil {
-			ln.Close()
-			return nil, err
-		}
-	}
-	return ln, nil
+	err := s.Snapshotter.Close()
+	s.lock.Close()
+	return err
 }
