@@ -411,7 +411,7 @@ func (b *builder) allocate(ctx context.Context) error {
 		first := d.names[0]
 		name, err := quote(first.name)
 		if err != nil {
-			return fmt.Errorf("device node %q: %w", "/"+d.inode.Names()[0].Path(), err)
+			return fmt.Errorf("device node %q: %w", "/"+b.tree.Names(d.inode)[0].Path(), err)
 		}
 		kind := "c"
 		if d.inode.Type == fstree.TypeBlock {
@@ -439,7 +439,7 @@ func (b *builder) allocate(ctx context.Context) error {
 	}
 	for i, d := range b.devices {
 		d.ino = inos[i]
-		b.inodes = append(b.inodes, numbered{ino: d.ino, inode: d.inode, node: d.inode.Names()[0]})
+		b.inodes = append(b.inodes, numbered{ino: d.ino, inode: d.inode, node: b.tree.Names(d.inode)[0]})
 	}
 	return nil
 }

@@ -67,7 +67,7 @@ type writer struct {
 	epoch  time.Time
 
 	entries []entry                  // from firstIno on, in number order
-	numbers map[*fstree.Inode]uint32 // for directory entries
+	numbers []uint32 // by fstree.Inode.ID, for directory entries; 0 until numbered
 
 	blockBitmaps, inodeBitmaps int64   // first block of each
 	itables                    []int64 // first block of each group's table
@@ -140,7 +140,8 @@ func writeImage(ctx context.Context, tree *fstree.Tree, out string, opts ext4.Op
 		size = (ext4.AutoSize(stats) + (space-stats.DataBlocks)*blockSize + mib - 1) / mib * mib
 	}
 	w := &writer{tree: tree, opts: opts, epoch: tree.Epoch(), space: space, packed: packed,
-		numbers: map[*fstree.Inode]uint32{tree.Root().Inode(): rootIno}}
+		numbers: make([]uint32, tree.InodeIDs())}
+	w.numbers[tree.Root().Inode().ID()] = rootIno
 	if err := w.number(); err != nil {
 		return ext4.Result{}, err
 	}
@@ -212,11 +213,11 @@ func (w *writer) number() error {
 		}
 		if in.Type == fstree.TypeDir {
 			subdirs[n.Parent()]++
-			w.numbers[in] = uint32(firstIno + len(w.entries))
+			w.numbers[in.ID()] = uint32(firstIno + len(w.entries))
 			w.entries = append(w.entries, entry{inode: in, node: n})
 			return nil
 		}
-		if ino, ok := w.numbers[in]; ok {
+		if ino := w.numbers[in.ID()]; ino != 0 {
 			e := &w.entries[ino-firstIno]
 			e.links++
 			if e.links > maxLinks {
@@ -224,7 +225,7 @@ func (w *writer) number() error {
 			}
 			return nil
 		}
-		w.numbers[in] = uint32(firstIno + len(w.entries))
+		w.numbers[in.ID()] = uint32(firstIno + len(w.entries))
 		w.entries = append(w.entries, entry{inode: in, node: n, links: 1})
 		return nil
 	})
@@ -372,11 +373,11 @@ func (w *writer) inode(ctx context.Context, ino uint32, e entry) ([]byte, error)
 		ents := make([]dirent, 0, len(names))
 		for _, name := range names {
 			c := e.node.Child(name)
-			ents = append(ents, dirent{name: name, ino: w.numbers[c.Inode()], ftype: fileTypes[c.Inode().Type]})
+			ents = append(ents, dirent{name: name, ino: w.numbers[c.Inode().ID()], ftype: fileTypes[c.Inode().Type]})
 		}
 		parent := uint32(rootIno)
 		if p := e.node.Parent(); p != nil {
-			parent = w.numbers[p.Inode()]
+			parent = w.numbers[p.Inode().ID()]
 		}
 		data, indexed, err := w.dirs.build(ino, parent, ents)
 		if err != nil {

@@ -374,14 +374,19 @@ func checkDeviceName(name string) error {
 	return nil
 }
 
-// attach links a new name for in under parent.
+// attach links a new name for in under parent. The name is copied: it
+// is part of the tar entry's whole path, which would otherwise stay in
+// memory with it.
 func (a *applier) attach(parent *Node, name string, in *Inode) *Node {
-	n := &Node{name: name, parent: parent, inode: in, layer: a.layer}
+	n := &Node{name: strings.Clone(name), parent: parent, inode: in, layer: a.layer}
 	if in.Type == TypeDir {
 		n.children = map[string]*Node{}
 	}
 	if in.Type.IsDevice() {
-		in.names = append(in.names, n)
+		if a.t.deviceNames == nil {
+			a.t.deviceNames = map[*Inode][]*Node{}
+		}
+		a.t.deviceNames[in] = append(a.t.deviceNames[in], n)
 	}
 	parent.children[name] = n
 	return n
@@ -399,9 +404,10 @@ func (a *applier) remove(n *Node) error {
 			forget(c)
 		}
 		if in := n.inode; in.Type.IsDevice() {
-			for i, m := range in.names {
+			names := a.t.deviceNames[in]
+			for i, m := range names {
 				if m == n {
-					in.names = append(in.names[:i], in.names[i+1:]...)
+					a.t.deviceNames[in] = append(names[:i], names[i+1:]...)
 					break
 				}
 			}
@@ -595,7 +601,7 @@ func (a *applier) inode(hdr *tar.Header, typ Type) (*Inode, error) {
 	if hdr.Uid < 0 || int64(hdr.Uid) > math.MaxUint32 || hdr.Gid < 0 || int64(hdr.Gid) > math.MaxUint32 {
 		return nil, fmt.Errorf("owner %d:%d out of range", hdr.Uid, hdr.Gid)
 	}
-	in := &Inode{
+	in := a.t.newInode(&Inode{
 		Type:  typ,
 		Mode:  uint32(hdr.Mode) & 0o7777,
 		UID:   uint32(hdr.Uid),
@@ -603,7 +609,7 @@ func (a *applier) inode(hdr *tar.Header, typ Type) (*Inode, error) {
 		Mtime: hdr.ModTime,
 		Atime: hdr.AccessTime,
 		Ctime: hdr.ChangeTime,
-	}
+	})
 	if in.Atime.IsZero() {
 		in.Atime = in.Mtime
 	}

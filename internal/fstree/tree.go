@@ -100,11 +100,13 @@ type Inode struct {
 	// in file order; what no run covers is a hole.
 	Data []Run
 
-	// names lists the nodes that link to this inode when it is a device:
-	// the staging directory cannot hold device nodes, so the builder needs
-	// every name to create the links itself.
-	names []*Node
+	id uint32 // see ID
 }
+
+// ID numbers the inode among those of its tree, from 0 up to the tree's
+// InodeIDs: a writer can keep what it knows of each inode in a slice,
+// which costs far less than a map for millions of them.
+func (in *Inode) ID() int { return int(in.id) }
 
 // Run is a stretch of a regular file's content: Length bytes at file
 // offset Offset, stored at DataOffset in data file File (an index into
@@ -134,8 +136,10 @@ func (in *Inode) XattrNames() []string {
 	return names
 }
 
-// Names returns the nodes that link to a device inode, first one first.
-func (in *Inode) Names() []*Node { return in.names }
+// Names returns the nodes that link to a device inode, first one first:
+// the staging directory cannot hold device nodes, so the e2fsprogs writer
+// needs every name to create the links itself.
+func (t *Tree) Names(in *Inode) []*Node { return t.deviceNames[in] }
 
 // Node is one name in the tree.
 type Node struct {
@@ -205,6 +209,9 @@ type Tree struct {
 	epoch   time.Time
 	layers  int
 
+	inodes      uint32 // IDs given so far
+	deviceNames map[*Inode][]*Node
+
 	limits     Limits
 	imageBytes int64 // uncompressed bytes of the layers applied
 	entries    int64 // entries of the layers applied
@@ -249,8 +256,18 @@ func New(dir, dataFile string, epoch time.Time) (*Tree, error) {
 }
 
 func (t *Tree) implicitDir() *Inode {
-	return &Inode{Type: TypeDir, Mode: 0o755, Mtime: t.epoch, Atime: t.epoch, Ctime: t.epoch}
+	return t.newInode(&Inode{Type: TypeDir, Mode: 0o755, Mtime: t.epoch, Atime: t.epoch, Ctime: t.epoch})
 }
+
+// newInode gives in the next ID.
+func (t *Tree) newInode(in *Inode) *Inode {
+	in.id = t.inodes
+	t.inodes++
+	return in
+}
+
+// InodeIDs bounds the IDs of the tree's inodes (see Inode.ID).
+func (t *Tree) InodeIDs() int { return int(t.inodes) }
 
 // SetLimits caps what the layers applied from now on may do (see
 // Limits); a tree starts without limits.
