@@ -217,7 +217,32 @@ func write(t testing.TB, layers []layer, opts ext4.Options) string {
 // by entry, as debugfs reads them.
 func TestWritersAgree(t *testing.T) {
 	ext4test.Require(t)
-	layers := edgeLayers()
+	ours, want := writeBoth(t, edgeLayers())
+	if len(want) < 11000 {
+		t.Errorf("only %d entries described", len(want))
+	}
+	// The layout this test means to cover is there.
+	stat := ext4test.Run(t, "debugfs", "-R", "stat /data/holes1500", ours)
+	if !regexp.MustCompile(`\(ETB1\)`).MatchString(stat) {
+		t.Errorf("/data/holes1500 should have an extent tree of depth two:\n%.1500s", stat)
+	}
+	htree := ext4test.Run(t, "debugfs", "-R", "htree /deep", ours)
+	if !strings.Contains(htree, "Indirect levels: 1") {
+		t.Errorf("/deep should be a two-level hashed directory:\n%.1000s", htree)
+	}
+	if ext4test.Run(t, "debugfs", "-R", "stat /many", ours); !strings.Contains(ext4test.Run(t, "debugfs", "-R", "htree /many", ours), "Indirect levels: 0") {
+		t.Errorf("/many should be a one-level hashed directory")
+	}
+	if x := ext4test.Run(t, "debugfs", "-R", "stat /x/big", ours); !regexp.MustCompile(`File ACL: [1-9]`).MatchString(x) {
+		t.Errorf("/x/big should have an xattr block:\n%s", x)
+	}
+}
+
+// writeBoth writes layers with this writer and with e2fsprogs, checks
+// that both images pass e2fsck and hold the same tree, entry by entry, as
+// debugfs reads them, and returns this writer's image and that tree.
+func writeBoth(t *testing.T, layers []layer) (string, map[string]string) {
+	t.Helper()
 	ours := write(t, layers, ext4.Options{Identity: "agree"})
 	tree, work := newTree(t, layers, true)
 	ref := filepath.Join(work, "e2fsprogs.ext4")
@@ -242,23 +267,39 @@ func TestWritersAgree(t *testing.T) {
 			t.Errorf("%s: not in the e2fsprogs image", p)
 		}
 	}
-	if len(want) < 11000 {
-		t.Errorf("only %d entries described", len(want))
-	}
-	// The layout this test means to cover is there.
-	stat := ext4test.Run(t, "debugfs", "-R", "stat /data/holes1500", ours)
-	if !regexp.MustCompile(`\(ETB1\)`).MatchString(stat) {
-		t.Errorf("/data/holes1500 should have an extent tree of depth two:\n%.1500s", stat)
-	}
-	htree := ext4test.Run(t, "debugfs", "-R", "htree /deep", ours)
-	if !strings.Contains(htree, "Indirect levels: 1") {
-		t.Errorf("/deep should be a two-level hashed directory:\n%.1000s", htree)
-	}
-	if ext4test.Run(t, "debugfs", "-R", "stat /many", ours); !strings.Contains(ext4test.Run(t, "debugfs", "-R", "htree /many", ours), "Indirect levels: 0") {
-		t.Errorf("/many should be a one-level hashed directory")
-	}
-	if x := ext4test.Run(t, "debugfs", "-R", "stat /x/big", ours); !regexp.MustCompile(`File ACL: [1-9]`).MatchString(x) {
-		t.Errorf("/x/big should have an xattr block:\n%s", x)
+	return ours, want
+}
+
+// TestLostFound: a /lost+found the image holds is written as the image
+// says, whatever it is, and none is made when the image has none; e2fsck
+// accepts each.
+func TestLostFound(t *testing.T) {
+	ext4test.Require(t)
+	lfDir := dir("lost+found", 0o750)
+	lfDir.Uid, lfDir.Gid = 7, 8
+	for name, c := range map[string]struct {
+		layer layer
+		want  string // the start of its description, "" for none
+	}{
+		"none":     {layer{reg("etc/hello", 0o644, "hi")}, ""},
+		"file":     {layer{reg("lost+found", 0o600, "not a directory")}, "Type: regular Mode: 0600\n"},
+		"symlink":  {layer{{Name: "lost+found", Typeflag: tar.TypeSymlink, Linkname: "/tmp", ModTime: t1}}, "Type: symlink"},
+		"fifo":     {layer{{Name: "lost+found", Typeflag: tar.TypeFifo, Mode: 0o644, ModTime: t1}}, "Type: FIFO"},
+		"device":   {layer{{Name: "lost+found", Typeflag: tar.TypeChar, Mode: 0o600, Devmajor: 1, Devminor: 3, ModTime: t1}}, "Type: character special"},
+		"hardlink": {layer{reg("etc/x", 0o644, "x"), {Name: "lost+found", Typeflag: tar.TypeLink, Linkname: "etc/x"}}, "hard link of etc/x"},
+		"dir":      {layer{lfDir, reg("lost+found/kept", 0o644, "inside")}, "Type: directory Mode: 0750\nUser: 7 Group: 8 "},
+		// The name kiln builds a /lost+found under, taken too.
+		"file and aside name": {layer{reg("lost+found", 0o600, "lf"), reg("lost+found.kiln", 0o600, "other")}, "Type: regular Mode: 0600\n"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			_, desc := writeBoth(t, []layer{c.layer})
+			if got := desc["lost+found"]; !strings.HasPrefix(got, c.want) || (c.want == "") != (got == "") {
+				t.Errorf("/lost+found: %q, want %q…", got, c.want)
+			}
+			if name == "dir" && desc["lost+found/kept"] == "" {
+				t.Errorf("/lost+found lost its content")
+			}
+		})
 	}
 }
 
