@@ -303,6 +303,64 @@ func TestLostFound(t *testing.T) {
 	}
 }
 
+// TestTimes: times across ext4's whole range are stored exactly by both
+// writers and pass e2fsck, except those e2fsck would take for mis-encoded
+// times before 1970 (2310-04-04 to 2378-04-22: the last second before
+// them is stored instead) and those outside ext4's range (clamped).
+func TestTimes(t *testing.T) {
+	ext4test.Require(t)
+	utc := func(y int, m time.Month, d, h, min, s, ns int) time.Time {
+		return time.Date(y, m, d, h, min, s, ns, time.UTC)
+	}
+	beforeGap := utc(2310, 4, 4, 16, 10, 39, 0)
+	cases := []struct{ in, want time.Time }{
+		{utc(2400, 1, 1, 0, 0, 0, 0), utc(2400, 1, 1, 0, 0, 0, 0)},
+		{utc(2400, 1, 1, 12, 0, 0, 123456789), utc(2400, 1, 1, 12, 0, 0, 123456789)},
+		{utc(2446, 5, 10, 0, 0, 0, 0), utc(2446, 5, 10, 0, 0, 0, 0)},
+		{utc(2446, 5, 10, 22, 38, 55, 5), utc(2446, 5, 10, 22, 38, 55, 5)},
+		{utc(2378, 4, 22, 19, 24, 48, 1), utc(2378, 4, 22, 19, 24, 48, 1)},
+		{utc(1901, 12, 14, 0, 0, 0, 0), utc(1901, 12, 14, 0, 0, 0, 0)},
+		{utc(1969, 12, 31, 23, 59, 59, 500000000), utc(1969, 12, 31, 23, 59, 59, 500000000)},
+		{utc(2310, 4, 4, 16, 10, 39, 7), utc(2310, 4, 4, 16, 10, 39, 7)},
+		// e2fsck's pre-1970 range.
+		{utc(2310, 4, 4, 16, 10, 40, 0), beforeGap},
+		{utc(2345, 6, 7, 8, 9, 10, 11), beforeGap},
+		{utc(2378, 4, 22, 19, 24, 47, 999999999), beforeGap},
+		// Outside ext4's range.
+		{utc(2446, 5, 10, 22, 38, 56, 0), utc(2446, 5, 10, 22, 38, 55, 0)},
+		{utc(2600, 1, 1, 0, 0, 0, 0), utc(2446, 5, 10, 22, 38, 55, 0)},
+		{utc(1850, 1, 1, 0, 0, 0, 0), utc(1901, 12, 13, 20, 45, 52, 0)},
+	}
+	var l layer
+	for i, c := range cases {
+		h := reg(fmt.Sprintf("t%02d", i), 0o644, "")
+		h.ModTime, h.AccessTime, h.ChangeTime = c.in, c.in, c.in
+		l = append(l, h)
+	}
+	ours, _ := writeBoth(t, []layer{l})
+	// e2fsck -fn exits 0 on the times it takes for mis-encoded ones
+	// before 1970, but says so (and -y would change them).
+	if out := ext4test.Run(t, "e2fsck", "-fn", ours); strings.Contains(out, "pre-1970") {
+		t.Errorf("e2fsck -fn:\n%s", out)
+	}
+	fsys := ext4test.Open(t, ours)
+	for i, c := range cases {
+		ino, err := fsys.Lookup(fmt.Sprintf("/t%02d", i))
+		if err != nil {
+			t.Fatal(err)
+		}
+		in, err := fsys.Inode(ino)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for name, got := range map[string]time.Time{"mtime": in.Mtime, "atime": in.Atime, "ctime": in.Ctime} {
+			if !got.Equal(c.want) {
+				t.Errorf("%s %s: stored %s, want %s", c.in, name, got, c.want)
+			}
+		}
+	}
+}
+
 // TestHardLinkedSymlink: a hard link to a symlink is a second name for
 // the same inode, as the tar says.
 func TestHardLinkedSymlink(t *testing.T) {
