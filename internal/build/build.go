@@ -37,7 +37,7 @@ var Epoch = time.Unix(0, 0).UTC()
 
 // formatVersion changes whenever the same input would build different
 // bytes, so that caches keyed by Key never serve an older layout.
-const formatVersion = "kiln-rootfs-4"
+const formatVersion = "kiln-rootfs-5"
 
 // Layer is one layer to replay.
 type Layer struct {

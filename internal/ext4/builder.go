@@ -248,6 +248,20 @@ type builder struct {
 	relinks []relink
 	// devices are created by debugfs; each needs its names.
 	devices []*device
+	// lostFoundAside is the name the image's own /lost+found is built
+	// under until restoreMetadata, when it is not a directory; "" if not.
+	lostFoundAside string
+}
+
+// lostFound is the directory mke2fs always makes and e2fsck reconnects
+// orphans to. The image's own /lost+found wins over it, whatever it is.
+const lostFound = "lost+found"
+
+// lostFoundIsOther says whether the image has a /lost+found that is not
+// a directory.
+func (b *builder) lostFoundIsOther() bool {
+	lf := b.tree.Root().Child(lostFound)
+	return lf != nil && lf.Inode().Type != fstree.TypeDir
 }
 
 type numbered struct {
@@ -300,6 +314,17 @@ func (b *builder) mkfs(ctx context.Context, size, inodes int64) error {
 		"-d", b.tree.StagingDir(),
 		b.meta, strconv.FormatInt(size/BlockSize, 10),
 	}
+	if b.lostFoundIsOther() {
+		// mke2fs makes its /lost+found directory first and stops at a
+		// staged name that is not one: the image's is built under
+		// another name, and takes the directory's place in
+		// restoreMetadata.
+		aside, err := b.stageLostFoundAside()
+		if err != nil {
+			return err
+		}
+		defer aside()
+	}
 	cmd := tool(ctx, "mke2fs", args...)
 	cmd.Env = b.env
 	var outb bytes.Buffer
@@ -313,6 +338,28 @@ func (b *builder) mkfs(ctx context.Context, size, inodes int64) error {
 		return fmt.Errorf("mke2fs: %w: %s", err, msg)
 	}
 	return nil
+}
+
+// stageLostFoundAside picks a name the image does not use for its
+// /lost+found, renames the staged entry to it, and returns what renames
+// it back. Device nodes are not staged: debugfs creates them under that
+// name.
+func (b *builder) stageLostFoundAside() (func(), error) {
+	root := b.tree.Root()
+	name := lostFound + ".kiln"
+	for i := 0; root.Child(name) != nil; i++ {
+		name = fmt.Sprintf("%s.kiln%d", lostFound, i)
+	}
+	b.lostFoundAside = name
+	staged := b.tree.StagingPath(root.Child(lostFound))
+	if _, err := os.Lstat(staged); errors.Is(err, os.ErrNotExist) {
+		return func() {}, nil
+	}
+	aside := filepath.Join(b.tree.StagingDir(), name)
+	if err := os.Rename(staged, aside); err != nil {
+		return nil, err
+	}
+	return func() { os.Rename(aside, staged) }, nil
 }
 
 func lastLine(s string) string {
@@ -343,14 +390,20 @@ func (b *builder) mapInodes() error {
 		}
 		found := make(map[string]bool, len(ents))
 		for _, e := range ents {
-			child := dir.Child(e.Name)
-			if child == nil {
-				if dir.Parent() == nil && e.Name == "lost+found" {
-					continue // made by mke2fs, removed below
+			name := e.Name
+			if dir.Parent() == nil {
+				switch {
+				case name == lostFound && (dir.Child(name) == nil || b.lostFoundIsOther()):
+					continue // made by mke2fs, removed in restoreMetadata
+				case name == b.lostFoundAside:
+					name = lostFound
 				}
+			}
+			child := dir.Child(name)
+			if child == nil {
 				return fmt.Errorf("ext4: unexpected entry %q in the built image", e.Name)
 			}
-			found[e.Name] = true
+			found[name] = true
 			b.add(ino, e.Ino, child)
 			if child.Inode().Type == fstree.TypeDir {
 				if err := walk(child, e.Ino); err != nil {
@@ -371,6 +424,9 @@ func (b *builder) mapInodes() error {
 				d = &device{inode: in}
 				devs[in] = d
 				b.devices = append(b.devices, d)
+			}
+			if dir.Parent() == nil && name == lostFound {
+				name = b.lostFoundAside
 			}
 			d.names = append(d.names, dirName{dir: ino, name: name})
 		}
@@ -449,10 +505,12 @@ func (b *builder) allocate(ctx context.Context) error {
 // written, in one debugfs run.
 func (b *builder) restoreMetadata(ctx context.Context, files []placement) error {
 	var s script
-	if b.tree.Root().Child("lost+found") == nil {
-		// mke2fs always makes one; the image did not have it. e2fsck
-		// recreates it only when it has orphans to reconnect.
-		s.printf("rmdir /lost+found")
+	if b.tree.Root().Child(lostFound) == nil || b.lostFoundIsOther() {
+		// mke2fs always makes one; the image did not have it, or has
+		// something else there. e2fsck recreates it only when it has
+		// orphans to reconnect. (Not earlier: the blocks it frees must
+		// not go to file contents, which the metadata would overwrite.)
+		s.printf("rmdir /%s", lostFound)
 	}
 	values := map[string]string{} // xattr value -> file holding it
 	for _, n := range b.inodes {
@@ -515,6 +573,16 @@ func (b *builder) restoreMetadata(ctx context.Context, files []placement) error 
 			s.printf("sif <%d> links_count %d", d.ino, len(d.names))
 		}
 	}
+	if b.lostFoundAside != "" {
+		// The image's /lost+found takes its name (ln and unlink leave
+		// link counts alone).
+		aside, err := quote("/" + b.lostFoundAside)
+		if err != nil {
+			return err
+		}
+		s.printf("ln %s /%s", aside, lostFound)
+		s.printf("unlink %s", aside)
+	}
 	markWritten(&s, files)
 	_, err := debugfs(ctx, b.meta, b.opts.WorkDir, &s, b.env)
 	return err
@@ -522,9 +590,16 @@ func (b *builder) restoreMetadata(ctx context.Context, files []placement) error 
 
 // e2fsckConfig replaces the host's /etc/e2fsck.conf for finish. e2fsck
 // would create /lost+found (problem 0x030004, "/lost+found not found"),
-// which kiln leaves out when the image does not have it.
+// which kiln leaves out when the image does not have it, and would
+// replace an image's /lost+found that is not a directory with one
+// (0x030017, "/lost+found is not a directory"): the image's entry stays.
 const e2fsckConfig = `[problems]
 	0x030004 = {
+		force_no = true
+		no_ok = true
+		no_nomsg = true
+	}
+	0x030017 = {
 		force_no = true
 		no_ok = true
 		no_nomsg = true

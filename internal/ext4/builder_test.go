@@ -43,21 +43,36 @@ func TestEncodeTime(t *testing.T) {
 	}{
 		{time.Unix(0, 0), 0, 0},
 		{time.Unix(-5, 0), 0xfffffffb, 0},
-		{time.Unix(1<<31, 0), 0x80000000, 1},                             // 2038-01-19
-		{time.Unix(1<<32, 10), 0, 10<<2 | 1},                             // 2106
-		{time.Unix(4102444800, 999999999), 0xf4865700, 999999999<<2 | 1}, // 2100
-		{time.Unix(-1<<40, 0), 0x80000000, 0},                            // clamped to 1901
-		{time.Unix(1<<40, 0), uint32(maxTime), uint32(maxTime >> 32)},
+		{time.Unix(1<<31, 0), 0x80000000, 1},                                // 2038-01-19
+		{time.Unix(1<<32, 10), 0, 10<<2 | 1},                                // 2106
+		{time.Unix(4102444800, 999999999), 0xf4865700, 999999999<<2 | 1},    // 2100
+		{time.Unix(-1<<40, 0), 0x80000000, 0},                               // clamped to 1901
+		{time.Unix(-1, 5e8), 0xffffffff, 5e8 << 2},                          // 1969-12-31T23:59:59.5
+		{time.Unix(gapLow, 7), 0x7fffffff, 7<<2 | 2},                        // 2310-04-04, the last second before the gap
+		{time.Unix(gapLow+1, 7), 0x7fffffff, 2},                             // in the gap: the second before it
+		{time.Date(2345, 1, 1, 0, 0, 0, 0, time.UTC), 0x7fffffff, 2},        // in the gap
+		{time.Unix(gapHigh-1, 7), 0x7fffffff, 2},                            // 2378-04-22, in the gap
+		{time.Unix(gapHigh, 7), 0, 7<<2 | 3},                                // 2378-04-22, after it
+		{time.Date(2400, 1, 1, 0, 0, 0, 9, time.UTC), 0x28cd9d00, 9<<2 | 3}, // 2400
+		{time.Unix(maxTime, 9), 0x7fffffff, 9<<2 | 3},                       // 2446-05-10T22:38:55
+		{time.Unix(maxTime+1, 9), 0x7fffffff, 3},                            // clamped to 2446
+		{time.Unix(1<<40, 0), 0x7fffffff, 3},
 	}
 	for _, c := range cases {
 		lo, extra := EncodeTime(c.t)
 		if lo != c.lo || extra != c.extra {
-			t.Errorf("EncodeTime(%d) = %#x %#x, want %#x %#x", c.t.Unix(), lo, extra, c.lo, c.extra)
+			t.Errorf("EncodeTime(%s) = %#x %#x, want %#x %#x", c.t.UTC(), lo, extra, c.lo, c.extra)
 		}
 		// The kernel's decoding must give the time back.
 		sec := int64(int32(lo)) + int64(extra&3)<<32
-		if c.t.Unix() >= minTime && c.t.Unix() <= maxTime && (sec != c.t.Unix() || int(extra>>2) != c.t.Nanosecond()) {
+		exact := c.t.Unix() >= minTime && c.t.Unix() <= maxTime && (c.t.Unix() <= gapLow || c.t.Unix() >= gapHigh)
+		if exact && (sec != c.t.Unix() || int(extra>>2) != c.t.Nanosecond()) {
 			t.Errorf("decode(%#x, %#x) = %d.%d, want %d.%d", lo, extra, sec, extra>>2, c.t.Unix(), c.t.Nanosecond())
+		}
+		// Nothing kiln stores looks like e2fsck's mis-encoded pre-1970
+		// time: the sign bit with both epoch bits set.
+		if lo&(1<<31) != 0 && extra&3 == 3 {
+			t.Errorf("EncodeTime(%s) = %#x %#x: e2fsck would take it for a time before 1970", c.t.UTC(), lo, extra)
 		}
 	}
 }

@@ -55,22 +55,37 @@ func (s *script) setTime(ino uint32, field string, t time.Time, have rawTime) {
 	}
 }
 
-// Time range that ext4 encodes unambiguously: 32 signed bits of seconds
-// plus two epoch bits, stopping before the years (2310 on) that e2fsck
-// reads as mis-encoded pre-1970 dates.
+// The times ext4 holds in a 256-byte inode: 32 signed bits of seconds
+// extended by two epoch bits, from 1901-12-13T20:45:52Z to
+// 2446-05-10T22:38:55Z. Old kernels wrote times before 1970 with
+// both epoch bits set, which reads as 2310-04-04T16:10:40Z to
+// 2378-04-22T19:24:47Z; e2fsck (when its clock is before 2242) takes
+// every time in that range for such a mis-encoded date: -n reports
+// "Timestamp(s) on inode N beyond 2310-04-04 are likely pre-1970", and
+// -y or -p (the e2fsprogs writer's last step, a guest's boot-time check)
+// turns it into one before 1970. So kiln stores no time in that range:
+// it stores 2310-04-04T16:10:39Z (gapLow) instead, the latest time
+// before it, as earlier kiln did for every time from 2310 on. Times
+// outside ext4's range are clamped to its ends, nanoseconds dropped, as
+// the kernel does.
 var (
 	minTime = int64(-1 << 31)
-	maxTime = int64(3<<32 - 1<<31 - 1)
+	gapLow  = int64(3<<32 - 1<<31 - 1)
+	gapHigh = int64(3 << 32)
+	maxTime = int64(3<<32 + 1<<31 - 1)
 )
 
 // EncodeTime splits a time into ext4's on-disk seconds field and extra
-// field (nanoseconds << 2 | epoch bits), clamping like the kernel does.
+// field (nanoseconds << 2 | epoch bits), kept to the times ext4 and
+// e2fsck agree on (see minTime).
 func EncodeTime(t time.Time) (lo, extra uint32) {
 	sec, nsec := t.Unix(), int64(t.Nanosecond())
-	if sec < minTime {
+	switch {
+	case sec < minTime:
 		sec, nsec = minTime, 0
-	}
-	if sec > maxTime {
+	case sec > gapLow && sec < gapHigh:
+		sec, nsec = gapLow, 0
+	case sec > maxTime:
 		sec, nsec = maxTime, 0
 	}
 	lo = uint32(sec)

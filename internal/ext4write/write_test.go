@@ -219,7 +219,32 @@ func write(t testing.TB, layers []layer, opts ext4.Options) string {
 // by entry, as debugfs reads them.
 func TestWritersAgree(t *testing.T) {
 	ext4test.Require(t)
-	layers := edgeLayers()
+	ours, want := writeBoth(t, edgeLayers())
+	if len(want) < 11000 {
+		t.Errorf("only %d entries described", len(want))
+	}
+	// The layout this test means to cover is there.
+	stat := ext4test.Run(t, "debugfs", "-R", "stat /data/holes1500", ours)
+	if !regexp.MustCompile(`\(ETB1\)`).MatchString(stat) {
+		t.Errorf("/data/holes1500 should have an extent tree of depth two:\n%.1500s", stat)
+	}
+	htree := ext4test.Run(t, "debugfs", "-R", "htree /deep", ours)
+	if !strings.Contains(htree, "Indirect levels: 1") {
+		t.Errorf("/deep should be a two-level hashed directory:\n%.1000s", htree)
+	}
+	if ext4test.Run(t, "debugfs", "-R", "stat /many", ours); !strings.Contains(ext4test.Run(t, "debugfs", "-R", "htree /many", ours), "Indirect levels: 0") {
+		t.Errorf("/many should be a one-level hashed directory")
+	}
+	if x := ext4test.Run(t, "debugfs", "-R", "stat /x/big", ours); !regexp.MustCompile(`File ACL: [1-9]`).MatchString(x) {
+		t.Errorf("/x/big should have an xattr block:\n%s", x)
+	}
+}
+
+// writeBoth writes layers with this writer and with e2fsprogs, checks
+// that both images pass e2fsck and hold the same tree, entry by entry, as
+// debugfs reads them, and returns this writer's image and that tree.
+func writeBoth(t *testing.T, layers []layer) (string, map[string]string) {
+	t.Helper()
 	ours := write(t, layers, ext4.Options{Identity: "agree"})
 	tree, work := newTree(t, layers, true)
 	ref := filepath.Join(work, "e2fsprogs.ext4")
@@ -244,23 +269,97 @@ func TestWritersAgree(t *testing.T) {
 			t.Errorf("%s: not in the e2fsprogs image", p)
 		}
 	}
-	if len(want) < 11000 {
-		t.Errorf("only %d entries described", len(want))
+	return ours, want
+}
+
+// TestLostFound: a /lost+found the image holds is written as the image
+// says, whatever it is, and none is made when the image has none; e2fsck
+// accepts each.
+func TestLostFound(t *testing.T) {
+	ext4test.Require(t)
+	lfDir := dir("lost+found", 0o750)
+	lfDir.Uid, lfDir.Gid = 7, 8
+	for name, c := range map[string]struct {
+		layer layer
+		want  string // the start of its description, "" for none
+	}{
+		"none":     {layer{reg("etc/hello", 0o644, "hi")}, ""},
+		"file":     {layer{reg("lost+found", 0o600, "not a directory")}, "Type: regular Mode: 0600\n"},
+		"symlink":  {layer{{Name: "lost+found", Typeflag: tar.TypeSymlink, Linkname: "/tmp", ModTime: t1}}, "Type: symlink"},
+		"fifo":     {layer{{Name: "lost+found", Typeflag: tar.TypeFifo, Mode: 0o644, ModTime: t1}}, "Type: FIFO"},
+		"device":   {layer{{Name: "lost+found", Typeflag: tar.TypeChar, Mode: 0o600, Devmajor: 1, Devminor: 3, ModTime: t1}}, "Type: character special"},
+		"hardlink": {layer{reg("etc/x", 0o644, "x"), {Name: "lost+found", Typeflag: tar.TypeLink, Linkname: "etc/x"}}, "hard link of etc/x"},
+		"dir":      {layer{lfDir, reg("lost+found/kept", 0o644, "inside")}, "Type: directory Mode: 0750\nUser: 7 Group: 8 "},
+		// The name kiln builds a /lost+found under, taken too.
+		"file and aside name": {layer{reg("lost+found", 0o600, "lf"), reg("lost+found.kiln", 0o600, "other")}, "Type: regular Mode: 0600\n"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			_, desc := writeBoth(t, []layer{c.layer})
+			if got := desc["lost+found"]; !strings.HasPrefix(got, c.want) || (c.want == "") != (got == "") {
+				t.Errorf("/lost+found: %q, want %q…", got, c.want)
+			}
+			if name == "dir" && desc["lost+found/kept"] == "" {
+				t.Errorf("/lost+found lost its content")
+			}
+		})
 	}
-	// The layout this test means to cover is there.
-	stat := ext4test.Run(t, "debugfs", "-R", "stat /data/holes1500", ours)
-	if !regexp.MustCompile(`\(ETB1\)`).MatchString(stat) {
-		t.Errorf("/data/holes1500 should have an extent tree of depth two:\n%.1500s", stat)
+}
+
+// TestTimes: times across ext4's whole range are stored exactly by both
+// writers and pass e2fsck, except those e2fsck would take for mis-encoded
+// times before 1970 (2310-04-04 to 2378-04-22: the last second before
+// them is stored instead) and those outside ext4's range (clamped).
+func TestTimes(t *testing.T) {
+	ext4test.Require(t)
+	utc := func(y int, m time.Month, d, h, min, s, ns int) time.Time {
+		return time.Date(y, m, d, h, min, s, ns, time.UTC)
 	}
-	htree := ext4test.Run(t, "debugfs", "-R", "htree /deep", ours)
-	if !strings.Contains(htree, "Indirect levels: 1") {
-		t.Errorf("/deep should be a two-level hashed directory:\n%.1000s", htree)
+	beforeGap := utc(2310, 4, 4, 16, 10, 39, 0)
+	cases := []struct{ in, want time.Time }{
+		{utc(2400, 1, 1, 0, 0, 0, 0), utc(2400, 1, 1, 0, 0, 0, 0)},
+		{utc(2400, 1, 1, 12, 0, 0, 123456789), utc(2400, 1, 1, 12, 0, 0, 123456789)},
+		{utc(2446, 5, 10, 0, 0, 0, 0), utc(2446, 5, 10, 0, 0, 0, 0)},
+		{utc(2446, 5, 10, 22, 38, 55, 5), utc(2446, 5, 10, 22, 38, 55, 5)},
+		{utc(2378, 4, 22, 19, 24, 48, 1), utc(2378, 4, 22, 19, 24, 48, 1)},
+		{utc(1901, 12, 14, 0, 0, 0, 0), utc(1901, 12, 14, 0, 0, 0, 0)},
+		{utc(1969, 12, 31, 23, 59, 59, 500000000), utc(1969, 12, 31, 23, 59, 59, 500000000)},
+		{utc(2310, 4, 4, 16, 10, 39, 7), utc(2310, 4, 4, 16, 10, 39, 7)},
+		// e2fsck's pre-1970 range.
+		{utc(2310, 4, 4, 16, 10, 40, 0), beforeGap},
+		{utc(2345, 6, 7, 8, 9, 10, 11), beforeGap},
+		{utc(2378, 4, 22, 19, 24, 47, 999999999), beforeGap},
+		// Outside ext4's range.
+		{utc(2446, 5, 10, 22, 38, 56, 0), utc(2446, 5, 10, 22, 38, 55, 0)},
+		{utc(2600, 1, 1, 0, 0, 0, 0), utc(2446, 5, 10, 22, 38, 55, 0)},
+		{utc(1850, 1, 1, 0, 0, 0, 0), utc(1901, 12, 13, 20, 45, 52, 0)},
 	}
-	if ext4test.Run(t, "debugfs", "-R", "stat /many", ours); !strings.Contains(ext4test.Run(t, "debugfs", "-R", "htree /many", ours), "Indirect levels: 0") {
-		t.Errorf("/many should be a one-level hashed directory")
+	var l layer
+	for i, c := range cases {
+		h := reg(fmt.Sprintf("t%02d", i), 0o644, "")
+		h.ModTime, h.AccessTime, h.ChangeTime = c.in, c.in, c.in
+		l = append(l, h)
 	}
-	if x := ext4test.Run(t, "debugfs", "-R", "stat /x/big", ours); !regexp.MustCompile(`File ACL: [1-9]`).MatchString(x) {
-		t.Errorf("/x/big should have an xattr block:\n%s", x)
+	ours, _ := writeBoth(t, []layer{l})
+	// e2fsck -fn exits 0 on the times it takes for mis-encoded ones
+	// before 1970, but says so (and -y would change them).
+	if out := ext4test.Run(t, "e2fsck", "-fn", ours); strings.Contains(out, "pre-1970") {
+		t.Errorf("e2fsck -fn:\n%s", out)
+	}
+	fsys := ext4test.Open(t, ours)
+	for i, c := range cases {
+		ino, err := fsys.Lookup(fmt.Sprintf("/t%02d", i))
+		if err != nil {
+			t.Fatal(err)
+		}
+		in, err := fsys.Inode(ino)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for name, got := range map[string]time.Time{"mtime": in.Mtime, "atime": in.Atime, "ctime": in.Ctime} {
+			if !got.Equal(c.want) {
+				t.Errorf("%s %s: stored %s, want %s", c.in, name, got, c.want)
+			}
+		}
 	}
 }
 

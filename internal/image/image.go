@@ -1,7 +1,8 @@
 // Package image resolves what the user names (a registry reference, an OCI
 // image layout or a docker save archive) to one platform's image: its
 // config and its layers, each a blob that can be opened as a stream.
-// go-containerregistry does the reading; every source ends up as a v1.Image.
+// go-containerregistry reads registries and layouts, each ending up as a
+// v1.Image; kiln reads docker archives' layers itself (see describeArchive).
 package image
 
 import (

@@ -6,15 +6,12 @@ package layer
 
 import (
 	"bufio"
-	"bytes"
 	"errors"
 	"fmt"
 	"hash"
 	"io"
 	"sync"
 
-	"github.com/klauspost/compress/gzip"
-	"github.com/klauspost/compress/zstd"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 )
@@ -26,19 +23,21 @@ const (
 	MediaTypeDockerLayerPlain   = "application/vnd.docker.image.rootfs.diff.tar"
 )
 
-var knownMediaTypes = map[string]bool{
-	ocispec.MediaTypeImageLayer:     true,
-	ocispec.MediaTypeImageLayerGzip: true,
-	ocispec.MediaTypeImageLayerZstd: true,
+// mediaTypes maps each layer media type kiln reads to the compression it
+// says the blob has.
+var mediaTypes = map[string]Compression{
+	ocispec.MediaTypeImageLayer:     Plain,
+	ocispec.MediaTypeImageLayerGzip: Gzip,
+	ocispec.MediaTypeImageLayerZstd: Zstd,
 	//nolint:staticcheck // non-distributable layers still appear in images
-	ocispec.MediaTypeImageLayerNonDistributable: true,
+	ocispec.MediaTypeImageLayerNonDistributable: Plain,
 	//nolint:staticcheck
-	ocispec.MediaTypeImageLayerNonDistributableGzip: true,
+	ocispec.MediaTypeImageLayerNonDistributableGzip: Gzip,
 	//nolint:staticcheck
-	ocispec.MediaTypeImageLayerNonDistributableZstd: true,
-	MediaTypeDockerLayer:                            true,
-	MediaTypeDockerForeignLayer:                     true,
-	MediaTypeDockerLayerPlain:                       true,
+	ocispec.MediaTypeImageLayerNonDistributableZstd: Zstd,
+	MediaTypeDockerLayer:                            Gzip,
+	MediaTypeDockerForeignLayer:                     Gzip,
+	MediaTypeDockerLayerPlain:                       Plain,
 }
 
 // ErrUnknownMediaType is wrapped for layers kiln cannot read.
@@ -46,7 +45,7 @@ var ErrUnknownMediaType = errors.New("unknown layer media type")
 
 // CheckMediaType fails for media types that are not tar layers.
 func CheckMediaType(mediaType string) error {
-	if !knownMediaTypes[mediaType] {
+	if _, ok := mediaTypes[mediaType]; !ok {
 		return fmt.Errorf("%w %q", ErrUnknownMediaType, mediaType)
 	}
 	return nil
@@ -92,10 +91,9 @@ type Descriptor struct {
 	DiffID    digest.Digest // of the uncompressed tar; empty: computed, not checked
 }
 
-// NewReader starts decompressing blob. The format is recognised from the
-// data itself (Docker archives label plain tars as gzip); the media type
-// must still be a known layer type. Read returns io.EOF only after the
-// whole blob was read and both digests matched.
+// NewReader starts decompressing blob, compressed as DetectCompression
+// decides; the media type must be a known layer type. Read returns io.EOF
+// only after the whole blob was read and both digests matched.
 func NewReader(blob io.Reader, desc Descriptor) (*Reader, error) {
 	if err := CheckMediaType(desc.MediaType); err != nil {
 		return nil, &Error{Digest: desc.Digest, Err: err}
@@ -141,24 +139,11 @@ func (r *Reader) pump(blob io.Reader) error {
 	defer ahead.stop()
 	blob = ahead
 	in := bufio.NewReaderSize(blob, chunkSize)
-	magic, _ := in.Peek(4)
-	var src io.Reader = in
-	switch {
-	case bytes.HasPrefix(magic, []byte{0x1f, 0x8b}):
-		zr, err := gzip.NewReader(in)
-		if err != nil {
-			return fmt.Errorf("gzip: %w", err)
-		}
-		defer zr.Close()
-		src = zr
-	case bytes.HasPrefix(magic, []byte{0x28, 0xb5, 0x2f, 0xfd}):
-		zr, err := zstd.NewReader(in, zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true))
-		if err != nil {
-			return fmt.Errorf("zstd: %w", err)
-		}
-		defer zr.Close()
-		src = zr
+	src, err := openTar(in, r.desc.MediaType)
+	if err != nil {
+		return err
 	}
+	defer src.Close()
 	for {
 		var buf []byte
 		select {

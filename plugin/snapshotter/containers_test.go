@@ -25,6 +25,19 @@ import (
 // stores the layer tar and its diffID in the snapshot's directory.
 func storeLayer(t *testing.T, sn *Snapshotter, key, parent string, files map[string]string) {
 	t.Helper()
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	for name, body := range files {
+		tw.WriteHeader(&tar.Header{Name: name, Typeflag: tar.TypeReg, Mode: 0o644, Size: int64(len(body)), ModTime: time.Unix(1e9, 0)})
+		tw.Write([]byte(body))
+	}
+	tw.Close()
+	storeLayerTar(t, sn, key, parent, buf.Bytes())
+}
+
+// storeLayerTar is storeLayer for a layer tar as given.
+func storeLayerTar(t *testing.T, sn *Snapshotter, key, parent string, layerTar []byte) {
+	t.Helper()
 	ctx := namespaces.WithNamespace(context.Background(), "test")
 	mounts, err := sn.Prepare(ctx, key, parent, snapshots.WithLabels(map[string]string{snapshots.LabelSnapshotRef: "chain"}))
 	if err != nil {
@@ -34,18 +47,11 @@ func storeLayer(t *testing.T, sn *Snapshotter, key, parent string, files map[str
 	if !ok {
 		t.Fatalf("extraction mounts %v are not recognised as kiln's", mounts)
 	}
-	var buf bytes.Buffer
-	tw := tar.NewWriter(&buf)
-	for name, body := range files {
-		tw.WriteHeader(&tar.Header{Name: name, Typeflag: tar.TypeReg, Mode: 0o644, Size: int64(len(body)), ModTime: time.Unix(1e9, 0)})
-		tw.Write([]byte(body))
-	}
-	tw.Close()
 	tarPath, diffIDPath := LayerFiles(dir)
-	if err := os.WriteFile(tarPath, buf.Bytes(), 0o600); err != nil {
+	if err := os.WriteFile(tarPath, layerTar, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(diffIDPath, []byte(digest.FromBytes(buf.Bytes()).String()), 0o600); err != nil {
+	if err := os.WriteFile(diffIDPath, []byte(digest.FromBytes(layerTar).String()), 0o600); err != nil {
 		t.Fatal(err)
 	}
 }

@@ -1,0 +1,62 @@
+package integration
+
+import (
+	"archive/tar"
+	"crypto/sha256"
+	"encoding/hex"
+	"path/filepath"
+	"testing"
+
+	"github.com/google/go-containerregistry/pkg/v1/types"
+
+	"github.com/kilnfs/kiln/integration/testimage"
+)
+
+// TestConvertMagicNamedLayers: plain layer tars whose first entry's name
+// starts with the gzip or the zstd magic are tars, as their media type
+// says (OCI layout) or their first header shows (docker save archive).
+func TestConvertMagicNamedLayers(t *testing.T) {
+	entry := func(name, body string) tarEntry {
+		// GNU headers hold the name's bytes as they are, first in the tar.
+		e := tFile(name, 0o644, t1, body)
+		e.hdr.Format = tar.FormatGNU
+		return e
+	}
+	gzipNamed := layerTar(t, entry("\x1f\x8b\x08gzip-named", "gzip"))
+	zstdNamed := layerTar(t, entry("\x28\xb5\x2f\xfdzstd-named", "zstd")) // 0x2f: a file in a directory
+	gzipped := layerTar(t, entry("\x1f\x8b\x08in-gzip", "in gzip"))
+	want := map[string]string{
+		"/\x1f\x8b\x08gzip-named":  "gzip",
+		"/\x28\xb5/\xfdzstd-named": "zstd",
+		"/\x1f\x8b\x08in-gzip":     "in gzip",
+	}
+
+	dir := t.TempDir()
+	layoutDir := filepath.Join(dir, "layout")
+	img := rawImage(t,
+		rawLayer{blob: gzipNamed, mediaType: types.OCIUncompressedLayer, diffID: sha(t, gzipNamed)},
+		rawLayer{blob: zstdNamed, mediaType: types.OCIUncompressedLayer, diffID: sha(t, zstdNamed)},
+		gzLayer(t, gzipped))
+	if err := testimage.WriteLayout(layoutDir, "v1", img); err != nil {
+		t.Fatal(err)
+	}
+	archive := filepath.Join(dir, "image.tar")
+	spec := testimage.Image{Layers: []testimage.Layer{{Tar: gzipNamed}, {Tar: zstdNamed}, {Tar: gzipped}}}
+	if err := testimage.WriteDockerArchive(archive, "magic:v1", spec); err != nil {
+		t.Fatal(err)
+	}
+	for _, src := range []string{"oci:" + layoutDir + ":v1", "docker-archive:" + archive} {
+		t.Run(src[:3], func(t *testing.T) {
+			out := filepath.Join(dir, src[:3]+".ext4")
+			convert(t, src, out, filepath.Join(dir, "cache-"+src[:3]))
+			fsck(t, out)
+			im := inspect(t, out)
+			for p, body := range want {
+				sum := sha256.Sum256([]byte(body))
+				if e := im.Entries[p]; e == nil || e.SHA256 != hex.EncodeToString(sum[:]) {
+					t.Errorf("%q: %+v, want a file holding %q", p, e, body)
+				}
+			}
+		})
+	}
+}
