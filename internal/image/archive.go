@@ -17,7 +17,7 @@ import (
 
 // fromArchive reads a `docker save` tarball, "FILE" or "FILE:REPO:TAG" for
 // archives holding several images.
-func fromArchive(spec string, want ocispec.Platform, explicit bool) (*Image, error) {
+func fromArchive(spec string, want ocispec.Platform) (*Image, error) {
 	file, ref := spec, ""
 	if _, err := os.Stat(spec); err != nil {
 		if i := strings.IndexByte(spec, ':'); i > 0 {
@@ -39,7 +39,7 @@ func fromArchive(spec string, want ocispec.Platform, explicit bool) (*Image, err
 	if err != nil {
 		return nil, fmt.Errorf("docker archive %s: %w", file, err)
 	}
-	out, err := describeArchive(img, want, explicit)
+	out, err := describeArchive(img, want)
 	if err != nil {
 		return nil, fmt.Errorf("docker archive %s: %w", file, err)
 	}
@@ -52,7 +52,7 @@ func fromArchive(spec string, want ocispec.Platform, explicit bool) (*Image, err
 // go-containerregistry for the compressed form would gzip every layer.)
 // The image's manifest and digest are not asked for either, for the same
 // reason: the config digest (Docker's image ID) identifies it instead.
-func describeArchive(img v1.Image, want ocispec.Platform, explicit bool) (*Image, error) {
+func describeArchive(img v1.Image, want ocispec.Platform) (*Image, error) {
 	raw, err := img.RawConfigFile()
 	if err != nil {
 		return nil, fmt.Errorf("reading config: %w", err)
@@ -62,7 +62,7 @@ func describeArchive(img v1.Image, want ocispec.Platform, explicit bool) (*Image
 		return nil, err
 	}
 	plat := ocispec.Platform{OS: cfg.OS, Architecture: cfg.Architecture, Variant: cfg.Variant}
-	if err := checkPlatform(plat, want, explicit); err != nil {
+	if err := checkPlatform(plat, want); err != nil {
 		return nil, err
 	}
 	out := &Image{
