@@ -72,6 +72,9 @@ func Convert(ctx context.Context, src, out string, opts Options) (*Result, error
 	if cacheDir == "" {
 		cacheDir = store.DefaultDir()
 	}
+	if err := workdir.Private(cacheDir); err != nil {
+		return nil, fmt.Errorf("cache directory: %w", err)
+	}
 	st, err := store.Open(cacheDir)
 	if err != nil {
 		return nil, err
