@@ -36,7 +36,7 @@ import (
 //     with the lock those are the only bytes in it.
 //   - A cached blob is verified while it is read. One that is not what its
 //     digest says is evicted with a warning, and the caller builds again,
-//     which fetches it afresh (see Evictions).
+//     which fetches it afresh (see evictions).
 type blobCache struct {
 	cs      content.Store
 	locks   string // lock files, one per blob digest
@@ -52,9 +52,9 @@ func newBlobCache(cs content.Store, cacheDir, image string) (*blobCache, error) 
 	return &blobCache{cs: cs, locks: locks, image: image}, nil
 }
 
-// Evictions counts the damaged blobs evicted so far; a build that failed
+// evictions counts the damaged blobs evicted so far; a build that failed
 // while it went up may succeed when run again. A nil cache has none.
-func (c *blobCache) Evictions() int64 {
+func (c *blobCache) evictions() int64 {
 	if c == nil {
 		return 0
 	}

@@ -105,8 +105,8 @@ func Convert(ctx context.Context, src, out string, opts Options) (*Result, error
 		built, timings, wd, err := buildImage(ctx, st, img, key, opts.Build, blobs, rep)
 		// A build that evicted a damaged cached blob runs again, fetching
 		// it afresh; each round evicts another blob, so this ends.
-		for n := int64(0); err != nil && blobs.Evictions() > n; {
-			n = blobs.Evictions()
+		for n := int64(0); err != nil && blobs.evictions() > n; {
+			n = blobs.evictions()
 			log.G(ctx).WithError(err).WithField("image", img.Name).Warn("building again with the evicted blobs fetched afresh")
 			built, timings, wd, err = buildImage(ctx, st, img, key, opts.Build, blobs, rep)
 		}
