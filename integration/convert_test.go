@@ -670,6 +670,60 @@ func TestConvertPlatform(t *testing.T) {
 	assertError(t, msg, ref, "linux/s390x", "linux/amd64", "linux/arm64")
 }
 
+// TestConvertForeignPlatform: an image made only for another platform than
+// the host's is refused without --platform, from every kind of source and
+// whether it is an index or a single manifest, with an error naming the
+// image and the platform it offers; --platform selects it.
+func TestConvertForeignPlatform(t *testing.T) {
+	foreign := "arm64"
+	if runtime.GOARCH == "arm64" {
+		foreign = "amd64"
+	}
+	want := "linux/" + foreign
+	spec := testimage.Image{Layers: []testimage.Layer{{Tar: layerTar(t, tFile("arch", 0o644, t1, foreign))}}, Arch: foreign}
+	img := mustBuild(t, spec)
+	dir := t.TempDir()
+	indexLayout, plainLayout := filepath.Join(dir, "index-layout"), filepath.Join(dir, "plain-layout")
+	if err := testimage.WriteIndexLayout(indexLayout, "v1", map[string]v1.Image{want: img}); err != nil {
+		t.Fatal(err)
+	}
+	if err := testimage.WriteLayout(plainLayout, "v1", img); err != nil {
+		t.Fatal(err)
+	}
+	archive := filepath.Join(dir, "image.tar")
+	if err := testimage.WriteDockerArchive(archive, "foreign:v1", spec); err != nil {
+		t.Fatal(err)
+	}
+	indexRef := reg.Host + "/foreign-index:v1"
+	if err := testimage.PushIndex(indexRef, map[string]v1.Image{want: img}); err != nil {
+		t.Fatal(err)
+	}
+	sources := map[string]string{
+		"layout index":    "oci:" + indexLayout + ":v1",
+		"layout manifest": "oci:" + plainLayout + ":v1",
+		"docker archive":  "docker-archive:" + archive,
+		"registry index":  indexRef,
+		"registry image":  mustPush(t, "foreign-image:v1", img),
+	}
+	for what, src := range sources {
+		what = strings.ReplaceAll(what, " ", "-")
+		t.Run(what, func(t *testing.T) {
+			cache := filepath.Join(dir, "cache-"+what)
+			msg := convertFails(t, src, filepath.Join(dir, "refused-"+what+".ext4"), cache)
+			assertError(t, msg, src, want, "--platform")
+			out := filepath.Join(dir, what+".ext4")
+			s := convert(t, src, out, cache, "--platform", want)
+			if s.Platform != want {
+				t.Errorf("converted as %s, want %s", s.Platform, want)
+			}
+			sum := sha256.Sum256([]byte(foreign))
+			if e := inspect(t, out).Entries["/arch"]; e == nil || e.SHA256 != hex.EncodeToString(sum[:]) {
+				t.Errorf("/arch does not say %s", foreign)
+			}
+		})
+	}
+}
+
 // TestConvertEmptyIndex: an index without manifests is an error, whether
 // it is an OCI layout's index.json, an index tagged in a layout, or an
 // index in a registry.

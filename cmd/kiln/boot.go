@@ -3,13 +3,13 @@ package main
 import (
 	"fmt"
 	"os"
-	"path/filepath"
 	"time"
 
 	"github.com/spf13/cobra"
 
 	"github.com/kilnfs/kiln/internal/bootcheck"
 	"github.com/kilnfs/kiln/internal/store"
+	"github.com/kilnfs/kiln/internal/workdir"
 )
 
 func newBootCommand() *cobra.Command {
@@ -46,14 +46,12 @@ Without --kernel, Debian's cloud kernel is fetched with apt-get download into
 the cache directory. The rootfs is attached read-only unless --rw.`,
 		Args: cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			work, err := os.MkdirTemp(filepath.Join(cacheDir), "boot-")
+			if err := workdir.Private(cacheDir); err != nil {
+				return fmt.Errorf("cache directory: %w", err)
+			}
+			work, err := os.MkdirTemp(cacheDir, "boot-")
 			if err != nil {
-				if err := os.MkdirAll(cacheDir, 0o700); err != nil {
-					return err
-				}
-				if work, err = os.MkdirTemp(cacheDir, "boot-"); err != nil {
-					return err
-				}
+				return err
 			}
 			defer os.RemoveAll(work)
 			opts := bootcheck.Options{

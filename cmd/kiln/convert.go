@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"strings"
@@ -96,6 +97,9 @@ Layer blobs and built images are cached per digest in
 				opts.Progress = progress.Terminal(os.Stderr)
 			}
 			res, err := convert.Convert(cmd.Context(), args[0], output, opts)
+			if errors.Is(err, image.ErrPlatformNotFound) && platform == "" {
+				return fmt.Errorf("%w (choose one with --platform)", err)
+			}
 			if err != nil {
 				return err
 			}
@@ -109,7 +113,7 @@ Layer blobs and built images are cached per digest in
 	}
 	f := cmd.Flags()
 	f.StringVarP(&output, "output", "o", "", "where to write the ext4 image")
-	f.StringVar(&platform, "platform", "", "platform to select from a multi-platform image, os/arch[/variant] (default: this host's)")
+	f.StringVar(&platform, "platform", "", "platform of the image, os/arch[/variant]: selects from a multi-platform image; a single-platform image must match it (default: this host's)")
 	f.StringVar(&size, "size", "auto", "filesystem size: auto (content plus headroom) or a size such as 2G, 512MiB")
 	f.StringVar(&writer, "writer", build.DefaultWriter.Name(), "how the ext4 is laid out: "+strings.Join(build.WriterNames(), " (one pass, in Go) or ")+" (mke2fs and debugfs, the reference)")
 	f.StringVar(&cacheDir, "cache-dir", store.DefaultDir(), "cache for layer blobs and built images")

@@ -6,23 +6,18 @@ package convert
 import (
 	"context"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"time"
 
-	"github.com/containerd/containerd/v2/core/content"
-	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
 	"github.com/containerd/platforms"
 	"github.com/opencontainers/go-digest"
-	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
-	"golang.org/x/sync/errgroup"
 
 	"github.com/kilnfs/kiln/internal/build"
 	"github.com/kilnfs/kiln/internal/clone"
 	"github.com/kilnfs/kiln/internal/image"
 	"github.com/kilnfs/kiln/internal/inject"
-	"github.com/kilnfs/kiln/internal/layer"
 	"github.com/kilnfs/kiln/internal/progress"
 	"github.com/kilnfs/kiln/internal/store"
 	"github.com/kilnfs/kiln/internal/workdir"
@@ -72,6 +67,9 @@ func Convert(ctx context.Context, src, out string, opts Options) (*Result, error
 	if cacheDir == "" {
 		cacheDir = store.DefaultDir()
 	}
+	if err := workdir.Private(cacheDir); err != nil {
+		return nil, fmt.Errorf("cache directory: %w", err)
+	}
 	st, err := store.Open(cacheDir)
 	if err != nil {
 		return nil, err
@@ -98,7 +96,20 @@ func Convert(ctx context.Context, src, out string, opts Options) (*Result, error
 	cached := st.RootfsPath(key)
 	cleaned := make(chan struct{})
 	if !st.HasRootfs(key) {
-		built, timings, wd, err := buildImage(ctx, st, img, key, opts.Build, rep)
+		var blobs *blobCache
+		if img.Remote {
+			if blobs, err = newBlobCache(st.Content(), cacheDir, img.Name); err != nil {
+				return nil, err
+			}
+		}
+		built, timings, wd, err := buildImage(ctx, st, img, key, opts.Build, blobs, rep)
+		// A build that evicted a damaged cached blob runs again, fetching
+		// it afresh; each round evicts another blob, so this ends.
+		for n := int64(0); err != nil && blobs.evictions() > n; {
+			n = blobs.evictions()
+			log.G(ctx).WithError(err).WithField("image", img.Name).Warn("building again with the evicted blobs fetched afresh")
+			built, timings, wd, err = buildImage(ctx, st, img, key, opts.Build, blobs, rep)
+		}
 		if err != nil {
 			return nil, err
 		}
@@ -147,7 +158,7 @@ func stampConfig(ctx context.Context, st *store.Store, f *os.File, img *image.Im
 
 // buildImage fetches what is missing and builds the rootfs into the cache.
 // On success the caller releases the work directory.
-func buildImage(ctx context.Context, st *store.Store, img *image.Image, key string, opts build.Options, rep progress.Reporter) (_ string, t Timings, _ *workdir.Dir, err error) {
+func buildImage(ctx context.Context, st *store.Store, img *image.Image, key string, opts build.Options, blobs *blobCache, rep progress.Reporter) (_ string, t Timings, _ *workdir.Dir, err error) {
 	wd, err := st.NewWorkDir()
 	if err != nil {
 		return "", t, nil, err
@@ -163,8 +174,8 @@ func buildImage(ctx context.Context, st *store.Store, img *image.Image, key stri
 	fetchCtx, cancelFetch := context.WithCancel(ctx)
 	defer cancelFetch()
 	var fetchWait func() error
-	if img.Remote {
-		layers, fetchWait = fetch(fetchCtx, st.Content(), img, rep)
+	if blobs != nil {
+		layers, fetchWait = blobs.fetch(fetchCtx, img, rep)
 	} else {
 		for i, l := range img.Layers {
 			layers[i] = build.Layer{Descriptor: l.Descriptor, Size: l.Size, Open: l.Open}
@@ -187,140 +198,4 @@ func buildImage(ctx context.Context, st *store.Store, img *image.Image, key stri
 	t.Unpack, t.Build = res.Unpack.Milliseconds(), res.Build.Milliseconds()
 	path, err := st.PublishRootfs(out, key)
 	return path, t, wd, err
-}
-
-// fetch returns layers that read their blobs through the cache. The first
-// missing layer is streamed: unpacking reads it while it is being stored,
-// so fetching and unpacking overlap. The other missing layers are fetched
-// in the background meanwhile, a few at a time, and read from the cache
-// when their turn comes.
-func fetch(ctx context.Context, cs content.Store, img *image.Image, rep progress.Reporter) ([]build.Layer, func() error) {
-	var total int64
-	for _, l := range img.Layers {
-		total += l.Size
-	}
-	bar := rep.Bar("fetch", total, true)
-	g, gctx := errgroup.WithContext(ctx)
-	g.SetLimit(3)
-	layers := make([]build.Layer, len(img.Layers))
-	streamed := false
-	for i, l := range img.Layers {
-		desc := ocispec.Descriptor{MediaType: l.MediaType, Digest: l.Digest, Size: l.Size}
-		if _, err := cs.Info(ctx, desc.Digest); err == nil || !streamed {
-			streamed = streamed || err != nil
-			layers[i] = build.Layer{Descriptor: l.Descriptor, Size: l.Size, Open: func() (io.ReadCloser, error) {
-				return openThrough(ctx, cs, l, desc, bar)
-			}}
-			continue
-		}
-		ready := make(chan struct{})
-		var ferr error
-		layers[i] = build.Layer{Descriptor: l.Descriptor, Size: l.Size, Open: func() (io.ReadCloser, error) {
-			select {
-			case <-ready:
-			case <-ctx.Done():
-				return nil, ctx.Err()
-			}
-			if ferr != nil {
-				return nil, ferr
-			}
-			return openThrough(ctx, cs, l, desc, bar)
-		}}
-		g.Go(func() error {
-			defer close(ready)
-			rc, err := openThrough(gctx, cs, l, desc, bar)
-			if err == nil {
-				_, err = io.Copy(io.Discard, rc)
-				rc.Close()
-			}
-			ferr = err
-			return err
-		})
-	}
-	return layers, func() error {
-		err := g.Wait()
-		bar.Done()
-		return err
-	}
-}
-
-// openThrough reads a blob from the cache, or from its source while
-// storing it in the cache (the content store verifies it on commit).
-func openThrough(ctx context.Context, cs content.Store, l image.Layer, desc ocispec.Descriptor, bar progress.Bar) (io.ReadCloser, error) {
-	fromCache := func() (io.ReadCloser, error) {
-		ra, err := cs.ReaderAt(ctx, desc)
-		if err != nil {
-			return nil, err
-		}
-		return readCloser{Reader: content.NewReader(ra), Closer: ra}, nil
-	}
-	if _, err := cs.Info(ctx, desc.Digest); err == nil {
-		return fromCache()
-	}
-	ref := "kiln-" + desc.Digest.String()
-	w, err := content.OpenWriter(ctx, cs, content.WithRef(ref), content.WithDescriptor(desc))
-	if errdefs.IsAlreadyExists(err) {
-		return fromCache()
-	}
-	if err != nil {
-		return nil, &layer.Error{Digest: l.Digest, Err: fmt.Errorf("caching: %w", err)}
-	}
-	if err := w.Truncate(0); err != nil { // an interrupted ingest starts over
-		w.Close()
-		return nil, err
-	}
-	rc, err := l.Open()
-	if err != nil {
-		w.Close()
-		cs.Abort(ctx, ref) //nolint:errcheck // best effort
-		return nil, &layer.Error{Digest: l.Digest, Err: fmt.Errorf("fetching: %w", err)}
-	}
-	return &teeBlob{ctx: ctx, cs: cs, ref: ref, src: rc, w: w, desc: desc, bar: bar}, nil
-}
-
-// teeBlob passes a blob through while writing it to the content store,
-// and commits it there at the end.
-type teeBlob struct {
-	ctx       context.Context
-	cs        content.Store
-	ref       string
-	src       io.ReadCloser
-	w         content.Writer
-	desc      ocispec.Descriptor
-	bar       progress.Bar
-	committed bool
-}
-
-func (t *teeBlob) Read(p []byte) (int, error) {
-	n, err := t.src.Read(p)
-	if n > 0 {
-		if _, werr := t.w.Write(p[:n]); werr != nil {
-			return n, werr
-		}
-		t.bar.Add(int64(n))
-	}
-	if err == io.EOF && !t.committed {
-		t.committed = true
-		if cerr := t.w.Commit(t.ctx, t.desc.Size, t.desc.Digest); cerr != nil && !errdefs.IsAlreadyExists(cerr) {
-			return n, &layer.Error{Digest: t.desc.Digest, Err: fmt.Errorf("fetching: %w", cerr)}
-		}
-	}
-	if err != nil && err != io.EOF {
-		err = &layer.Error{Digest: t.desc.Digest, Err: fmt.Errorf("fetching: %w", err)}
-	}
-	return n, err
-}
-
-func (t *teeBlob) Close() error {
-	t.src.Close()
-	t.w.Close()
-	if !t.committed {
-		t.cs.Abort(context.WithoutCancel(t.ctx), t.ref) //nolint:errcheck // best effort
-	}
-	return nil
-}
-
-type readCloser struct {
-	io.Reader
-	io.Closer
 }

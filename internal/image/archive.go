@@ -19,7 +19,7 @@ import (
 
 // fromArchive reads a `docker save` tarball, "FILE" or "FILE:REPO:TAG" for
 // archives holding several images.
-func fromArchive(spec string, want ocispec.Platform, explicit bool) (*Image, error) {
+func fromArchive(spec string, want ocispec.Platform) (*Image, error) {
 	file, ref := spec, ""
 	if _, err := os.Stat(spec); err != nil {
 		if i := strings.IndexByte(spec, ':'); i > 0 {
@@ -50,7 +50,7 @@ func fromArchive(spec string, want ocispec.Platform, explicit bool) (*Image, err
 	if err != nil {
 		return nil, fmt.Errorf("docker archive %s: config: %w", file, err)
 	}
-	out, err := describeArchive(archive, raw, d.Layers, want, explicit)
+	out, err := describeArchive(archive, raw, d.Layers, want)
 	if err != nil {
 		return nil, fmt.Errorf("docker archive %s: %w", file, err)
 	}
@@ -83,13 +83,13 @@ func findArchiveImage(m tarball.Manifest, tag *name.Tag) (*tarball.Descriptor, e
 // and digest are not asked for either (go-containerregistry would gzip
 // every layer to make them): the config digest (Docker's image ID)
 // identifies it instead.
-func describeArchive(archive tarball.Opener, raw []byte, layers []string, want ocispec.Platform, explicit bool) (*Image, error) {
+func describeArchive(archive tarball.Opener, raw []byte, layers []string, want ocispec.Platform) (*Image, error) {
 	cfg, err := parseConfig(raw)
 	if err != nil {
 		return nil, err
 	}
 	plat := ocispec.Platform{OS: cfg.OS, Architecture: cfg.Architecture, Variant: cfg.Variant}
-	if err := checkPlatform(plat, want, explicit); err != nil {
+	if err := checkPlatform(plat, want); err != nil {
 		return nil, err
 	}
 	if len(layers) != len(cfg.RootFS.DiffIDs) {

@@ -69,7 +69,7 @@ func TestArchiveLayers(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	img, err := fromArchive(file+":a:v1", ocispec.Platform{OS: "linux", Architecture: "amd64"}, false)
+	img, err := fromArchive(file+":a:v1", ocispec.Platform{OS: "linux", Architecture: "amd64"})
 	if err != nil {
 		t.Fatal(err)
 	}

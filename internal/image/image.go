@@ -56,7 +56,8 @@ func (l Layer) Open() (io.ReadCloser, error) { return l.open() }
 // Options say how to resolve a source.
 type Options struct {
 	// Platform selects an image from a multi-platform index, e.g.
-	// "linux/arm64/v8". Empty means the host's platform.
+	// "linux/arm64/v8"; a single-platform image must be for it. Empty
+	// means the host's platform, matched as containerd does.
 	Platform string
 	// Insecure lists registries (host[:port]) that may be reached over
 	// plain HTTP or with unverified TLS; loopback registries always may.
@@ -68,8 +69,9 @@ type Options struct {
 	HostsDir string
 }
 
-// ErrPlatformNotFound is wrapped when an index has no image for the
-// requested platform.
+// ErrPlatformNotFound is wrapped when an image has nothing for the
+// requested platform: an index without a matching manifest, or a single
+// manifest whose config names another platform.
 var ErrPlatformNotFound = errors.New("no image for the requested platform")
 
 // Resolve finds the image that src names.
@@ -93,9 +95,9 @@ func Resolve(ctx context.Context, src string, opts Options) (*Image, error) {
 	)
 	switch {
 	case strings.HasPrefix(src, "oci:"):
-		img, err = fromLayout(strings.TrimPrefix(src, "oci:"), want, opts.Platform != "")
+		img, err = fromLayout(strings.TrimPrefix(src, "oci:"), want)
 	case strings.HasPrefix(src, "docker-archive:"):
-		img, err = fromArchive(strings.TrimPrefix(src, "docker-archive:"), want, opts.Platform != "")
+		img, err = fromArchive(strings.TrimPrefix(src, "docker-archive:"), want)
 	default:
 		img, err = fromRegistry(ctx, src, want, opts)
 	}
@@ -217,7 +219,7 @@ func openCompressed(img v1.Image, d v1.Descriptor, _ v1.Hash) (io.ReadCloser, er
 
 // describe turns a v1.Image into an Image: manifest, config, and layers
 // paired with their diffIDs.
-func describe(img v1.Image, plat ocispec.Platform, want ocispec.Platform, explicit bool, open blobOpener) (*Image, error) {
+func describe(img v1.Image, plat ocispec.Platform, want ocispec.Platform, open blobOpener) (*Image, error) {
 	mf, err := img.Manifest()
 	if err != nil {
 		return nil, fmt.Errorf("reading manifest: %w", err)
@@ -236,7 +238,7 @@ func describe(img v1.Image, plat ocispec.Platform, want ocispec.Platform, explic
 	if plat.OS == "" {
 		// A plain manifest: the config says what it is for.
 		plat = ocispec.Platform{OS: cfg.OS, Architecture: cfg.Architecture, Variant: cfg.Variant}
-		if err := checkPlatform(plat, want, explicit); err != nil {
+		if err := checkPlatform(plat, want); err != nil {
 			return nil, err
 		}
 	}
@@ -286,13 +288,15 @@ func parseConfig(raw []byte) (ocispec.Image, error) {
 }
 
 // checkPlatform refuses a single-platform image that was built for another
-// platform than the one explicitly asked for.
-func checkPlatform(p, want ocispec.Platform, explicit bool) error {
-	if !explicit || p.OS == "" || p.Architecture == "" {
+// platform than the one asked for (the host's unless the user said), with
+// the same matcher an index is searched with, as containerd does. An image
+// that does not say its platform is taken as it is.
+func checkPlatform(p, want ocispec.Platform) error {
+	if p.OS == "" || p.Architecture == "" {
 		return nil
 	}
 	if !platforms.Only(want).Match(platforms.Normalize(p)) {
-		return fmt.Errorf("%w %s; the image is %s", ErrPlatformNotFound, platforms.Format(want), platforms.Format(p))
+		return fmt.Errorf("%w %s; the image offers only %s", ErrPlatformNotFound, platforms.Format(want), platforms.Format(p))
 	}
 	return nil
 }

@@ -15,7 +15,7 @@ import (
 // the org.opencontainers.image.ref.name annotation of an index.json entry
 // (or containerd's io.containerd.image.name); without TAG the layout must
 // hold exactly one entry.
-func fromLayout(spec string, want ocispec.Platform, explicit bool) (*Image, error) {
+func fromLayout(spec string, want ocispec.Platform) (*Image, error) {
 	dir, tag := spec, ""
 	if _, err := os.Stat(spec); err != nil {
 		if i := strings.LastIndexByte(spec, ':'); i > 0 {
@@ -63,7 +63,7 @@ func fromLayout(spec string, want ocispec.Platform, explicit bool) (*Image, erro
 		if err != nil {
 			return nil, err
 		}
-		return describe(img, plat, want, explicit, openCompressed)
+		return describe(img, plat, want, openCompressed)
 	}
 	img, err := idx.Image(entry.Digest)
 	if err != nil {
@@ -72,9 +72,9 @@ func fromLayout(spec string, want ocispec.Platform, explicit bool) (*Image, erro
 	var plat ocispec.Platform
 	if entry.Platform != nil {
 		plat = ocispec.Platform{OS: entry.Platform.OS, Architecture: entry.Platform.Architecture, Variant: entry.Platform.Variant}
-		if err := checkPlatform(plat, want, explicit); err != nil {
+		if err := checkPlatform(plat, want); err != nil {
 			return nil, err
 		}
 	}
-	return describe(img, plat, want, explicit, openCompressed)
+	return describe(img, plat, want, openCompressed)
 }

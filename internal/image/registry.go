@@ -36,7 +36,6 @@ func fromRegistry(ctx context.Context, ref string, want ocispec.Platform, opts O
 		return nil, err
 	}
 	var img *Image
-	explicit := opts.Platform != ""
 	if desc.MediaType.IsIndex() {
 		idx, err := desc.ImageIndex()
 		if err != nil {
@@ -46,7 +45,7 @@ func fromRegistry(ctx context.Context, ref string, want ocispec.Platform, opts O
 		if err != nil {
 			return nil, err
 		}
-		img, err = describe(v1img, plat, want, explicit, openCompressed)
+		img, err = describe(v1img, plat, want, openCompressed)
 		if err != nil {
 			return nil, err
 		}
@@ -55,7 +54,7 @@ func fromRegistry(ctx context.Context, ref string, want ocispec.Platform, opts O
 		if err != nil {
 			return nil, err
 		}
-		img, err = describe(v1img, ocispec.Platform{}, want, explicit, openCompressed)
+		img, err = describe(v1img, ocispec.Platform{}, want, openCompressed)
 		if err != nil {
 			return nil, err
 		}

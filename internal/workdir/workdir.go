@@ -1,17 +1,55 @@
 // Package workdir hands out private scratch directories for builds, each
 // held by a lock while in use, so that a later run can tell the ones an
-// interrupted run left behind and remove them.
+// interrupted run left behind and remove them; and it makes sure the
+// directory they live in is private to the user.
 package workdir
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
 )
+
+// Private creates dir (and missing parents) with mode 0700 if it does not
+// exist, and refuses a directory, or a symlink to one, that another user
+// owns or that group or others may write to. Whoever can write to kiln's
+// cache can plant a built image that kiln hands out as the image's rootfs,
+// and a cache in a shared place such as /tmp may have been made by anyone.
+func Private(dir string) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	uid := os.Geteuid()
+	li, err := os.Lstat(dir)
+	if err != nil {
+		return err
+	}
+	if li.Mode()&os.ModeSymlink != 0 {
+		if owner := li.Sys().(*syscall.Stat_t).Uid; int(owner) != uid && owner != 0 {
+			return fmt.Errorf("%s is a symlink owned by uid %d, not by uid %d that kiln runs as: refusing to use it", dir, owner, uid)
+		}
+	}
+	fi, err := os.Stat(dir)
+	if err != nil {
+		return err
+	}
+	if !fi.IsDir() {
+		return fmt.Errorf("%s is not a directory", dir)
+	}
+	if owner := fi.Sys().(*syscall.Stat_t).Uid; int(owner) != uid {
+		return fmt.Errorf("%s is owned by uid %d, not by uid %d that kiln runs as: refusing to use it", dir, owner, uid)
+	}
+	if perm := fi.Mode().Perm(); perm&0o022 != 0 {
+		return fmt.Errorf("%s is writable by group or others (mode %04o): refusing to use it (chmod go-w it)", dir, perm)
+	}
+	return nil
+}
 
 // Dir is a scratch directory held by a lock.
 type Dir struct {

@@ -1,0 +1,308 @@
+package convert
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/containerd/containerd/v2/core/content"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"golang.org/x/sync/errgroup"
+	"golang.org/x/sys/unix"
+
+	"github.com/kilnfs/kiln/internal/build"
+	"github.com/kilnfs/kiln/internal/image"
+	"github.com/kilnfs/kiln/internal/layer"
+	"github.com/kilnfs/kiln/internal/progress"
+)
+
+// blobCache reads a registry image's layer blobs through the cache's
+// content store, which runs of kiln sharing the cache directory use at the
+// same time.
+//
+//   - A missing blob is fetched by one run at a time: a lock file per blob
+//     (flock, so a killed run lets go) guards its ingest, and whoever gets
+//     the lock next reads what the holder stored. The content store commits
+//     the ingest only if the bytes written to it have the right digest, and
+//     with the lock those are the only bytes in it.
+//   - A cached blob is verified while it is read. One that is not what its
+//     digest says is evicted with a warning, and the caller builds again,
+//     which fetches it afresh (see evictions).
+type blobCache struct {
+	cs      content.Store
+	locks   string // lock files, one per blob digest
+	image   string // for log lines
+	evicted atomic.Int64
+}
+
+func newBlobCache(cs content.Store, cacheDir, image string) (*blobCache, error) {
+	locks := filepath.Join(cacheDir, "locks")
+	if err := os.MkdirAll(locks, 0o700); err != nil {
+		return nil, fmt.Errorf("cache directory: %w", err)
+	}
+	return &blobCache{cs: cs, locks: locks, image: image}, nil
+}
+
+// evictions counts the damaged blobs evicted so far; a build that failed
+// while it went up may succeed when run again. A nil cache has none.
+func (c *blobCache) evictions() int64 {
+	if c == nil {
+		return 0
+	}
+	return c.evicted.Load()
+}
+
+// fetch returns layers that read their blobs through the cache. The first
+// missing layer is streamed: unpacking reads it while it is being stored,
+// so fetching and unpacking overlap. The other missing layers are fetched
+// in the background meanwhile, a few at a time, and read from the cache
+// when their turn comes.
+func (c *blobCache) fetch(ctx context.Context, img *image.Image, rep progress.Reporter) ([]build.Layer, func() error) {
+	var total int64
+	for _, l := range img.Layers {
+		total += l.Size
+	}
+	bar := rep.Bar("fetch", total, true)
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(3)
+	layers := make([]build.Layer, len(img.Layers))
+	streamed := false
+	for i, l := range img.Layers {
+		if _, err := c.cs.Info(ctx, l.Digest); err == nil || !streamed {
+			streamed = streamed || err != nil
+			layers[i] = build.Layer{Descriptor: l.Descriptor, Size: l.Size, Open: func() (io.ReadCloser, error) {
+				return c.open(ctx, l, bar)
+			}}
+			continue
+		}
+		ready := make(chan struct{})
+		var ferr error
+		layers[i] = build.Layer{Descriptor: l.Descriptor, Size: l.Size, Open: func() (io.ReadCloser, error) {
+			select {
+			case <-ready:
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			}
+			if ferr != nil {
+				return nil, ferr
+			}
+			return c.open(ctx, l, bar)
+		}}
+		g.Go(func() error {
+			defer close(ready)
+			rc, err := c.open(gctx, l, bar)
+			if err == nil {
+				_, err = io.Copy(io.Discard, rc)
+				rc.Close()
+			}
+			ferr = err
+			return err
+		})
+	}
+	return layers, func() error {
+		err := g.Wait()
+		bar.Done()
+		return err
+	}
+}
+
+// open reads a blob from the cache, or from its source while storing it
+// in the cache.
+func (c *blobCache) open(ctx context.Context, l image.Layer, bar progress.Bar) (io.ReadCloser, error) {
+	desc := ocispec.Descriptor{MediaType: l.MediaType, Digest: l.Digest, Size: l.Size}
+	if rc, err := c.cached(ctx, desc); !errdefs.IsNotFound(err) {
+		return rc, err
+	}
+	unlock, err := c.lock(ctx, desc.Digest)
+	if err != nil {
+		return nil, &layer.Error{Digest: l.Digest, Err: fmt.Errorf("caching: %w", err)}
+	}
+	// The run that held the lock may have stored the blob.
+	if rc, err := c.cached(ctx, desc); !errdefs.IsNotFound(err) {
+		unlock()
+		return rc, err
+	}
+	ref := "kiln-" + desc.Digest.String()
+	w, err := content.OpenWriter(ctx, c.cs, content.WithRef(ref), content.WithDescriptor(desc))
+	if errdefs.IsAlreadyExists(err) {
+		unlock()
+		return c.cached(ctx, desc)
+	}
+	if err != nil {
+		unlock()
+		return nil, &layer.Error{Digest: l.Digest, Err: fmt.Errorf("caching: %w", err)}
+	}
+	// What an interrupted run left in the ingest starts over; with the
+	// lock held, nobody else writes to it.
+	if err := w.Truncate(0); err != nil {
+		w.Close()
+		unlock()
+		return nil, &layer.Error{Digest: l.Digest, Err: fmt.Errorf("caching: %w", err)}
+	}
+	rc, err := l.Open()
+	if err != nil {
+		w.Close()
+		c.cs.Abort(ctx, ref) //nolint:errcheck // best effort
+		unlock()
+		return nil, &layer.Error{Digest: l.Digest, Err: fmt.Errorf("fetching: %w", err)}
+	}
+	return &teeBlob{ctx: ctx, cs: c.cs, ref: ref, src: rc, w: w, desc: desc, bar: bar, unlock: unlock}, nil
+}
+
+// cached opens a blob the cache holds; errdefs.ErrNotFound if it does not.
+func (c *blobCache) cached(ctx context.Context, desc ocispec.Descriptor) (io.ReadCloser, error) {
+	ra, err := c.cs.ReaderAt(ctx, desc)
+	if err != nil {
+		if errdefs.IsNotFound(err) {
+			return nil, err
+		}
+		return nil, &layer.Error{Digest: desc.Digest, Err: fmt.Errorf("reading the cache: %w", err)}
+	}
+	return &cachedBlob{c: c, ctx: ctx, desc: desc, ra: ra, r: content.NewReader(ra), digester: desc.Digest.Algorithm().Digester()}, nil
+}
+
+// lock takes the blob's lock file, waiting while another run (or another
+// goroutine of this one) holds it. Closing the file lets go.
+func (c *blobCache) lock(ctx context.Context, d digest.Digest) (unlock func(), err error) {
+	if err := d.Validate(); err != nil {
+		return nil, err
+	}
+	f, err := os.OpenFile(filepath.Join(c.locks, d.Algorithm().String()+"-"+d.Encoded()), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	for waited := false; ; waited = true {
+		err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
+		if err == nil {
+			return func() { f.Close() }, nil
+		}
+		if !errors.Is(err, unix.EWOULDBLOCK) {
+			f.Close()
+			return nil, fmt.Errorf("locking %s: %w", f.Name(), err)
+		}
+		if !waited {
+			log.G(ctx).WithField("layer", d).Debug("another run is fetching the blob: waiting for it")
+		}
+		select {
+		case <-ctx.Done():
+			f.Close()
+			return nil, ctx.Err()
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// evict removes a damaged blob from the cache and returns the error its
+// reader reports.
+func (c *blobCache) evict(ctx context.Context, d, got digest.Digest) error {
+	log.G(ctx).WithFields(log.Fields{"image": c.image, "layer": d, "content": got}).
+		Warn("cached layer blob is damaged: evicting it, it will be fetched again")
+	if err := c.cs.Delete(context.WithoutCancel(ctx), d); err != nil && !errdefs.IsNotFound(err) {
+		log.G(ctx).WithError(err).WithField("layer", d).Warn("evicting a damaged blob")
+	}
+	c.evicted.Add(1)
+	return &layer.Error{Digest: d, Err: fmt.Errorf("cached blob: %w: it holds %s", layer.ErrDigestMismatch, got)}
+}
+
+// cachedBlob reads a blob from the cache and checks its digest at the
+// end. A reader that stops early may have stopped because the blob is
+// damaged (a hole of zeros does not decompress), so Close then checks the
+// whole blob.
+type cachedBlob struct {
+	c    *blobCache
+	ctx  context.Context
+	desc ocispec.Descriptor
+	ra   content.ReaderAt
+
+	mu       sync.Mutex // Close can come while a Read is under way
+	r        io.Reader
+	digester digest.Digester
+	ended    bool // read to the end, and checked
+	closed   bool
+}
+
+func (b *cachedBlob) Read(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed {
+		return 0, os.ErrClosed
+	}
+	n, err := b.r.Read(p)
+	b.digester.Hash().Write(p[:n])
+	if err == io.EOF {
+		b.ended = true
+		if got := b.digester.Digest(); got != b.desc.Digest {
+			return n, b.c.evict(b.ctx, b.desc.Digest, got)
+		}
+	}
+	return n, err
+}
+
+func (b *cachedBlob) Close() error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed {
+		return nil
+	}
+	b.closed = true
+	if !b.ended && b.ctx.Err() == nil {
+		got, err := b.desc.Digest.Algorithm().FromReader(io.NewSectionReader(b.ra, 0, b.ra.Size()))
+		if err == nil && got != b.desc.Digest {
+			b.c.evict(b.ctx, b.desc.Digest, got) //nolint:errcheck // the reader's user has its own error
+		}
+	}
+	return b.ra.Close()
+}
+
+// teeBlob passes a blob through while writing it to the content store,
+// commits it there at the end, and lets go of the blob's lock when closed.
+type teeBlob struct {
+	ctx       context.Context
+	cs        content.Store
+	ref       string
+	src       io.ReadCloser
+	w         content.Writer
+	desc      ocispec.Descriptor
+	bar       progress.Bar
+	unlock    func()
+	committed bool
+}
+
+func (t *teeBlob) Read(p []byte) (int, error) {
+	n, err := t.src.Read(p)
+	if n > 0 {
+		if _, werr := t.w.Write(p[:n]); werr != nil {
+			return n, werr
+		}
+		t.bar.Add(int64(n))
+	}
+	if err == io.EOF && !t.committed {
+		t.committed = true
+		if cerr := t.w.Commit(t.ctx, t.desc.Size, t.desc.Digest); cerr != nil && !errdefs.IsAlreadyExists(cerr) {
+			return n, &layer.Error{Digest: t.desc.Digest, Err: fmt.Errorf("fetching: %w", cerr)}
+		}
+	}
+	if err != nil && err != io.EOF {
+		err = &layer.Error{Digest: t.desc.Digest, Err: fmt.Errorf("fetching: %w", err)}
+	}
+	return n, err
+}
+
+func (t *teeBlob) Close() error {
+	t.src.Close()
+	t.w.Close()
+	if !t.committed {
+		t.cs.Abort(context.WithoutCancel(t.ctx), t.ref) //nolint:errcheck // best effort
+	}
+	t.unlock()
+	return nil
+}
