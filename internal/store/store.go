@@ -22,11 +22,13 @@ type Store struct {
 	content content.Store
 }
 
-// DefaultDir is /var/lib/kiln for root and the user's cache directory
+// DefaultDir is /var/cache/kiln for root and the user's cache directory
 // otherwise.
 func DefaultDir() string {
 	if os.Geteuid() == 0 {
-		return "/var/lib/kiln"
+		// Not /var/lib/kiln: that is kiln serve's root, whose startup
+		// clears its tmp/ of what it did not make.
+		return "/var/cache/kiln"
 	}
 	if d, err := os.UserCacheDir(); err == nil {
 		return filepath.Join(d, "kiln")
