@@ -146,15 +146,17 @@ func errOr(err error, ok string) string {
 
 // summary is kiln convert --json's output.
 type summary struct {
-	Image    string           `json:"image"`
-	Digest   string           `json:"digest"`
-	Platform string           `json:"platform"`
-	ChainID  string           `json:"chain_id"`
-	Size     int64            `json:"size"`
-	Path     string           `json:"path"`
-	Cached   bool             `json:"cached"`
-	Init     string           `json:"init"`
-	Timings  map[string]int64 `json:"timings_ms"`
+	Image     string           `json:"image"`
+	Digest    string           `json:"digest"`
+	Platform  string           `json:"platform"`
+	ChainID   string           `json:"chain_id"`
+	Size      int64            `json:"size"`
+	Path      string           `json:"path"`
+	Cached    bool             `json:"cached"`
+	Fetched   bool             `json:"fetched"`
+	Published string           `json:"published"`
+	Init      string           `json:"init"`
+	Timings   map[string]int64 `json:"timings_ms"`
 }
 
 // convert runs kiln convert --json src -o out --cache-dir cache and more

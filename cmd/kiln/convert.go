@@ -8,6 +8,7 @@ import (
 	"strings"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 	"golang.org/x/term"
 
 	"github.com/kilnfs/kiln/config"
@@ -20,21 +21,100 @@ import (
 	"github.com/kilnfs/kiln/internal/version"
 )
 
+// buildFlags are the flags of the commands that convert an image: what
+// to convert and how.
+type buildFlags struct {
+	platform     string
+	size         string
+	cacheDir     string
+	insecure     []string
+	hostsDir     string
+	asJSON       bool
+	pieces       string
+	bundle       string
+	force        bool
+	guestBin     string
+	writer       string
+	limits       []string
+	usePublished bool
+}
+
+func (b *buildFlags) register(f *pflag.FlagSet) {
+	f.StringVar(&b.platform, "platform", "", "platform of the image, os/arch[/variant]: selects from a multi-platform image; a single-platform image must match it (default: this host's)")
+	f.StringVar(&b.size, "size", "auto", "filesystem size: auto (content plus headroom) or a size such as 2G, 512MiB")
+	f.StringVar(&b.writer, "writer", build.DefaultWriter.Name(), "how the ext4 is laid out: "+strings.Join(build.WriterNames(), " (one pass, in Go) or ")+" (mke2fs and debugfs, the reference)")
+	f.StringVar(&b.cacheDir, "cache-dir", store.DefaultDir(), "cache for layer blobs and built images")
+	f.StringSliceVar(&b.insecure, "insecure-registry", nil, "registry (host[:port]) that may use plain HTTP or unverified TLS; repeatable")
+	f.StringVar(&b.hostsDir, "hosts-dir", image.DefaultHostsDir, "containerd-style registry host configuration (REGISTRY/hosts.toml: mirrors, TLS, headers); empty: none")
+	f.BoolVar(&b.asJSON, "json", false, "print a JSON summary (digest, chain ID, size, path, init, timings)")
+	f.StringVar(&b.pieces, "inject", "", "guest pieces to add: init, agent, network (comma-separated; default none: the rootfs is the image, exactly)")
+	f.StringVar(&b.bundle, "inject-dir", "", "add a bundle of your own: a directory with a manifest.toml of paths, owners and modes")
+	f.BoolVar(&b.force, "force", false, "let injected files replace files the image has (default: refuse)")
+	f.StringArrayVar(&b.limits, "limit", nil, "change a limit on what an image may make kiln do, NAME=VALUE (repeatable; 0 is none): "+limitsHelp())
+	f.StringVar(&b.guestBin, "guest-bin-dir", "", "where kiln-init and kiln-agent are (default: next to kiln, in $PATH, or in libexec)")
+	f.BoolVar(&b.usePublished, "use-published", true, "use a rootfs of the same build that kiln push published beside a registry image, if one verifies, instead of building")
+}
+
+func (b *buildFlags) options() (convert.Options, error) {
+	sz, err := config.ParseSize(b.size)
+	if err != nil {
+		return convert.Options{}, fmt.Errorf("--size: %w", err)
+	}
+	opts := convert.Options{CacheDir: b.cacheDir}
+	opts.Image.Platform = b.platform
+	opts.Image.Insecure = b.insecure
+	opts.Image.HostsDir = b.hostsDir
+	opts.Image.UserAgent = version.UserAgent()
+	opts.Build.Size = sz
+	if opts.Build.Writer, err = build.WriterNamed(b.writer); err != nil {
+		return opts, fmt.Errorf("--writer: %w", err)
+	}
+	if opts.Inject.Pieces, err = guest.ParsePieces(b.pieces); err != nil {
+		return opts, fmt.Errorf("--inject: %w", err)
+	}
+	opts.Inject.Dir, opts.Inject.Force, opts.Inject.BinDir = b.bundle, b.force, b.guestBin
+	lim := config.DefaultLimits()
+	for _, kv := range b.limits {
+		name, value, ok := strings.Cut(kv, "=")
+		if !ok {
+			return opts, fmt.Errorf("--limit %q: want NAME=VALUE", kv)
+		}
+		if err := lim.Set(name, value); err != nil {
+			return opts, fmt.Errorf("--limit: %w", err)
+		}
+	}
+	if opts.Build.Limits, err = lim.Parse(); err != nil {
+		return opts, fmt.Errorf("--limit: %w", err)
+	}
+	opts.Share.Pull = b.usePublished
+	if !b.asJSON && term.IsTerminal(int(os.Stderr.Fd())) {
+		opts.Progress = progress.Terminal(os.Stderr)
+	}
+	return opts, nil
+}
+
+// run converts src to output ("" for the cache only) and prints the
+// summary if asked to.
+func (b *buildFlags) run(cmd *cobra.Command, src, output string, opts convert.Options) error {
+	res, err := convert.Convert(cmd.Context(), src, output, opts)
+	if errors.Is(err, image.ErrPlatformNotFound) && b.platform == "" {
+		return fmt.Errorf("%w (choose one with --platform)", err)
+	}
+	if err != nil {
+		return err
+	}
+	if b.asJSON {
+		enc := json.NewEncoder(cmd.OutOrStdout())
+		enc.SetIndent("", "  ")
+		return enc.Encode(res)
+	}
+	return nil
+}
+
 func newConvertCommand() *cobra.Command {
 	var (
-		output   string
-		platform string
-		size     string
-		cacheDir string
-		insecure []string
-		hostsDir string
-		asJSON   bool
-		pieces   string
-		bundle   string
-		force    bool
-		guestBin string
-		writer   string
-		limits   []string
+		output string
+		flags  buildFlags
 	)
 	cmd := &cobra.Command{
 		Use:   "convert SOURCE -o rootfs.ext4",
@@ -63,68 +143,47 @@ Layer blobs and built images are cached per digest in
 			if output == "" {
 				return fmt.Errorf("--output is required")
 			}
-			sz, err := config.ParseSize(size)
-			if err != nil {
-				return fmt.Errorf("--size: %w", err)
-			}
-			opts := convert.Options{CacheDir: cacheDir}
-			opts.Image.Platform = platform
-			opts.Image.Insecure = insecure
-			opts.Image.HostsDir = hostsDir
-			opts.Image.UserAgent = version.UserAgent()
-			opts.Build.Size = sz
-			if opts.Build.Writer, err = build.WriterNamed(writer); err != nil {
-				return fmt.Errorf("--writer: %w", err)
-			}
-			if opts.Inject.Pieces, err = guest.ParsePieces(pieces); err != nil {
-				return fmt.Errorf("--inject: %w", err)
-			}
-			opts.Inject.Dir, opts.Inject.Force, opts.Inject.BinDir = bundle, force, guestBin
-			lim := config.DefaultLimits()
-			for _, kv := range limits {
-				name, value, ok := strings.Cut(kv, "=")
-				if !ok {
-					return fmt.Errorf("--limit %q: want NAME=VALUE", kv)
-				}
-				if err := lim.Set(name, value); err != nil {
-					return fmt.Errorf("--limit: %w", err)
-				}
-			}
-			if opts.Build.Limits, err = lim.Parse(); err != nil {
-				return fmt.Errorf("--limit: %w", err)
-			}
-			if !asJSON && term.IsTerminal(int(os.Stderr.Fd())) {
-				opts.Progress = progress.Terminal(os.Stderr)
-			}
-			res, err := convert.Convert(cmd.Context(), args[0], output, opts)
-			if errors.Is(err, image.ErrPlatformNotFound) && platform == "" {
-				return fmt.Errorf("%w (choose one with --platform)", err)
-			}
+			opts, err := flags.options()
 			if err != nil {
 				return err
 			}
-			if asJSON {
-				enc := json.NewEncoder(cmd.OutOrStdout())
-				enc.SetIndent("", "  ")
-				return enc.Encode(res)
-			}
-			return nil
+			return flags.run(cmd, args[0], output, opts)
 		},
 	}
 	f := cmd.Flags()
 	f.StringVarP(&output, "output", "o", "", "where to write the ext4 image")
-	f.StringVar(&platform, "platform", "", "platform of the image, os/arch[/variant]: selects from a multi-platform image; a single-platform image must match it (default: this host's)")
-	f.StringVar(&size, "size", "auto", "filesystem size: auto (content plus headroom) or a size such as 2G, 512MiB")
-	f.StringVar(&writer, "writer", build.DefaultWriter.Name(), "how the ext4 is laid out: "+strings.Join(build.WriterNames(), " (one pass, in Go) or ")+" (mke2fs and debugfs, the reference)")
-	f.StringVar(&cacheDir, "cache-dir", store.DefaultDir(), "cache for layer blobs and built images")
-	f.StringSliceVar(&insecure, "insecure-registry", nil, "registry (host[:port]) that may use plain HTTP or unverified TLS; repeatable")
-	f.StringVar(&hostsDir, "hosts-dir", image.DefaultHostsDir, "containerd-style registry host configuration (REGISTRY/hosts.toml: mirrors, TLS, headers); empty: none")
-	f.BoolVar(&asJSON, "json", false, "print a JSON summary (digest, chain ID, size, path, init, timings)")
-	f.StringVar(&pieces, "inject", "", "guest pieces to add: init, agent, network (comma-separated; default none: the rootfs is the image, exactly)")
-	f.StringVar(&bundle, "inject-dir", "", "add a bundle of your own: a directory with a manifest.toml of paths, owners and modes")
-	f.BoolVar(&force, "force", false, "let injected files replace files the image has (default: refuse)")
-	f.StringArrayVar(&limits, "limit", nil, "change a limit on what an image may make kiln do, NAME=VALUE (repeatable; 0 is none): "+limitsHelp())
-	f.StringVar(&guestBin, "guest-bin-dir", "", "where kiln-init and kiln-agent are (default: next to kiln, in $PATH, or in libexec)")
+	flags.register(f)
+	return cmd
+}
+
+func newPushCommand() *cobra.Command {
+	var flags buildFlags
+	cmd := &cobra.Command{
+		Use:   "push IMAGE",
+		Short: "Build an image's rootfs and publish it beside the image in its registry",
+		Long: `Build the ext4 rootfs of a registry image (or take it from the cache) and
+publish it beside the image: an OCI artifact whose subject is the image's
+manifest, holding the zstd-compressed ext4 and annotations saying which
+build it is (kiln's format, the chain ID, the options that change bytes)
+and what the image hashes to.
+
+kiln convert on any machine, with the same options, finds it through the
+registry's referrers API (or the referrers tag schema) and downloads it
+instead of building; the build is reproducible, so it is the same bytes.
+Credentials come from your docker config.json; the artifact goes to the
+registry itself, never to a mirror.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			opts, err := flags.options()
+			if err != nil {
+				return err
+			}
+			opts.Share.Pull, opts.Share.Push = false, true
+			return flags.run(cmd, args[0], "", opts)
+		},
+	}
+	flags.register(cmd.Flags())
+	cmd.Flags().MarkHidden("use-published") //nolint:errcheck // it exists
 	return cmd
 }
 

@@ -44,6 +44,9 @@ type Options struct {
 	// User and Password, when User is set, make every request need
 	// HTTP basic authentication with them.
 	User, Password string
+	// Referrers serves the referrers API (OCI distribution 1.1); without
+	// it, clients fall back to the referrers tag schema.
+	Referrers bool
 }
 
 // Start serves a registry on a free 127.0.0.1 port, keeping blobs under
@@ -62,6 +65,9 @@ func StartWith(o Options) (*Registry, error) {
 		opts = append(opts, registry.WithBlobHandler(registry.NewDiskBlobHandler(o.BlobDir)))
 	}
 	opts = append(opts, registry.Logger(nullLogger()))
+	if o.Referrers {
+		opts = append(opts, registry.WithReferrersSupport(true))
+	}
 	r := &Registry{handler: registry.New(opts...), opts: o}
 	host, err := r.Listen("127.0.0.1:0")
 	if err != nil {

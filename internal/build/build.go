@@ -125,6 +125,25 @@ func Key(chainID digest.Digest, opts Options) string {
 	return hex.EncodeToString(h.Sum(nil))
 }
 
+// Identity is what decides the bytes of a build, as kiln publishes it
+// beside an image for other machines to use instead of building.
+type Identity struct {
+	Format  string        // the layout's version (formatVersion)
+	Key     string        // Key(ChainID, options)
+	ChainID digest.Digest // the layers
+	Size    int64         // the requested size, 0 for automatic
+	Writer  string        // the ext4 writer's name
+	Inject  string        // the injected pieces' fingerprint, "" for none
+}
+
+// IdentityOf describes the build of chainID with opts.
+func IdentityOf(chainID digest.Digest, opts Options) Identity {
+	return Identity{
+		Format: formatVersion, Key: Key(chainID, opts), ChainID: chainID,
+		Size: opts.Size, Writer: opts.writer().Name(), Inject: opts.Inject.Fingerprint(),
+	}
+}
+
 // Request is one build: an image's layers, the chain ID they make, where
 // the image goes and how it is built.
 type Request struct {

@@ -30,6 +30,7 @@ type Options struct {
 	Inject   inject.Options
 	CacheDir string
 	Progress progress.Reporter
+	Share    Share
 }
 
 // Result is what a conversion produced; it is also the --json summary.
@@ -41,6 +42,11 @@ type Result struct {
 	Size     int64         `json:"size"`
 	Path     string        `json:"path"`
 	Cached   bool          `json:"cached"`
+	// Fetched says that the rootfs was published in the registry and
+	// downloaded rather than built; Published is the artifact's digest
+	// when this run published it.
+	Fetched   bool   `json:"fetched,omitempty"`
+	Published string `json:"published,omitempty"`
 	// Init is the injected init, for the kernel command line's init=.
 	Init    string  `json:"init,omitempty"`
 	Timings Timings `json:"timings_ms"`
@@ -56,7 +62,8 @@ type Timings struct {
 	Total   int64 `json:"total"`
 }
 
-// Convert writes the ext4 rootfs of the image src names to out.
+// Convert writes the ext4 rootfs of the image src names to out; with out
+// empty, it only makes sure the cache holds it.
 func Convert(ctx context.Context, src, out string, opts Options) (*Result, error) {
 	start := time.Now()
 	rep := opts.Progress
@@ -95,7 +102,16 @@ func Convert(ctx context.Context, src, out string, opts Options) (*Result, error
 
 	cached := st.RootfsPath(key)
 	cleaned := make(chan struct{})
-	if !st.HasRootfs(key) {
+	if !st.HasRootfs(key) && img.Remote && opts.Share.Pull {
+		fetchStart := time.Now()
+		if res.Fetched, err = fetchPublished(ctx, st, img, key, opts); err != nil {
+			return nil, err
+		}
+		res.Timings.Fetch = time.Since(fetchStart).Milliseconds()
+	}
+	if res.Fetched {
+		close(cleaned)
+	} else if !st.HasRootfs(key) {
 		var blobs *blobCache
 		if img.Remote {
 			if blobs, err = newBlobCache(st.Content(), cacheDir, img.Name); err != nil {
@@ -120,6 +136,18 @@ func Convert(ctx context.Context, src, out string, opts Options) (*Result, error
 	} else {
 		res.Cached = true
 		close(cleaned)
+	}
+	if opts.Share.Push {
+		if res.Published, err = publish(ctx, st, img, cached, opts); err != nil {
+			<-cleaned
+			return nil, err
+		}
+	}
+	if out == "" { // the cache is the output
+		<-cleaned
+		res.Path = cached
+		res.Timings.Total = time.Since(start).Milliseconds()
+		return res, nil
 	}
 	copyStart := time.Now()
 	err = clone.AtomicThen(cached, out, 0o644, func(f *os.File) error {

@@ -66,7 +66,7 @@ type writer struct {
 	uuid   [16]byte
 	epoch  time.Time
 
-	entries []entry                  // from firstIno on, in number order
+	entries []entry  // from firstIno on, in number order
 	numbers []uint32 // by fstree.Inode.ID, for directory entries; 0 until numbered
 
 	blockBitmaps, inodeBitmaps int64   // first block of each

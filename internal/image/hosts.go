@@ -2,17 +2,13 @@ package image
 
 import (
 	"context"
-	"errors"
 	"fmt"
-	"net/http"
 	"os"
 	"strings"
 
 	"github.com/containerd/containerd/v2/core/remotes/docker"
 	"github.com/containerd/containerd/v2/core/remotes/docker/config"
-	"github.com/containerd/log"
 	"github.com/google/go-containerregistry/pkg/name"
-	"github.com/google/go-containerregistry/pkg/v1/remote"
 )
 
 // DefaultHostsDir is where containerd keeps its registry host
@@ -51,38 +47,6 @@ func configuredHosts(ctx context.Context, hostsDir string, r name.Reference) ([]
 		return nil, fmt.Errorf("hosts configuration for %s in %s allows no host to pull", registry, hostsDir)
 	}
 	return pull, nil
-}
-
-// getFromHosts tries each configured endpoint in turn, as containerd
-// does, and returns the first answer.
-func getFromHosts(ctx context.Context, r name.Reference, hosts []docker.RegistryHost, opts Options) (*remote.Descriptor, error) {
-	var errs []error
-	for _, h := range hosts {
-		if h.Path != "/v2" {
-			// go-containerregistry speaks to registries at /v2 only.
-			errs = append(errs, fmt.Errorf("%s%s: a path other than /v2 is not supported", h.Host, h.Path))
-			continue
-		}
-		ref := h.Host + "/" + r.Context().RepositoryStr() + separator(r) + r.Identifier()
-		insecure := append([]string(nil), opts.Insecure...)
-		if h.Scheme == "http" {
-			insecure = append(insecure, h.Host) // the configuration asks for plain HTTP
-		}
-		var base http.RoundTripper
-		if h.Client != nil {
-			base = h.Client.Transport
-		}
-		if base == nil {
-			base = remote.DefaultTransport
-		}
-		desc, err := get(ctx, ref, insecure, base, h.Header, opts)
-		if err == nil {
-			return desc, nil
-		}
-		log.G(ctx).WithError(err).WithField("host", h.Host).Debug("registry host failed, trying the next")
-		errs = append(errs, fmt.Errorf("%s: %w", h.Host, err))
-	}
-	return nil, errors.Join(errs...)
 }
 
 func separator(r name.Reference) string {

@@ -3,11 +3,13 @@ package image
 import (
 	"context"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
 	"slices"
 
+	"github.com/containerd/log"
 	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
@@ -18,20 +20,7 @@ import (
 // credentials of the user's docker config.json (auths, credsStore,
 // credHelpers).
 func fromRegistry(ctx context.Context, ref string, want ocispec.Platform, opts Options) (*Image, error) {
-	r, err := name.ParseReference(ref)
-	if err != nil {
-		return nil, fmt.Errorf("parsing reference: %w", err)
-	}
-	hosts, err := configuredHosts(ctx, opts.HostsDir, r)
-	if err != nil {
-		return nil, err
-	}
-	var desc *remote.Descriptor
-	if hosts == nil {
-		desc, err = get(ctx, r.String(), opts.Insecure, nil, http.Header{}, opts)
-	} else {
-		desc, err = getFromHosts(ctx, r, hosts, opts)
-	}
+	desc, err := getFirst(ctx, ref, opts)
 	if err != nil {
 		return nil, err
 	}
@@ -63,19 +52,43 @@ func fromRegistry(ctx context.Context, ref string, want ocispec.Platform, opts O
 	return img, nil
 }
 
-// get fetches the descriptor ref names. insecure lists the registries
-// that may use plain HTTP; base and header, when set, are the transport
-// and headers a hosts.toml configured.
-func get(ctx context.Context, ref string, insecure []string, base http.RoundTripper, header http.Header, opts Options) (*remote.Descriptor, error) {
-	var nameOpts []name.Option
+// getFirst tries each endpoint of ref in turn, as containerd does, and
+// returns the first answer.
+func getFirst(ctx context.Context, ref string, opts Options) (*remote.Descriptor, error) {
+	targets, err := Targets(ctx, ref, opts)
+	if err != nil {
+		return nil, err
+	}
+	var errs []error
+	for _, t := range targets {
+		desc, err := remote.Get(t.Ref, t.Options...)
+		if err == nil {
+			return desc, nil
+		}
+		if len(targets) == 1 {
+			return nil, err
+		}
+		log.G(ctx).WithError(err).WithField("host", t.Ref.Context().RegistryStr()).Debug("registry host failed, trying the next")
+		errs = append(errs, fmt.Errorf("%s: %w", t.Ref.Context().RegistryStr(), err))
+	}
+	return nil, errors.Join(errs...)
+}
+
+// Target is a reference in a registry with what reaching it takes:
+// credentials, the transport policy, a hosts.toml's headers.
+type Target struct {
+	Ref     name.Reference
+	Options []remote.Option
+}
+
+func target(ctx context.Context, ref string, insecure []string, base http.RoundTripper, header http.Header, opts Options) (Target, error) {
 	r, err := name.ParseReference(ref)
 	if err != nil {
-		return nil, fmt.Errorf("parsing reference: %w", err)
+		return Target{}, fmt.Errorf("parsing reference: %w", err)
 	}
 	if slices.Contains(insecure, r.Context().RegistryStr()) {
-		nameOpts = append(nameOpts, name.Insecure)
-		if r, err = name.ParseReference(ref, nameOpts...); err != nil {
-			return nil, fmt.Errorf("parsing reference: %w", err)
+		if r, err = name.ParseReference(ref, name.Insecure); err != nil {
+			return Target{}, fmt.Errorf("parsing reference: %w", err)
 		}
 	}
 	rt := newTransport(insecure)
@@ -90,7 +103,51 @@ func get(ctx context.Context, ref string, insecure []string, base http.RoundTrip
 	if opts.UserAgent != "" {
 		remoteOpts = append(remoteOpts, remote.WithUserAgent(opts.UserAgent))
 	}
-	return remote.Get(r, remoteOpts...)
+	return Target{Ref: r, Options: remoteOpts}, nil
+}
+
+// Targets returns where the registry image ref can be reached: the
+// endpoints a hosts.toml configures for its registry, mirrors first and
+// the registry itself last, or the registry as named.
+func Targets(ctx context.Context, ref string, opts Options) ([]Target, error) {
+	r, err := name.ParseReference(ref)
+	if err != nil {
+		return nil, fmt.Errorf("parsing reference: %w", err)
+	}
+	hosts, err := configuredHosts(ctx, opts.HostsDir, r)
+	if err != nil {
+		return nil, err
+	}
+	if hosts == nil {
+		t, err := target(ctx, r.String(), opts.Insecure, nil, http.Header{}, opts)
+		if err != nil {
+			return nil, err
+		}
+		return []Target{t}, nil
+	}
+	var out []Target
+	for _, h := range hosts {
+		if h.Path != "/v2" {
+			continue // go-containerregistry speaks to registries at /v2 only
+		}
+		insecure := append([]string(nil), opts.Insecure...)
+		if h.Scheme == "http" {
+			insecure = append(insecure, h.Host)
+		}
+		var base http.RoundTripper = remote.DefaultTransport
+		if h.Client != nil && h.Client.Transport != nil {
+			base = h.Client.Transport
+		}
+		t, err := target(ctx, h.Host+"/"+r.Context().RepositoryStr()+separator(r)+r.Identifier(), insecure, base, h.Header, opts)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, t)
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("hosts configuration for %s: no host at /v2", r.Context().RegistryStr())
+	}
+	return out, nil
 }
 
 // withHeader adds configured headers to every request.

@@ -1,0 +1,373 @@
+// Package share publishes built root filesystems beside their images in
+// the registry, and fetches them instead of building. A build is
+// reproducible: the same layers and options give the same bytes on any
+// machine, so one machine's build serves a fleet.
+//
+// A published rootfs is an OCI artifact (image-spec 1.1) whose subject is
+// the image's manifest: one zstd blob holding the ext4 image, and
+// annotations saying which build it is (kiln's format version, the chain
+// ID, the options that change bytes, the build key) and what the image
+// must hash to. Registries find it through the referrers API, or the
+// referrers tag schema where they have none (go-containerregistry does
+// both). A fetched image is checked against the blob's digest, its own
+// size and digest and the build key before it is used; anything else is
+// ignored and kiln builds as before.
+package share
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+	"os"
+	"path/filepath"
+	"strconv"
+
+	"github.com/containerd/log"
+	"github.com/google/go-containerregistry/pkg/name"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/google/go-containerregistry/pkg/v1/types"
+	"github.com/klauspost/compress/zstd"
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/kilnfs/kiln/internal/build"
+	"github.com/kilnfs/kiln/internal/image"
+)
+
+// The artifact's types.
+const (
+	ArtifactType  = "application/vnd.kiln.rootfs.v1"
+	BlobMediaType = "application/vnd.kiln.rootfs.ext4.v1+zstd"
+)
+
+// Annotations of a published rootfs.
+const (
+	AnnotationFormat  = "dev.kiln.rootfs.format"
+	AnnotationKey     = "dev.kiln.rootfs.key"
+	AnnotationChainID = "dev.kiln.rootfs.chain-id"
+	AnnotationSize    = "dev.kiln.rootfs.build.size"
+	AnnotationWriter  = "dev.kiln.rootfs.build.writer"
+	AnnotationInject  = "dev.kiln.rootfs.build.inject"
+	// AnnotationImageSize and AnnotationImageDigest are the ext4 image's
+	// own size and sha256, uncompressed.
+	AnnotationImageSize   = "dev.kiln.rootfs.image.size"
+	AnnotationImageDigest = "dev.kiln.rootfs.image.digest"
+)
+
+func annotations(id build.Identity, size int64, d digest.Digest) map[string]string {
+	return map[string]string{
+		AnnotationFormat:      id.Format,
+		AnnotationKey:         id.Key,
+		AnnotationChainID:     id.ChainID.String(),
+		AnnotationSize:        strconv.FormatInt(id.Size, 10),
+		AnnotationWriter:      id.Writer,
+		AnnotationInject:      id.Inject,
+		AnnotationImageSize:   strconv.FormatInt(size, 10),
+		AnnotationImageDigest: d.String(),
+	}
+}
+
+// matches says whether a published rootfs is the build id: every
+// annotation that says what was built must be what kiln would build.
+func matches(ann map[string]string, id build.Identity) error {
+	want := annotations(id, 0, "")
+	for _, k := range []string{AnnotationFormat, AnnotationKey, AnnotationChainID, AnnotationSize, AnnotationWriter, AnnotationInject} {
+		if ann[k] != want[k] {
+			return fmt.Errorf("%s is %q, this build's is %q", k, ann[k], want[k])
+		}
+	}
+	return nil
+}
+
+// Publish uploads the rootfs file, built as id from the image whose
+// manifest digest is manifest, to the repository of t, as an artifact
+// whose subject is that manifest. workDir holds the compressed blob while
+// it is uploaded. It returns the artifact's manifest digest.
+func Publish(ctx context.Context, t image.Target, manifest digest.Digest, rootfs string, id build.Identity, workDir string) (v1.Hash, error) {
+	repo := t.Ref.Context()
+	subject, err := remote.Head(repo.Digest(manifest.String()), t.Options...)
+	if err != nil {
+		return v1.Hash{}, fmt.Errorf("the image's manifest %s in %s: %w", manifest, repo, err)
+	}
+	blob, err := compress(ctx, rootfs, filepath.Join(workDir, "rootfs.ext4.zst"))
+	if err != nil {
+		return v1.Hash{}, err
+	}
+	defer os.Remove(blob.path)
+	empty := static(ocispec.DescriptorEmptyJSON.MediaType, ocispec.DescriptorEmptyJSON.Data)
+	for _, l := range []v1.Layer{empty, blob} {
+		if err := remote.WriteLayer(repo, l, t.Options...); err != nil {
+			return v1.Hash{}, fmt.Errorf("uploading to %s: %w", repo, err)
+		}
+	}
+	m := ocispec.Manifest{
+		Versioned:    specsVersioned,
+		MediaType:    ocispec.MediaTypeImageManifest,
+		ArtifactType: ArtifactType,
+		Config:       ocispec.DescriptorEmptyJSON,
+		Layers: []ocispec.Descriptor{{
+			MediaType: BlobMediaType, Digest: blob.digest, Size: blob.size,
+		}},
+		Subject: &ocispec.Descriptor{
+			MediaType: string(subject.MediaType), Digest: digest.Digest(subject.Digest.String()), Size: subject.Size,
+		},
+		Annotations: annotations(id, blob.imageSize, blob.imageDigest),
+	}
+	raw, err := json.Marshal(m)
+	if err != nil {
+		return v1.Hash{}, err
+	}
+	h, _, err := v1.SHA256(bytes.NewReader(raw))
+	if err != nil {
+		return v1.Hash{}, err
+	}
+	if err := remote.Put(repo.Digest(h.String()), rawManifest(raw), t.Options...); err != nil {
+		return v1.Hash{}, fmt.Errorf("publishing to %s: %w", repo, err)
+	}
+	log.G(ctx).WithFields(log.Fields{"repository": repo.String(), "artifact": h.String(), "key": id.Key}).Info("published the rootfs")
+	return h, nil
+}
+
+// Fetch looks among the referrers of the image manifest, in each target
+// in turn, for a published rootfs of the build id, and writes the first
+// that verifies to out (which must not exist). It reports whether it
+// found one; what it finds and cannot use is logged and skipped.
+func Fetch(ctx context.Context, targets []image.Target, manifest digest.Digest, id build.Identity, out string) (bool, error) {
+	for _, t := range targets {
+		repo := t.Ref.Context()
+		idx, err := remote.Referrers(repo.Digest(manifest.String()), t.Options...)
+		if err != nil {
+			if ctx.Err() != nil {
+				return false, ctx.Err()
+			}
+			log.G(ctx).WithError(err).WithField("repository", repo.String()).Debug("no referrers")
+			continue
+		}
+		im, err := idx.IndexManifest()
+		if err != nil {
+			log.G(ctx).WithError(err).WithField("repository", repo.String()).Warn("unreadable referrers")
+			continue
+		}
+		for _, d := range im.Manifests {
+			if !candidate(d) {
+				continue
+			}
+			err := fetchOne(ctx, repo, t.Options, d.Digest, id, out)
+			if err == nil {
+				return true, nil
+			}
+			os.Remove(out)
+			if ctx.Err() != nil {
+				return false, ctx.Err()
+			}
+			log.G(ctx).WithError(err).WithFields(log.Fields{"repository": repo.String(), "artifact": d.Digest.String()}).Warn("not using a published rootfs")
+		}
+	}
+	return false, nil
+}
+
+// candidate says whether a referrer may be a published rootfs. Its
+// artifact type should say so, but registries that predate the field,
+// or take it from the config's media type, give the empty config's or
+// none: the manifest, fetched by digest, decides.
+func candidate(d v1.Descriptor) bool {
+	switch d.ArtifactType {
+	case ArtifactType, "", ocispec.MediaTypeEmptyJSON:
+		return true
+	}
+	return false
+}
+
+// fetchOne downloads one published rootfs and checks that it is the build
+// id: its manifest (fetched by digest) must say so, its blob must match
+// its digest, and the image its size and digest.
+func fetchOne(ctx context.Context, repo name.Repository, opts []remote.Option, artifact v1.Hash, id build.Identity, out string) error {
+	desc, err := remote.Get(repo.Digest(artifact.String()), opts...)
+	if err != nil {
+		return err
+	}
+	var m ocispec.Manifest
+	if err := json.Unmarshal(desc.Manifest, &m); err != nil {
+		return fmt.Errorf("manifest: %w", err)
+	}
+	if m.ArtifactType != ArtifactType || len(m.Layers) != 1 || m.Layers[0].MediaType != BlobMediaType {
+		return fmt.Errorf("not a kiln rootfs (artifact type %q, %d blobs)", m.ArtifactType, len(m.Layers))
+	}
+	if err := matches(m.Annotations, id); err != nil {
+		return err
+	}
+	size, err := strconv.ParseInt(m.Annotations[AnnotationImageSize], 10, 64)
+	if err != nil || size <= 0 {
+		return fmt.Errorf("%s %q", AnnotationImageSize, m.Annotations[AnnotationImageSize])
+	}
+	want, err := digest.Parse(m.Annotations[AnnotationImageDigest])
+	if err != nil {
+		return fmt.Errorf("%s: %w", AnnotationImageDigest, err)
+	}
+	l, err := remote.Layer(repo.Digest(m.Layers[0].Digest.String()), opts...)
+	if err != nil {
+		return err
+	}
+	rc, err := l.Compressed() // checks the blob's digest and size as it ends
+	if err != nil {
+		return err
+	}
+	defer rc.Close()
+	got, err := expand(ctx, rc, out, size)
+	if err != nil {
+		return err
+	}
+	if got != want {
+		return fmt.Errorf("the image's digest is %s, the artifact says %s", got, want)
+	}
+	return nil
+}
+
+// compressed is the rootfs as it is uploaded.
+type compressed struct {
+	path        string
+	digest      digest.Digest
+	size        int64
+	imageDigest digest.Digest
+	imageSize   int64
+}
+
+// compress writes rootfs to path in zstd, hashing both forms.
+func compress(ctx context.Context, rootfs, path string) (*compressed, error) {
+	in, err := os.Open(rootfs)
+	if err != nil {
+		return nil, err
+	}
+	defer in.Close()
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	c := &compressed{path: path}
+	ok := false
+	defer func() {
+		f.Close()
+		if !ok {
+			os.Remove(path)
+		}
+	}()
+	zh := sha256.New()
+	counter := &countWriter{w: io.MultiWriter(f, zh)}
+	enc, err := zstd.NewWriter(counter, zstd.WithEncoderLevel(zstd.SpeedDefault))
+	if err != nil {
+		return nil, err
+	}
+	ih := sha256.New()
+	n, err := io.Copy(io.MultiWriter(enc, ih), ctxReader{ctx, in})
+	if err != nil {
+		enc.Close()
+		return nil, fmt.Errorf("compressing %s: %w", rootfs, err)
+	}
+	if err := enc.Close(); err != nil {
+		return nil, fmt.Errorf("compressing %s: %w", rootfs, err)
+	}
+	if err := f.Close(); err != nil {
+		return nil, err
+	}
+	c.digest, c.size = digestOf(zh), counter.n
+	c.imageDigest, c.imageSize = digestOf(ih), n
+	ok = true
+	return c, nil
+}
+
+// expand decompresses a published image into out as it downloads,
+// leaving whole zero blocks as holes, and returns its digest; it must be
+// size bytes long.
+func expand(ctx context.Context, r io.Reader, out string, size int64) (digest.Digest, error) {
+	dec, err := zstd.NewReader(r)
+	if err != nil {
+		return "", err
+	}
+	defer dec.Close()
+	f, err := os.OpenFile(out, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	h := sha256.New()
+	buf := make([]byte, 1<<20)
+	var zero [4096]byte
+	var off int64
+	for {
+		if err := ctx.Err(); err != nil {
+			return "", err
+		}
+		n, rerr := io.ReadFull(dec, buf)
+		if off+int64(n) > size {
+			return "", fmt.Errorf("the image is longer than the %d bytes the artifact says", size)
+		}
+		h.Write(buf[:n])
+		for b := 0; b < n; b += len(zero) {
+			e := min(b+len(zero), n)
+			if bytes.Equal(buf[b:e], zero[:e-b]) {
+				continue
+			}
+			if _, err := f.WriteAt(buf[b:e], off+int64(b)); err != nil {
+				return "", err
+			}
+		}
+		off += int64(n)
+		if errors.Is(rerr, io.EOF) || errors.Is(rerr, io.ErrUnexpectedEOF) {
+			break
+		}
+		if rerr != nil {
+			return "", fmt.Errorf("decompressing: %w", rerr)
+		}
+	}
+	if off != size {
+		return "", fmt.Errorf("the image is %d bytes, the artifact says %d", off, size)
+	}
+	if err := f.Truncate(size); err != nil {
+		return "", err
+	}
+	if err := f.Sync(); err != nil {
+		return "", err
+	}
+	return digestOf(h), f.Close()
+}
+
+func digestOf(h hash.Hash) digest.Digest { return digest.NewDigest(digest.SHA256, h) }
+
+var specsVersioned = ocispec.Manifest{}.Versioned
+
+func init() { specsVersioned.SchemaVersion = 2 }
+
+// rawManifest is a manifest to put as it is.
+type rawManifest []byte
+
+func (m rawManifest) RawManifest() ([]byte, error)        { return m, nil }
+func (m rawManifest) MediaType() (types.MediaType, error) { return types.OCIManifestSchema1, nil }
+
+type countWriter struct {
+	w io.Writer
+	n int64
+}
+
+func (c *countWriter) Write(p []byte) (int, error) {
+	n, err := c.w.Write(p)
+	c.n += int64(n)
+	return n, err
+}
+
+type ctxReader struct {
+	ctx context.Context
+	r   io.Reader
+}
+
+func (c ctxReader) Read(p []byte) (int, error) {
+	if err := c.ctx.Err(); err != nil {
+		return 0, err
+	}
+	return c.r.Read(p)
+}
