@@ -4,6 +4,7 @@ import (
 	"archive/tar"
 	"bytes"
 	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -26,13 +27,22 @@ import (
 func storeLayer(t *testing.T, sn *Snapshotter, key, parent string, files map[string]string) {
 	t.Helper()
 	ctx := namespaces.WithNamespace(context.Background(), "test")
+	if _, _, err := writeLayer(ctx, sn, key, parent, files); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// writeLayer prepares extraction snapshot key and stores in it a layer
+// of files, as kiln's differ does; it returns the snapshot's directory
+// and the layer tar.
+func writeLayer(ctx context.Context, sn *Snapshotter, key, parent string, files map[string]string) (string, []byte, error) {
 	mounts, err := sn.Prepare(ctx, key, parent, snapshots.WithLabels(map[string]string{snapshots.LabelSnapshotRef: "chain"}))
 	if err != nil {
-		t.Fatal(err)
+		return "", nil, err
 	}
 	dir, ok := sn.ExtractionDir(mounts)
 	if !ok {
-		t.Fatalf("extraction mounts %v are not recognised as kiln's", mounts)
+		return "", nil, fmt.Errorf("extraction mounts %v are not recognised as kiln's", mounts)
 	}
 	var buf bytes.Buffer
 	tw := tar.NewWriter(&buf)
@@ -43,11 +53,12 @@ func storeLayer(t *testing.T, sn *Snapshotter, key, parent string, files map[str
 	tw.Close()
 	tarPath, diffIDPath := LayerFiles(dir)
 	if err := os.WriteFile(tarPath, buf.Bytes(), 0o600); err != nil {
-		t.Fatal(err)
+		return "", nil, err
 	}
 	if err := os.WriteFile(diffIDPath, []byte(digest.FromBytes(buf.Bytes()).String()), 0o600); err != nil {
-		t.Fatal(err)
+		return "", nil, err
 	}
+	return dir, buf.Bytes(), nil
 }
 
 func needE2fsprogs(t *testing.T) {
