@@ -13,9 +13,10 @@ export KILN_TEST_CACHE ?= $(HOME)/.cache/kiln-test
 DEMO_DIR ?= $(CURDIR)/.cache/demo
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-# Debian packages: what kiln runs (e2fsprogs) and what the tests use.
+# Debian packages: what kiln runs (e2fsprogs) and what the tests use
+# (gcc: the concurrency tests run kiln serve built with the race detector).
 RUNTIME_PACKAGES := e2fsprogs
-TEST_PACKAGES := $(RUNTIME_PACKAGES) debootstrap qemu-system-x86 ca-certificates util-linux runc docker-registry
+TEST_PACKAGES := $(RUNTIME_PACKAGES) debootstrap qemu-system-x86 ca-certificates util-linux runc gcc docker-registry
 
 CONTAINERD_TAGS := no_btrfs no_devmapper no_zfs
 

@@ -58,7 +58,9 @@ import (
 func startContainerd(t *testing.T, opts testcontainerd.Options) *testcontainerd.Env {
 	t.Helper()
 	needRoot(t, "containerd and kiln serve run as root and loop-mount ext4 files")
-	opts.Kiln = kilnBin
+	if opts.Kiln == "" {
+		opts.Kiln = kilnBin
+	}
 	e, err := testcontainerd.Start(opts)
 	if errors.Is(err, testcontainerd.ErrUnavailable) {
 		testenv.Unavailable(t, "containerd cannot run here: %v", err)

@@ -125,6 +125,9 @@ type Options struct {
 	// Metrics makes kiln serve Prometheus metrics on a free port of
 	// 127.0.0.1 (Env.MetricsAddress).
 	Metrics bool
+	// MaxConcurrentUnpacks is how many layers containerd's transfer
+	// service unpacks at once (0 for containerd's default, one).
+	MaxConcurrentUnpacks int
 	// CRI keeps containerd's CRI plugin, with a runtime handler "kiln"
 	// (runc, snapshotter kiln) and SandboxImage as the pod sandbox image.
 	CRI          bool
@@ -349,6 +352,13 @@ func (e *Env) containerdConfig() (string, error) {
 			return "", fmt.Errorf("containerd config default has no %q", r[0])
 		}
 		cfg = strings.ReplaceAll(cfg, r[0], r[1])
+	}
+	if n := e.opts.MaxConcurrentUnpacks; n > 0 {
+		const def = "max_concurrent_unpacks = 1"
+		if !strings.Contains(cfg, def) {
+			return "", fmt.Errorf("containerd config default has no %q", def)
+		}
+		cfg = strings.Replace(cfg, def, fmt.Sprintf("max_concurrent_unpacks = %d", n), 1)
 	}
 	disabled := []string{"io.containerd.nri.v1.nri"}
 	if !e.opts.CRI {

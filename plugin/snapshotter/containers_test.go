@@ -4,6 +4,7 @@ import (
 	"archive/tar"
 	"bytes"
 	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -25,6 +26,25 @@ import (
 // stores the layer tar and its diffID in the snapshot's directory.
 func storeLayer(t *testing.T, sn *Snapshotter, key, parent string, files map[string]string) {
 	t.Helper()
+	ctx := namespaces.WithNamespace(context.Background(), "test")
+	if _, _, err := writeLayer(ctx, sn, key, parent, files); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// storeLayerTar is storeLayer for a layer tar as given.
+func storeLayerTar(t *testing.T, sn *Snapshotter, key, parent string, layerTar []byte) {
+	t.Helper()
+	ctx := namespaces.WithNamespace(context.Background(), "test")
+	if _, err := writeLayerTar(ctx, sn, key, parent, layerTar); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// writeLayer prepares extraction snapshot key and stores in it a layer
+// of files, as kiln's differ does; it returns the snapshot's directory
+// and the layer tar.
+func writeLayer(ctx context.Context, sn *Snapshotter, key, parent string, files map[string]string) (string, []byte, error) {
 	var buf bytes.Buffer
 	tw := tar.NewWriter(&buf)
 	for name, body := range files {
@@ -32,28 +52,28 @@ func storeLayer(t *testing.T, sn *Snapshotter, key, parent string, files map[str
 		tw.Write([]byte(body))
 	}
 	tw.Close()
-	storeLayerTar(t, sn, key, parent, buf.Bytes())
+	dir, err := writeLayerTar(ctx, sn, key, parent, buf.Bytes())
+	return dir, buf.Bytes(), err
 }
 
-// storeLayerTar is storeLayer for a layer tar as given.
-func storeLayerTar(t *testing.T, sn *Snapshotter, key, parent string, layerTar []byte) {
-	t.Helper()
-	ctx := namespaces.WithNamespace(context.Background(), "test")
+// writeLayerTar is writeLayer for a layer tar as given.
+func writeLayerTar(ctx context.Context, sn *Snapshotter, key, parent string, layerTar []byte) (string, error) {
 	mounts, err := sn.Prepare(ctx, key, parent, snapshots.WithLabels(map[string]string{snapshots.LabelSnapshotRef: "chain"}))
 	if err != nil {
-		t.Fatal(err)
+		return "", err
 	}
 	dir, ok := sn.ExtractionDir(mounts)
 	if !ok {
-		t.Fatalf("extraction mounts %v are not recognised as kiln's", mounts)
+		return "", fmt.Errorf("extraction mounts %v are not recognised as kiln's", mounts)
 	}
 	tarPath, diffIDPath := LayerFiles(dir)
 	if err := os.WriteFile(tarPath, layerTar, 0o600); err != nil {
-		t.Fatal(err)
+		return "", err
 	}
 	if err := os.WriteFile(diffIDPath, []byte(digest.FromBytes(layerTar).String()), 0o600); err != nil {
-		t.Fatal(err)
+		return "", err
 	}
+	return dir, nil
 }
 
 func needE2fsprogs(t *testing.T) {

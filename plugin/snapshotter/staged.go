@@ -3,6 +3,7 @@ package snapshotter
 import (
 	"context"
 	"io"
+	"slices"
 	"sync"
 
 	"github.com/containerd/log"
@@ -28,66 +29,93 @@ const maxStaged = 4
 type stagedTree struct {
 	tree *fstree.Tree
 	wd   *workdir.Dir
-	// mu lets builds read the tree (mke2fs reads the staging directory)
-	// while a child layer waits to change it; owner says which snapshot's
-	// chain the tree holds, so a build that waited learns it moved on.
-	mu    sync.RWMutex
-	owner string
+	// mu lets builds read the tree (mke2fs reads the staging directory,
+	// the writers the data file) while whoever took it from stagedTrees
+	// waits to change it (a child layer) or delete it (eviction, removal).
+	mu sync.RWMutex
 }
 
 type stagedTrees struct {
 	opts  build.Options // what the trees are built with
-	mu    sync.Mutex
-	byID  map[string]*stagedTree
-	order []string // oldest first
+	limit int           // trees kept at most; 0 is maxStaged
+	// afterRead, if set, is called when a build has found the tree of
+	// snapshot id, before it reads it.
+	afterRead func(id string)
+
+	mu     sync.Mutex
+	byID   map[string]*stagedTree
+	order  []string // oldest first
+	closed bool
+	// releasing counts the trees being deleted in the background.
+	releasing sync.WaitGroup
 }
 
-// get returns the tree staged for snapshot id, if any, leaving it there.
-func (st *stagedTrees) get(id string) *stagedTree {
+// read returns the tree staged for snapshot id read-locked, or nil. The
+// lookup and the lock are one step: whoever changes or deletes a tree
+// takes it out of byID first, then waits for its readers. (So a tree in
+// byID has no writer and TryRLock does not fail.)
+func (st *stagedTrees) read(id string) *stagedTree {
 	st.mu.Lock()
 	defer st.mu.Unlock()
-	return st.byID[id]
+	t := st.byID[id]
+	if t == nil || !t.mu.TryRLock() {
+		return nil
+	}
+	return t
 }
 
 // take removes the tree staged for snapshot id, if any; the caller owns it.
 func (st *stagedTrees) take(id string) *stagedTree {
 	st.mu.Lock()
 	defer st.mu.Unlock()
+	return st.takeLocked(id)
+}
+
+func (st *stagedTrees) takeLocked(id string) *stagedTree {
 	t := st.byID[id]
 	if t != nil {
 		delete(st.byID, id)
-		for i, o := range st.order {
-			if o == id {
-				st.order = append(st.order[:i], st.order[i+1:]...)
-				break
-			}
-		}
+		st.order = slices.DeleteFunc(st.order, func(o string) bool { return o == id })
 	}
 	return t
 }
 
-// put keeps a tree for snapshot id, dropping the oldest beyond maxStaged.
+// put keeps a tree for snapshot id, dropping the oldest beyond the limit.
 func (st *stagedTrees) put(id string, t *stagedTree) {
 	st.mu.Lock()
+	defer st.mu.Unlock()
+	if st.closed {
+		t.wd.Release() // kiln is stopping
+		return
+	}
 	if st.byID == nil {
 		st.byID = map[string]*stagedTree{}
 	}
+	if old := st.takeLocked(id); old != nil {
+		st.releaseLater(old) // the layer was stored again
+	}
 	st.byID[id] = t
 	st.order = append(st.order, id)
-	var evicted []*stagedTree
-	for len(st.order) > maxStaged {
-		evicted = append(evicted, st.byID[st.order[0]])
-		delete(st.byID, st.order[0])
-		st.order = st.order[1:]
+	limit := st.limit
+	if limit <= 0 {
+		limit = maxStaged
 	}
-	st.mu.Unlock()
-	for _, t := range evicted {
-		go t.release()
+	for len(st.order) > limit {
+		st.releaseLater(st.takeLocked(st.order[0]))
 	}
 }
 
-// release deletes a tree no longer kept, once the builds still reading it
-// are done.
+// releaseLater deletes a tree taken out of byID once the builds still
+// reading it are done, without waiting for them.
+func (st *stagedTrees) releaseLater(t *stagedTree) {
+	st.releasing.Add(1)
+	go func() {
+		defer st.releasing.Done()
+		t.release()
+	}()
+}
+
+// release deletes a tree nobody else can find, once its readers are done.
 func (t *stagedTree) release() {
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -97,17 +125,20 @@ func (t *stagedTree) release() {
 // drop releases the tree of a removed snapshot.
 func (st *stagedTrees) drop(id string) {
 	if t := st.take(id); t != nil {
-		go t.release()
+		st.releaseLater(t)
 	}
 }
 
+// close deletes every tree, waiting for their readers.
 func (st *stagedTrees) close() {
 	st.mu.Lock()
-	defer st.mu.Unlock()
-	for _, t := range st.byID {
-		t.wd.Release()
+	trees := st.byID
+	st.byID, st.order, st.closed = nil, nil, true
+	st.mu.Unlock()
+	for _, t := range trees {
+		t.release()
 	}
-	st.byID, st.order = nil, nil
+	st.releasing.Wait()
 }
 
 // StagedLayer replays a layer into the tree staged for its snapshot's
@@ -133,15 +164,14 @@ func (st *stagedTrees) stage(tmp, id string, parents []string) *StagedLayer {
 			wd.Release()
 			return nil
 		}
-		t = &stagedTree{tree: tree, wd: wd, owner: id}
+		t = &stagedTree{tree: tree, wd: wd}
 	} else if t = st.take(parents[0]); t == nil {
 		return nil
 	}
-	// Wait for builds still reading the parent's tree (the child's
-	// Prepare called off those nobody waits for).
+	// The layer holds the tree until Done. Builds still reading the
+	// parent's tree finish first (the child's Prepare called off those
+	// nobody waits for); no new one can find it.
 	t.mu.Lock()
-	t.owner = id
-	t.mu.Unlock()
 	return &StagedLayer{trees: st, id: id, tree: t}
 }
 
@@ -154,6 +184,7 @@ func (l *StagedLayer) Apply(ctx context.Context, r io.Reader, name, storedAt str
 // Done keeps the tree for the snapshot when the layer was stored, or
 // drops it.
 func (l *StagedLayer) Done(ok bool) {
+	l.tree.mu.Unlock()
 	if !ok {
 		l.tree.wd.Release()
 		return
@@ -171,15 +202,10 @@ func (st *stagedTrees) build(ctx context.Context, id string, req build.Request) 
 		if t = st.take(id); t == nil {
 			return res, false, nil
 		}
-		defer t.wd.Release()
+		defer t.release()
 	} else {
-		if t = st.get(id); t == nil {
+		if t = st.read(id); t == nil {
 			return res, false, nil
-		}
-		t.mu.RLock()
-		if t.owner != id {
-			t.mu.RUnlock()
-			return res, false, nil // a child layer took it
 		}
 		defer func() {
 			t.mu.RUnlock()
@@ -187,10 +213,13 @@ func (st *stagedTrees) build(ctx context.Context, id string, req build.Request) 
 				// Built: the disk is likely an image's top; free the
 				// staging space, after the caller has the result.
 				if st.take(id) == t {
-					go t.release()
+					st.releaseLater(t)
 				}
 			}
 		}()
+	}
+	if st.afterRead != nil {
+		st.afterRead(id)
 	}
 	log.G(ctx).WithField("snapshot", id).Debug("building disk from its staged tree")
 	req.WorkDir = t.wd.Path
