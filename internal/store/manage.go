@@ -231,9 +231,9 @@ func Find(l *Listing, args []string) ([]Image, error) {
 var ErrInUse = errors.New("in use by a running kiln convert")
 
 // RemoveImage removes the image built under key, unless a running
-// conversion holds it (ErrInUse). The image is renamed into tmp/ first,
-// which is atomic: a crash leaves it whole in the cache or garbage that
-// the next run deletes.
+// conversion holds it (ErrInUse). The image is renamed into tmp/ before
+// it is deleted, which is atomic: a crash leaves it whole in the cache or
+// garbage that the next run deletes.
 func (s *Store) RemoveImage(key string) error {
 	if !validKey(key) {
 		return fmt.Errorf("invalid build key %q", key)
@@ -251,10 +251,12 @@ func (s *Store) RemoveImage(key string) error {
 		return fmt.Errorf("removing image %s: %w", key, err)
 	}
 	defer os.RemoveAll(trash)
-	if err := os.Rename(s.RootfsPath(key), filepath.Join(trash, key+".ext4")); err != nil && !errors.Is(err, os.ErrNotExist) {
+	// The record goes first: a crash in between leaves an image without
+	// one, which is still listed, never a record without its image.
+	if err := os.Remove(s.sidecarPath(key)); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("removing image %s: %w", key, err)
 	}
-	if err := os.Remove(s.sidecarPath(key)); err != nil && !errors.Is(err, os.ErrNotExist) {
+	if err := os.Rename(s.RootfsPath(key), filepath.Join(trash, key+".ext4")); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("removing image %s: %w", key, err)
 	}
 	return nil

@@ -68,8 +68,8 @@ func (s *Store) HasRootfs(key string) bool {
 	return err == nil
 }
 
-// PublishRootfs moves a finished image into the cache under im.Key,
-// recording where it came from first. Rename is atomic: readers see the
+// PublishRootfs moves a finished image into the cache under im.Key and
+// records where it came from. Rename is atomic: readers see the
 // whole file or none.
 func (s *Store) PublishRootfs(ctx context.Context, file string, im Image) (string, error) {
 	key := im.Key
@@ -77,11 +77,13 @@ func (s *Store) PublishRootfs(ctx context.Context, file string, im Image) (strin
 	if err := os.Chmod(file, 0o444); err != nil {
 		return "", err
 	}
-	if err := s.RecordUse(ctx, im); err != nil {
-		return "", err
-	}
 	if err := os.Rename(file, dst); err != nil {
 		return "", fmt.Errorf("publishing rootfs: %w", err)
+	}
+	// After the image, so that a crash leaves no record of an image
+	// that is not there; an image without one is still listed.
+	if err := s.RecordUse(ctx, im); err != nil {
+		return "", err
 	}
 	return dst, nil
 }
