@@ -85,6 +85,26 @@ func smallImage(t *testing.T, name string) (ref string, layers []string) {
 	return mustPush(t, "cachecmd-"+name+":v1", img), layerDigests(t, img)
 }
 
+// convertSmall converts a small image per name, in order, into a new
+// cache, and returns its directory, the cache, and each name's reference
+// and layers.
+func convertSmall(t *testing.T, names ...string) (dir, cache string, refs []string, layers [][]string) {
+	t.Helper()
+	dir = t.TempDir()
+	cache = filepath.Join(dir, "cache")
+	pushed := map[string]int{}
+	for _, name := range names {
+		i, ok := pushed[name]
+		if !ok {
+			ref, ls := smallImage(t, name)
+			i, pushed[name] = len(refs), len(refs)
+			refs, layers = append(refs, ref), append(layers, ls)
+		}
+		convert(t, refs[i], filepath.Join(dir, "out.ext4"), cache)
+	}
+	return dir, cache, refs, layers
+}
+
 // TestCacheLs: kiln cache ls shows each converted image with the reference,
 // digest and chain ID it came from, its options and sizes, and the layer
 // blobs; the table and --json agree.
@@ -141,14 +161,8 @@ func TestCacheLs(t *testing.T) {
 // longest goes; convert --cache-max-size applies a budget after each
 // conversion and keeps the image it just wrote.
 func TestCachePruneLRU(t *testing.T) {
-	dir := t.TempDir()
-	cache := filepath.Join(dir, "cache")
-	refA, _ := smallImage(t, "lrua")
-	refB, layersB := smallImage(t, "lrub")
-	refC, _ := smallImage(t, "lruc")
-	for _, ref := range []string{refA, refB, refC, refA} {
-		convert(t, ref, filepath.Join(dir, "out.ext4"), cache)
-	}
+	dir, cache, refs, layers := convertSmall(t, "lrua", "lrub", "lruc", "lrua")
+	refA, refB, refC, layersB := refs[0], refs[1], refs[2], layers[1]
 	l := cacheLs(t, cache)
 	if got := l.images(); !slices.Equal(got, []string{refB, refC, refA}) {
 		t.Fatalf("least recently used first: %v, want %s, %s, %s", got, refB, refC, refA)
@@ -190,14 +204,8 @@ func TestCachePruneLRU(t *testing.T) {
 // TestCacheRm removes images by the reference they came from and by key
 // prefix, then with --blobs the blobs no cached image was built from.
 func TestCacheRm(t *testing.T) {
-	dir := t.TempDir()
-	cache := filepath.Join(dir, "cache")
-	refA, layersA := smallImage(t, "rma")
-	refB, layersB := smallImage(t, "rmb")
-	refC, _ := smallImage(t, "rmc")
-	for _, ref := range []string{refA, refB, refC} {
-		convert(t, ref, filepath.Join(dir, "out.ext4"), cache)
-	}
+	_, cache, refs, layers := convertSmall(t, "rma", "rmb", "rmc")
+	refA, refB, layersA, layersB := refs[0], refs[1], layers[0], layers[1]
 	keyC := cacheLs(t, cache).Images[2].Key
 	kilnCache(t, cache, "rm", refA, keyC[:10])
 	l := cacheLs(t, cache)

@@ -238,12 +238,9 @@ func (s *Store) RemoveImage(key string) error {
 	if !validKey(key) {
 		return fmt.Errorf("invalid build key %q", key)
 	}
-	l, err := tryLock(s.rootfsLockPath(key))
+	l, err := lockToRemove(s.rootfsLockPath(key), "image "+key)
 	if err != nil {
 		return err
-	}
-	if l == nil {
-		return fmt.Errorf("image %s: %w", key, ErrInUse)
 	}
 	defer l.Unlock()
 	trash, err := os.MkdirTemp(filepath.Join(s.root, "tmp"), "trash-rm-")
@@ -262,15 +259,22 @@ func (s *Store) RemoveImage(key string) error {
 	return nil
 }
 
+// lockToRemove takes an entry's lock exclusively, or says that a running
+// conversion holds it.
+func lockToRemove(path, what string) (*Lock, error) {
+	l, err := tryLock(path)
+	if err == nil && l == nil {
+		err = fmt.Errorf("%s: %w", what, ErrInUse)
+	}
+	return l, err
+}
+
 // RemoveBlob removes a layer blob, unless a running conversion holds it
 // (ErrInUse). Deleting a blob is one unlink.
 func (s *Store) RemoveBlob(ctx context.Context, d digest.Digest) error {
-	l, err := tryLock(s.blobLockPath(d))
+	l, err := lockToRemove(s.blobLockPath(d), "blob "+d.String())
 	if err != nil {
 		return err
-	}
-	if l == nil {
-		return fmt.Errorf("blob %s: %w", d, ErrInUse)
 	}
 	defer l.Unlock()
 	if err := s.content.Delete(ctx, d); err != nil && !errdefs.IsNotFound(err) {
@@ -283,6 +287,20 @@ func (s *Store) RemoveBlob(ctx context.Context, d digest.Digest) error {
 // at a time, so that they count sizes right. Conversions do not take it.
 func (s *Store) Manage(ctx context.Context) (*Lock, error) {
 	return lockFile(ctx, filepath.Join(s.root, "locks", "manage"), true)
+}
+
+// manageList takes the management lock and lists the cache.
+func (s *Store) manageList(ctx context.Context) (*Lock, *Listing, error) {
+	l, err := s.Manage(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	list, err := s.List(ctx)
+	if err != nil {
+		l.Unlock()
+		return nil, nil, err
+	}
+	return l, list, nil
 }
 
 // Removed is what a prune removed and what it had to leave.
@@ -299,15 +317,11 @@ type Removed struct {
 // running conversion holds are skipped, so the cache may stay above
 // maxSize.
 func (s *Store) Prune(ctx context.Context, maxSize int64) (*Removed, error) {
-	l, err := s.Manage(ctx)
+	l, list, err := s.manageList(ctx)
 	if err != nil {
 		return nil, err
 	}
 	defer l.Unlock()
-	list, err := s.List(ctx)
-	if err != nil {
-		return nil, err
-	}
 	res := &Removed{Left: list.Total()}
 	// Merge the two lists, each oldest first, into one LRU order.
 	i, j := 0, 0
@@ -344,15 +358,11 @@ func (s *Store) Prune(ctx context.Context, maxSize int64) (*Removed, error) {
 // from: a rebuild of a cached image with other options needs its blobs,
 // nothing else does. Blobs that running conversions hold are skipped.
 func (s *Store) RemoveUnusedBlobs(ctx context.Context) (*Removed, error) {
-	l, err := s.Manage(ctx)
+	l, list, err := s.manageList(ctx)
 	if err != nil {
 		return nil, err
 	}
 	defer l.Unlock()
-	list, err := s.List(ctx)
-	if err != nil {
-		return nil, err
-	}
 	needed := map[digest.Digest]bool{}
 	for _, im := range list.Images {
 		for _, d := range im.Layers {

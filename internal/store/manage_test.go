@@ -16,6 +16,15 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 )
 
+func openTemp(t *testing.T) (*Store, context.Context) {
+	t.Helper()
+	s, err := Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s, context.Background()
+}
+
 // addImage publishes an image of size bytes of data under key, built from
 // ref, as kiln convert does.
 func addImage(t *testing.T, s *Store, key, ref string, size int, layers ...digest.Digest) {
@@ -61,11 +70,7 @@ func keys(ims []Image) []string {
 }
 
 func TestListRecordsSourceAndSize(t *testing.T) {
-	s, err := Open(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx := context.Background()
+	s, ctx := openTemp(t)
 	b := addBlob(t, s, "layer one")
 	addImage(t, s, "aaaa", "registry.test/one:v1", 3<<20, b)
 	if err := s.RecordUse(ctx, Image{Key: "aaaa", Image: "registry.test/one:latest"}); err != nil {
@@ -99,11 +104,7 @@ func TestListRecordsSourceAndSize(t *testing.T) {
 // TestPruneLRU: a prune to a budget evicts the least recently used entries
 // first, blobs and images alike, and keeps the one used last.
 func TestPruneLRU(t *testing.T) {
-	s, err := Open(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx := context.Background()
+	s, ctx := openTemp(t)
 	oldBlob := addBlob(t, s, strings.Repeat("x", 64<<10))
 	addImage(t, s, "aaaa", "one", 1<<20)
 	addImage(t, s, "bbbb", "two", 1<<20)
@@ -140,11 +141,7 @@ func TestPruneLRU(t *testing.T) {
 // TestPruneSkipsHeld: what a running conversion holds (an image it
 // serves, a blob it reads) is not evicted, even by prune --all.
 func TestPruneSkipsHeld(t *testing.T) {
-	s, err := Open(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx := context.Background()
+	s, ctx := openTemp(t)
 	b := addBlob(t, s, "held blob")
 	addBlob(t, s, "free blob")
 	addImage(t, s, "aaaa", "held", 4096)
@@ -207,11 +204,7 @@ func TestFind(t *testing.T) {
 
 // TestRemoveUnusedBlobs keeps the blobs of images still cached.
 func TestRemoveUnusedBlobs(t *testing.T) {
-	s, err := Open(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx := context.Background()
+	s, ctx := openTemp(t)
 	kept, gone := addBlob(t, s, "kept"), addBlob(t, s, "gone")
 	addImage(t, s, "aaaa", "a", 4096, kept)
 	addImage(t, s, "bbbb", "b", 4096, gone)
