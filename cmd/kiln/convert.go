@@ -27,6 +27,7 @@ type buildFlags struct {
 	platform     string
 	size         string
 	cacheDir     string
+	cacheMax     string
 	insecure     []string
 	hostsDir     string
 	asJSON       bool
@@ -44,6 +45,7 @@ func (b *buildFlags) register(f *pflag.FlagSet) {
 	f.StringVar(&b.size, "size", "auto", "filesystem size: auto (content plus headroom) or a size such as 2G, 512MiB")
 	f.StringVar(&b.writer, "writer", build.DefaultWriter.Name(), "how the ext4 is laid out: "+strings.Join(build.WriterNames(), " (one pass, in Go) or ")+" (mke2fs and debugfs, the reference)")
 	f.StringVar(&b.cacheDir, "cache-dir", store.DefaultDir(), "cache for layer blobs and built images")
+	f.StringVar(&b.cacheMax, "cache-max-size", "", "after converting, evict least recently used images and blobs until the cache takes at most this much disk, such as 20G (default: no limit)")
 	f.StringSliceVar(&b.insecure, "insecure-registry", nil, "registry (host[:port]) that may use plain HTTP or unverified TLS; repeatable")
 	f.StringVar(&b.hostsDir, "hosts-dir", image.DefaultHostsDir, "containerd-style registry host configuration (REGISTRY/hosts.toml: mirrors, TLS, headers); empty: none")
 	f.BoolVar(&b.asJSON, "json", false, "print a JSON summary (digest, chain ID, size, path, init, timings)")
@@ -61,6 +63,11 @@ func (b *buildFlags) options() (convert.Options, error) {
 		return convert.Options{}, fmt.Errorf("--size: %w", err)
 	}
 	opts := convert.Options{CacheDir: b.cacheDir}
+	if b.cacheMax != "" {
+		if opts.CacheMaxSize, err = config.ParseSize(b.cacheMax); err != nil || opts.CacheMaxSize == 0 {
+			return opts, fmt.Errorf("--cache-max-size %q: want a size such as 10G", b.cacheMax)
+		}
+	}
 	opts.Image.Platform = b.platform
 	opts.Image.Insecure = b.insecure
 	opts.Image.HostsDir = b.hostsDir
@@ -137,7 +144,10 @@ Mirrors, TLS settings and headers come from containerd's hosts.toml files
 Plain HTTP is used only for loopback registries, those named with
 --insecure-registry and endpoints a hosts.toml gives as http://.
 Layer blobs and built images are cached per digest in
---cache-dir; converting an image that was built before costs a copy.`,
+--cache-dir; converting an image that was built before costs a copy.
+--cache-max-size keeps the cache within a budget, evicting what was least
+recently used after each conversion; kiln cache ls, rm and prune manage it
+by hand.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if output == "" {

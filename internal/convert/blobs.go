@@ -2,14 +2,11 @@ package convert
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"os"
-	"path/filepath"
 	"sync"
 	"sync/atomic"
-	"time"
 
 	"github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/errdefs"
@@ -17,39 +14,37 @@ import (
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"golang.org/x/sync/errgroup"
-	"golang.org/x/sys/unix"
 
 	"github.com/kilnfs/kiln/internal/build"
 	"github.com/kilnfs/kiln/internal/image"
 	"github.com/kilnfs/kiln/internal/layer"
 	"github.com/kilnfs/kiln/internal/progress"
+	"github.com/kilnfs/kiln/internal/store"
 )
 
 // blobCache reads a registry image's layer blobs through the cache's
 // content store, which runs of kiln sharing the cache directory use at the
 // same time.
 //
-//   - A missing blob is fetched by one run at a time: a lock file per blob
-//     (flock, so a killed run lets go) guards its ingest, and whoever gets
-//     the lock next reads what the holder stored. The content store commits
-//     the ingest only if the bytes written to it have the right digest, and
-//     with the lock those are the only bytes in it.
+//   - A missing blob is fetched by one run at a time: the blob's lock
+//     (store.LockBlob), held exclusively, guards its ingest, and whoever
+//     gets the lock next reads what the holder stored. The content store
+//     commits the ingest only if the bytes written to it have the right
+//     digest, and with the lock those are the only bytes in it.
+//   - A cached blob is read under the lock held shared, so that kiln cache
+//     prune does not evict it meanwhile.
 //   - A cached blob is verified while it is read. One that is not what its
 //     digest says is evicted with a warning, and the caller builds again,
 //     which fetches it afresh (see evictions).
 type blobCache struct {
+	st      *store.Store
 	cs      content.Store
-	locks   string // lock files, one per blob digest
 	image   string // for log lines
 	evicted atomic.Int64
 }
 
-func newBlobCache(cs content.Store, cacheDir, image string) (*blobCache, error) {
-	locks := filepath.Join(cacheDir, "locks")
-	if err := os.MkdirAll(locks, 0o700); err != nil {
-		return nil, fmt.Errorf("cache directory: %w", err)
-	}
-	return &blobCache{cs: cs, locks: locks, image: image}, nil
+func newBlobCache(st *store.Store, image string) *blobCache {
+	return &blobCache{st: st, cs: st.Content(), image: image}
 }
 
 // evictions counts the damaged blobs evicted so far; a build that failed
@@ -119,23 +114,27 @@ func (c *blobCache) fetch(ctx context.Context, img *image.Image, rep progress.Re
 // in the cache.
 func (c *blobCache) open(ctx context.Context, l image.Layer, bar progress.Bar) (io.ReadCloser, error) {
 	desc := ocispec.Descriptor{MediaType: l.MediaType, Digest: l.Digest, Size: l.Size}
-	if rc, err := c.cached(ctx, desc); !errdefs.IsNotFound(err) {
-		return rc, err
-	}
-	unlock, err := c.lock(ctx, desc.Digest)
+	shared, err := c.st.LockBlob(ctx, desc.Digest, false)
 	if err != nil {
 		return nil, &layer.Error{Digest: l.Digest, Err: fmt.Errorf("caching: %w", err)}
 	}
+	if rc, err := c.cached(ctx, desc, shared); !errdefs.IsNotFound(err) {
+		return rc, err
+	}
+	shared.Unlock()
+	lock, err := c.st.LockBlob(ctx, desc.Digest, true)
+	if err != nil {
+		return nil, &layer.Error{Digest: l.Digest, Err: fmt.Errorf("caching: %w", err)}
+	}
+	unlock := lock.Unlock
 	// The run that held the lock may have stored the blob.
-	if rc, err := c.cached(ctx, desc); !errdefs.IsNotFound(err) {
-		unlock()
+	if rc, err := c.cached(ctx, desc, lock); !errdefs.IsNotFound(err) {
 		return rc, err
 	}
 	ref := "kiln-" + desc.Digest.String()
 	w, err := content.OpenWriter(ctx, c.cs, content.WithRef(ref), content.WithDescriptor(desc))
 	if errdefs.IsAlreadyExists(err) {
-		unlock()
-		return c.cached(ctx, desc)
+		return c.cached(ctx, desc, lock)
 	}
 	if err != nil {
 		unlock()
@@ -158,47 +157,19 @@ func (c *blobCache) open(ctx context.Context, l image.Layer, bar progress.Bar) (
 	return &teeBlob{ctx: ctx, cs: c.cs, ref: ref, src: rc, w: w, desc: desc, bar: bar, unlock: unlock}, nil
 }
 
-// cached opens a blob the cache holds; errdefs.ErrNotFound if it does not.
-func (c *blobCache) cached(ctx context.Context, desc ocispec.Descriptor) (io.ReadCloser, error) {
+// cached opens a blob the cache holds, under the blob's lock, which the
+// reader lets go when closed; errdefs.ErrNotFound if the cache does not
+// hold the blob, and then the caller keeps the lock.
+func (c *blobCache) cached(ctx context.Context, desc ocispec.Descriptor, lock *store.Lock) (io.ReadCloser, error) {
 	ra, err := c.cs.ReaderAt(ctx, desc)
 	if err != nil {
 		if errdefs.IsNotFound(err) {
 			return nil, err
 		}
+		lock.Unlock()
 		return nil, &layer.Error{Digest: desc.Digest, Err: fmt.Errorf("reading the cache: %w", err)}
 	}
-	return &cachedBlob{c: c, ctx: ctx, desc: desc, ra: ra, r: content.NewReader(ra), digester: desc.Digest.Algorithm().Digester()}, nil
-}
-
-// lock takes the blob's lock file, waiting while another run (or another
-// goroutine of this one) holds it. Closing the file lets go.
-func (c *blobCache) lock(ctx context.Context, d digest.Digest) (unlock func(), err error) {
-	if err := d.Validate(); err != nil {
-		return nil, err
-	}
-	f, err := os.OpenFile(filepath.Join(c.locks, d.Algorithm().String()+"-"+d.Encoded()), os.O_RDWR|os.O_CREATE, 0o600)
-	if err != nil {
-		return nil, err
-	}
-	for waited := false; ; waited = true {
-		err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
-		if err == nil {
-			return func() { f.Close() }, nil
-		}
-		if !errors.Is(err, unix.EWOULDBLOCK) {
-			f.Close()
-			return nil, fmt.Errorf("locking %s: %w", f.Name(), err)
-		}
-		if !waited {
-			log.G(ctx).WithField("layer", d).Debug("another run is fetching the blob: waiting for it")
-		}
-		select {
-		case <-ctx.Done():
-			f.Close()
-			return nil, ctx.Err()
-		case <-time.After(20 * time.Millisecond):
-		}
-	}
+	return &cachedBlob{c: c, ctx: ctx, desc: desc, ra: ra, lock: lock, r: content.NewReader(ra), digester: desc.Digest.Algorithm().Digester()}, nil
 }
 
 // evict removes a damaged blob from the cache and returns the error its
@@ -222,6 +193,7 @@ type cachedBlob struct {
 	ctx  context.Context
 	desc ocispec.Descriptor
 	ra   content.ReaderAt
+	lock *store.Lock
 
 	mu       sync.Mutex // Close can come while a Read is under way
 	r        io.Reader
@@ -260,6 +232,7 @@ func (b *cachedBlob) Close() error {
 			b.c.evict(b.ctx, b.desc.Digest, got) //nolint:errcheck // the reader's user has its own error
 		}
 	}
+	defer b.lock.Unlock()
 	return b.ra.Close()
 }
 

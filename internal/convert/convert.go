@@ -8,6 +8,8 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/containerd/log"
@@ -29,8 +31,11 @@ type Options struct {
 	Build    build.Options
 	Inject   inject.Options
 	CacheDir string
-	Progress progress.Reporter
-	Share    Share
+	// CacheMaxSize, if positive, is the most the cache may take on disk
+	// after the conversion: least recently used entries are evicted.
+	CacheMaxSize int64
+	Progress     progress.Reporter
+	Share        Share
 }
 
 // Result is what a conversion produced; it is also the --json summary.
@@ -99,12 +104,20 @@ func Convert(ctx context.Context, src, out string, opts Options) (*Result, error
 	opts.Build.Inject = set
 	res.Init = set.InitPath()
 	key := build.Key(res.ChainID, opts.Build)
+	// Held until the image is copied out: kiln cache prune and rm leave
+	// it alone meanwhile.
+	hold, err := st.UseRootfs(ctx, key)
+	if err != nil {
+		return nil, fmt.Errorf("cache: %w", err)
+	}
+	defer hold.Unlock()
+	record := cacheRecord(key, img, res, opts)
 
 	cached := st.RootfsPath(key)
 	cleaned := make(chan struct{})
 	if !st.HasRootfs(key) && img.Remote && opts.Share.Pull {
 		fetchStart := time.Now()
-		if res.Fetched, err = fetchPublished(ctx, st, img, key, opts); err != nil {
+		if res.Fetched, err = fetchPublished(ctx, st, img, record, opts); err != nil {
 			return nil, err
 		}
 		res.Timings.Fetch = time.Since(fetchStart).Milliseconds()
@@ -114,17 +127,15 @@ func Convert(ctx context.Context, src, out string, opts Options) (*Result, error
 	} else if !st.HasRootfs(key) {
 		var blobs *blobCache
 		if img.Remote {
-			if blobs, err = newBlobCache(st.Content(), cacheDir, img.Name); err != nil {
-				return nil, err
-			}
+			blobs = newBlobCache(st, img.Name)
 		}
-		built, timings, wd, err := buildImage(ctx, st, img, key, opts.Build, blobs, rep)
+		built, timings, wd, err := buildImage(ctx, st, img, record, opts.Build, blobs, rep)
 		// A build that evicted a damaged cached blob runs again, fetching
 		// it afresh; each round evicts another blob, so this ends.
 		for n := int64(0); err != nil && blobs.evictions() > n; {
 			n = blobs.evictions()
 			log.G(ctx).WithError(err).WithField("image", img.Name).Warn("building again with the evicted blobs fetched afresh")
-			built, timings, wd, err = buildImage(ctx, st, img, key, opts.Build, blobs, rep)
+			built, timings, wd, err = buildImage(ctx, st, img, record, opts.Build, blobs, rep)
 		}
 		if err != nil {
 			return nil, err
@@ -136,6 +147,9 @@ func Convert(ctx context.Context, src, out string, opts Options) (*Result, error
 	} else {
 		res.Cached = true
 		close(cleaned)
+		if err := st.RecordUse(ctx, record); err != nil {
+			log.G(ctx).WithError(err).WithField("image", img.Name).Warn("recording the use of a cached image")
+		}
 	}
 	if opts.Share.Push {
 		if res.Published, err = publish(ctx, st, img, cached, opts); err != nil {
@@ -168,8 +182,46 @@ func Convert(ctx context.Context, src, out string, opts Options) (*Result, error
 	if fi, err := os.Stat(out); err == nil {
 		res.Size = fi.Size()
 	}
+	if opts.CacheMaxSize > 0 {
+		// The image just written is still held, so it stays even if
+		// it alone is over the budget.
+		if pr, err := st.Prune(ctx, opts.CacheMaxSize); err != nil {
+			log.G(ctx).WithError(err).Warn("pruning the cache")
+		} else if len(pr.Images)+len(pr.Blobs) > 0 || pr.Left > opts.CacheMaxSize {
+			log.G(ctx).WithFields(log.Fields{"images": len(pr.Images), "blobs": len(pr.Blobs), "freed": pr.Freed, "left": pr.Left, "in_use": pr.Skipped}).Info("pruned the cache")
+		}
+	}
 	res.Timings.Total = time.Since(start).Milliseconds()
 	return res, nil
+}
+
+// cacheRecord is what kiln cache ls shows about the image built under key.
+func cacheRecord(key string, img *image.Image, res *Result, opts Options) store.Image {
+	rec := store.Image{Key: key, Image: img.Name, Digest: img.Digest, Platform: res.Platform, ChainID: res.ChainID}
+	for _, l := range img.Layers {
+		rec.Layers = append(rec.Layers, l.Digest)
+	}
+	rec.Options = map[string]string{"size": "auto", "writer": build.DefaultWriter.Name()}
+	if opts.Build.Size > 0 {
+		rec.Options["size"] = strconv.FormatInt(opts.Build.Size, 10)
+	}
+	if opts.Build.Writer != nil {
+		rec.Options["writer"] = opts.Build.Writer.Name()
+	}
+	if len(opts.Inject.Pieces) > 0 {
+		var pieces []string
+		for _, p := range opts.Inject.Pieces {
+			pieces = append(pieces, string(p))
+		}
+		rec.Options["inject"] = strings.Join(pieces, ",")
+	}
+	if opts.Inject.Dir != "" {
+		rec.Options["inject_dir"] = opts.Inject.Dir
+	}
+	if opts.Inject.Force {
+		rec.Options["force"] = "true"
+	}
+	return rec
 }
 
 // stampConfig writes the image's config into its copy of a disk built
@@ -186,7 +238,7 @@ func stampConfig(ctx context.Context, st *store.Store, f *os.File, img *image.Im
 
 // buildImage fetches what is missing and builds the rootfs into the cache.
 // On success the caller releases the work directory.
-func buildImage(ctx context.Context, st *store.Store, img *image.Image, key string, opts build.Options, blobs *blobCache, rep progress.Reporter) (_ string, t Timings, _ *workdir.Dir, err error) {
+func buildImage(ctx context.Context, st *store.Store, img *image.Image, record store.Image, opts build.Options, blobs *blobCache, rep progress.Reporter) (_ string, t Timings, _ *workdir.Dir, err error) {
 	wd, err := st.NewWorkDir()
 	if err != nil {
 		return "", t, nil, err
@@ -224,6 +276,6 @@ func buildImage(ctx context.Context, st *store.Store, img *image.Image, key stri
 		return "", t, nil, fmt.Errorf("image %s: %w", img.Name, err)
 	}
 	t.Unpack, t.Build = res.Unpack.Milliseconds(), res.Build.Milliseconds()
-	path, err := st.PublishRootfs(out, key)
+	path, err := st.PublishRootfs(ctx, out, record)
 	return path, t, wd, err
 }

@@ -23,7 +23,7 @@ type Share struct {
 
 // fetchPublished downloads a published rootfs of the build into the
 // cache, if the registry has one that verifies.
-func fetchPublished(ctx context.Context, st *store.Store, img *image.Image, key string, opts Options) (bool, error) {
+func fetchPublished(ctx context.Context, st *store.Store, img *image.Image, record store.Image, opts Options) (bool, error) {
 	targets, err := image.Targets(ctx, img.Name, opts.Image)
 	if err != nil {
 		return false, fmt.Errorf("image %s: %w", img.Name, err)
@@ -38,7 +38,7 @@ func fetchPublished(ctx context.Context, st *store.Store, img *image.Image, key 
 	if err != nil || !found {
 		return false, err
 	}
-	if _, err := st.PublishRootfs(out, key); err != nil {
+	if _, err := st.PublishRootfs(ctx, out, record); err != nil {
 		return false, err
 	}
 	return true, nil

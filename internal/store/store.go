@@ -1,11 +1,13 @@
 // Package store is kiln's cache directory for standalone conversion: layer
 // blobs in a content-addressed store (containerd's local content store,
 // which verifies what it ingests), built rootfs images keyed by what they
-// were built from, and private work directories that a later run cleans up
+// were built from (each with a JSON record of its source and last use,
+// for kiln cache), and private work directories that a later run cleans up
 // if the run that made them was interrupted.
 package store
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -39,7 +41,7 @@ func DefaultDir() string {
 // Open opens (creating if needed) the cache at root and removes work
 // directories that interrupted runs left behind.
 func Open(root string) (*Store, error) {
-	for _, d := range []string{"content", "rootfs", "tmp"} {
+	for _, d := range []string{"content", "rootfs", "tmp", "locks"} {
 		if err := os.MkdirAll(filepath.Join(root, d), 0o700); err != nil {
 			return nil, fmt.Errorf("cache directory: %w", err)
 		}
@@ -66,15 +68,22 @@ func (s *Store) HasRootfs(key string) bool {
 	return err == nil
 }
 
-// PublishRootfs moves a finished image into the cache under key. Rename is
-// atomic: readers see the whole file or none.
-func (s *Store) PublishRootfs(file, key string) (string, error) {
+// PublishRootfs moves a finished image into the cache under im.Key and
+// records where it came from. Rename is atomic: readers see the
+// whole file or none.
+func (s *Store) PublishRootfs(ctx context.Context, file string, im Image) (string, error) {
+	key := im.Key
 	dst := s.RootfsPath(key)
 	if err := os.Chmod(file, 0o444); err != nil {
 		return "", err
 	}
 	if err := os.Rename(file, dst); err != nil {
 		return "", fmt.Errorf("publishing rootfs: %w", err)
+	}
+	// After the image, so that a crash leaves no record of an image
+	// that is not there; an image without one is still listed.
+	if err := s.RecordUse(ctx, im); err != nil {
+		return "", err
 	}
 	return dst, nil
 }
