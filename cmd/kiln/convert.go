@@ -35,6 +35,7 @@ func newConvertCommand() *cobra.Command {
 		guestBin string
 		writer   string
 		limits   []string
+		dmVerity bool
 	)
 	cmd := &cobra.Command{
 		Use:   "convert SOURCE -o rootfs.ext4",
@@ -57,7 +58,11 @@ Mirrors, TLS settings and headers come from containerd's hosts.toml files
 Plain HTTP is used only for loopback registries, those named with
 --insecure-registry and endpoints a hosts.toml gives as http://.
 Layer blobs and built images are cached per digest in
---cache-dir; converting an image that was built before costs a copy.`,
+--cache-dir; converting an image that was built before costs a copy.
+
+--verity appends a dm-verity hash tree (sha256, 4 KiB blocks) after the
+filesystem, whose size stays the same; --json reports the root hash and
+the rest of the verity table.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if output == "" {
@@ -73,6 +78,7 @@ Layer blobs and built images are cached per digest in
 			opts.Image.HostsDir = hostsDir
 			opts.Image.UserAgent = version.UserAgent()
 			opts.Build.Size = sz
+			opts.Build.Verity = dmVerity
 			if opts.Build.Writer, err = build.WriterNamed(writer); err != nil {
 				return fmt.Errorf("--writer: %w", err)
 			}
@@ -119,7 +125,8 @@ Layer blobs and built images are cached per digest in
 	f.StringVar(&cacheDir, "cache-dir", store.DefaultDir(), "cache for layer blobs and built images")
 	f.StringSliceVar(&insecure, "insecure-registry", nil, "registry (host[:port]) that may use plain HTTP or unverified TLS; repeatable")
 	f.StringVar(&hostsDir, "hosts-dir", image.DefaultHostsDir, "containerd-style registry host configuration (REGISTRY/hosts.toml: mirrors, TLS, headers); empty: none")
-	f.BoolVar(&asJSON, "json", false, "print a JSON summary (digest, chain ID, size, path, init, timings)")
+	f.BoolVar(&asJSON, "json", false, "print a JSON summary (digest, chain ID, size, path, init, verity, timings)")
+	f.BoolVar(&dmVerity, "verity", false, "append a dm-verity hash tree after the filesystem (see the verity object of --json)")
 	f.StringVar(&pieces, "inject", "", "guest pieces to add: init, agent, network (comma-separated; default none: the rootfs is the image, exactly)")
 	f.StringVar(&bundle, "inject-dir", "", "add a bundle of your own: a directory with a manifest.toml of paths, owners and modes")
 	f.BoolVar(&force, "force", false, "let injected files replace files the image has (default: refuse)")

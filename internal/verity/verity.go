@@ -91,23 +91,40 @@ func (i Info) Labels(prefix string) map[string]string {
 // the superblock's UUID. With sync it waits for the disk to reach
 // stable storage.
 func Append(path, identity string, sync bool) (Info, error) {
-	dataSize, err := filesystemSize(path)
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return Info{}, err
+	}
+	info, err := AppendFile(f, identity, sync)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return info, err
+}
+
+// AppendFile is Append for a disk open for reading and writing, which
+// may have no name yet.
+func AppendFile(f *os.File, identity string, sync bool) (Info, error) {
+	dataSize, err := filesystemSize(f)
 	if err != nil {
 		return Info{}, err
 	}
 	info := layout(dataSize, identity)
 	// Drop a tree an earlier Append wrote: the new one may be shorter.
-	if err := os.Truncate(path, info.HashOffset); err != nil {
+	if err := f.Truncate(info.HashOffset); err != nil {
 		return Info{}, err
 	}
+	// go-dmverity opens the disk by name; this one names f whether or
+	// not it has a name of its own.
+	path := fmt.Sprintf("/proc/self/fd/%d", f.Fd())
 	p := info.params()
 	root, err := dmverity.Create(&p, path, path)
 	if err != nil {
-		return Info{}, fmt.Errorf("dm-verity hash tree of %s: %w", path, err)
+		return Info{}, fmt.Errorf("dm-verity hash tree of %s: %w", f.Name(), err)
 	}
 	info.RootHash = hex.EncodeToString(root)
 	if sync {
-		if err := syncFile(path); err != nil {
+		if err := f.Sync(); err != nil {
 			return Info{}, err
 		}
 	}
@@ -118,15 +135,15 @@ func Append(path, identity string, sync bool) (Info, error) {
 // hash comes from the tree's top block, unchecked: Describe is for the
 // disks kiln made itself; veritysetup or the kernel check the rest.
 func Describe(path string) (Info, error) {
-	dataSize, err := filesystemSize(path)
-	if err != nil {
-		return Info{}, err
-	}
 	f, err := os.Open(path)
 	if err != nil {
 		return Info{}, err
 	}
 	defer f.Close()
+	dataSize, err := filesystemSize(f)
+	if err != nil {
+		return Info{}, err
+	}
 	info := Info{DataSize: dataSize, HashOffset: alignUp(dataSize)}
 	sb, err := dmverity.ReadSuperblock(f, uint64(info.HashOffset))
 	if err != nil {
@@ -193,20 +210,15 @@ func (i Info) params() dmverity.Params {
 }
 
 // filesystemSize reads the size of the ext4 filesystem at the start of
-// the disk at path from its superblock: the disk may be longer.
-func filesystemSize(path string) (int64, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return 0, err
-	}
-	defer f.Close()
+// the disk f from its superblock: the disk may be longer.
+func filesystemSize(f *os.File) (int64, error) {
 	sb := make([]byte, 1024)
 	if _, err := f.ReadAt(sb, 1024); err != nil {
-		return 0, fmt.Errorf("%s: reading the ext4 superblock: %w", path, err)
+		return 0, fmt.Errorf("%s: reading the ext4 superblock: %w", f.Name(), err)
 	}
 	le := binary.LittleEndian
 	if le.Uint16(sb[0x38:]) != 0xEF53 {
-		return 0, fmt.Errorf("%s: not an ext4 filesystem", path)
+		return 0, fmt.Errorf("%s: not an ext4 filesystem", f.Name())
 	}
 	blocks := uint64(le.Uint32(sb[0x4:]))
 	if le.Uint32(sb[0x60:])&0x80 != 0 { // 64bit
@@ -214,7 +226,7 @@ func filesystemSize(path string) (int64, error) {
 	}
 	size := blocks << (10 + le.Uint32(sb[0x18:]))
 	if size == 0 || size%BlockSize != 0 || size > 1<<62 {
-		return 0, fmt.Errorf("%s: ext4 filesystem of %d bytes: not whole 4 KiB blocks", path, size)
+		return 0, fmt.Errorf("%s: ext4 filesystem of %d bytes: not whole 4 KiB blocks", f.Name(), size)
 	}
 	return int64(size), nil
 }
@@ -226,16 +238,4 @@ func trimNul(b []byte) []byte {
 		return b[:i]
 	}
 	return b
-}
-
-func syncFile(path string) error {
-	f, err := os.OpenFile(path, os.O_RDWR, 0)
-	if err != nil {
-		return err
-	}
-	err = f.Sync()
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	return err
 }
