@@ -3,11 +3,8 @@ package integration
 import (
 	"bufio"
 	"encoding/json"
-	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"testing"
 
@@ -15,8 +12,8 @@ import (
 
 	"github.com/kilnfs/kiln/integration/testimage"
 	"github.com/kilnfs/kiln/internal/clone"
-	"github.com/kilnfs/kiln/internal/testenv"
 	"github.com/kilnfs/kiln/internal/verity"
+	"github.com/kilnfs/kiln/internal/verity/veritytest"
 	"github.com/kilnfs/kiln/internal/vmboot/vmboottest"
 )
 
@@ -35,21 +32,6 @@ func convertVerity(t *testing.T, src, out, cache string, more ...string) verity.
 	return *s.Verity
 }
 
-// veritysetupVerify checks a disk with veritysetup, as a host would
-// before handing the disk and root hash to a VMM.
-func veritysetupVerify(t *testing.T, disk string, v verity.Info) error {
-	t.Helper()
-	vs, err := exec.LookPath("veritysetup")
-	if err != nil {
-		testenv.Unavailable(t, "veritysetup (Debian package cryptsetup-bin) is not installed")
-	}
-	out, err := exec.Command(vs, "verify", disk, disk, v.RootHash, "--hash-offset="+strconv.FormatInt(v.HashOffset, 10)).CombinedOutput()
-	if err != nil {
-		return fmt.Errorf("%w: %s", err, out)
-	}
-	return nil
-}
-
 // TestConvertVerity: kiln convert --verity appends a tree that
 // veritysetup accepts with what --json reports, after a filesystem of
 // the size it would have without; the bytes are reproducible, cached or
@@ -64,7 +46,7 @@ func TestConvertVerity(t *testing.T) {
 	ps := convert(t, ref, plain, filepath.Join(dir, "cache"))
 	out := filepath.Join(dir, "verity.ext4")
 	v := convertVerity(t, ref, out, filepath.Join(dir, "cache"))
-	if err := veritysetupVerify(t, out, v); err != nil {
+	if err := veritytest.Verify(t, out, v); err != nil {
 		t.Fatalf("veritysetup verify with the reported root hash: %v", err)
 	}
 	im := inspect(t, out)
@@ -116,7 +98,7 @@ func TestConvertVerity(t *testing.T) {
 		b[0] ^= 1
 		f.WriteAt(b, at)
 		f.Close()
-		if err := veritysetupVerify(t, bad, v); err == nil {
+		if err := veritytest.Verify(t, bad, v); err == nil {
 			t.Error("veritysetup verify accepted a disk with a flipped data byte")
 		}
 	})
@@ -128,7 +110,7 @@ func TestConvertVerity(t *testing.T) {
 		for i := range 2 {
 			p := filepath.Join(t.TempDir(), "init.ext4")
 			vi := convertVerity(t, ref, p, cache, "--inject", "init")
-			if err := veritysetupVerify(t, p, vi); err != nil {
+			if err := veritytest.Verify(t, p, vi); err != nil {
 				t.Errorf("conversion %d: veritysetup verify: %v", i+1, err)
 			}
 			fsck(t, p)

@@ -1,4 +1,4 @@
-package verity
+package verity_test
 
 import (
 	"bytes"
@@ -10,7 +10,8 @@ import (
 	"testing"
 
 	"github.com/kilnfs/kiln/internal/ext4"
-	"github.com/kilnfs/kiln/internal/testenv"
+	"github.com/kilnfs/kiln/internal/verity"
+	"github.com/kilnfs/kiln/internal/verity/veritytest"
 )
 
 // newDisk formats an ext4 filesystem of size bytes at dir/name.
@@ -23,36 +24,21 @@ func newDisk(t *testing.T, dir, name string, size int64) string {
 	return p
 }
 
-// veritysetupVerify runs veritysetup verify on a disk kiln appended a
-// tree to, with the root hash and offset kiln reported.
-func veritysetupVerify(t *testing.T, path string, info Info) error {
-	t.Helper()
-	vs, err := exec.LookPath("veritysetup")
-	if err != nil {
-		testenv.Unavailable(t, "veritysetup (Debian package cryptsetup-bin) is not installed")
-	}
-	out, err := exec.Command(vs, "verify", path, path, info.RootHash, "--hash-offset="+strconv.FormatInt(info.HashOffset, 10)).CombinedOutput()
-	if err != nil {
-		return &exec.ExitError{Stderr: out}
-	}
-	return nil
-}
-
 func TestAppendVeritysetupAccepts(t *testing.T) {
 	dir := t.TempDir()
 	for _, size := range []int64{4 << 20, 64<<20 + 4096*3} {
 		p := newDisk(t, dir, "disk-"+strconv.FormatInt(size, 10), size)
-		info, err := Append(p, "key-1", true)
+		info, err := verity.Append(p, "key-1", true)
 		if err != nil {
 			t.Fatal(err)
 		}
 		if info.DataSize != size || info.HashOffset != size || info.DataBlocks != size/4096 || info.HashStartBlock != size/4096+1 {
 			t.Fatalf("size %d: layout %+v", size, info)
 		}
-		if err := veritysetupVerify(t, p, info); err != nil {
+		if err := veritytest.Verify(t, p, info); err != nil {
 			t.Fatalf("size %d: veritysetup verify: %v", size, err)
 		}
-		got, err := Describe(p)
+		got, err := verity.Describe(p)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -69,7 +55,7 @@ func TestAppendVeritysetupAccepts(t *testing.T) {
 
 func TestFlippedDataByteFails(t *testing.T) {
 	p := newDisk(t, t.TempDir(), "disk", 8<<20)
-	info, err := Append(p, "key-1", false)
+	info, err := verity.Append(p, "key-1", false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -85,7 +71,7 @@ func TestFlippedDataByteFails(t *testing.T) {
 		t.Fatal(err)
 	}
 	f.Close()
-	if err := veritysetupVerify(t, p, info); err == nil {
+	if err := veritytest.Verify(t, p, info); err == nil {
 		t.Fatal("veritysetup verify accepted a disk with a flipped data byte")
 	}
 }
@@ -93,15 +79,15 @@ func TestFlippedDataByteFails(t *testing.T) {
 func TestAppendReproducible(t *testing.T) {
 	dir := t.TempDir()
 	a, b := newDisk(t, dir, "a", 16<<20), newDisk(t, dir, "b", 16<<20)
-	ia, err := Append(a, "key-1", false)
+	ia, err := verity.Append(a, "key-1", false)
 	if err != nil {
 		t.Fatal(err)
 	}
 	// Appending twice replaces the tree: the bytes are those of once.
-	if _, err := Append(b, "key-1", false); err != nil {
+	if _, err := verity.Append(b, "key-1", false); err != nil {
 		t.Fatal(err)
 	}
-	ib, err := Append(b, "key-1", false)
+	ib, err := verity.Append(b, "key-1", false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -110,7 +96,7 @@ func TestAppendReproducible(t *testing.T) {
 	if ia != ib || !bytes.Equal(ba, bb) {
 		t.Fatalf("two appends to the same filesystem differ: %+v vs %+v", ia, ib)
 	}
-	ic, err := Append(b, "key-2", false)
+	ic, err := verity.Append(b, "key-2", false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -120,7 +106,7 @@ func TestAppendReproducible(t *testing.T) {
 }
 
 func TestTable(t *testing.T) {
-	info := Info{RootHash: "ab", Algorithm: "sha256", Salt: "cd", DataBlockSize: 4096, HashBlockSize: 4096, DataBlocks: 256, DataSize: 1 << 20, HashOffset: 1 << 20, HashStartBlock: 257}
+	info := verity.Info{RootHash: "ab", Algorithm: "sha256", Salt: "cd", DataBlockSize: 4096, HashBlockSize: 4096, DataBlocks: 256, DataSize: 1 << 20, HashOffset: 1 << 20, HashStartBlock: 257}
 	want := "0 2048 verity 1 /dev/vda /dev/vda 4096 4096 256 257 sha256 ab cd"
 	if got := info.Table("/dev/vda"); got != want {
 		t.Fatalf("Table = %q, want %q", got, want)

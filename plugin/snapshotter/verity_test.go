@@ -5,7 +5,8 @@ import (
 	"strconv"
 	"testing"
 
-	"github.com/kilnfs/kiln/internal/testenv"
+	"github.com/kilnfs/kiln/internal/verity"
+	"github.com/kilnfs/kiln/internal/verity/veritytest"
 )
 
 // TestVerityLabels: with [build] verity, the image's disk carries a
@@ -13,10 +14,6 @@ import (
 // the snapshot's labels give, and a view of it reports the same.
 func TestVerityLabels(t *testing.T) {
 	needE2fsprogs(t)
-	vs, err := exec.LookPath("veritysetup")
-	if err != nil {
-		testenv.Unavailable(t, "veritysetup (Debian package cryptsetup-bin) is not installed")
-	}
 	cfg := Config{DefaultSize: 64 << 20}
 	cfg.Build.Verity = true
 	sn, ctx := newCommittedBase(t, cfg)
@@ -46,9 +43,8 @@ func TestVerityLabels(t *testing.T) {
 		if start, _ := strconv.ParseInt(l("hash-start-block"), 10, 64); blocks == 0 || off != blocks*4096 || start != blocks+1 {
 			t.Errorf("%s: %d data blocks, hash offset %d, hash start block %d", key, blocks, off, start)
 		}
-		out, err := exec.Command(vs, "verify", disk, disk, l("root-hash"), "--hash-offset="+l("hash-offset")).CombinedOutput()
-		if err != nil {
-			t.Errorf("%s: veritysetup verify with the labels' root hash: %v\n%s", key, err, out)
+		if err := veritytest.Verify(t, disk, verity.Info{RootHash: l("root-hash"), HashOffset: off}); err != nil {
+			t.Errorf("%s: with the labels' root hash and offset: %v", key, err)
 		}
 	}
 	if out, err := exec.Command("e2fsck", "-fn", disk).CombinedOutput(); err != nil {
