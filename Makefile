@@ -16,7 +16,7 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 # Debian packages: what kiln runs (e2fsprogs) and what the tests use
 # (gcc: the concurrency tests run kiln serve built with the race detector).
 RUNTIME_PACKAGES := e2fsprogs
-TEST_PACKAGES := $(RUNTIME_PACKAGES) debootstrap qemu-system-x86 ca-certificates util-linux runc gcc docker-registry
+TEST_PACKAGES := $(RUNTIME_PACKAGES) debootstrap qemu-system-x86 ca-certificates util-linux runc gcc docker-registry cryptsetup-bin
 
 CONTAINERD_TAGS := no_btrfs no_devmapper no_zfs
 

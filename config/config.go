@@ -206,6 +206,10 @@ type Build struct {
 	// GuestBinDir holds kiln-init and kiln-agent; empty: next to kiln, in
 	// $PATH, or in /usr/local/libexec/kiln and /usr/libexec/kiln.
 	GuestBinDir string `toml:"guest_bin_dir"`
+	// Verity appends a dm-verity hash tree to every image's disk (see
+	// kiln convert --verity); the snapshotter reports its root hash in
+	// the labels of the image's snapshot.
+	Verity bool `toml:"verity"`
 }
 
 // Default returns the configuration an empty file gives.

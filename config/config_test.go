@@ -37,11 +37,12 @@ root = "/srv/kiln"
 block_devices = true
 [build]
 size = "4G"
+verity = true
 `), true)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c.Root != "/srv/kiln" || !c.Snapshotter.BlockDevices || c.Build.Size != "4G" || c.Address != "/run/kiln/kiln.sock" {
+	if c.Root != "/srv/kiln" || !c.Snapshotter.BlockDevices || c.Build.Size != "4G" || !c.Build.Verity || c.Address != "/run/kiln/kiln.sock" {
 		t.Errorf("loaded: %+v", c)
 	}
 	if _, err := c.Encode(); err != nil {

@@ -118,6 +118,19 @@ func TestPublishedRootfs(t *testing.T) {
 			if s := fetch(ref, "b"); !s.Fetched {
 				t.Errorf("kiln convert built the image instead of using the published rootfs")
 			}
+			// A verity image: its root hash is published and checked.
+			localVerity := filepath.Join(dir, "local-verity.ext4")
+			if res := kiln(t, run{args: convertArgs(ref, localVerity, filepath.Join(dir, "cache-local"), "--verity", "--use-published=false"), env: env}); res.err != nil {
+				t.Fatalf("kiln convert --verity: %v\n%s", res.err, res.stderr)
+			}
+			if res := kiln(t, run{args: []string{"push", ref, "--verity", "--cache-dir", filepath.Join(dir, "cache-a")}, env: env}); res.err != nil {
+				t.Fatalf("kiln push --verity: %v\n%s", res.err, res.stderr)
+			}
+			if s := fetch(ref, "verity", "--verity"); !s.Fetched {
+				t.Errorf("kiln convert --verity built the image instead of using the published rootfs")
+			} else if fileSHA(t, filepath.Join(dir, "verity.ext4")) != fileSHA(t, localVerity) {
+				t.Errorf("the published verity rootfs differs from a local build")
+			}
 			// Other options, another build: it is not used.
 			if s := fetch(ref, "sized", "--size", "64M"); s.Fetched {
 				t.Errorf("a rootfs published for another size was used")

@@ -38,6 +38,7 @@ type buildFlags struct {
 	writer       string
 	limits       []string
 	usePublished bool
+	verity       bool
 }
 
 func (b *buildFlags) register(f *pflag.FlagSet) {
@@ -48,7 +49,8 @@ func (b *buildFlags) register(f *pflag.FlagSet) {
 	f.StringVar(&b.cacheMax, "cache-max-size", "", "after converting, evict least recently used images and blobs until the cache takes at most this much disk, such as 20G (default: no limit)")
 	f.StringSliceVar(&b.insecure, "insecure-registry", nil, "registry (host[:port]) that may use plain HTTP or unverified TLS; repeatable")
 	f.StringVar(&b.hostsDir, "hosts-dir", image.DefaultHostsDir, "containerd-style registry host configuration (REGISTRY/hosts.toml: mirrors, TLS, headers); empty: none")
-	f.BoolVar(&b.asJSON, "json", false, "print a JSON summary (digest, chain ID, size, path, init, timings)")
+	f.BoolVar(&b.asJSON, "json", false, "print a JSON summary (digest, chain ID, size, path, init, verity, timings)")
+	f.BoolVar(&b.verity, "verity", false, "append a dm-verity hash tree after the filesystem (see the verity object of --json)")
 	f.StringVar(&b.pieces, "inject", "", "guest pieces to add: init, agent, network (comma-separated; default none: the rootfs is the image, exactly)")
 	f.StringVar(&b.bundle, "inject-dir", "", "add a bundle of your own: a directory with a manifest.toml of paths, owners and modes")
 	f.BoolVar(&b.force, "force", false, "let injected files replace files the image has (default: refuse)")
@@ -73,6 +75,7 @@ func (b *buildFlags) options() (convert.Options, error) {
 	opts.Image.HostsDir = b.hostsDir
 	opts.Image.UserAgent = version.UserAgent()
 	opts.Build.Size = sz
+	opts.Build.Verity = b.verity
 	if opts.Build.Writer, err = build.WriterNamed(b.writer); err != nil {
 		return opts, fmt.Errorf("--writer: %w", err)
 	}
@@ -147,7 +150,11 @@ Layer blobs and built images are cached per digest in
 --cache-dir; converting an image that was built before costs a copy.
 --cache-max-size keeps the cache within a budget, evicting what was least
 recently used after each conversion; kiln cache ls, rm and prune manage it
-by hand.`,
+by hand.
+
+--verity appends a dm-verity hash tree (sha256, 4 KiB blocks) after the
+filesystem, whose size stays the same; --json reports the root hash and
+the rest of the verity table.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if output == "" {

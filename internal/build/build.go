@@ -28,6 +28,7 @@ import (
 	"github.com/kilnfs/kiln/internal/inject"
 	"github.com/kilnfs/kiln/internal/layer"
 	"github.com/kilnfs/kiln/internal/progress"
+	"github.com/kilnfs/kiln/internal/verity"
 )
 
 // Epoch is the time kiln gives to what no layer dates: directories that
@@ -66,6 +67,9 @@ type Options struct {
 	// Limits caps what the layers may make kiln do; an image past one
 	// is not built at all, so they do not change the bytes either.
 	Limits fstree.Limits
+	// Verity appends a dm-verity hash tree after the filesystem (see
+	// internal/verity); the filesystem's size stays the same.
+	Verity bool
 }
 
 func (o Options) writer() Writer {
@@ -122,6 +126,11 @@ func Key(chainID digest.Digest, opts Options) string {
 	if fp := opts.Inject.Fingerprint(); fp != "" {
 		fmt.Fprintf(h, "inject=%s\x00", fp)
 	}
+	// Only when set, so that the keys of builds without it stay those of
+	// earlier kilns.
+	if opts.Verity {
+		fmt.Fprintf(h, "verity=%s\x00", verity.Algorithm)
+	}
 	return hex.EncodeToString(h.Sum(nil))
 }
 
@@ -134,13 +143,14 @@ type Identity struct {
 	Size    int64         // the requested size, 0 for automatic
 	Writer  string        // the ext4 writer's name
 	Inject  string        // the injected pieces' fingerprint, "" for none
+	Verity  bool          // a dm-verity hash tree follows the filesystem
 }
 
 // IdentityOf describes the build of chainID with opts.
 func IdentityOf(chainID digest.Digest, opts Options) Identity {
 	return Identity{
 		Format: formatVersion, Key: Key(chainID, opts), ChainID: chainID,
-		Size: opts.Size, Writer: opts.writer().Name(), Inject: opts.Inject.Fingerprint(),
+		Size: opts.Size, Writer: opts.writer().Name(), Inject: opts.Inject.Fingerprint(), Verity: opts.Verity,
 	}
 }
 
@@ -161,7 +171,9 @@ func (r Request) Key() string { return Key(r.ChainID, r.Options) }
 type Result struct {
 	ext4.Result
 	Unpack time.Duration // replaying layers into the tree
-	Build  time.Duration // writing the ext4
+	Build  time.Duration // writing the ext4 (and its verity tree)
+	// Verity describes the disk's hash tree when Options.Verity is set.
+	Verity *verity.Info
 }
 
 // Rootfs replays the request's layers in order into a tree and writes
@@ -235,9 +247,18 @@ func fromTree(ctx context.Context, tree *fstree.Tree, req Request, rep progress.
 	if err != nil {
 		return Result{}, err
 	}
+	out := Result{Result: res}
+	if opts.Verity {
+		v, err := verity.Append(req.Out, req.Key(), !opts.NoSync)
+		if err != nil {
+			return Result{}, err
+		}
+		out.Verity = &v
+	}
 	bar.Add(1)
 	bar.Done()
-	return Result{Result: res, Unpack: mid.Sub(start), Build: time.Since(mid)}, nil
+	out.Unpack, out.Build = mid.Sub(start), time.Since(mid)
+	return out, nil
 }
 
 func applyLayer(ctx context.Context, tree *fstree.Tree, l Layer, bar progress.Bar) error {

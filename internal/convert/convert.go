@@ -22,6 +22,7 @@ import (
 	"github.com/kilnfs/kiln/internal/inject"
 	"github.com/kilnfs/kiln/internal/progress"
 	"github.com/kilnfs/kiln/internal/store"
+	"github.com/kilnfs/kiln/internal/verity"
 	"github.com/kilnfs/kiln/internal/workdir"
 )
 
@@ -53,8 +54,10 @@ type Result struct {
 	Fetched   bool   `json:"fetched,omitempty"`
 	Published string `json:"published,omitempty"`
 	// Init is the injected init, for the kernel command line's init=.
-	Init    string  `json:"init,omitempty"`
-	Timings Timings `json:"timings_ms"`
+	Init string `json:"init,omitempty"`
+	// Verity is the disk's dm-verity tree, with --verity.
+	Verity  *verity.Info `json:"verity,omitempty"`
+	Timings Timings      `json:"timings_ms"`
 }
 
 // Timings says where the time went, in milliseconds.
@@ -164,11 +167,21 @@ func Convert(ctx context.Context, src, out string, opts Options) (*Result, error
 		return res, nil
 	}
 	copyStart := time.Now()
+	stamp := set.InitPath() != ""
 	err = clone.AtomicThen(cached, out, 0o644, func(f *os.File) error {
-		if set.InitPath() == "" {
+		if !stamp {
 			return nil
 		}
-		return stampConfig(ctx, st, f, img)
+		if err := stampConfig(ctx, st, f, img); err != nil {
+			return err
+		}
+		if !opts.Build.Verity {
+			return nil
+		}
+		// The config is this copy's own data: its tree is too.
+		v, err := verity.AppendFile(f, key, false)
+		res.Verity = &v
+		return err
 	})
 	<-cleaned
 	if err != nil {
@@ -176,6 +189,13 @@ func Convert(ctx context.Context, src, out string, opts Options) (*Result, error
 	}
 	rep.Wait()
 	res.Timings.Copy = time.Since(copyStart).Milliseconds()
+	if opts.Build.Verity && !stamp {
+		v, err := verity.Describe(out)
+		if err != nil {
+			return nil, err
+		}
+		res.Verity = &v
+	}
 	if res.Path, err = filepath.Abs(out); err != nil {
 		res.Path = out
 	}

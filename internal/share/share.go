@@ -38,6 +38,7 @@ import (
 
 	"github.com/kilnfs/kiln/internal/build"
 	"github.com/kilnfs/kiln/internal/image"
+	"github.com/kilnfs/kiln/internal/verity"
 )
 
 // The artifact's types.
@@ -54,6 +55,10 @@ const (
 	AnnotationSize    = "dev.kiln.rootfs.build.size"
 	AnnotationWriter  = "dev.kiln.rootfs.build.writer"
 	AnnotationInject  = "dev.kiln.rootfs.build.inject"
+	AnnotationVerity  = "dev.kiln.rootfs.build.verity"
+	// AnnotationRootHash is the dm-verity root hash of an image built
+	// with a hash tree: what a VMM or shim gives the kernel.
+	AnnotationRootHash = "dev.kiln.rootfs.verity.root-hash"
 	// AnnotationImageSize and AnnotationImageDigest are the ext4 image's
 	// own size and sha256, uncompressed.
 	AnnotationImageSize   = "dev.kiln.rootfs.image.size"
@@ -68,6 +73,7 @@ func annotations(id build.Identity, size int64, d digest.Digest) map[string]stri
 		AnnotationSize:        strconv.FormatInt(id.Size, 10),
 		AnnotationWriter:      id.Writer,
 		AnnotationInject:      id.Inject,
+		AnnotationVerity:      strconv.FormatBool(id.Verity),
 		AnnotationImageSize:   strconv.FormatInt(size, 10),
 		AnnotationImageDigest: d.String(),
 	}
@@ -77,7 +83,7 @@ func annotations(id build.Identity, size int64, d digest.Digest) map[string]stri
 // annotation that says what was built must be what kiln would build.
 func matches(ann map[string]string, id build.Identity) error {
 	want := annotations(id, 0, "")
-	for _, k := range []string{AnnotationFormat, AnnotationKey, AnnotationChainID, AnnotationSize, AnnotationWriter, AnnotationInject} {
+	for _, k := range []string{AnnotationFormat, AnnotationKey, AnnotationChainID, AnnotationSize, AnnotationWriter, AnnotationInject, AnnotationVerity} {
 		if ann[k] != want[k] {
 			return fmt.Errorf("%s is %q, this build's is %q", k, ann[k], want[k])
 		}
@@ -106,6 +112,14 @@ func Publish(ctx context.Context, t image.Target, manifest digest.Digest, rootfs
 			return v1.Hash{}, fmt.Errorf("uploading to %s: %w", repo, err)
 		}
 	}
+	ann := annotations(id, blob.imageSize, blob.imageDigest)
+	if id.Verity {
+		info, err := verity.Describe(rootfs)
+		if err != nil {
+			return v1.Hash{}, err
+		}
+		ann[AnnotationRootHash] = info.RootHash
+	}
 	m := ocispec.Manifest{
 		Versioned:    specsVersioned,
 		MediaType:    ocispec.MediaTypeImageManifest,
@@ -117,7 +131,7 @@ func Publish(ctx context.Context, t image.Target, manifest digest.Digest, rootfs
 		Subject: &ocispec.Descriptor{
 			MediaType: string(subject.MediaType), Digest: digest.Digest(subject.Digest.String()), Size: subject.Size,
 		},
-		Annotations: annotations(id, blob.imageSize, blob.imageDigest),
+		Annotations: ann,
 	}
 	raw, err := json.Marshal(m)
 	if err != nil {
@@ -225,6 +239,15 @@ func fetchOne(ctx context.Context, repo name.Repository, opts []remote.Option, a
 	}
 	if got != want {
 		return fmt.Errorf("the image's digest is %s, the artifact says %s", got, want)
+	}
+	if id.Verity {
+		info, err := verity.Describe(out)
+		if err != nil {
+			return err
+		}
+		if info.RootHash != m.Annotations[AnnotationRootHash] {
+			return fmt.Errorf("the image's dm-verity root hash is %s, the artifact says %q", info.RootHash, m.Annotations[AnnotationRootHash])
+		}
 	}
 	return nil
 }

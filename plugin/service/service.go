@@ -137,7 +137,7 @@ func New(ctx context.Context, cfg config.Config) (_ *Service, err error) {
 		MaxBuilds:        cfg.Snapshotter.MaxConcurrentBuilds,
 		EagerBuild:       cfg.Snapshotter.EagerBuild,
 		UnusedDiskGrace:  grace,
-		Build:            build.Options{Size: size, Writer: writer, Limits: limits},
+		Build:            build.Options{Size: size, Writer: writer, Limits: limits, Verity: cfg.Build.Verity},
 		Inject:           injectOpts,
 		Images:           newContainerdImages(imagesapi.NewImagesClient(conn), namespacesapi.NewNamespacesClient(conn), cs),
 		ObserveBuild:     m.observeBuild,

@@ -17,6 +17,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"maps"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -37,6 +38,7 @@ import (
 	"github.com/kilnfs/kiln/internal/ext4"
 	"github.com/kilnfs/kiln/internal/guest"
 	"github.com/kilnfs/kiln/internal/inject"
+	"github.com/kilnfs/kiln/internal/verity"
 	"github.com/kilnfs/kiln/internal/workdir"
 )
 
@@ -91,6 +93,7 @@ type Snapshotter struct {
 	root         string
 	ms           *storage.MetaStore
 	blockDevices bool
+	verity       bool // disks carry a dm-verity tree (see Stat)
 	mode         string
 	eager        bool
 	images       Images
@@ -146,7 +149,7 @@ func New(ctx context.Context, cfg Config) (*Snapshotter, error) {
 	if err := migrateLayout(root); err != nil {
 		return nil, fmt.Errorf("moving the files of an earlier kiln: %w", err)
 	}
-	if err := dropStaleDisks(root, build.Key("", build.Options{Size: cfg.Build.Size, Inject: set})); err != nil {
+	if err := dropStaleDisks(root, build.Key("", build.Options{Size: cfg.Build.Size, Inject: set, Verity: cfg.Build.Verity})); err != nil {
 		return nil, fmt.Errorf("removing disks built with other options: %w", err)
 	}
 	removeLeftovers(filepath.Join(root, tmpDir))
@@ -158,6 +161,7 @@ func New(ctx context.Context, cfg Config) (*Snapshotter, error) {
 		root:         root,
 		ms:           ms,
 		blockDevices: cfg.BlockDevices,
+		verity:       cfg.Build.Verity,
 		mode:         cfg.ContainerMode,
 		eager:        cfg.EagerBuild,
 		images:       cfg.Images,
@@ -200,13 +204,49 @@ func removeLeftovers(tmp string) {
 
 func (s *Snapshotter) dir(id string) string { return filepath.Join(s.root, snapshotsDir, id) }
 
+// LabelVerityPrefix starts the labels that describe the dm-verity tree of
+// a disk built with [build] verity: Stat gives them to a committed
+// snapshot whose disk is built and to a view of one, as
+// LabelVerityPrefix + "root-hash", "hash-offset", "data-blocks", ... (see
+// verity.Info.Labels). containerd merges them into the labels it reports.
+const LabelVerityPrefix = "containerd.io/snapshot/kiln.verity."
+
 // Stat returns the info of a snapshot.
 func (s *Snapshotter) Stat(ctx context.Context, key string) (info snapshots.Info, err error) {
+	var disk string // the disk whose verity tree the labels describe
 	err = s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
-		_, info, _, err = storage.GetInfo(ctx, key)
-		return err
+		var id string
+		id, info, _, err = storage.GetInfo(ctx, key)
+		if err != nil || !s.verity {
+			return err
+		}
+		switch {
+		case info.Kind == snapshots.KindCommitted:
+		case info.Kind == snapshots.KindView && info.Parent != "":
+			if id, _, _, err = storage.GetInfo(ctx, info.Parent); err != nil {
+				return err
+			}
+		default:
+			return nil
+		}
+		disk = filepath.Join(s.dir(id), diskFile)
+		return nil
 	})
-	return info, err
+	if err != nil || disk == "" || !exists(disk) {
+		return info, err
+	}
+	// Disks are built when first needed: until then there is nothing to
+	// describe.
+	v, err := verity.Describe(disk)
+	if err != nil {
+		log.G(ctx).WithError(err).WithField("key", key).Warn("describing the dm-verity tree of a disk")
+		return info, nil
+	}
+	if info.Labels == nil {
+		info.Labels = map[string]string{}
+	}
+	maps.Copy(info.Labels, v.Labels(LabelVerityPrefix))
+	return info, nil
 }
 
 // Update changes a snapshot's labels.
