@@ -14,7 +14,6 @@ import (
 	"sync"
 	"testing"
 	"time"
-	"unsafe"
 
 	"github.com/containerd/containerd/v2/core/leases"
 	"github.com/containerd/containerd/v2/core/snapshots"
@@ -381,16 +380,16 @@ func (r *faultRig) restartKiln(t *testing.T, cmd *faultCmd, what string) {
 	}
 }
 
-// faultWatchCreated reports when an entry named name is created in dir
-// or renamed into it: with inotify, so that the test can act within
-// microseconds.
-func faultWatchCreated(t *testing.T, dir, name string) <-chan struct{} {
+// faultWatch reports the first inotify event of mask on an entry of dir
+// (the directory stays watched when it is renamed), so that the test can
+// act within microseconds.
+func faultWatch(t *testing.T, dir string, mask uint32) <-chan struct{} {
 	t.Helper()
 	fd, err := unix.InotifyInit1(unix.IN_CLOEXEC | unix.IN_NONBLOCK)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := unix.InotifyAddWatch(fd, dir, unix.IN_CREATE|unix.IN_MOVED_TO); err != nil {
+	if _, err := unix.InotifyAddWatch(fd, dir, mask); err != nil {
 		unix.Close(fd)
 		t.Fatal(err)
 	}
@@ -404,13 +403,9 @@ func faultWatchCreated(t *testing.T, dir, name string) <-chan struct{} {
 			if err != nil {
 				return
 			}
-			for off := 0; off+unix.SizeofInotifyEvent <= n; {
-				nameLen := int((*unix.InotifyEvent)(unsafe.Pointer(&buf[off])).Len)
-				if strings.TrimRight(string(buf[off+unix.SizeofInotifyEvent:off+unix.SizeofInotifyEvent+nameLen]), "\x00") == name {
-					close(found)
-					return
-				}
-				off += unix.SizeofInotifyEvent + nameLen
+			if n >= unix.SizeofInotifyEvent {
+				close(found)
+				return
 			}
 		}
 	}()
@@ -527,17 +522,18 @@ func TestFaultsKilled(t *testing.T) {
 		r := rig(t)
 		ctr(t, r.e, ctdPullArgs(faultNS, victimRef, false)...)
 		r.export(t, victimRef) // its disk is built
-		// Removing renames the snapshot's directory, then deletes it.
-		snaps := filepath.Join(r.e.KilnRoot, "snapshots")
-		renamed := "rm-" + faultSnapshotOf(t, r.e.KilnRoot, minbaseDiffID(t))
-		removing := faultWatchCreated(t, snaps, renamed)
+		// Removing renames the snapshot's directory in the transaction
+		// that forgets the snapshot, then deletes its files.
+		id := faultSnapshotOf(t, r.e.KilnRoot, minbaseDiffID(t))
+		deleting := faultWatch(t, filepath.Join(r.e.KilnRoot, "snapshots", id), unix.IN_DELETE)
 		rm := faultCtr(t, r.e, "-n", faultNS, "image", "rm", "--sync", victimRef)
 		select {
-		case <-removing:
+		case <-deleting:
 			r.e.KillKiln()
-			t.Logf("kiln killed while removing the image's snapshot: %s holds %v", renamed, faultList(filepath.Join(snaps, renamed)))
+			renamed := filepath.Join(r.e.KilnRoot, "snapshots", "rm-"+id)
+			t.Logf("kiln killed while deleting the image's snapshot's files: %s holds %v", renamed, faultList(renamed))
 		case <-rm.done:
-			t.Fatalf("the image was removed and kiln never renamed its snapshot's directory to %s: %v\n%s", renamed, rm.err, rm.out)
+			t.Fatalf("the image was removed and kiln never deleted its snapshot's files: %v\n%s", rm.err, rm.out)
 		case <-time.After(time.Minute):
 			t.Fatal("kiln did not start removing the image's snapshot in a minute")
 		}
