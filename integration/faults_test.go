@@ -690,6 +690,10 @@ func TestFaultsDiskFull(t *testing.T) {
 		faultFill(t, filler, mnt, 0)
 		full(t, "the view's error", ctrFails(t, r.e, append(sn, "view", "full-view", r.keptChain)...))
 		full(t, "the pull's error", ctrFails(t, r.e, ctdPullArgs(faultNS, laterRef, false)...))
+		// kiln serve starts on a full disk, as after a crash.
+		r.restartKiln(t, nil, "")
+		r.waitReachable(t)
+		full(t, "the view's error", ctrFails(t, r.e, append(sn, "view", "full-view", r.keptChain)...))
 		ctr(t, r.e, "-n", faultNS, "image", "rm", "--sync", smallRef)
 		if err := os.Remove(filler); err != nil {
 			t.Fatal(err)
