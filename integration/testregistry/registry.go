@@ -177,13 +177,12 @@ func (r *Registry) HoldBlob(digest string) *Hold {
 type holdingWriter struct {
 	http.ResponseWriter
 	hold *Hold
-	half int64 // -1 until the headers tell the length
+	half int64 // where the hold falls; 0 (nothing held) unless a 200 tells the length
 	sent int64
 	done bool
 }
 
 func (w *holdingWriter) WriteHeader(code int) {
-	w.half = -1
 	if n, err := strconv.ParseInt(w.Header().Get("Content-Length"), 10, 64); err == nil && code == http.StatusOK {
 		w.half = n / 2
 	}

@@ -167,8 +167,9 @@ func (b *diskBuilder) fly(ctx context.Context, id string, f *flight, eager bool)
 	} else {
 		f.err = err
 	}
-	if f.err != nil && !errors.Is(f.err, context.Canceled) {
-		// An eager build's error reaches nobody else.
+	if f.err != nil && !errors.Is(f.err, context.Canceled) && !errdefs.IsNotFound(f.err) {
+		// An eager build's error reaches nobody else. (A build called
+		// off or of a snapshot removed meanwhile is no failure.)
 		log.G(ctx).WithError(f.err).WithField("snapshot", id).Error("building disk failed")
 	}
 	if b.observe != nil {
