@@ -105,6 +105,8 @@ func build(dir string) error {
 type Options struct {
 	// Kiln is the kiln binary.
 	Kiln string
+	// KilnRoot is kiln's state directory (default: one under Env.Dir).
+	KilnRoot string
 	// WalkingDiffer makes containerd unpack into kiln's snapshotter with
 	// its own walking differ instead of kiln's.
 	WalkingDiffer bool
@@ -193,6 +195,9 @@ func Start(opts Options) (_ *Env, err error) {
 		ContainerdRoot: filepath.Join(dir, "root"),
 		opts:           opts,
 		binDir:         bin,
+	}
+	if opts.KilnRoot != "" {
+		e.KilnRoot = opts.KilnRoot
 	}
 	defer func() {
 		if err != nil {
@@ -417,6 +422,14 @@ func (e *Env) StopContainerd() error {
 	p := e.containerd
 	e.mu.Unlock()
 	return e.stop(p, syscall.SIGTERM, 30*time.Second)
+}
+
+// KillContainerd kills containerd with SIGKILL.
+func (e *Env) KillContainerd() {
+	e.mu.Lock()
+	p := e.containerd
+	e.mu.Unlock()
+	e.stop(p, syscall.SIGKILL, 10*time.Second) //nolint:errcheck // killed
 }
 
 // RuncRoot is runc's state directory for this containerd's containers

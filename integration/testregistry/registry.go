@@ -35,6 +35,7 @@ type Registry struct {
 	log     []Request
 	srvs    []*http.Server
 	blobs   map[string][]byte // digest -> bytes served instead
+	holds   map[string]*Hold  // digest -> a GET that stops halfway
 }
 
 // Options configure StartWith.
@@ -109,6 +110,17 @@ func (r *Registry) serve(host string, w http.ResponseWriter, req *http.Request) 
 			return
 		}
 	}
+	if req.Method == http.MethodGet {
+		if i := strings.LastIndex(req.URL.Path, "/blobs/"); i >= 0 {
+			r.mu.Lock()
+			h := r.holds[req.URL.Path[i+len("/blobs/"):]]
+			delete(r.holds, req.URL.Path[i+len("/blobs/"):])
+			r.mu.Unlock()
+			if h != nil {
+				w = &holdingWriter{ResponseWriter: w, hold: h}
+			}
+		}
+	}
 	if req.Method == http.MethodGet || req.Method == http.MethodHead {
 		if i := strings.LastIndex(req.URL.Path, "/blobs/"); i >= 0 {
 			r.mu.Lock()
@@ -138,6 +150,71 @@ func (r *Registry) ServeBlob(digest string, data []byte) {
 		r.blobs = map[string][]byte{}
 	}
 	r.blobs[digest] = data
+}
+
+// Hold is a blob download stopped halfway: the registry has sent the
+// first half of the blob and waits to send the rest.
+type Hold struct {
+	// Reached is closed once the first half is sent.
+	Reached chan struct{}
+	release chan struct{}
+	once    sync.Once
+}
+
+// Release lets the download go on (again safe to call).
+func (h *Hold) Release() { h.once.Do(func() { close(h.release) }) }
+
+// HoldBlob makes the next GET of the blob with digest (in any
+// repository) stop after the first half of the blob until the hold is
+// released, so that a test can act while a client is fetching it.
+func (r *Registry) HoldBlob(digest string) *Hold {
+	h := &Hold{Reached: make(chan struct{}), release: make(chan struct{})}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.holds == nil {
+		r.holds = map[string]*Hold{}
+	}
+	r.holds[digest] = h
+	return h
+}
+
+// holdingWriter sends the first half of a response, flushes it, and
+// waits for the hold's release before it sends the rest.
+type holdingWriter struct {
+	http.ResponseWriter
+	hold *Hold
+	half int64 // where the hold falls; 0 (nothing held) unless a 200 tells the length
+	sent int64
+	done bool
+}
+
+func (w *holdingWriter) WriteHeader(code int) {
+	if n, err := strconv.ParseInt(w.Header().Get("Content-Length"), 10, 64); err == nil && code == http.StatusOK {
+		w.half = n / 2
+	}
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *holdingWriter) Write(p []byte) (int, error) {
+	if w.done || w.half <= 0 || w.sent+int64(len(p)) < w.half {
+		w.sent += int64(len(p))
+		return w.ResponseWriter.Write(p)
+	}
+	k := w.half - w.sent
+	n, err := w.ResponseWriter.Write(p[:k])
+	w.sent += int64(n)
+	if err != nil {
+		return n, err
+	}
+	if f, ok := w.ResponseWriter.(http.Flusher); ok {
+		f.Flush()
+	}
+	w.done = true
+	close(w.hold.Reached)
+	<-w.hold.release
+	m, err := w.ResponseWriter.Write(p[k:])
+	w.sent += int64(m)
+	return n + m, err
 }
 
 // Close stops the registry.

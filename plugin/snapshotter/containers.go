@@ -198,9 +198,15 @@ func (c *containerMaker) makeTemplate(ctx context.Context, file string, size int
 		return err
 	}
 	c.prune(dir)
-	tmp := file + ".tmp"
-	os.Remove(tmp)
-	if err := c.format(ctx, tmp, size, guest.ScratchLabel, filepath.Base(file)); err != nil {
+	// Made in a work directory, which goes with whatever an interrupted
+	// kiln left of it.
+	wd, err := workdir.New(filepath.Join(c.root, tmpDir))
+	if err != nil {
+		return err
+	}
+	defer wd.Release()
+	tmp := filepath.Join(wd.Path, filepath.Base(file))
+	if err := ext4.Format(ctx, tmp, size, guest.ScratchLabel, filepath.Base(file), wd.Path); err != nil {
 		return fmt.Errorf("making a scratch disk: %w", err)
 	}
 	if config != nil {
@@ -208,15 +214,10 @@ func (c *containerMaker) makeTemplate(ctx context.Context, file string, size int
 			return inject.StampConfig(ctx, f, config, "/"+guest.ScratchUpper, build.Epoch, wd)
 		})
 		if err != nil {
-			os.Remove(tmp)
 			return err
 		}
 	}
-	if err := os.Rename(tmp, file); err != nil {
-		os.Remove(tmp)
-		return err
-	}
-	return nil
+	return os.Rename(tmp, file)
 }
 
 // prune removes the least recently used templates beyond maxTemplates.

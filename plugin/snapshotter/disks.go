@@ -167,6 +167,11 @@ func (b *diskBuilder) fly(ctx context.Context, id string, f *flight, eager bool)
 	} else {
 		f.err = err
 	}
+	if f.err != nil && !errors.Is(f.err, context.Canceled) && !errdefs.IsNotFound(f.err) {
+		// An eager build's error reaches nobody else. (A build called
+		// off or of a snapshot removed meanwhile is no failure.)
+		log.G(ctx).WithError(f.err).WithField("snapshot", id).Error("building disk failed")
+	}
 	if b.observe != nil {
 		b.observe(time.Since(start), f.err)
 	}
@@ -237,7 +242,7 @@ func (b *diskBuilder) build(ctx context.Context, id string) (string, error) {
 		res, err = build.Rootfs(ctx, req, nil)
 	}
 	if err != nil {
-		return "", fmt.Errorf("building the disk of snapshot %s: %w", id, err)
+		return "", fmt.Errorf("building the disk of snapshot %s (chain %s) in %s: %w", id, chain.chainID, wd.Path, err)
 	}
 	if err := os.Chmod(out, 0o444); err != nil {
 		return "", err
