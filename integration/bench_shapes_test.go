@@ -269,6 +269,7 @@ func checkFreeSpace(b *testing.B, dir string, fixtures []*shapeFixture) {
 type shapeRun struct {
 	overlay, pull, export      time.Duration
 	convert, cached            time.Duration
+	published                  time.Duration // kiln convert of a rootfs kiln push published
 	tar2ext4                   time.Duration // 0: not measured
 	decompress                 time.Duration
 	overlayDisk, kilnDisk      int64 // allocated bytes under containerd's and kiln's roots
@@ -277,8 +278,8 @@ type shapeRun struct {
 }
 
 func (r shapeRun) String() string {
-	s := fmt.Sprintf("overlayfs %.2fs, kiln pull %.2fs + export %.2fs, convert %.2fs, cached %.2fs, decompress %.2fs",
-		r.overlay.Seconds(), r.pull.Seconds(), r.export.Seconds(), r.convert.Seconds(), r.cached.Seconds(), r.decompress.Seconds())
+	s := fmt.Sprintf("overlayfs %.2fs, kiln pull %.2fs + export %.2fs, convert %.2fs, cached %.2fs, published %.2fs, decompress %.2fs",
+		r.overlay.Seconds(), r.pull.Seconds(), r.export.Seconds(), r.convert.Seconds(), r.cached.Seconds(), r.published.Seconds(), r.decompress.Seconds())
 	if r.tar2ext4 > 0 {
 		s += fmt.Sprintf(", tar2ext4 %.2fs", r.tar2ext4.Seconds())
 	}
@@ -356,6 +357,21 @@ func runShape(b *testing.B, f *shapeFixture, work string) shapeRun {
 		}
 		os.Remove(out)
 	}
+	// Published by kiln push from that cache (not timed), then converted
+	// into an empty cache on "another machine".
+	if msg, err := exec.CommandContext(ctx, kilnBin, append([]string{"push", f.ref, "--cache-dir", cache}, convertFlags()...)...).CombinedOutput(); err != nil {
+		fail("kiln push: %v\n%s", err, msg)
+	}
+	os.RemoveAll(cache)
+	syncDisks(b)
+	start = time.Now()
+	args := append([]string{"convert", "--json", "--use-published", f.ref, "-o", filepath.Join(dir, "published.ext4"), "--cache-dir", cache}, convertFlags()...)
+	msg, err := exec.CommandContext(ctx, kilnBin, args...).Output()
+	r.published = time.Since(start)
+	if err != nil || !strings.Contains(string(msg), `"fetched": true`) {
+		fail("kiln convert of the published rootfs: %v (it must be fetched, not built)\n%s", err, msg)
+	}
+	os.Remove(filepath.Join(dir, "published.ext4"))
 	os.RemoveAll(cache)
 
 	if len(f.meta.Layers) == 1 {
@@ -546,8 +562,8 @@ func shapesTable(fixtures []*shapeFixture, runs map[string][]shapeRun) string {
 		iters = max(iters, len(runs[f.name]))
 	}
 	fmt.Fprintf(&sb, "Image shapes: medians of %d cold iteration(s); ratios to the overlayfs pull (%d CPUs, %s)\n\n", iters, runtime.NumCPU(), time.Now().UTC().Format("2006-01-02"))
-	sb.WriteString("| shape | overlayfs pull (s) | kiln pull | kiln pull + export | kiln convert | cached convert | tar2ext4 | decompress only | kiln disk / uncompressed |\n")
-	sb.WriteString("|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+	sb.WriteString("| shape | overlayfs pull (s) | kiln pull | kiln pull + export | kiln convert | cached convert | published convert | tar2ext4 | decompress only | kiln disk / uncompressed |\n")
+	sb.WriteString("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 	sec := func(d time.Duration) float64 { return d.Seconds() }
 	for _, f := range fixtures {
 		rs := runs[f.name]
@@ -557,16 +573,18 @@ func shapesTable(fixtures []*shapeFixture, runs map[string][]shapeRun) string {
 		if len(f.meta.Layers) == 1 {
 			t2e = ratio(func(r shapeRun) float64 { return sec(r.tar2ext4) })
 		}
-		fmt.Fprintf(&sb, "| %s: %s (%s) | %.2f | %s | %s | %s | %s | %s | %s | %.2f |\n",
+		fmt.Fprintf(&sb, "| %s: %s (%s) | %.2f | %s | %s | %s | %s | %s | %s | %s | %.2f |\n",
 			f.name, f.about, mibShort(f.meta.uncompressed()), base,
 			ratio(func(r shapeRun) float64 { return sec(r.pull) }),
 			ratio(func(r shapeRun) float64 { return sec(r.pull + r.export) }),
 			ratio(func(r shapeRun) float64 { return sec(r.convert) }),
 			ratio(func(r shapeRun) float64 { return sec(r.cached) }),
+			ratio(func(r shapeRun) float64 { return sec(r.published) }),
 			t2e,
 			ratio(func(r shapeRun) float64 { return sec(r.decompress) }),
 			medianOf(rs, func(r shapeRun) float64 { return float64(r.kilnDisk) / float64(r.uncompressed) }))
 	}
+	sb.WriteString("\npublished convert: kiln convert into an empty cache of the rootfs kiln push published beside the image (download, verify, write).\n")
 	sb.WriteString("\nkiln disk: blocks allocated under kiln serve's root once the image is pulled and its disk built (after the export), over the layer tars' uncompressed size. tar2ext4 includes reading and decompressing the blob and an fsync of its output.\n")
 	sb.WriteString("\nMedians in seconds; disk in MiB (allocated blocks): containerd's root after the overlayfs pull, kiln's root once the image's disk is built, kiln convert's output, tar2ext4's output.\n\n")
 	sb.WriteString("| shape | overlayfs | kiln pull | export | convert | cached | tar2ext4 | decompress | compressed | uncompressed | overlayfs disk | kiln disk | convert out | tar2ext4 out |\n")

@@ -103,7 +103,7 @@ func TestPublishedRootfs(t *testing.T) {
 			fetch := func(ref, name string, more ...string) *summary {
 				t.Helper()
 				out := filepath.Join(dir, name+".ext4")
-				res := kiln(t, run{args: convertArgs(ref, out, filepath.Join(dir, "cache-"+name), more...), env: env})
+				res := kiln(t, run{args: convertArgs(ref, out, filepath.Join(dir, "cache-"+name), append([]string{"--use-published"}, more...)...), env: env})
 				if res.err != nil {
 					t.Fatalf("kiln convert: %v\n%s", res.err, res.stderr)
 				}
@@ -169,7 +169,7 @@ func TestPublishedRootfs(t *testing.T) {
 				}
 				replaceArtifact(t, ref, auth, func(m *ocispec.Manifest, blob []byte) []byte { return tamper(t, ref, m, blob) })
 				out := filepath.Join(dir, fmt.Sprintf("tampered%d.ext4", i))
-				res = kiln(t, run{args: convertArgs(ref, out, filepath.Join(dir, fmt.Sprintf("cache-tampered%d", i)), "--log-level", "warn"), env: env})
+				res = kiln(t, run{args: convertArgs(ref, out, filepath.Join(dir, fmt.Sprintf("cache-tampered%d", i)), "--use-published", "--log-level", "warn"), env: env})
 				if res.err != nil {
 					t.Fatalf("kiln convert: %v\n%s", res.err, res.stderr)
 				}

@@ -56,7 +56,7 @@ func (b *buildFlags) register(f *pflag.FlagSet) {
 	f.BoolVar(&b.force, "force", false, "let injected files replace files the image has (default: refuse)")
 	f.StringArrayVar(&b.limits, "limit", nil, "change a limit on what an image may make kiln do, NAME=VALUE (repeatable; 0 is none): "+limitsHelp())
 	f.StringVar(&b.guestBin, "guest-bin-dir", "", "where kiln-init and kiln-agent are (default: next to kiln, in $PATH, or in libexec)")
-	f.BoolVar(&b.usePublished, "use-published", true, "use a rootfs of the same build that kiln push published beside a registry image, if one verifies, instead of building")
+	f.BoolVar(&b.usePublished, "use-published", false, "use a rootfs of the same build that kiln push published beside a registry image, if one verifies, instead of building (trusts whoever can push to the image's repository: see SECURITY.md)")
 }
 
 func (b *buildFlags) options() (convert.Options, error) {
