@@ -106,6 +106,9 @@ func Convert(ctx context.Context, src, out string, opts Options) (*Result, error
 	}
 	opts.Build.Inject = set
 	res.Init = set.InitPath()
+	if opts.Share.Push && !img.Remote {
+		return nil, fmt.Errorf("image %s: only an image in a registry can have a rootfs published beside it", img.Name)
+	}
 	key := build.Key(res.ChainID, opts.Build)
 	// Held until the image is copied out: kiln cache prune and rm leave
 	// it alone meanwhile.

@@ -19,6 +19,11 @@ const DefaultHostsDir = "/etc/containerd/certs.d"
 // for the registry of r (mirrors first, in order), or nil when there is no
 // configuration for it: then the registry is used as named.
 func configuredHosts(ctx context.Context, hostsDir string, r name.Reference) ([]docker.RegistryHost, error) {
+	return configuredHostsWith(ctx, hostsDir, r, docker.HostCapabilityPull)
+}
+
+// configuredHostsWith is configuredHosts for the hosts with capability c.
+func configuredHostsWith(ctx context.Context, hostsDir string, r name.Reference, c docker.HostCapabilities) ([]docker.RegistryHost, error) {
 	if hostsDir == "" {
 		return nil, nil
 	}
@@ -37,16 +42,16 @@ func configuredHosts(ctx context.Context, hostsDir string, r name.Reference) ([]
 	if err != nil {
 		return nil, fmt.Errorf("hosts configuration for %s in %s: %w", registry, hostsDir, err)
 	}
-	var pull []docker.RegistryHost
+	var able []docker.RegistryHost
 	for _, h := range hosts {
-		if h.Capabilities.Has(docker.HostCapabilityPull) {
-			pull = append(pull, h)
+		if h.Capabilities.Has(c) {
+			able = append(able, h)
 		}
 	}
-	if len(pull) == 0 {
+	if len(able) == 0 && c == docker.HostCapabilityPull {
 		return nil, fmt.Errorf("hosts configuration for %s in %s allows no host to pull", registry, hostsDir)
 	}
-	return pull, nil
+	return able, nil
 }
 
 func separator(r name.Reference) string {

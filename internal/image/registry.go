@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"slices"
 
+	"github.com/containerd/containerd/v2/core/remotes/docker"
 	"github.com/containerd/log"
 	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
@@ -106,19 +107,33 @@ func target(ctx context.Context, ref string, insecure []string, base http.RoundT
 	return Target{Ref: r, Options: remoteOpts}, nil
 }
 
-// Targets returns where the registry image ref can be reached: the
+// Targets returns where the registry image ref can be pulled from: the
 // endpoints a hosts.toml configures for its registry, mirrors first and
 // the registry itself last, or the registry as named.
 func Targets(ctx context.Context, ref string, opts Options) ([]Target, error) {
+	return targets(ctx, ref, opts, docker.HostCapabilityPull)
+}
+
+// Server returns the registry of ref itself, not a mirror: the host a
+// hosts.toml lets push, or the registry as named.
+func Server(ctx context.Context, ref string, opts Options) (Target, error) {
+	t, err := targets(ctx, ref, opts, docker.HostCapabilityPush)
+	if err != nil {
+		return Target{}, err
+	}
+	return t[len(t)-1], nil
+}
+
+func targets(ctx context.Context, ref string, opts Options, c docker.HostCapabilities) ([]Target, error) {
 	r, err := name.ParseReference(ref)
 	if err != nil {
 		return nil, fmt.Errorf("parsing reference: %w", err)
 	}
-	hosts, err := configuredHosts(ctx, opts.HostsDir, r)
+	hosts, err := configuredHostsWith(ctx, opts.HostsDir, r, c)
 	if err != nil {
 		return nil, err
 	}
-	if hosts == nil {
+	if len(hosts) == 0 {
 		t, err := target(ctx, r.String(), opts.Insecure, nil, http.Header{}, opts)
 		if err != nil {
 			return nil, err

@@ -148,60 +148,85 @@ func Publish(ctx context.Context, t image.Target, manifest digest.Digest, rootfs
 	return h, nil
 }
 
-// Fetch looks among the referrers of the image manifest, in each target
-// in turn, for a published rootfs of the build id, and writes the first
-// that verifies to out (which must not exist). It reports whether it
-// found one; what it finds and cannot use is logged and skipped.
-func Fetch(ctx context.Context, targets []image.Target, manifest digest.Digest, id build.Identity, out string) (bool, error) {
-	for _, t := range targets {
-		repo := t.Ref.Context()
-		idx, err := remote.Referrers(repo.Digest(manifest.String()), t.Options...)
-		if err != nil {
-			if ctx.Err() != nil {
-				return false, ctx.Err()
-			}
-			log.G(ctx).WithError(err).WithField("repository", repo.String()).Debug("no referrers")
+// maxTries bounds the artifacts Fetch downloads for one image: a
+// registry can list any number of referrers.
+const maxTries = 3
+
+// Fetch looks among the referrers of the image manifest in t (the
+// registry itself: a mirror's referrers are not bound to the image it
+// serves) for a published rootfs of the build id, and writes the first
+// that verifies to out, which must not exist. maxSize bounds the image
+// it will write. It reports whether it found one; what it finds and
+// cannot use is logged with the reason and skipped. Errors of this
+// machine (no space, cancellation) end it.
+func Fetch(ctx context.Context, t image.Target, manifest digest.Digest, id build.Identity, out string, maxSize int64) (bool, error) {
+	repo := t.Ref.Context()
+	idx, err := remote.Referrers(repo.Digest(manifest.String()), t.Options...)
+	if err != nil {
+		if ctx.Err() != nil {
+			return false, ctx.Err()
+		}
+		log.G(ctx).WithError(err).WithField("repository", repo.String()).Warn("cannot list the image's referrers; building it")
+		return false, nil
+	}
+	im, err := idx.IndexManifest()
+	if err != nil {
+		log.G(ctx).WithError(err).WithField("repository", repo.String()).Warn("unreadable referrers; building the image")
+		return false, nil
+	}
+	seen := map[v1.Hash]bool{}
+	tries := 0
+	for _, d := range im.Manifests {
+		if !candidate(d, id) || seen[d.Digest] {
 			continue
 		}
-		im, err := idx.IndexManifest()
-		if err != nil {
-			log.G(ctx).WithError(err).WithField("repository", repo.String()).Warn("unreadable referrers")
-			continue
+		seen[d.Digest] = true
+		if tries++; tries > maxTries {
+			log.G(ctx).WithField("repository", repo.String()).Warnf("the image has more than %d candidate rootfs artifacts; building it", maxTries)
+			return false, nil
 		}
-		for _, d := range im.Manifests {
-			if !candidate(d) {
-				continue
-			}
-			err := fetchOne(ctx, repo, t.Options, d.Digest, id, out)
-			if err == nil {
-				return true, nil
-			}
-			os.Remove(out)
-			if ctx.Err() != nil {
-				return false, ctx.Err()
-			}
-			log.G(ctx).WithError(err).WithFields(log.Fields{"repository": repo.String(), "artifact": d.Digest.String()}).Warn("not using a published rootfs")
+		err := fetchOne(ctx, repo, t.Options, d.Digest, id, out, maxSize)
+		if err == nil {
+			return true, nil
 		}
+		os.Remove(out)
+		var local *localError
+		if ctx.Err() != nil {
+			return false, ctx.Err()
+		} else if errors.As(err, &local) {
+			return false, err
+		}
+		log.G(ctx).WithError(err).WithFields(log.Fields{"repository": repo.String(), "artifact": d.Digest.String()}).Warn("not using a published rootfs")
 	}
 	return false, nil
 }
 
-// candidate says whether a referrer may be a published rootfs. Its
-// artifact type should say so, but registries that predate the field,
-// or take it from the config's media type, give the empty config's or
-// none: the manifest, fetched by digest, decides.
-func candidate(d v1.Descriptor) bool {
+// localError is a failure of this machine, not of the artifact.
+type localError struct{ err error }
+
+func (e *localError) Error() string { return e.err.Error() }
+func (e *localError) Unwrap() error { return e.err }
+
+// candidate says whether a referrer may be the published rootfs of
+// build id. Its artifact type should say so, but registries that predate
+// the field, or take it from the config's media type, give the empty
+// config's or none; the referrers list carries the annotations, which
+// rule out other builds without a download. The manifest, fetched by
+// digest, decides.
+func candidate(d v1.Descriptor, id build.Identity) bool {
 	switch d.ArtifactType {
 	case ArtifactType, "", ocispec.MediaTypeEmptyJSON:
-		return true
+	default:
+		return false
 	}
-	return false
+	k, ok := d.Annotations[AnnotationKey]
+	return !ok || k == id.Key
 }
 
 // fetchOne downloads one published rootfs and checks that it is the build
 // id: its manifest (fetched by digest) must say so, its blob must match
 // its digest, and the image its size and digest.
-func fetchOne(ctx context.Context, repo name.Repository, opts []remote.Option, artifact v1.Hash, id build.Identity, out string) error {
+func fetchOne(ctx context.Context, repo name.Repository, opts []remote.Option, artifact v1.Hash, id build.Identity, out string, maxSize int64) error {
 	desc, err := remote.Get(repo.Digest(artifact.String()), opts...)
 	if err != nil {
 		return err
@@ -220,6 +245,14 @@ func fetchOne(ctx context.Context, repo name.Repository, opts []remote.Option, a
 	if err != nil || size <= 0 {
 		return fmt.Errorf("%s %q", AnnotationImageSize, m.Annotations[AnnotationImageSize])
 	}
+	if size > maxSize {
+		return fmt.Errorf("the image would be %d bytes, more than this build may make (%d)", size, maxSize)
+	}
+	// zstd does not grow what it cannot compress by more than a little.
+	blobSize := m.Layers[0].Size
+	if blobSize <= 0 || blobSize > size+size/64+(1<<20) {
+		return fmt.Errorf("a blob of %d bytes for an image of %d", blobSize, size)
+	}
 	want, err := digest.Parse(m.Annotations[AnnotationImageDigest])
 	if err != nil {
 		return fmt.Errorf("%s: %w", AnnotationImageDigest, err)
@@ -228,13 +261,17 @@ func fetchOne(ctx context.Context, repo name.Repository, opts []remote.Option, a
 	if err != nil {
 		return err
 	}
-	rc, err := l.Compressed() // checks the blob's digest and size as it ends
+	rc, err := l.Compressed() // checks the blob's digest as it ends
 	if err != nil {
 		return err
 	}
 	defer rc.Close()
-	got, err := expand(ctx, rc, out, size)
+	blob := &exactReader{r: ctxReader{ctx, rc}, left: blobSize}
+	got, err := expand(ctx, blob, out, size)
 	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(io.Discard, blob); err != nil { // to its end, and its digest
 		return err
 	}
 	if got != want {
@@ -308,14 +345,16 @@ func compress(ctx context.Context, rootfs, path string) (*compressed, error) {
 // leaving whole zero blocks as holes, and returns its digest; it must be
 // size bytes long.
 func expand(ctx context.Context, r io.Reader, out string, size int64) (digest.Digest, error) {
-	dec, err := zstd.NewReader(r)
+	// A small window, as kiln writes them: a frame asking for more is
+	// refused rather than given the memory.
+	dec, err := zstd.NewReader(r, zstd.WithDecoderMaxWindow(32<<20), zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true))
 	if err != nil {
 		return "", err
 	}
 	defer dec.Close()
 	f, err := os.OpenFile(out, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
 	if err != nil {
-		return "", err
+		return "", &localError{err}
 	}
 	defer f.Close()
 	h := sha256.New()
@@ -326,7 +365,7 @@ func expand(ctx context.Context, r io.Reader, out string, size int64) (digest.Di
 		if err := ctx.Err(); err != nil {
 			return "", err
 		}
-		n, rerr := io.ReadFull(dec, buf)
+		n, rerr := fill(dec, buf)
 		if off+int64(n) > size {
 			return "", fmt.Errorf("the image is longer than the %d bytes the artifact says", size)
 		}
@@ -337,11 +376,11 @@ func expand(ctx context.Context, r io.Reader, out string, size int64) (digest.Di
 				continue
 			}
 			if _, err := f.WriteAt(buf[b:e], off+int64(b)); err != nil {
-				return "", err
+				return "", &localError{err}
 			}
 		}
 		off += int64(n)
-		if errors.Is(rerr, io.EOF) || errors.Is(rerr, io.ErrUnexpectedEOF) {
+		if rerr == io.EOF {
 			break
 		}
 		if rerr != nil {
@@ -352,12 +391,62 @@ func expand(ctx context.Context, r io.Reader, out string, size int64) (digest.Di
 		return "", fmt.Errorf("the image is %d bytes, the artifact says %d", off, size)
 	}
 	if err := f.Truncate(size); err != nil {
-		return "", err
+		return "", &localError{err}
 	}
 	if err := f.Sync(); err != nil {
-		return "", err
+		return "", &localError{err}
 	}
-	return digestOf(h), f.Close()
+	if err := f.Close(); err != nil {
+		return "", &localError{err}
+	}
+	return digestOf(h), nil
+}
+
+// fill reads until buf is full (nil error) or the stream ends cleanly
+// (io.EOF); a stream cut short is an error, not an end.
+func fill(r io.Reader, buf []byte) (int, error) {
+	n := 0
+	for n < len(buf) {
+		m, err := r.Read(buf[n:])
+		n += m
+		if err != nil {
+			return n, err
+		}
+	}
+	return n, nil
+}
+
+// exactReader passes exactly left bytes of r: the blob the manifest
+// sized. A registry that sends more, or less, is caught here rather
+// than trusted to end.
+type exactReader struct {
+	r    io.Reader
+	left int64
+}
+
+func (e *exactReader) Read(p []byte) (int, error) {
+	if e.left <= 0 {
+		// Read on to the end: that is where the blob's digest is checked.
+		var one [1]byte
+		for {
+			n, err := e.r.Read(one[:])
+			if n > 0 {
+				return 0, errors.New("the blob is longer than its manifest says")
+			}
+			if err != nil {
+				return 0, err
+			}
+		}
+	}
+	if int64(len(p)) > e.left {
+		p = p[:e.left]
+	}
+	n, err := e.r.Read(p)
+	e.left -= int64(n)
+	if err == io.EOF && e.left > 0 {
+		return n, fmt.Errorf("the blob is shorter than its manifest says: %w", io.ErrUnexpectedEOF)
+	}
+	return n, err
 }
 
 func digestOf(h hash.Hash) digest.Digest { return digest.NewDigest(digest.SHA256, h) }
