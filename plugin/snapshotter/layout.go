@@ -122,7 +122,13 @@ func dropStaleDisks(root, key string) error {
 		}
 		os.Remove(filepath.Join(filepath.Dir(d), unsyncedFile))
 	}
-	return os.WriteFile(p, []byte(key+"\n"), 0o600)
+	// Replaced whole: a kill while writing it must not leave a key that
+	// matches nothing (every disk would be dropped at the next start).
+	tmp := p + ".new"
+	if err := os.WriteFile(tmp, []byte(key+"\n"), 0o600); err != nil {
+		return err
+	}
+	return os.Rename(tmp, p)
 }
 
 // adoptLoop renames the one "loop" record an earlier kiln kept and marks

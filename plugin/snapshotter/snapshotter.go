@@ -149,7 +149,7 @@ func New(ctx context.Context, cfg Config) (*Snapshotter, error) {
 	if err := migrateLayout(root); err != nil {
 		return nil, fmt.Errorf("moving the files of an earlier kiln: %w", err)
 	}
-	if err := dropStaleDisks(root, build.Key("", build.Options{Size: cfg.Build.Size, Inject: set, Verity: cfg.Build.Verity})); err != nil {
+	if err := dropStaleDisks(root, build.Key("", build.Options{Size: cfg.Build.Size, Inject: set, Writer: cfg.Build.Writer, Verity: cfg.Build.Verity})); err != nil {
 		return nil, fmt.Errorf("removing disks built with other options: %w", err)
 	}
 	removeLeftovers(filepath.Join(root, tmpDir))
