@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -44,6 +45,7 @@ func FuzzReader(f *testing.F) {
 	f.Add(append(gz(f, tarball), "trailing"...), uint8(0b0001))
 	f.Add(zst(f, tarball), uint8(0b1111))
 	f.Add(append(zst(f, tarball[:10]), zst(f, tarball[10:])...), uint8(0b0100)) // two zstd frames
+	f.Add(zstdWindow(f, 29), uint8(0b0101))
 	f.Add([]byte{0x1f, 0x8b}, uint8(0))
 	f.Add([]byte{0x28, 0xb5, 0x2f, 0xfd}, uint8(0))
 	f.Fuzz(func(t *testing.T, blob []byte, digests uint8) {
@@ -67,6 +69,51 @@ func FuzzReader(f *testing.F) {
 			fuzzRead(t, blob, desc, want, wantOK)
 		}
 	})
+}
+
+// TestZstdWindow: a frame may declare a window of up to 512 MiB, which
+// the decoder allocates before it reads a byte; kiln decodes windows of
+// up to 128 MiB, as the zstd tool does by default.
+func TestZstdWindow(t *testing.T) {
+	for wlog, ok := range map[int]bool{20: true, 23: true, 28: false, 29: false} {
+		blob := zstdWindow(t, wlog)
+		out, err := io.ReadAll(mustReader(t, blob))
+		var le *Error
+		if ok && (err != nil || len(out) != 3000) {
+			t.Errorf("window of 2^%d bytes: %d bytes, %v", wlog, len(out), err)
+		}
+		if !ok && (!errors.As(err, &le) || le.Digest != digest.FromBytes(blob) || !strings.Contains(err.Error(), "windows of up to 128 MiB")) {
+			t.Errorf("window of 2^%d bytes: %v, want a layer error naming the limit", wlog, err)
+		}
+	}
+}
+
+func mustReader(t *testing.T, blob []byte) *Reader {
+	t.Helper()
+	r, err := NewReader(bytes.NewReader(blob), Descriptor{MediaType: MediaTypeDockerLayer, Digest: digest.FromBytes(blob)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { r.Close() })
+	return r
+}
+
+// zstdWindow is a zstd frame of 3000 bytes that declares a window of
+// 2^wlog bytes.
+func zstdWindow(t testing.TB, wlog int) []byte {
+	var buf bytes.Buffer
+	w, err := zstd.NewWriter(&buf, zstd.WithWindowSize(1<<20), zstd.WithSingleSegment(false))
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.Write(bytes.Repeat([]byte("abc"), 1000))
+	w.Close()
+	b := buf.Bytes()
+	if b[4]&0x20 != 0 {
+		t.Fatal("a single-segment frame has no window descriptor")
+	}
+	b[5] = byte(wlog-10) << 3 // exponent, no mantissa
+	return b
 }
 
 // fuzzRead reads one blob as desc says, within a deadline, and checks
@@ -136,7 +183,7 @@ func referenceDecode(blob []byte) ([]byte, bool) {
 		}
 		src = zr
 	case bytes.HasPrefix(blob, []byte{0x28, 0xb5, 0x2f, 0xfd}):
-		zr, err := zstd.NewReader(bytes.NewReader(blob), zstd.WithDecoderConcurrency(1))
+		zr, err := zstd.NewReader(bytes.NewReader(blob), zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxWindow(maxZstdWindow))
 		if err != nil {
 			return nil, false
 		}

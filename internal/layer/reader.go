@@ -68,6 +68,9 @@ var ErrDigestMismatch = errors.New("digest mismatch")
 
 const chunkSize = 1 << 20
 
+// maxZstdWindow is the largest zstd window kiln decodes.
+const maxZstdWindow = 128 << 20
+
 // Reader is the uncompressed tar stream of a layer.
 type Reader struct {
 	desc   Descriptor
@@ -152,7 +155,10 @@ func (r *Reader) pump(blob io.Reader) error {
 		defer zr.Close()
 		src = zr
 	case bytes.HasPrefix(magic, []byte{0x28, 0xb5, 0x2f, 0xfd}):
-		zr, err := zstd.NewReader(in, zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true))
+		// The window a frame declares is allocated up front: cap it
+		// where the zstd tool does by default (128 MiB), not at the
+		// library's 512 MiB, which a 30-byte blob could ask for.
+		zr, err := zstd.NewReader(in, zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true), zstd.WithDecoderMaxWindow(maxZstdWindow))
 		if err != nil {
 			return fmt.Errorf("zstd: %w", err)
 		}
@@ -180,6 +186,9 @@ func (r *Reader) pump(blob io.Reader) error {
 		if err != nil {
 			if err == io.ErrUnexpectedEOF {
 				err = errors.New("unexpected end of data: the blob is truncated or corrupt")
+			}
+			if errors.Is(err, zstd.ErrWindowSizeExceeded) {
+				err = fmt.Errorf("zstd %w: kiln decodes windows of up to %d MiB", err, maxZstdWindow>>20)
 			}
 			return fmt.Errorf("decompressing: %w", err)
 		}
