@@ -1,7 +1,9 @@
 # kiln — build, demo, test.
 #
 #   make demo   install what kiln needs, convert a sample image, check it
-#   make test   install what the tests need and run the whole suite
+#   make test   install what the tests need and run the whole suite, then
+#               each fuzz target briefly
+#   make fuzz   run each fuzz target for FUZZTIME (make fuzz FUZZTIME=10m)
 #   make bench  run the benchmarks (ratios against plain pipelines)
 
 SHELL := /bin/bash
@@ -20,7 +22,7 @@ TEST_PACKAGES := $(RUNTIME_PACKAGES) debootstrap qemu-system-x86 ca-certificates
 
 CONTAINERD_TAGS := no_btrfs no_devmapper no_zfs
 
-.PHONY: all build guest demo test test-unit bench deps-runtime deps-test containerd clean
+.PHONY: all build guest demo test test-unit fuzz bench deps-runtime deps-test containerd clean
 
 all: build
 
@@ -77,6 +79,25 @@ containerd:
 test: deps-test build guest containerd
 	$(GO) vet ./...
 	$(GO) test -count=1 -timeout 75m ./...
+	$(MAKE) --no-print-directory fuzz
+
+# Fuzz targets, as package:name. Plain go test runs their seeds and what
+# testdata/fuzz holds; fuzzing writes an input that fails there, to be
+# kept as a regression once fixed. FUZZTIME is per target.
+FUZZTIME ?= 15s
+FUZZ_TARGETS := \
+	./internal/layer:FuzzReader \
+	./internal/fstree:FuzzApply \
+	./internal/ext4write:FuzzWrite \
+	./internal/ext4read:FuzzOpenWalk \
+	./internal/ext4layer:FuzzLayers \
+	./config:FuzzLoad
+fuzz: deps-runtime
+	@for t in $(FUZZ_TARGETS); do \
+		pkg=$${t%%:*} name=$${t#*:}; \
+		echo "fuzzing $$name in $$pkg for $(FUZZTIME)"; \
+		$(GO) test -run '^$$' -fuzz "^$$name\$$" -fuzztime $(FUZZTIME) $$pkg || exit 1; \
+	done
 
 test-unit:
 	$(GO) test -count=1 ./internal/... ./plugin/... ./config/...

@@ -5,9 +5,9 @@ package config
 
 import (
 	"bytes"
-	"math"
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"strconv"
 	"strings"
@@ -228,7 +228,9 @@ func Default() Config {
 			EagerBuild:      true,
 			UnusedDiskGrace: "1m",
 		},
-		Build:  Build{Size: "auto", Writer: "kiln"},
+		// An empty list, not nil: it is what "inject = []", as Encode
+		// writes it, loads as.
+		Build:  Build{Size: "auto", Writer: "kiln", Inject: []string{}},
 		Limits: DefaultLimits(),
 	}
 }

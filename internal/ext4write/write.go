@@ -293,7 +293,9 @@ func (w *writer) write(ctx context.Context) error {
 		var err error
 		switch ino {
 		case rootIno:
-			raw, err = w.inode(ctx, ino, entry{inode: w.tree.Root().Inode(), node: w.tree.Root(), links: w.rootLinks})
+			if raw, err = w.inode(ctx, ino, entry{inode: w.tree.Root().Inode(), node: w.tree.Root(), links: w.rootLinks}); err != nil {
+				err = fmt.Errorf("ext4: %q: %w", "/", err)
+			}
 		case journalIno:
 			raw, err = w.journalInode()
 		default:

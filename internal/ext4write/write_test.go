@@ -675,3 +675,18 @@ func TestAutoSizeXattrs(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestXattrsTooBig: attributes past the inode and one block fail the
+// write, naming the file, the root directory included.
+func TestXattrsTooBig(t *testing.T) {
+	for _, name := range []string{"./", "etc/big"} {
+		h := dir(name, 0o755)
+		h.PAXRecords = map[string]string{"SCHILY.xattr.user.big": strings.Repeat("x", 5000)}
+		tree, work := newTree(t, []layer{{h}}, false)
+		_, err := Write(context.Background(), tree, filepath.Join(work, "out.ext4"), ext4.Options{Identity: "xattrs"})
+		want := strconv.Quote("/" + strings.TrimPrefix(name, "./"))
+		if !errors.Is(err, errXattrSpace) || !strings.Contains(err.Error(), want) {
+			t.Errorf("%s: err = %v, want one naming %s", name, err, want)
+		}
+	}
+}

@@ -3,6 +3,7 @@ package ext4write
 import (
 	"bytes"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"sort"
 	"strings"
@@ -38,6 +39,11 @@ const (
 	// 128-byte base inode and its extra fields.
 	inodeXattrStart = 128 + extraIsize
 )
+
+// errXattrSpace is wrapped when a file's extended attributes do not fit
+// in its inode and one block, all the room ext4 gives them without the
+// ea_inode feature.
+var errXattrSpace = errors.New("extended attributes do not fit")
 
 // encodeXattrs turns a file's attributes into ext4's form, sorted the way
 // the kernel keeps an attribute block (by index, name length, name).
@@ -98,7 +104,7 @@ func splitXattrs(xs []xattr) (inInode, inBlock []xattr, err error) {
 		need += x.entrySize() + pad4(len(x.value))
 	}
 	if len(inBlock) > 0 && need > blockSize {
-		return nil, nil, fmt.Errorf("extended attributes need %d bytes, more than one %d-byte block", need, blockSize)
+		return nil, nil, fmt.Errorf("%w: they need %d bytes, more than one %d-byte block", errXattrSpace, need, blockSize)
 	}
 	return inInode, inBlock, nil
 }

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/base64"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -650,12 +651,34 @@ func headerXattrs(hdr *tar.Header) (map[string]string, error) {
 			set(name, string(val))
 		}
 	}
-	for k := range x {
+	for k, v := range x {
 		if k == "" || strings.IndexByte(k, 0) >= 0 || len(k) > 255 {
 			return nil, fmt.Errorf("invalid xattr name %q", k)
 		}
+		if k == "system.posix_acl_access" || k == "system.posix_acl_default" {
+			if err := checkACL(v); err != nil {
+				return nil, fmt.Errorf("xattr %q: %w", k, err)
+			}
+		}
 	}
 	return x, nil
+}
+
+// checkACL checks a POSIX ACL in the form tar and getxattr give it
+// (version 2, entries of tag, permissions and id, 8 bytes each): ext4
+// stores it in a form of its own, which only known tags convert to.
+func checkACL(v string) error {
+	if len(v) < 4 || binary.LittleEndian.Uint32([]byte(v)) != 2 || (len(v)-4)%8 != 0 {
+		return fmt.Errorf("not a POSIX ACL (version 2)")
+	}
+	for p := v[4:]; len(p) > 0; p = p[8:] {
+		switch tag := binary.LittleEndian.Uint16([]byte(p)); tag {
+		case 0x01, 0x02, 0x04, 0x08, 0x10, 0x20: // user_obj, user, group_obj, group, mask, other
+		default:
+			return fmt.Errorf("POSIX ACL with unknown tag %#x", tag)
+		}
+	}
+	return nil
 }
 
 // writeFile stages a regular file: a placeholder at path, and where its

@@ -406,3 +406,40 @@ func TestApplyStored(t *testing.T) {
 		t.Errorf("the tree's own data file should stay empty (%v)", err)
 	}
 }
+
+// TestACLsMustConvert: a POSIX ACL that ext4 cannot store (not version
+// 2, entries not 8 bytes, an unknown tag) fails the layer at its entry,
+// rather than the build of the image later, where no layer is known.
+func TestACLsMustConvert(t *testing.T) {
+	acl := func(entries ...string) string { return "\x02\x00\x00\x00" + strings.Join(entries, "") }
+	good := acl("\x01\x00\x07\x00\xff\xff\xff\xff", "\x02\x00\x05\x00\xe8\x03\x00\x00", "\x04\x00\x05\x00\xff\xff\xff\xff",
+		"\x10\x00\x05\x00\xff\xff\xff\xff", "\x20\x00\x04\x00\xff\xff\xff\xff")
+	for name, value := range map[string]string{
+		"good":        good,
+		"empty":       acl(),
+		"version 1":   "\x01" + good[1:],
+		"short entry": good[:len(good)-1],
+		"unknown tag": acl("\x40\x00\x07\x00\xff\xff\xff\xff"),
+		"no header":   "\x02",
+	} {
+		t.Run(name, func(t *testing.T) {
+			tr := newTree(t)
+			d := dir("d")
+			d.pax = map[string]string{"SCHILY.xattr.system.posix_acl_default": value}
+			err := tr.Apply(context.Background(), bytes.NewReader(layerTar(t, d)), "sha256:abc")
+			if name == "good" || name == "empty" {
+				if err != nil {
+					t.Fatal(err)
+				}
+				if got := tr.Lookup("d").Inode().Xattrs["system.posix_acl_default"]; got != value {
+					t.Errorf("ACL %q, want %q", got, value)
+				}
+				return
+			}
+			var ee *EntryError
+			if !errors.As(err, &ee) || ee.Layer != "sha256:abc" || ee.Entry != "d" || !strings.Contains(err.Error(), "ACL") {
+				t.Fatalf("err = %v, want an entry error naming the ACL", err)
+			}
+		})
+	}
+}

@@ -100,7 +100,10 @@ func openTar(in *bufio.Reader, mediaType string) (io.ReadCloser, error) {
 		}
 		return zr, nil
 	case Zstd:
-		zr, err := zstd.NewReader(in, zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true))
+		// The window a frame declares is allocated up front: cap it where
+		// the zstd tool does by default (128 MiB), not at the library's
+		// 512 MiB, which a 30-byte blob could ask for.
+		zr, err := zstd.NewReader(in, zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true), zstd.WithDecoderMaxWindow(maxZstdWindow))
 		if err != nil {
 			return nil, fmt.Errorf("zstd: %w", err)
 		}

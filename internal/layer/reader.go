@@ -12,6 +12,7 @@ import (
 	"io"
 	"sync"
 
+	"github.com/klauspost/compress/zstd"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 )
@@ -66,6 +67,9 @@ func (e *Error) Unwrap() error { return e.Err }
 var ErrDigestMismatch = errors.New("digest mismatch")
 
 const chunkSize = 1 << 20
+
+// maxZstdWindow is the largest zstd window kiln decodes.
+const maxZstdWindow = 128 << 20
 
 // Reader is the uncompressed tar stream of a layer.
 type Reader struct {
@@ -165,6 +169,9 @@ func (r *Reader) pump(blob io.Reader) error {
 		if err != nil {
 			if err == io.ErrUnexpectedEOF {
 				err = errors.New("unexpected end of data: the blob is truncated or corrupt")
+			}
+			if errors.Is(err, zstd.ErrWindowSizeExceeded) {
+				err = fmt.Errorf("zstd %w: kiln decodes windows of up to %d MiB", err, maxZstdWindow>>20)
 			}
 			return fmt.Errorf("decompressing: %w", err)
 		}

@@ -15,7 +15,7 @@ import (
 
 var payload = bytes.Repeat([]byte("kiln layer payload "), 200000) // ~3.8 MiB, several chunks
 
-func gz(t *testing.T, b []byte) []byte {
+func gz(t testing.TB, b []byte) []byte {
 	var buf bytes.Buffer
 	w := gzip.NewWriter(&buf)
 	w.Write(b)
@@ -23,7 +23,7 @@ func gz(t *testing.T, b []byte) []byte {
 	return buf.Bytes()
 }
 
-func zst(t *testing.T, b []byte) []byte {
+func zst(t testing.TB, b []byte) []byte {
 	var buf bytes.Buffer
 	w, _ := zstd.NewWriter(&buf)
 	w.Write(b)
