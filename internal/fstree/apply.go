@@ -17,6 +17,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/kilnfs/kiln/internal/chunk"
 	"github.com/kilnfs/kiln/internal/seqwrite"
 )
 
@@ -133,7 +134,7 @@ func Check(ctx context.Context, r io.Reader, layer string, limits Limits) error 
 			if err := ctx.Err(); err != nil {
 				return err
 			}
-			if _, err := fill(r, buf); err == io.EOF {
+			if _, err := chunk.Fill(r, buf); err == io.EOF {
 				return nil
 			} else if err != nil {
 				return err
@@ -724,7 +725,7 @@ func (a *applier) writeFile(path string, in *Inode, r io.Reader, inPlace bool) (
 			return err
 		}
 		before := a.meter.layer
-		n, rerr := fill(r, a.buf)
+		n, rerr := chunk.Fill(r, a.buf)
 		// Nothing read from the layer: the whole chunk is a hole of a
 		// sparse entry, zeros that need no looking at.
 		hole := a.meter.layer == before
@@ -852,19 +853,6 @@ func blocks(runs []Run) int64 {
 		n += (r.Length + blockSize - 1) / blockSize
 	}
 	return n
-}
-
-// fill reads until buf is full (nil error) or the stream ends (io.EOF).
-func fill(r io.Reader, buf []byte) (int, error) {
-	n := 0
-	for n < len(buf) {
-		m, err := r.Read(buf[n:])
-		n += m
-		if err != nil {
-			return n, err
-		}
-	}
-	return n, nil
 }
 
 // stageDir creates a directory node in the staging directory, if any.

@@ -13,6 +13,8 @@ import (
 	"sync"
 
 	"github.com/klauspost/compress/zstd"
+
+	"github.com/kilnfs/kiln/internal/chunk"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 )
@@ -155,7 +157,7 @@ func (r *Reader) pump(blob io.Reader) error {
 		default:
 			buf = make([]byte, chunkSize)
 		}
-		n, err := fillChunk(src, buf)
+		n, err := chunk.Fill(src, buf)
 		if n > 0 {
 			select {
 			case r.chunks <- buf[:n]:
@@ -187,20 +189,6 @@ func (r *Reader) pump(blob io.Reader) error {
 		return fmt.Errorf("%w: blob digest is %s", ErrDigestMismatch, got)
 	}
 	return nil
-}
-
-// fillChunk reads until buf is full (nil error) or the stream ends
-// (io.EOF); a decompressor reports truncation as io.ErrUnexpectedEOF.
-func fillChunk(r io.Reader, buf []byte) (int, error) {
-	n := 0
-	for n < len(buf) {
-		m, err := r.Read(buf[n:])
-		n += m
-		if err != nil {
-			return n, err
-		}
-	}
-	return n, nil
 }
 
 // Read implements io.Reader.
@@ -297,7 +285,7 @@ func newReadAhead(r io.Reader, d digest.Digest) *readAhead {
 		defer close(a.chunks)
 		for {
 			buf := make([]byte, 256<<10)
-			n, err := fillChunk(r, buf)
+			n, err := chunk.Fill(r, buf)
 			if n > 0 {
 				if a.hash != nil {
 					a.hash.Write(buf[:n])

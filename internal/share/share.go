@@ -37,6 +37,7 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/kilnfs/kiln/internal/build"
+	"github.com/kilnfs/kiln/internal/chunk"
 	"github.com/kilnfs/kiln/internal/image"
 	"github.com/kilnfs/kiln/internal/verity"
 )
@@ -365,7 +366,7 @@ func expand(ctx context.Context, r io.Reader, out string, size int64) (digest.Di
 		if err := ctx.Err(); err != nil {
 			return "", err
 		}
-		n, rerr := fill(dec, buf)
+		n, rerr := chunk.Fill(dec, buf)
 		if off+int64(n) > size {
 			return "", fmt.Errorf("the image is longer than the %d bytes the artifact says", size)
 		}
@@ -400,20 +401,6 @@ func expand(ctx context.Context, r io.Reader, out string, size int64) (digest.Di
 		return "", &localError{err}
 	}
 	return digestOf(h), nil
-}
-
-// fill reads until buf is full (nil error) or the stream ends cleanly
-// (io.EOF); a stream cut short is an error, not an end.
-func fill(r io.Reader, buf []byte) (int, error) {
-	n := 0
-	for n < len(buf) {
-		m, err := r.Read(buf[n:])
-		n += m
-		if err != nil {
-			return n, err
-		}
-	}
-	return n, nil
 }
 
 // exactReader passes exactly left bytes of r: the blob the manifest
