@@ -13,10 +13,10 @@ import (
 	"sync"
 
 	"github.com/klauspost/compress/zstd"
-
-	"github.com/kilnfs/kiln/internal/chunk"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/kilnfs/kiln/internal/chunk"
 )
 
 // Docker's layer media types, which OCI image-spec does not define.
