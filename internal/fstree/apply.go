@@ -548,7 +548,8 @@ func (a *applier) follow(link *Node, clamp, create bool, hops *int) (*Node, erro
 	}
 	key := linkKey{link, clamp}
 	start := *hops
-	if r, ok := t.links[key]; ok {
+	r, known := t.links[key]
+	if known {
 		*hops += r.hops
 	} else {
 		*hops++
@@ -556,7 +557,7 @@ func (a *applier) follow(link *Node, clamp, create bool, hops *int) (*Node, erro
 	if *hops > maxSymlinks {
 		return nil, fmt.Errorf("too many levels of symlinks at %q", link.Path())
 	}
-	if r, ok := t.links[key]; ok {
+	if known {
 		return r.dir, nil
 	}
 	target := link.inode.Target

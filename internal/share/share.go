@@ -34,6 +34,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/types"
 	"github.com/klauspost/compress/zstd"
 	"github.com/opencontainers/go-digest"
+	"github.com/opencontainers/image-spec/specs-go"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/kilnfs/kiln/internal/build"
@@ -122,7 +123,7 @@ func Publish(ctx context.Context, t image.Target, manifest digest.Digest, rootfs
 		ann[AnnotationRootHash] = info.RootHash
 	}
 	m := ocispec.Manifest{
-		Versioned:    specsVersioned,
+		Versioned:    specs.Versioned{SchemaVersion: 2},
 		MediaType:    ocispec.MediaTypeImageManifest,
 		ArtifactType: ArtifactType,
 		Config:       ocispec.DescriptorEmptyJSON,
@@ -319,8 +320,7 @@ func compress(ctx context.Context, rootfs, path string) (*compressed, error) {
 		}
 	}()
 	zh := sha256.New()
-	counter := &countWriter{w: io.MultiWriter(f, zh)}
-	enc, err := zstd.NewWriter(counter, zstd.WithEncoderLevel(zstd.SpeedDefault))
+	enc, err := zstd.NewWriter(io.MultiWriter(f, zh), zstd.WithEncoderLevel(zstd.SpeedDefault))
 	if err != nil {
 		return nil, err
 	}
@@ -333,10 +333,14 @@ func compress(ctx context.Context, rootfs, path string) (*compressed, error) {
 	if err := enc.Close(); err != nil {
 		return nil, fmt.Errorf("compressing %s: %w", rootfs, err)
 	}
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
 	if err := f.Close(); err != nil {
 		return nil, err
 	}
-	c.digest, c.size = digestOf(zh), counter.n
+	c.digest, c.size = digestOf(zh), fi.Size()
 	c.imageDigest, c.imageSize = digestOf(ih), n
 	ok = true
 	return c, nil
@@ -438,26 +442,11 @@ func (e *exactReader) Read(p []byte) (int, error) {
 
 func digestOf(h hash.Hash) digest.Digest { return digest.NewDigest(digest.SHA256, h) }
 
-var specsVersioned = ocispec.Manifest{}.Versioned
-
-func init() { specsVersioned.SchemaVersion = 2 }
-
 // rawManifest is a manifest to put as it is.
 type rawManifest []byte
 
 func (m rawManifest) RawManifest() ([]byte, error)        { return m, nil }
 func (m rawManifest) MediaType() (types.MediaType, error) { return types.OCIManifestSchema1, nil }
-
-type countWriter struct {
-	w io.Writer
-	n int64
-}
-
-func (c *countWriter) Write(p []byte) (int, error) {
-	n, err := c.w.Write(p)
-	c.n += int64(n)
-	return n, err
-}
 
 type ctxReader struct {
 	ctx context.Context
