@@ -35,20 +35,35 @@ func Private(dir string) error {
 			return fmt.Errorf("%s is a symlink owned by uid %d, not by uid %d that kiln runs as: refusing to use it", dir, owner, uid)
 		}
 	}
-	fi, err := os.Stat(dir)
-	if err != nil {
+	problem, err := Unsafe(dir, 0o022, true)
+	if err != nil || problem == "" {
 		return err
 	}
-	if !fi.IsDir() {
-		return fmt.Errorf("%s is not a directory", dir)
+	return fmt.Errorf("%s %s: refusing to use it", dir, problem)
+}
+
+// Unsafe says what makes dir, which must exist, unsafe to keep kiln's
+// files in, "" if nothing: it is not a directory, a user its mode bits
+// others name (0o002: every user; 0o022: the group too) may write to it,
+// or, when owned is set, the user kiln runs as does not own it.
+func Unsafe(dir string, others os.FileMode, owned bool) (string, error) {
+	fi, err := os.Stat(dir)
+	if err != nil {
+		return "", err
 	}
-	if owner := fi.Sys().(*syscall.Stat_t).Uid; int(owner) != uid {
-		return fmt.Errorf("%s is owned by uid %d, not by uid %d that kiln runs as: refusing to use it", dir, owner, uid)
+	st := fi.Sys().(*syscall.Stat_t)
+	mode := os.FileMode(st.Mode) & 0o7777
+	switch euid := os.Geteuid(); {
+	case !fi.IsDir():
+		return "is not a directory", nil
+	case mode&others&0o020 != 0:
+		return fmt.Sprintf("is writable by group or others (mode %04o)", mode), nil
+	case mode&others != 0:
+		return fmt.Sprintf("is world-writable (mode %04o)", mode), nil
+	case owned && int(st.Uid) != euid:
+		return fmt.Sprintf("is owned by uid %d, not by the user kiln runs as (uid %d)", st.Uid, euid), nil
 	}
-	if perm := fi.Mode().Perm(); perm&0o022 != 0 {
-		return fmt.Errorf("%s is writable by group or others (mode %04o): refusing to use it (chmod go-w it)", dir, perm)
-	}
-	return nil
+	return "", nil
 }
 
 // Dir is a scratch directory held by a lock.

@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/kilnfs/kiln/internal/workdir"
 )
 
 // lockFile, in the root, is held (flock) by the kiln serving that root and
@@ -67,20 +69,11 @@ func ensureDir(what, dir string, perm os.FileMode, owned bool, advice string) er
 	if err := os.MkdirAll(dir, perm); err != nil {
 		return fmt.Errorf("%s: %w", what, err)
 	}
-	fi, err := os.Stat(dir)
+	problem, err := workdir.Unsafe(dir, 0o002, owned)
 	if err != nil {
 		return fmt.Errorf("%s: %w", what, err)
 	}
-	st := fi.Sys().(*syscall.Stat_t)
-	var problem string
-	switch euid := os.Geteuid(); {
-	case !fi.IsDir():
-		problem = "is not a directory"
-	case st.Mode&0o002 != 0:
-		problem = fmt.Sprintf("is world-writable (mode %04o)", st.Mode&0o7777)
-	case owned && int(st.Uid) != euid:
-		problem = fmt.Sprintf("is owned by uid %d, not by the user kiln runs as (uid %d)", st.Uid, euid)
-	default:
+	if problem == "" {
 		return nil
 	}
 	return fmt.Errorf("%s %s %s: %s", what, dir, problem, advice)
