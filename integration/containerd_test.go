@@ -25,6 +25,7 @@ import (
 	containerd "github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/core/diff"
 	diffproxy "github.com/containerd/containerd/v2/core/diff/proxy"
+	"github.com/containerd/containerd/v2/core/leases"
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/mount/manager"
 	"github.com/containerd/containerd/v2/core/snapshots"
@@ -882,6 +883,22 @@ func ctdMetrics(t *testing.T, e *testcontainerd.Env) string {
 
 // ctdClient connects to containerd for namespace ns; the client is closed
 // when the test ends.
+// ctdCollectGarbage runs containerd's garbage collection now, as a
+// synchronous lease deletion does, rather than when containerd's
+// scheduler gets to it.
+func ctdCollectGarbage(t testing.TB, e *testcontainerd.Env, ns string) {
+	t.Helper()
+	client, ctx := ctdClient(t, e, ns)
+	ls := client.LeasesService()
+	l, err := ls.Create(ctx, leases.WithRandomID())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ls.Delete(ctx, l, leases.SynchronousDelete); err != nil {
+		t.Fatal(err)
+	}
+}
+
 func ctdClient(t testing.TB, e *testcontainerd.Env, ns string) (*containerd.Client, context.Context) {
 	t.Helper()
 	client, err := containerd.New(e.Address, containerd.WithDefaultNamespace(ns))
@@ -1147,6 +1164,7 @@ func TestContainerdBadInput(t *testing.T) {
 			// The good first layer was committed, but no image holds
 			// it: containerd's garbage collection removes it too.
 			ctdEventually(t, "snapshots of the failed pull", func() []string {
+				ctdCollectGarbage(t, e, ns) // now, not on containerd's schedule
 				ls, _ := e.Ctr(context.Background(), "-n", ns, "snapshots", "--snapshotter", "kiln", "ls")
 				if lines := strings.Split(strings.TrimSpace(ls), "\n"); len(lines) > 1 {
 					return lines[1:]

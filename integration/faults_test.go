@@ -15,7 +15,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/containerd/containerd/v2/core/leases"
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/core/snapshots/storage"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
@@ -155,13 +154,7 @@ func (r *faultRig) collectGarbage(t *testing.T) {
 	if err := sn.Remove(ctx, "faults-gc-probe"); err != nil {
 		t.Fatal(err)
 	}
-	l, err := ls.Create(ctx, leases.WithRandomID())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := ls.Delete(ctx, l, leases.SynchronousDelete); err != nil {
-		t.Fatal(err)
-	}
+	ctdCollectGarbage(t, r.e, faultNS)
 }
 
 // fsckDisks checks every disk kiln serves with e2fsck -fn: images'
