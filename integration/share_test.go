@@ -19,6 +19,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/static"
 	"github.com/google/go-containerregistry/pkg/v1/types"
+	"github.com/klauspost/compress/zstd"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"golang.org/x/crypto/bcrypt"
@@ -195,6 +196,29 @@ func TestPublishedRootfs(t *testing.T) {
 				}
 				t.Logf("%s: %s", what, strings.TrimSpace(res.stderr))
 			}
+
+			// A verity image changed and digested again: the blob and the
+			// image digest agree with it, its dm-verity tree does not.
+			vref := push("tampered-verity")
+			if res := kiln(t, run{args: []string{"push", vref, "--verity", "--cache-dir", filepath.Join(dir, "cache-a")}, env: env}); res.err != nil {
+				t.Fatalf("kiln push --verity: %v\n%s", res.err, res.stderr)
+			}
+			replaceArtifact(t, vref, auth, func(m *ocispec.Manifest, blob []byte) []byte {
+				image := zstdDecode(t, blob)
+				image[5*4096+7] ^= 1 // a data block, under the tree
+				m.Annotations[share.AnnotationImageDigest] = digest.FromBytes(image).String()
+				return zstdEncode(t, image)
+			})
+			out := filepath.Join(dir, "tampered-verity.ext4")
+			res = kiln(t, run{args: convertArgs(vref, out, filepath.Join(dir, "cache-tampered-verity"), "--verity", "--use-published", "--log-level", "warn"), env: env})
+			if res.err != nil {
+				t.Fatalf("kiln convert --verity: %v\n%s", res.err, res.stderr)
+			}
+			if s := parseSummary(t, res); s.Fetched {
+				t.Errorf("a verity rootfs whose data its tree does not cover was used")
+			} else if !strings.Contains(res.stderr, "dm-verity") {
+				t.Errorf("kiln did not say the dm-verity check failed:\n%s", res.stderr)
+			}
 		})
 	}
 }
@@ -365,3 +389,27 @@ func shareDockerConfig(t *testing.T, host string) string {
 func staticBlob(b []byte) v1.Layer { return static.NewLayer(b, share.BlobMediaType) }
 
 func staticDigest(b []byte) digest.Digest { return digest.FromBytes(b) }
+
+func zstdDecode(t *testing.T, b []byte) []byte {
+	t.Helper()
+	d, err := zstd.NewReader(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	out, err := d.DecodeAll(b, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+func zstdEncode(t *testing.T, b []byte) []byte {
+	t.Helper()
+	e, err := zstd.NewWriter(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	return e.EncodeAll(b, nil)
+}

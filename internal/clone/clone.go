@@ -116,20 +116,33 @@ func AtomicThen(src, dst string, perm os.FileMode, finish func(*os.File) error) 
 		return err
 	}
 	defer in.Close()
+	return Write(dst, perm, func(out *os.File) error {
+		if err := Into(out, in); err != nil {
+			return err
+		}
+		if finish != nil {
+			return finish(out)
+		}
+		return nil
+	})
+}
+
+// Write creates dst as fill writes it, so that dst is never seen
+// half-written: fill gets an empty file in dst's directory, open for
+// reading and writing, which is given dst's name (replacing any file
+// there) only if fill succeeds. The file is unnamed while fill runs
+// (O_TMPFILE) where the filesystem allows, so a killed kiln leaves
+// nothing behind.
+func Write(dst string, perm os.FileMode, fill func(*os.File) error) error {
 	dir := filepath.Dir(dst)
 	fd, err := unix.Open(dir, unix.O_TMPFILE|unix.O_RDWR|unix.O_CLOEXEC, 0o600)
 	if err != nil {
-		return atomicNamed(in, dst, perm, finish)
+		return writeNamed(dst, perm, fill)
 	}
 	out := os.NewFile(uintptr(fd), dst)
 	defer out.Close()
-	if err := Into(out, in); err != nil {
+	if err := fill(out); err != nil {
 		return err
-	}
-	if finish != nil {
-		if err := finish(out); err != nil {
-			return err
-		}
 	}
 	if err := out.Chmod(perm); err != nil {
 		return err
@@ -146,18 +159,15 @@ func AtomicThen(src, dst string, perm os.FileMode, finish func(*os.File) error) 
 	return nil
 }
 
-// atomicNamed is AtomicThen for filesystems without O_TMPFILE: a named
+// writeNamed is Write for filesystems without O_TMPFILE: a named
 // temporary file, renamed into place.
-func atomicNamed(in *os.File, dst string, perm os.FileMode, finish func(*os.File) error) error {
+func writeNamed(dst string, perm os.FileMode, fill func(*os.File) error) error {
 	name := tempName(dst)
 	tmp, err := os.OpenFile(name, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
 		return err
 	}
-	err = Into(tmp, in)
-	if err == nil && finish != nil {
-		err = finish(tmp)
-	}
+	err = fill(tmp)
 	if err == nil {
 		err = tmp.Chmod(perm)
 	}
@@ -172,6 +182,37 @@ func atomicNamed(in *os.File, dst string, perm os.FileMode, finish func(*os.File
 	}
 	return err
 }
+
+// Reflink makes dst, which must not exist, share src's blocks, and fails
+// with ErrNoReflink where the filesystem cannot (ext4, or src and dst on
+// different filesystems) rather than copy.
+func Reflink(src, dst string, perm os.FileMode) (err error) {
+	in, err := os.Open(src)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_EXCL, perm)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if cerr := out.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			os.Remove(dst)
+		}
+	}()
+	if err := unix.IoctlFileClone(int(out.Fd()), int(in.Fd())); err != nil {
+		return fmt.Errorf("%w: %w", ErrNoReflink, err)
+	}
+	return nil
+}
+
+// ErrNoReflink is wrapped by Reflink when the filesystem cannot share
+// blocks between the two files.
+var ErrNoReflink = errors.New("the filesystem cannot share blocks")
 
 func tempName(dst string) string {
 	var b [6]byte

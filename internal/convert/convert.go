@@ -119,11 +119,36 @@ func Convert(ctx context.Context, src, out string, opts Options) (*Result, error
 	defer hold.Unlock()
 	record := cacheRecord(key, img, res, opts)
 
+	stamp := set.InitPath() != ""
+	// finish completes the output, a copy of the cached image.
+	finish := func(f *os.File) error {
+		if !stamp {
+			return nil
+		}
+		if err := stampConfig(ctx, st, f, img); err != nil {
+			return err
+		}
+		if !opts.Build.Verity {
+			return nil
+		}
+		// The config is this copy's own data: its tree is too.
+		v, err := verity.AppendFile(f, key, false)
+		res.Verity = &v
+		return err
+	}
+
 	cached := st.RootfsPath(key)
 	cleaned := make(chan struct{})
+	written := false // out is complete
 	if !st.HasRootfs(key) && img.Remote && opts.Share.Pull {
 		fetchStart := time.Now()
-		if res.Fetched, err = fetchPublished(ctx, st, img, record, opts); err != nil {
+		if out != "" && !opts.Share.Push {
+			res.Fetched, err = fetchPublishedTo(ctx, st, img, record, out, opts, finish)
+			written = res.Fetched
+		} else {
+			res.Fetched, err = fetchPublished(ctx, st, img, record, opts)
+		}
+		if err != nil {
 			return nil, err
 		}
 		res.Timings.Fetch = time.Since(fetchStart).Milliseconds()
@@ -158,6 +183,7 @@ func Convert(ctx context.Context, src, out string, opts Options) (*Result, error
 		}
 	}
 	if opts.Share.Push {
+		// A published rootfs fetched here is republished as it is.
 		if res.Published, err = publish(ctx, st, img, cached, opts); err != nil {
 			<-cleaned
 			return nil, err
@@ -169,29 +195,16 @@ func Convert(ctx context.Context, src, out string, opts Options) (*Result, error
 		res.Timings.Total = time.Since(start).Milliseconds()
 		return res, nil
 	}
-	copyStart := time.Now()
-	stamp := set.InitPath() != ""
-	err = clone.AtomicThen(cached, out, 0o644, func(f *os.File) error {
-		if !stamp {
-			return nil
+	if !written {
+		copyStart := time.Now()
+		err = clone.AtomicThen(cached, out, 0o644, finish)
+		<-cleaned
+		if err != nil {
+			return nil, fmt.Errorf("writing %s: %w", out, err)
 		}
-		if err := stampConfig(ctx, st, f, img); err != nil {
-			return err
-		}
-		if !opts.Build.Verity {
-			return nil
-		}
-		// The config is this copy's own data: its tree is too.
-		v, err := verity.AppendFile(f, key, false)
-		res.Verity = &v
-		return err
-	})
-	<-cleaned
-	if err != nil {
-		return nil, fmt.Errorf("writing %s: %w", out, err)
+		res.Timings.Copy = time.Since(copyStart).Milliseconds()
 	}
 	rep.Wait()
-	res.Timings.Copy = time.Since(copyStart).Milliseconds()
 	if opts.Build.Verity && !stamp {
 		v, err := verity.Describe(out)
 		if err != nil {

@@ -157,11 +157,12 @@ const maxTries = 3
 // Fetch looks among the referrers of the image manifest in t (the
 // registry itself: a mirror's referrers are not bound to the image it
 // serves) for a published rootfs of the build id, and writes the first
-// that verifies to out, which must not exist. maxSize bounds the image
-// it will write. It reports whether it found one; what it finds and
-// cannot use is logged with the reason and skipped. Errors of this
-// machine (no space, cancellation) end it.
-func Fetch(ctx context.Context, t image.Target, manifest digest.Digest, id build.Identity, out string, maxSize int64) (bool, error) {
+// that verifies into out, an empty file open for reading and writing,
+// as it downloads. maxSize bounds the image it will write. It reports
+// whether it found one; what it finds and cannot use is logged with the
+// reason and skipped, and out is left empty. Errors of this machine (no
+// space, cancellation) end it. out is not synced.
+func Fetch(ctx context.Context, t image.Target, manifest digest.Digest, id build.Identity, out *os.File, maxSize int64) (bool, error) {
 	repo := t.Ref.Context()
 	idx, err := remote.Referrers(repo.Digest(manifest.String()), t.Options...)
 	if err != nil {
@@ -191,7 +192,9 @@ func Fetch(ctx context.Context, t image.Target, manifest digest.Digest, id build
 		if err == nil {
 			return true, nil
 		}
-		os.Remove(out)
+		if terr := out.Truncate(0); terr != nil {
+			return false, terr
+		}
 		var local *localError
 		if ctx.Err() != nil {
 			return false, ctx.Err()
@@ -228,7 +231,7 @@ func candidate(d v1.Descriptor, id build.Identity) bool {
 // fetchOne downloads one published rootfs and checks that it is the build
 // id: its manifest (fetched by digest) must say so, its blob must match
 // its digest, and the image its size and digest.
-func fetchOne(ctx context.Context, repo name.Repository, opts []remote.Option, artifact v1.Hash, id build.Identity, out string, maxSize int64) error {
+func fetchOne(ctx context.Context, repo name.Repository, opts []remote.Option, artifact v1.Hash, id build.Identity, out *os.File, maxSize int64) error {
 	desc, err := remote.Get(repo.Digest(artifact.String()), opts...)
 	if err != nil {
 		return err
@@ -280,12 +283,10 @@ func fetchOne(ctx context.Context, repo name.Repository, opts []remote.Option, a
 		return fmt.Errorf("the image's digest is %s, the artifact says %s", got, want)
 	}
 	if id.Verity {
-		info, err := verity.Describe(out)
-		if err != nil {
-			return err
-		}
-		if info.RootHash != m.Annotations[AnnotationRootHash] {
-			return fmt.Errorf("the image's dm-verity root hash is %s, the artifact says %q", info.RootHash, m.Annotations[AnnotationRootHash])
+		// The digest says the image arrived as published; this says its
+		// tree is the one kiln writes and covers its data.
+		if err := verity.Check(out, id.Key, m.Annotations[AnnotationRootHash]); err != nil {
+			return fmt.Errorf("the image against its dm-verity root hash %q: %w", m.Annotations[AnnotationRootHash], err)
 		}
 	}
 	return nil
@@ -346,10 +347,10 @@ func compress(ctx context.Context, rootfs, path string) (*compressed, error) {
 	return c, nil
 }
 
-// expand decompresses a published image into out as it downloads,
+// expand decompresses a published image into f as it downloads,
 // leaving whole zero blocks as holes, and returns its digest; it must be
 // size bytes long.
-func expand(ctx context.Context, r io.Reader, out string, size int64) (digest.Digest, error) {
+func expand(ctx context.Context, r io.Reader, f *os.File, size int64) (digest.Digest, error) {
 	// A small window, as kiln writes them: a frame asking for more is
 	// refused rather than given the memory.
 	dec, err := zstd.NewReader(r, zstd.WithDecoderMaxWindow(32<<20), zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true))
@@ -357,11 +358,6 @@ func expand(ctx context.Context, r io.Reader, out string, size int64) (digest.Di
 		return "", err
 	}
 	defer dec.Close()
-	f, err := os.OpenFile(out, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
-	if err != nil {
-		return "", &localError{err}
-	}
-	defer f.Close()
 	h := sha256.New()
 	buf := make([]byte, 1<<20)
 	var zero [4096]byte
@@ -396,12 +392,6 @@ func expand(ctx context.Context, r io.Reader, out string, size int64) (digest.Di
 		return "", fmt.Errorf("the image is %d bytes, the artifact says %d", off, size)
 	}
 	if err := f.Truncate(size); err != nil {
-		return "", &localError{err}
-	}
-	if err := f.Sync(); err != nil {
-		return "", &localError{err}
-	}
-	if err := f.Close(); err != nil {
 		return "", &localError{err}
 	}
 	return digestOf(h), nil

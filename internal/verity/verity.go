@@ -177,6 +177,36 @@ func Describe(path string) (Info, error) {
 	return info, nil
 }
 
+// Check verifies the whole disk f against rootHash: its hash tree must
+// be the one Append would write for identity (salt, UUID, layout), and
+// every data block must hash up to rootHash. It is for disks kiln did
+// not write itself, such as one downloaded from a registry.
+func Check(f *os.File, identity, rootHash string) error {
+	dataSize, err := filesystemSize(f)
+	if err != nil {
+		return err
+	}
+	got, err := Describe(fmt.Sprintf("/proc/self/fd/%d", f.Fd()))
+	if err != nil {
+		return err
+	}
+	want := layout(dataSize, identity)
+	want.RootHash = rootHash
+	if got != want {
+		return fmt.Errorf("the dm-verity tree is not the one kiln writes for this build: it has %+v, kiln's would have %+v", got, want)
+	}
+	root, err := hex.DecodeString(rootHash)
+	if err != nil {
+		return fmt.Errorf("root hash %q: %w", rootHash, err)
+	}
+	path := fmt.Sprintf("/proc/self/fd/%d", f.Fd())
+	p := want.params()
+	if err := dmverity.Verify(&p, path, path, root); err != nil {
+		return fmt.Errorf("dm-verity: %w", err)
+	}
+	return nil
+}
+
 // layout is everything but the root hash for a filesystem of dataSize
 // bytes and a build's identity.
 func layout(dataSize int64, identity string) Info {
