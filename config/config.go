@@ -51,6 +51,30 @@ type Config struct {
 	Snapshotter Snapshotter `toml:"snapshotter"`
 	Build       Build       `toml:"build"`
 	Limits      Limits      `toml:"limits"`
+	Share       Share       `toml:"share"`
+}
+
+// Share configures the use of finished root filesystems kept beside
+// their images in the registry (kiln push publishes them): a fleet
+// builds each image once. kiln learns which image a layer belongs to
+// from containerd's snapshot labels, which the drop-in kiln
+// containerd-config writes turns on.
+type Share struct {
+	// Pull looks for a published rootfs of the same build before building
+	// an image's disk, and uses it once it verifies; otherwise kiln
+	// builds as before.
+	Pull bool `toml:"pull"`
+	// Push publishes every disk kiln builds for an image's top layer
+	// beside the image, in the background (push access needed).
+	Push bool `toml:"push"`
+	// HostsDir holds containerd's hosts.toml files (mirrors, TLS,
+	// headers); the rootfs is looked up and published on the registry
+	// itself. Credentials are read from the docker config of the user
+	// kiln runs as ($DOCKER_CONFIG, ~/.docker/config.json).
+	HostsDir string `toml:"hosts_dir"`
+	// Insecure lists registries (host[:port]) reached over plain HTTP or
+	// unverified TLS; loopback registries always may be.
+	Insecure []string `toml:"insecure"`
 }
 
 // Limits caps what one image may make kiln do: images are untrusted,
@@ -232,6 +256,7 @@ func Default() Config {
 		// writes it, loads as.
 		Build:  Build{Size: "auto", Writer: "kiln", Inject: []string{}},
 		Limits: DefaultLimits(),
+		Share:  Share{HostsDir: "/etc/containerd/certs.d", Insecure: []string{}},
 	}
 }
 

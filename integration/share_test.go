@@ -24,6 +24,7 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"golang.org/x/crypto/bcrypt"
 
+	"github.com/kilnfs/kiln/integration/testcontainerd"
 	"github.com/kilnfs/kiln/integration/testimage"
 	"github.com/kilnfs/kiln/integration/testregistry"
 	"github.com/kilnfs/kiln/internal/share"
@@ -412,4 +413,88 @@ func zstdEncode(t *testing.T, b []byte) []byte {
 	}
 	defer e.Close()
 	return e.EncodeAll(b, nil)
+}
+
+// TestServeSharedRootfs: kiln serve with [share] push publishes the disk
+// it builds for an image pulled through containerd; another node's kiln
+// serve with [share] pull uses it instead of building, and exports the
+// bytes kiln convert builds; a node whose build options differ builds
+// its own. containerd says which image each layer is for through the
+// snapshot labels the drop-in turns on; kiln reaches the registry with
+// the docker config of its own environment.
+func TestServeSharedRootfs(t *testing.T) {
+	reg := ggcrRegistry(t, true)
+	env := []string{"DOCKER_CONFIG=" + shareDockerConfig(t, reg.host)}
+	auth := remote.WithAuth(&authn.Basic{Username: shareUser, Password: sharePassword})
+	img := mustBuild(t, testimage.Image{Layers: []testimage.Layer{
+		{Tar: layerTar(t, tDir("etc", 0o755, t1), tFile("etc/hostname", 0o644, t1, "node\n"), tFile("big", 0o644, t1, strings.Repeat("kiln", 200000)))},
+		{Tar: layerTar(t, tFile("etc/motd", 0o644, t2, "served once\n"))},
+	}})
+	ref := reg.host + "/served:v1"
+	r, err := name.ParseReference(ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := remote.Write(r, img, auth); err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	local := filepath.Join(dir, "local.ext4")
+	if res := kiln(t, run{args: convertArgs(ref, local, filepath.Join(dir, "cache"), "--use-published=false"), env: map[string]string{"DOCKER_CONFIG": strings.TrimPrefix(env[0], "DOCKER_CONFIG=")}}); res.err != nil {
+		t.Fatalf("kiln convert: %v\n%s", res.err, res.stderr)
+	}
+	want := fileSHA(t, local)
+
+	node := func(config string) *testcontainerd.Env {
+		return startContainerd(t, testcontainerd.Options{Metrics: true, Config: config, KilnEnv: env})
+	}
+	pull := func(e *testcontainerd.Env) {
+		ctr(t, e, "-n", "fleet", "image", "pull", "--snapshotter", "kiln", "--user", shareUser+":"+sharePassword, ref)
+	}
+	shared := func(e *testcontainerd.Env, result string) string {
+		for _, l := range strings.Split(ctdMetrics(t, e), "\n") {
+			if v, ok := strings.CutPrefix(l, `kiln_shared_rootfs_total{result="`+result+`"} `); ok {
+				return v
+			}
+		}
+		return "missing"
+	}
+	wantShared := func(e *testcontainerd.Env, what string, counts map[string]string) {
+		t.Helper()
+		ctdEventually(t, what, func() []string {
+			var bad []string
+			for r, n := range counts {
+				if got := shared(e, r); got != n {
+					bad = append(bad, fmt.Sprintf("kiln_shared_rootfs_total{result=%q} is %s, want %s", r, got, n))
+				}
+			}
+			return bad
+		})
+	}
+
+	// Node a builds the disk (eagerly, at the pull) and publishes it.
+	a := node("[share]\npush = true\n")
+	pull(a)
+	wantShared(a, "node a publishes its disk", map[string]string{"published": "1", "publish_failed": "0", "fetched": "0"})
+
+	// Node b fetches it: the same bytes as a local build.
+	b := node("[share]\npull = true\n")
+	pull(b)
+	out := filepath.Join(dir, "b.ext4")
+	ctdExport(t, b, "fleet", ref, out)
+	if got := fileSHA(t, out); got != want {
+		t.Errorf("node b's disk is %s, kiln convert builds %s", got, want)
+	}
+	wantShared(b, "node b uses the published disk", map[string]string{"fetched": "1", "built": "0", "published": "0"})
+	if !strings.Contains(b.KilnLogs(), "using the published rootfs") {
+		t.Errorf("node b's kiln did not log that it used the published rootfs")
+	}
+
+	// Node c builds with another size: the published disk is not its
+	// build, and it builds its own.
+	c := node("[build]\nsize = \"64M\"\n\n[share]\npull = true\n")
+	pull(c)
+	ctdExport(t, c, "fleet", ref, filepath.Join(dir, "c.ext4"))
+	wantShared(c, "node c builds its own disk", map[string]string{"fetched": "0", "built": "1"})
+	fsck(t, filepath.Join(dir, "c.ext4"))
 }

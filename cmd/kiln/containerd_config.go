@@ -43,6 +43,8 @@ version = 3
   address = {{toml .Address}}
   [proxy_plugins.{{.Snapshotter}}.exports]
     root = {{toml .Root}}
+    # Tell kiln which image each layer is pulled for ([share] in kiln's config).
+    enable_remote_snapshot_annotations = "true"
 
 [proxy_plugins.{{.Differ}}]
   type = "diff"

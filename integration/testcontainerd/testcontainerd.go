@@ -134,6 +134,12 @@ type Options struct {
 	// (runc, snapshotter kiln) and SandboxImage as the pod sandbox image.
 	CRI          bool
 	SandboxImage string
+	// Config is more TOML for kiln's configuration, after the rest
+	// (tables only, such as "[share]\npull = true\n").
+	Config string
+	// KilnEnv adds variables to kiln serve's environment
+	// ("DOCKER_CONFIG=...").
+	KilnEnv []string
 }
 
 // Env is a running containerd and kiln serve.
@@ -231,6 +237,9 @@ func Start(opts Options) (_ *Env, err error) {
 	}
 	if opts.Writer != "" {
 		kcfg += fmt.Sprintf("writer = %q\n", opts.Writer)
+	}
+	if opts.Config != "" {
+		kcfg += "\n" + opts.Config
 	}
 	if err := os.WriteFile(e.KilnConfig, []byte(kcfg), 0o600); err != nil {
 		return nil, err
@@ -391,7 +400,7 @@ func (e *Env) StartContainerd() error {
 	e.ctdRuns++
 	logf := filepath.Join(e.Dir, fmt.Sprintf("containerd.%d.log", e.ctdRuns))
 	e.mu.Unlock()
-	p, err := startProc(filepath.Join(e.binDir, "containerd"), logf, e.path(), "--config", filepath.Join(e.Dir, "containerd.toml"))
+	p, err := startProc(filepath.Join(e.binDir, "containerd"), logf, e.path(), nil, "--config", filepath.Join(e.Dir, "containerd.toml"))
 	if err != nil {
 		return err
 	}
@@ -453,7 +462,7 @@ func (e *Env) StartKiln() error {
 	e.kilnRuns++
 	logf := filepath.Join(e.Dir, fmt.Sprintf("kiln.%d.log", e.kilnRuns))
 	e.mu.Unlock()
-	p, err := startProc(e.opts.Kiln, logf, os.Getenv("PATH"), "serve", "--config", e.KilnConfig, "--log-level", "debug")
+	p, err := startProc(e.opts.Kiln, logf, os.Getenv("PATH"), e.opts.KilnEnv, "serve", "--config", e.KilnConfig, "--log-level", "debug")
 	if err != nil {
 		return err
 	}
@@ -637,14 +646,14 @@ func (e *Env) stop(p *proc, sig syscall.Signal, timeout time.Duration) error {
 	return p.err
 }
 
-func startProc(bin, logFile, path string, args ...string) (*proc, error) {
+func startProc(bin, logFile, path string, env []string, args ...string) (*proc, error) {
 	f, err := os.Create(logFile)
 	if err != nil {
 		return nil, err
 	}
 	cmd := exec.Command(bin, args...)
 	cmd.Stdout, cmd.Stderr = f, f
-	cmd.Env = append(environ("NOTIFY_SOCKET", "PATH"), "PATH="+path)
+	cmd.Env = append(append(environ("NOTIFY_SOCKET", "PATH"), "PATH="+path), env...)
 	// Its own process group: signals to the test do not reach it, and
 	// everything it started can be killed with it.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}

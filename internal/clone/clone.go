@@ -15,7 +15,11 @@ import (
 )
 
 // File copies src to dst, which must not exist.
-func File(src, dst string, perm os.FileMode) (err error) {
+func File(src, dst string, perm os.FileMode) error { return create(src, dst, perm, Into) }
+
+// create makes dst, which must not exist, with copy from src; a failed
+// copy leaves no dst.
+func create(src, dst string, perm os.FileMode, copy func(out, in *os.File) error) (err error) {
 	in, err := os.Open(src)
 	if err != nil {
 		return err
@@ -33,7 +37,7 @@ func File(src, dst string, perm os.FileMode) (err error) {
 			os.Remove(dst)
 		}
 	}()
-	return Into(out, in)
+	return copy(out, in)
 }
 
 // Into copies all of in into the empty file out.
@@ -186,28 +190,13 @@ func writeNamed(dst string, perm os.FileMode, fill func(*os.File) error) error {
 // Reflink makes dst, which must not exist, share src's blocks, and fails
 // with ErrNoReflink where the filesystem cannot (ext4, or src and dst on
 // different filesystems) rather than copy.
-func Reflink(src, dst string, perm os.FileMode) (err error) {
-	in, err := os.Open(src)
-	if err != nil {
-		return err
-	}
-	defer in.Close()
-	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_EXCL, perm)
-	if err != nil {
-		return err
-	}
-	defer func() {
-		if cerr := out.Close(); err == nil {
-			err = cerr
+func Reflink(src, dst string, perm os.FileMode) error {
+	return create(src, dst, perm, func(out, in *os.File) error {
+		if err := unix.IoctlFileClone(int(out.Fd()), int(in.Fd())); err != nil {
+			return fmt.Errorf("%w: %w", ErrNoReflink, err)
 		}
-		if err != nil {
-			os.Remove(dst)
-		}
-	}()
-	if err := unix.IoctlFileClone(int(out.Fd()), int(in.Fd())); err != nil {
-		return fmt.Errorf("%w: %w", ErrNoReflink, err)
-	}
-	return nil
+		return nil
+	})
 }
 
 // ErrNoReflink is wrapped by Reflink when the filesystem cannot share

@@ -2,6 +2,7 @@ package clone
 
 import (
 	"bytes"
+	"errors"
 	"os"
 	"path/filepath"
 	"syscall"
@@ -79,5 +80,34 @@ func TestFileRefusesExisting(t *testing.T) {
 	}
 	if err := File(src, dst, 0o600); err == nil {
 		t.Errorf("File over an existing file should fail")
+	}
+}
+
+// TestReflink: a reflink shares the source's content, or, where the
+// filesystem cannot share blocks, fails saying so and leaves nothing.
+func TestReflink(t *testing.T) {
+	dir := t.TempDir()
+	src, dst := filepath.Join(dir, "src"), filepath.Join(dir, "dst")
+	want := bytes.Repeat([]byte("kiln"), 4096)
+	if err := os.WriteFile(src, want, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	err := Reflink(src, dst, 0o600)
+	if errors.Is(err, ErrNoReflink) {
+		if _, serr := os.Lstat(dst); !errors.Is(serr, os.ErrNotExist) {
+			t.Errorf("a failed reflink left %s (%v)", dst, serr)
+		}
+		t.Logf("no reflink here: %v", err)
+		return
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := os.ReadFile(dst)
+	if err != nil || !bytes.Equal(got, want) {
+		t.Errorf("the reflink holds %d bytes (%v), want the source's %d", len(got), err, len(want))
+	}
+	if err := Reflink(src, dst, 0o600); !errors.Is(err, os.ErrExist) {
+		t.Errorf("a reflink over an existing file: %v, want it refused", err)
 	}
 }

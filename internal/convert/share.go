@@ -8,7 +8,6 @@ import (
 	"path/filepath"
 
 	"github.com/containerd/log"
-	"golang.org/x/sys/unix"
 
 	"github.com/kilnfs/kiln/internal/build"
 	"github.com/kilnfs/kiln/internal/clone"
@@ -45,7 +44,7 @@ func fetchPublished(ctx context.Context, st *store.Store, img *image.Image, reco
 		return false, err
 	}
 	defer f.Close()
-	found, err := share.Fetch(ctx, server, img.Digest, build.IdentityOf(img.ChainID(), opts.Build), f, maxImageSize(opts.Build, wd.Path))
+	found, err := share.Fetch(ctx, server, img.Digest, build.IdentityOf(img.ChainID(), opts.Build), f, share.MaxImageSize(opts.Build, wd.Path))
 	if err != nil {
 		return false, fmt.Errorf("image %s: fetching its published rootfs: %w", img.Name, err)
 	}
@@ -77,7 +76,7 @@ func fetchPublishedTo(ctx context.Context, st *store.Store, img *image.Image, re
 	}
 	id := build.IdentityOf(img.ChainID(), opts.Build)
 	err = clone.Write(out, 0o644, func(f *os.File) error {
-		found, err := share.Fetch(ctx, server, img.Digest, id, f, maxImageSize(opts.Build, filepath.Dir(out)))
+		found, err := share.Fetch(ctx, server, img.Digest, id, f, share.MaxImageSize(opts.Build, filepath.Dir(out)))
 		if err != nil {
 			return fmt.Errorf("image %s: fetching its published rootfs: %w", img.Name, err)
 		}
@@ -123,25 +122,6 @@ func syncFile(path string) error {
 	}
 	defer f.Close()
 	return f.Sync()
-}
-
-// maxImageSize bounds the image a published artifact may make kiln
-// write: what a build with these options could make (the size asked
-// for, or room for the image_bytes limit), and without either no more
-// than the disk under dir has free. An artifact claiming more is not
-// downloaded.
-func maxImageSize(opts build.Options, dir string) int64 {
-	switch {
-	case opts.Size > 0:
-		return opts.Size + opts.Size/64 + 1<<20 // and a verity tree
-	case opts.Limits.ImageBytes > 0:
-		return 2*opts.Limits.ImageBytes + 1<<30
-	}
-	var st unix.Statfs_t
-	if err := unix.Statfs(dir, &st); err != nil {
-		return 0
-	}
-	return int64(st.Bavail) * st.Bsize
 }
 
 // publish puts the cached rootfs beside the image in its registry (the

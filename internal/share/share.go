@@ -36,6 +36,7 @@ import (
 	"github.com/opencontainers/go-digest"
 	"github.com/opencontainers/image-spec/specs-go"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"golang.org/x/sys/unix"
 
 	"github.com/kilnfs/kiln/internal/build"
 	"github.com/kilnfs/kiln/internal/chunk"
@@ -148,6 +149,25 @@ func Publish(ctx context.Context, t image.Target, manifest digest.Digest, rootfs
 	}
 	log.G(ctx).WithFields(log.Fields{"repository": repo.String(), "artifact": h.String(), "key": id.Key}).Info("published the rootfs")
 	return h, nil
+}
+
+// MaxImageSize bounds the image a published artifact may make kiln
+// write: what a build with these options could make (the size asked
+// for, or room for the image_bytes limit), and without either no more
+// than the disk under dir has free. An artifact claiming more is not
+// downloaded.
+func MaxImageSize(opts build.Options, dir string) int64 {
+	switch {
+	case opts.Size > 0:
+		return opts.Size + opts.Size/64 + 1<<20 // and a verity tree
+	case opts.Limits.ImageBytes > 0:
+		return 2*opts.Limits.ImageBytes + 1<<30
+	}
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		return 0
+	}
+	return int64(st.Bavail) * st.Bsize
 }
 
 // maxTries bounds the artifacts Fetch downloads for one image: a

@@ -24,6 +24,7 @@ type metrics struct {
 	buildErrors  prometheus.Counter
 	buildWait    *prometheus.HistogramVec
 	rpcSeconds   *prometheus.HistogramVec
+	shared       *prometheus.CounterVec
 }
 
 func newMetrics() *metrics {
@@ -55,9 +56,17 @@ func newMetrics() *metrics {
 			Namespace: "kiln", Name: "grpc_request_seconds", Help: "Time to answer a containerd request, by method and status code.",
 			Buckets: prometheus.ExponentialBuckets(0.0005, 4, 10),
 		}, []string{"method", "code"}),
+		shared: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "kiln", Name: "shared_rootfs_total",
+			Help: "Disks of an image's top layer with [share] on, by result: fetched (a published rootfs was used), " +
+				"built (none was found or verified), published, publish_failed.",
+		}, []string{"result"}),
+	}
+	for _, r := range snapshotter.ShareResults {
+		m.shared.WithLabelValues(r) // listed at 0 from the start
 	}
 	m.registry.MustRegister(m.applySeconds, m.applyBytes, m.applyErrors, m.buildSeconds, m.buildErrors,
-		m.buildWait, m.rpcSeconds,
+		m.buildWait, m.rpcSeconds, m.shared,
 		prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
 	return m
 }
@@ -86,6 +95,8 @@ func (m *metrics) observeBuild(d time.Duration, err error) {
 	}
 	m.buildSeconds.Observe(d.Seconds())
 }
+
+func (m *metrics) observeShare(result string) { m.shared.WithLabelValues(result).Inc() }
 
 func (m *metrics) observeBuildWait(urgent bool, d time.Duration) {
 	class := "eager"

@@ -36,7 +36,9 @@ import (
 	"github.com/kilnfs/kiln/internal/build"
 	"github.com/kilnfs/kiln/internal/fstree"
 	"github.com/kilnfs/kiln/internal/guest"
+	"github.com/kilnfs/kiln/internal/image"
 	"github.com/kilnfs/kiln/internal/inject"
+	"github.com/kilnfs/kiln/internal/version"
 	"github.com/kilnfs/kiln/plugin/differ"
 	"github.com/kilnfs/kiln/plugin/snapshotter"
 )
@@ -142,6 +144,11 @@ func New(ctx context.Context, cfg config.Config) (_ *Service, err error) {
 		Images:           newContainerdImages(imagesapi.NewImagesClient(conn), namespacesapi.NewNamespacesClient(conn), cs),
 		ObserveBuild:     m.observeBuild,
 		ObserveBuildWait: m.observeBuildWait,
+		Share: snapshotter.Share{
+			Pull: cfg.Share.Pull, Push: cfg.Share.Push,
+			Image: image.Options{HostsDir: cfg.Share.HostsDir, Insecure: cfg.Share.Insecure, UserAgent: version.UserAgent()},
+		},
+		ObserveShare: m.observeShare,
 	})
 	if err != nil {
 		conn.Close()

@@ -30,6 +30,9 @@ type chainLayers struct {
 	// when every layer's diffID is known, so both give the same bytes;
 	// one made from the snapshot IDs otherwise.
 	chainID digest.Digest
+	// image is the image whose top layer the snapshot is, when
+	// containerd said so and chainID is the image's (see sourceOf).
+	image imageSource
 }
 
 // chainReader reads chains from the metadata store and the snapshot
@@ -42,9 +45,12 @@ type chainReader struct {
 func (c chainReader) dir(id string) string { return filepath.Join(c.root, snapshotsDir, id) }
 
 // ids returns the ids of a committed snapshot and its ancestors, the
-// snapshot first.
-func (c chainReader) ids(ctx context.Context, id string) ([]string, error) {
-	var chain []string
+// snapshot first, and the snapshot's labels.
+func (c chainReader) ids(ctx context.Context, id string) ([]string, map[string]string, error) {
+	var (
+		chain  []string
+		labels map[string]string
+	)
 	err := c.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
 		ids, err := storage.IDMap(ctx)
 		if err != nil {
@@ -60,16 +66,19 @@ func (c chainReader) ids(ctx context.Context, id string) ([]string, error) {
 			if err != nil {
 				return err
 			}
+			if chain == nil {
+				labels = info.Labels
+			}
 			chain = append(chain, sid)
 			key = info.Parent
 		}
 		return nil
 	})
-	return chain, err
+	return chain, labels, err
 }
 
 func (c chainReader) chainLayers(ctx context.Context, id string) (chainLayers, error) {
-	chain, err := c.ids(ctx, id)
+	chain, labels, err := c.ids(ctx, id)
 	if err != nil {
 		return chainLayers{}, err
 	}
@@ -131,7 +140,8 @@ func (c chainReader) chainLayers(ctx context.Context, id string) (chainLayers, e
 		}
 	}
 	if byID {
-		return chainLayers{layers: layers, chainID: identity.ChainID(diffIDs)}, nil
+		src, _ := sourceOf(labels)
+		return chainLayers{layers: layers, chainID: identity.ChainID(diffIDs), image: src}, nil
 	}
 	return chainLayers{layers: layers, chainID: digest.FromString("kiln-snapshots:" + strings.Join(ids, ","))}, nil
 }

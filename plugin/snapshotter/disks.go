@@ -36,6 +36,11 @@ type diskBuilder struct {
 	queue  *buildQueue
 	// observe, if set, is told how each build went.
 	observe func(d time.Duration, err error)
+	// share says whether disks are fetched from and published to
+	// registries; onShare, if set, is told what happened (ShareResults).
+	share      Share
+	onShare    func(result string)
+	publishing chan struct{} // one publish at a time
 
 	ctx  context.Context // ends with close
 	stop context.CancelFunc
@@ -65,7 +70,8 @@ func newDiskBuilder(root string, chains chainSource, staged *stagedTrees, opts b
 	ctx, stop := context.WithCancel(context.Background())
 	return &diskBuilder{
 		root: root, chains: chains, staged: staged, opts: opts, inject: set, queue: queue, observe: observe,
-		ctx: ctx, stop: stop, flights: map[string]*flight{}, pins: map[string]int{},
+		publishing: make(chan struct{}, 1),
+		ctx:        ctx, stop: stop, flights: map[string]*flight{}, pins: map[string]int{},
 	}
 }
 
@@ -236,13 +242,19 @@ func (b *diskBuilder) build(ctx context.Context, id string) (string, error) {
 	defer wd.Release()
 	req := build.Request{ChainID: chain.chainID, Layers: chain.layers, Out: filepath.Join(wd.Path, diskFile), WorkDir: wd.Path, Options: opts}
 	out := req.Out
-	res, staged, err := b.staged.build(ctx, id, req)
-	if !staged {
-		log.G(ctx).WithFields(log.Fields{"snapshot": id, "layers": len(chain.layers)}).Debug("building disk")
-		res, err = build.Rootfs(ctx, req, nil)
-	}
-	if err != nil {
-		return "", fmt.Errorf("building the disk of snapshot %s (chain %s) in %s: %w", id, chain.chainID, wd.Path, err)
+	shared := chain.image.known() && (b.share.Pull || b.share.Push)
+	fetched := shared && b.share.Pull && b.fetchPublished(ctx, chain, opts, out)
+	var res build.Result
+	if !fetched {
+		var staged bool
+		res, staged, err = b.staged.build(ctx, id, req)
+		if !staged {
+			log.G(ctx).WithFields(log.Fields{"snapshot": id, "layers": len(chain.layers)}).Debug("building disk")
+			res, err = build.Rootfs(ctx, req, nil)
+		}
+		if err != nil {
+			return "", fmt.Errorf("building the disk of snapshot %s (chain %s) in %s: %w", id, chain.chainID, wd.Path, err)
+		}
 	}
 	if err := os.Chmod(out, 0o444); err != nil {
 		return "", err
@@ -262,9 +274,16 @@ func (b *diskBuilder) build(ctx context.Context, id string) (string, error) {
 		return "", err
 	}
 	b.syncLater(dst, unsynced)
+	if fetched {
+		log.G(ctx).WithFields(log.Fields{"snapshot": id, "image": chain.image.ref}).Info("fetched disk")
+		return dst, nil
+	}
 	log.G(ctx).WithFields(log.Fields{
 		"snapshot": id, "unpack": res.Unpack, "build": res.Build, "size": res.Size,
 	}).Info("built disk")
+	if shared && b.share.Push {
+		b.publishLater(ctx, dst, chain, opts)
+	}
 	return dst, nil
 }
 

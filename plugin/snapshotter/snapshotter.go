@@ -86,6 +86,11 @@ type Config struct {
 	// went and how long it waited to start.
 	ObserveBuild     func(d time.Duration, err error)
 	ObserveBuildWait func(urgent bool, d time.Duration)
+	// Share fetches disks from, and publishes them to, the images'
+	// registries; ObserveShare, if set, is told what happened to each
+	// disk that could be shared (one of ShareResults).
+	Share        Share
+	ObserveShare func(result string)
 }
 
 // Snapshotter implements snapshots.Snapshotter (and snapshots.Cleaner).
@@ -171,6 +176,7 @@ func New(ctx context.Context, cfg Config) (*Snapshotter, error) {
 		queue:        newBuildQueue(cfg.MaxBuilds, cfg.ObserveBuildWait),
 	}
 	s.disks = newDiskBuilder(root, chainReader{ms: ms, root: root}, s.staged, cfg.Build, set, s.queue, cfg.ObserveBuild)
+	s.disks.share, s.disks.onShare = cfg.Share, cfg.ObserveShare
 	// What an interrupted run left: directories of snapshots that were
 	// never recorded or are half removed.
 	orphans, err := s.sweepOrphans(ctx, true)
