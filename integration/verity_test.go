@@ -1,10 +1,11 @@
 package integration
 
 import (
-	"bufio"
+	"bytes"
 	"encoding/json"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 
@@ -14,7 +15,6 @@ import (
 	"github.com/kilnfs/kiln/internal/clone"
 	"github.com/kilnfs/kiln/internal/verity"
 	"github.com/kilnfs/kiln/internal/verity/veritytest"
-	"github.com/kilnfs/kiln/internal/vmboot/vmboottest"
 )
 
 // convertVerity runs kiln convert --verity --json and returns the verity
@@ -88,16 +88,7 @@ func TestConvertVerity(t *testing.T) {
 		if err := clone.File(out, bad, 0o600); err != nil {
 			t.Fatal(err)
 		}
-		f, err := os.OpenFile(bad, os.O_RDWR, 0)
-		if err != nil {
-			t.Fatal(err)
-		}
-		b := make([]byte, 1)
-		at := v.DataSize / 2
-		f.ReadAt(b, at)
-		b[0] ^= 1
-		f.WriteAt(b, at)
-		f.Close()
+		flipByte(t, bad, v.DataSize/2)
 		if err := veritytest.Verify(t, bad, v); err == nil {
 			t.Error("veritysetup verify accepted a disk with a flipped data byte")
 		}
@@ -119,53 +110,79 @@ func TestConvertVerity(t *testing.T) {
 }
 
 // TestBootVerity boots a verity disk as the guest's root through
-// dm-mod.create=, as docs/containerd.md tells VMMs to.
+// dm-mod.create=, as docs/containerd.md tells VMMs to, with the test
+// kernel, which has device-mapper and dm-verity as modules and no
+// CONFIG_DM_INIT: kiln boot then boots through kiln-init's initramfs,
+// which loads them and creates the device. A flipped byte in a file the
+// guest reads ends the boot with an I/O error instead.
 func TestBootVerity(t *testing.T) {
-	needBoot(t)
-	k := vmboottest.Kernel(t)
-	// dm-mod.create= is read by the kernel itself before init, so it needs
-	// device-mapper, dm-verity and dm-init built in.
-	if missing := kernelLacks(t, filepath.Join(filepath.Dir(k.Vmlinuz), "config-"+k.Release),
-		"CONFIG_BLK_DEV_DM", "CONFIG_DM_VERITY", "CONFIG_DM_INIT"); len(missing) > 0 {
-		t.Skipf("the test kernel %s does not have %s built in: it cannot set up a verity root from its command line (dm-mod.create=)",
-			k.Release, strings.Join(missing, ", "))
-	}
+	kernel := needBoot(t)
+	const marker = "kiln-verity-marker"
 	img := busyboxImage(t, v1.Config{
 		Entrypoint: []string{"/bin/busybox", "sh", "-c"},
-		Cmd:        []string{`echo kiln-verity-marker; exit 0`},
+		Cmd:        []string{`echo ` + marker + ` $(/bin/busybox grep ' / ' /proc/mounts); exit 0`},
 		Env:        []string{"PATH=/bin"},
 	})
 	ref := mustPush(t, "boot/verity:v1", img)
 	out := filepath.Join(t.TempDir(), "rootfs.ext4")
 	v := convertVerity(t, ref, out, t.TempDir(), "--inject", "init")
 	// kiln boot attaches the disk as the first NVMe drive.
-	create := `dm-mod.create="vroot,,,ro,` + v.Table("/dev/nvme0n1") + `"`
-	status, _, console := bootWith(t, k.Vmlinuz, out, []string{"--append", create, "--append", "root=/dev/dm-0"})
-	if status != 0 || !strings.Contains(console, "kiln-verity-marker") {
-		t.Errorf("status %d, console:\n%s", status, tailLines(console, 30))
+	params := []string{"--append", "dm-mod.create=vroot,,,ro," + v.Table("/dev/nvme0n1"), "--append", "root=/dev/dm-0"}
+
+	status, _, console := bootWith(t, kernel, out, params)
+	if want := marker + " /dev/dm-0 / ext4 ro"; status != 0 || !strings.Contains(console, want) {
+		t.Errorf("status %d, want 0 and %q on the console:\n%s", status, want, tailLines(console, 30))
 	}
+
+	// kiln boot checks the parameters before it boots anything.
+	t.Run("malformed dm-mod.create", func(t *testing.T) {
+		status, _, console := bootWith(t, kernel, out, []string{"--append", "dm-mod.create=vroot,,,ro,0 8 zero /dev/nvme0n1"})
+		want := `kiln: kernel parameters: dm-mod.create: device 1: "vroot": table 1: target type "zero"`
+		if status == 0 || !strings.Contains(console, want) || strings.Contains(console, "Linux version") {
+			t.Errorf("status %d, want an error saying %q before any boot:\n%s", status, want, tailLines(console, 30))
+		}
+	})
+
+	t.Run("flipped data byte", func(t *testing.T) {
+		bad := filepath.Join(t.TempDir(), "bad.ext4")
+		if err := clone.File(out, bad, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		// The workload's command line, in the image config kiln-init reads.
+		data, err := os.ReadFile(bad)
+		if err != nil {
+			t.Fatal(err)
+		}
+		at := bytes.Index(data[:v.DataSize], []byte(marker))
+		if at < 0 || bytes.Count(data[:v.DataSize], []byte(marker)) != 1 {
+			t.Fatalf("the disk holds the marker %d times, want once", bytes.Count(data[:v.DataSize], []byte(marker)))
+		}
+		flipByte(t, bad, int64(at))
+		status, _, console := bootWith(t, kernel, bad, params)
+		if status == 0 || strings.Contains(console, marker+" ") ||
+			!regexp.MustCompile(`kiln-init: error: .*input/output error`).MatchString(console) {
+			t.Errorf("status %d, want a failure with kiln-init's I/O error and no marker:\n%s", status, tailLines(console, 30))
+		}
+		if !strings.Contains(console, "is corrupted") {
+			t.Errorf("the kernel did not report the corrupted block:\n%s", tailLines(console, 30))
+		}
+	})
 }
 
-// kernelLacks returns the options of a kernel config that are not =y.
-func kernelLacks(t *testing.T, config string, options ...string) []string {
+// flipByte flips the lowest bit of the byte at offset at of a file.
+func flipByte(t *testing.T, path string, at int64) {
 	t.Helper()
-	f, err := os.Open(config)
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
 	if err != nil {
-		t.Fatalf("the test kernel's config: %v", err)
+		t.Fatal(err)
 	}
 	defer f.Close()
-	set := map[string]bool{}
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		if name, ok := strings.CutSuffix(sc.Text(), "=y"); ok {
-			set[name] = true
-		}
+	b := make([]byte, 1)
+	if _, err := f.ReadAt(b, at); err != nil {
+		t.Fatal(err)
 	}
-	var missing []string
-	for _, o := range options {
-		if !set[o] {
-			missing = append(missing, o)
-		}
+	b[0] ^= 1
+	if _, err := f.WriteAt(b, at); err != nil {
+		t.Fatal(err)
 	}
-	return missing
 }

@@ -41,9 +41,16 @@
 // image config.
 //
 // As the /init of the initramfs that kiln boot builds when the kernel needs
-// modules first (overlay.ko, the virtio-blk chain), kiln-init loads them,
+// modules first (overlay.ko, the virtio-blk chain, device-mapper), kiln-init
+// loads them, creates the devices of dm-mod.create= that the kernel did not
+// create itself (a kernel without CONFIG_DM_INIT; see package dminit),
 // mounts root= (rootfstype=, rootflags=, ro or rw) and execs init=, which
-// is kiln-init again on the real root (see package switchroot).
+// is kiln-init again on the real root (see package switchroot). A verity
+// root boots with
+//
+//	dm-mod.create="vroot,,,ro,0 SECTORS verity 1 /dev/vda /dev/vda ..." root=/dev/dm-0 ro
+//
+// on kernels with and without CONFIG_DM_INIT alike.
 //
 // Errors are "kiln-init: error: ..." lines followed by a status line and a
 // power-off, never a kernel panic.
@@ -145,7 +152,7 @@ func runInit(args []string) {
 	}()
 
 	if switchroot.InInitramfs() {
-		err := switchroot.Run(args)
+		err := switchroot.Run(args, warnf)
 		failBoot(fmt.Errorf("initramfs: %w", err), nil)
 	}
 

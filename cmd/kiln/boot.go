@@ -42,6 +42,12 @@ that (--inject init, or --inject agent,network for a systemd image, whose own
 init kiln-init then starts). If the kernel has overlayfs as a module, kiln
 boot loads it from a small initramfs whose /init is kiln-init.
 
+A verity disk (kiln convert --verity) boots as the root with
+--append 'dm-mod.create=vroot,,,ro,TABLE' --append root=/dev/dm-0, TABLE
+being the verity table of /dev/nvme0n1. Such parameters always boot through
+that initramfs: kiln-init loads device-mapper and the targets' modules and
+creates the devices when the kernel does not (no CONFIG_DM_INIT).
+
 Without --kernel, Debian's cloud kernel is fetched with apt-get download into
 the cache directory. The rootfs is attached read-only unless --rw.`,
 		Args: cobra.MinimumNArgs(1),

@@ -8,6 +8,10 @@
 // With a scratch disk the rootfs is attached read-only and kiln-init, which
 // the image must have, composes an overlay root over it whose upper layer
 // is the scratch disk, then runs the workload or execs the image's own init.
+//
+// Kernel parameters with dm-mod.create= (a verity root) boot through
+// kiln-init's initramfs, which loads device-mapper and creates the devices
+// when the kernel has no CONFIG_DM_INIT.
 package bootcheck
 
 import (
@@ -24,6 +28,8 @@ import (
 	"github.com/kilnfs/kiln/internal/ext4"
 	"github.com/kilnfs/kiln/internal/guest"
 	"github.com/kilnfs/kiln/internal/guest/agent"
+	"github.com/kilnfs/kiln/internal/guest/cmdline"
+	"github.com/kilnfs/kiln/internal/guest/dminit"
 	"github.com/kilnfs/kiln/internal/guest/overlayroot"
 	"github.com/kilnfs/kiln/internal/vmboot"
 	"github.com/kilnfs/kiln/internal/vmboot/kernel"
@@ -209,7 +215,26 @@ func vmConfig(ctx context.Context, opts Options) (vmboot.Config, error) {
 	}
 	// Last, so that the caller's parameters win.
 	cfg.Append = append(cfg.Append, opts.Append...)
+	if err := addDeviceMapper(&cfg); err != nil {
+		return vmboot.Config{}, err
+	}
 	return cfg, nil
+}
+
+// addDeviceMapper boots through kiln-init's initramfs when the kernel
+// parameters ask for device-mapper devices (dm-mod.create=): kiln-init
+// loads device-mapper and the targets' modules and creates the devices
+// that a kernel without CONFIG_DM_INIT does not.
+func addDeviceMapper(cfg *vmboot.Config) error {
+	spec, err := dminit.FromCmdline(cmdline.FromParams(cfg.Append...))
+	if err != nil {
+		return fmt.Errorf("kernel parameters: %w", err)
+	}
+	if len(spec.Devices) > 0 {
+		cfg.Modules = append(cfg.Modules, spec.Modules()...)
+		cfg.Initramfs = true
+	}
+	return nil
 }
 
 // addScratch attaches the scratch disk and has kiln-init, started first

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kilnfs/kiln/internal/verity"
 	"github.com/kilnfs/kiln/internal/vmboot"
 	"github.com/kilnfs/kiln/internal/vmboot/vmboottest"
 )
@@ -240,6 +241,35 @@ ls /kiln-initramfs /lib 2>/dev/null | sed 's/^/leftover: /'
 	cfg.InitArgs = []string{"first"}
 	cfg.Disks = []vmboot.Disk{{Path: vmboottest.BusyboxRootfs(t, ""), ReadOnly: true}}
 
+	res := bootInitramfs(t, cfg,
+		"modules: overlay virtio virtio_blk virtio_pci virtio_pci_legacy_dev virtio_pci_modern_dev virtio_ring \n",
+		"overlay-available",
+		"root: /dev/nvme0n1 / ext4 ro\n",
+		"pid=1 args=1:first",
+		"disk1-serial=disk1",
+	)
+	if strings.Contains(res.Console, "leftover:") {
+		t.Errorf("the initramfs left files behind:\n%s", res.Console)
+	}
+}
+
+// TestRunInitramfsOnly: Config.Initramfs boots through kiln-init's
+// initramfs when no module needs loading, so that kiln-init mounts the
+// root (the kernel would name it /dev/root).
+func TestRunInitramfsOnly(t *testing.T) {
+	t.Parallel()
+	cfg := newConfig(t, prologue+`
+echo "root: $(grep ' / ' /proc/mounts | grep -v rootfs | cut -d, -f1)"
+`+vmboottest.PowerOff)
+	cfg.Initramfs = true
+	cfg.InitramfsInit = vmboottest.KilnInit(t)
+	bootInitramfs(t, cfg, "root: /dev/nvme0n1 / ext4 ro\n")
+}
+
+// bootInitramfs boots cfg, which must power off cleanly with each of want
+// on the console and no message from kiln-init in its initramfs.
+func bootInitramfs(t *testing.T, cfg vmboot.Config, want ...string) vmboot.Result {
+	t.Helper()
 	res, err := vmboot.Run(t.Context(), cfg)
 	if err != nil {
 		t.Fatal(err)
@@ -248,18 +278,74 @@ ls /kiln-initramfs /lib 2>/dev/null | sed 's/^/leftover: /'
 	if !res.Exited || res.Panicked {
 		t.Errorf("Exited=%v Panicked=%v:\n%s", res.Exited, res.Panicked, res.Console)
 	}
-	for _, want := range []string{
-		"modules: overlay virtio virtio_blk virtio_pci virtio_pci_legacy_dev virtio_pci_modern_dev virtio_ring \n",
-		"overlay-available",
-		"root: /dev/nvme0n1 / ext4 ro\n",
-		"pid=1 args=1:first",
-		"disk1-serial=disk1",
-	} {
-		if !strings.Contains(res.Console, want) {
-			t.Errorf("console lacks %q:\n%s", want, res.Console)
+	for _, w := range want {
+		if !strings.Contains(res.Console, w) {
+			t.Errorf("console lacks %q:\n%s", w, res.Console)
 		}
 	}
-	if strings.Contains(res.Console, "leftover:") || strings.Contains(res.Console, "kiln-init:") {
-		t.Errorf("the initramfs left files or messages behind:\n%s", res.Console)
+	if strings.Contains(res.Console, "kiln-init:") {
+		t.Errorf("kiln-init had something to say:\n%s", res.Console)
+	}
+	return res
+}
+
+// TestRunInitramfsVerity boots a verity root with a kernel that has
+// device-mapper as modules and no CONFIG_DM_INIT: kiln-init, as the
+// initramfs's /init, loads them, creates the device dm-mod.create=
+// describes, links its name in /dev/mapper and mounts it as the root.
+func TestRunInitramfsVerity(t *testing.T) {
+	t.Parallel()
+	cfg := newConfig(t, prologue+`
+mount -t sysfs sys /sys
+echo "modules: $(cut -d' ' -f1 /proc/modules | sort | tr '\n' ' ')"
+echo "root: $(grep ' / ' /proc/mounts | grep -v rootfs | cut -d, -f1)"
+echo "mapper: $(readlink /dev/mapper/vroot)"
+echo "dm-0: $(cat /sys/block/dm-0/dm/name) ro=$(cat /sys/block/dm-0/ro)"
+`+vmboottest.PowerOff)
+	v, err := verity.Append(cfg.Rootfs, "test", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.Modules = []string{"dm_mod", "dm_verity"}
+	cfg.InitramfsInit = vmboottest.KilnInit(t)
+	cfg.Append = []string{"dm-mod.create=vroot,,,ro," + v.Table("/dev/nvme0n1"), "root=/dev/mapper/vroot"}
+
+	bootInitramfs(t, cfg,
+		"dm_bufio dm_mod dm_verity ",
+		"root: /dev/mapper/vroot / ext4 ro\n",
+		"mapper: ../dm-0\n",
+		"dm-0: vroot ro=1\n",
+	)
+}
+
+// TestRunInitramfsBadDeviceMapper: a dm-mod.create= that is malformed,
+// names a disk the machine lacks or holds a table the kernel refuses ends
+// the boot with kiln-init's error and a power-off, not a panic or a hang.
+func TestRunInitramfsBadDeviceMapper(t *testing.T) {
+	t.Parallel()
+	init := vmboottest.KilnInit(t)
+	for _, tc := range []struct{ name, create, want string }{
+		{"malformed", "vroot,,,rx,0 8 linear /dev/nvme0n1 0",
+			`kiln-init: error: initramfs: dm-mod.create: device 1: "vroot": flags "rx", want ro or rw`},
+		{"missing disk", "vroot,,,ro,0 8 linear /dev/vdz 0",
+			"kiln-init: error: initramfs: dm-mod.create: device /dev/vdz did not appear within 10s"},
+		{"refused table", "vroot,,,ro,0 8 verity 1 /dev/nvme0n1 /dev/nvme0n1 4096 4096 1 1 nohash 00 -",
+			`kiln-init: error: initramfs: dm-mod.create: device "vroot": dm table load 'vroot': `},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			cfg := newConfig(t, prologue+"echo reached-the-root\n"+vmboottest.PowerOff)
+			cfg.Modules = []string{"dm_mod", "dm_verity"}
+			cfg.InitramfsInit = init
+			cfg.Append = []string{"dm-mod.create=" + tc.create, "root=/dev/dm-0"}
+			res, err := vmboot.Run(t.Context(), cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !res.Exited || res.Panicked || !strings.Contains(res.Console, tc.want) ||
+				strings.Contains(res.Console, "reached-the-root") {
+				t.Errorf("Exited=%v Panicked=%v, want the console to say %q:\n%s", res.Exited, res.Panicked, tc.want, res.Console)
+			}
+		})
 	}
 }

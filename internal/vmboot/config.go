@@ -55,6 +55,12 @@ type Config struct {
 	// (boot/vmlinuz-RELEASE next to lib/modules/RELEASE), as package kernel
 	// provides.
 	Modules []string
+	// Initramfs boots through kiln-init's initramfs even when the kernel
+	// has all of Modules built in, for what kiln-init does there before
+	// the root is mounted: creating the devices of dm-mod.create= on a
+	// kernel without CONFIG_DM_INIT (it leaves those the kernel created).
+	// Kernel must then be an unpacked kernel package, as for Modules.
+	Initramfs bool
 	// InitramfsInit is the host path of the kiln-init binary that the
 	// initramfs runs as /init. Empty means the one kiln --inject would
 	// use: next to the running executable, in $PATH or in

@@ -12,7 +12,9 @@
 // The kernel must have ext4, NVMe and the 8250 serial driver built in; the
 // Debian cloud kernel from package kernel does. Modules the guest needs
 // before its root is mounted (overlayfs is one in that kernel) are loaded
-// by kiln-init from a small initramfs that Start builds (package initramfs).
+// by kiln-init from a small initramfs that Start builds (package initramfs),
+// which also creates the devices of dm-mod.create= when the kernel has no
+// CONFIG_DM_INIT (Config.Initramfs).
 // Under TCG the runner measures the host's TSC frequency and passes it to
 // the guest (see package tsc), because the guest cannot reliably calibrate
 // it on microvm.

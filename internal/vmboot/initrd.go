@@ -13,9 +13,10 @@ import (
 )
 
 // buildInitramfs writes the initramfs that loads cfg.Modules into dir and
-// returns its path, or "" when the kernel has them all built in.
+// returns its path, or "" when the kernel has them all built in and
+// cfg.Initramfs is not set.
 func buildInitramfs(cfg Config, dir string) (string, error) {
-	if len(cfg.Modules) == 0 {
+	if len(cfg.Modules) == 0 && !cfg.Initramfs {
 		return "", nil
 	}
 	k, err := kernel.Open(cfg.Kernel)
@@ -23,7 +24,7 @@ func buildInitramfs(cfg Config, dir string) (string, error) {
 		return "", err
 	}
 	mods, err := k.LoadOrder(cfg.Modules...)
-	if err != nil || len(mods) == 0 {
+	if err != nil || (len(mods) == 0 && !cfg.Initramfs) {
 		return "", err
 	}
 	init := cfg.InitramfsInit
@@ -33,6 +34,9 @@ func buildInitramfs(cfg Config, dir string) (string, error) {
 			names := make([]string, len(mods))
 			for i, m := range mods {
 				names[i] = m.Name
+			}
+			if len(names) == 0 {
+				return "", fmt.Errorf("the boot needs kiln-init in an initramfs: %w", err)
 			}
 			return "", fmt.Errorf("kernel %s needs %s loaded by kiln-init from an initramfs: %w",
 				k.Release, strings.Join(names, ", "), err)

@@ -54,6 +54,17 @@ func Parse(s string) Cmdline {
 	return c
 }
 
+// FromParams makes a Cmdline of parameters given one by one as "key=value"
+// or "key", whose values need no quoting however many spaces they hold.
+func FromParams(params ...string) Cmdline {
+	var c Cmdline
+	for _, p := range params {
+		key, value, hasValue := strings.Cut(p, "=")
+		c.Params = append(c.Params, Param{Key: key, Value: value, HasValue: hasValue})
+	}
+	return c
+}
+
 // nextWord returns the first whitespace-separated word of s, honouring
 // double quotes, and the remainder with leading whitespace removed.
 func nextWord(s string) (word, rest string) {

@@ -53,3 +53,15 @@ func TestParseEmpty(t *testing.T) {
 		}
 	}
 }
+
+func TestFromParams(t *testing.T) {
+	c := FromParams("quiet", "dm-mod.create=vroot,,,ro,0 8 linear /dev/vda 0", "a=b=c")
+	want := []Param{
+		{Key: "quiet"},
+		{Key: "dm-mod.create", Value: "vroot,,,ro,0 8 linear /dev/vda 0", HasValue: true},
+		{Key: "a", Value: "b=c", HasValue: true},
+	}
+	if !reflect.DeepEqual(c.Params, want) {
+		t.Errorf("Params =\n%+v\nwant\n%+v", c.Params, want)
+	}
+}

@@ -1,10 +1,12 @@
 // Package switchroot is kiln-init's initramfs stage, for kernels that need
 // modules before they can mount the root or compose an overlay root (a
 // virtio-blk root, overlayfs built as a module). As the initramfs's /init it
-// loads the modules listed in guest.InitramfsManifest in order, waits for
-// the root= device, mounts it as the kernel would have (rootfstype=,
-// rootflags=, ro or rw), makes it the root and execs the init= program,
-// /sbin/init by default: typically kiln-init again, now on the real root.
+// loads the modules listed in guest.InitramfsManifest in order, creates the
+// device-mapper devices of dm-mod.create= that the kernel did not (see
+// package dminit), waits for the root= device, mounts it as the kernel
+// would have (rootfstype=, rootflags=, ro or rw), makes it the root and
+// execs the init= program, /sbin/init by default: typically kiln-init
+// again, now on the real root.
 package switchroot
 
 import (
@@ -20,6 +22,7 @@ import (
 
 	"github.com/kilnfs/kiln/internal/guest"
 	"github.com/kilnfs/kiln/internal/guest/cmdline"
+	"github.com/kilnfs/kiln/internal/guest/dminit"
 )
 
 // RootWait bounds how long the root device may take to appear.
@@ -92,10 +95,11 @@ func RootFromCmdline(c cmdline.Cmdline) (Root, error) {
 	return r, nil
 }
 
-// Run does the initramfs stage: it loads the modules, mounts the real root,
-// switches to it and execs its init with args. It returns only on failure,
-// with /proc mounted so that the caller can power off.
-func Run(args []string) error {
+// Run does the initramfs stage: it loads the modules, creates the
+// device-mapper devices, mounts the real root, switches to it and execs its
+// init with args. It returns only on failure, with /proc mounted so that
+// the caller can power off. warnf reports what does not stop the boot.
+func Run(args []string, warnf func(format string, args ...any)) error {
 	for _, m := range []struct{ fstype, dir string }{{"proc", "/proc"}, {"devtmpfs", "/dev"}} {
 		if err := os.MkdirAll(m.dir, 0o755); err != nil {
 			return err
@@ -112,10 +116,17 @@ func Run(args []string) error {
 	if err != nil {
 		return err
 	}
+	mapped, err := dminit.FromCmdline(c)
+	if err != nil {
+		return err
+	}
 	if err := loadModules(guest.InitramfsManifest); err != nil {
 		return err
 	}
-	if err := waitForDevice(root.Device, RootWait); err != nil {
+	if err := createMapped(mapped, warnf); err != nil {
+		return err
+	}
+	if err := waitForDevice("root device", root.Device, RootWait); err != nil {
 		return err
 	}
 	if err := os.MkdirAll(newRoot, 0o755); err != nil {
@@ -168,16 +179,28 @@ func loadModule(path string) error {
 	return nil
 }
 
-// waitForDevice waits until the device node exists in /dev.
-func waitForDevice(dev string, timeout time.Duration) error {
+// createMapped creates the device-mapper devices once the block devices
+// they are made of have appeared.
+func createMapped(s dminit.Spec, warnf func(string, ...any)) error {
+	for _, dev := range s.BlockDevices() {
+		if err := waitForDevice("device", dev, RootWait); err != nil {
+			return fmt.Errorf("%s: %w", dminit.ParamCreate, err)
+		}
+	}
+	return s.Create(warnf)
+}
+
+// waitForDevice waits until the device node exists in /dev; what says
+// what it is for an error.
+func waitForDevice(what, dev string, timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
 	for {
 		if _, err := os.Stat(dev); err == nil {
 			return nil
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("root device %s did not appear within %s; block devices: %s",
-				dev, timeout, blockDevices())
+			return fmt.Errorf("%s %s did not appear within %s; block devices: %s",
+				what, dev, timeout, blockDevices())
 		}
 		time.Sleep(pollPeriod)
 	}

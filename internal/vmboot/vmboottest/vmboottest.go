@@ -203,7 +203,9 @@ func BusyboxRootfs(t testing.TB, initScript string) string {
 
 // MakeExt4 builds an ext4 image of the given size (mkfs.ext4 syntax, e.g.
 // "64M") from the directory tree at dir, without needing root, and returns
-// its path.
+// its path. Its blocks are 4 KiB, as in kiln's disks and as a dm-verity
+// target with 4 KiB blocks over it needs; mkfs.ext4 would choose 1 KiB
+// for a small filesystem.
 func MakeExt4(t testing.TB, dir, size string) string {
 	t.Helper()
 	mkfs, err := SystemTool("mkfs.ext4")
@@ -211,7 +213,7 @@ func MakeExt4(t testing.TB, dir, size string) string {
 		Unavailable(t, "mkfs.ext4 not found (install e2fsprogs): %v", err)
 	}
 	img := filepath.Join(t.TempDir(), "rootfs.ext4")
-	out, err := exec.CommandContext(t.Context(), mkfs, "-q", "-F", "-d", dir, img, size).CombinedOutput()
+	out, err := exec.CommandContext(t.Context(), mkfs, "-q", "-F", "-b", "4096", "-d", dir, img, size).CombinedOutput()
 	if err != nil {
 		t.Fatalf("mkfs.ext4: %v\n%s", err, out)
 	}
