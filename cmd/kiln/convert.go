@@ -174,7 +174,11 @@ the rest of the verity table.`,
 }
 
 func newPushCommand() *cobra.Command {
-	var flags buildFlags
+	var (
+		flags     buildFlags
+		isChunked bool
+		chunkSize string
+	)
 	cmd := &cobra.Command{
 		Use:   "push IMAGE",
 		Short: "Build an image's rootfs and publish it beside the image in its registry",
@@ -188,7 +192,11 @@ kiln convert on any machine, with the same options, finds it through the
 registry's referrers API (or the referrers tag schema) and downloads it
 instead of building; the build is reproducible, so it is the same bytes.
 Credentials come from your docker config.json; the artifact goes to the
-registry itself, never to a mirror.`,
+registry itself, never to a mirror.
+
+With --chunked, the ext4 is published cut into chunks (512 KiB, each
+compressed on its own, packed into blobs) with an index: kiln mount
+serves it to a VM as it boots, fetching only the chunks it reads.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			opts, err := flags.options()
@@ -196,10 +204,17 @@ registry itself, never to a mirror.`,
 				return err
 			}
 			opts.Share.Pull, opts.Share.Push = false, true
+			if isChunked {
+				if opts.Share.ChunkSize, err = config.ParseSize(chunkSize); err != nil || opts.Share.ChunkSize == 0 {
+					return fmt.Errorf("--chunk-size %q: want a size such as 512K", chunkSize)
+				}
+			}
 			return flags.run(cmd, args[0], "", opts)
 		},
 	}
 	flags.register(cmd.Flags())
+	cmd.Flags().BoolVar(&isChunked, "chunked", false, "publish the rootfs cut into chunks, for kiln mount, instead of whole")
+	cmd.Flags().StringVar(&chunkSize, "chunk-size", "512K", "with --chunked, the size of a chunk (a multiple of 4K, at most 16M)")
 	cmd.Flags().MarkHidden("use-published") //nolint:errcheck // it exists
 	return cmd
 }

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 
 	"github.com/containerd/log"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
 
 	"github.com/kilnfs/kiln/internal/build"
 	"github.com/kilnfs/kiln/internal/clone"
@@ -24,6 +25,9 @@ type Share struct {
 	Pull bool
 	// Push publishes the rootfs after the conversion.
 	Push bool
+	// ChunkSize, if set, makes Push publish the rootfs cut into chunks
+	// of that size, for kiln mount, rather than whole.
+	ChunkSize int64
 }
 
 // fetchPublished downloads a published rootfs of the build into the
@@ -136,7 +140,13 @@ func publish(ctx context.Context, st *store.Store, img *image.Image, rootfs stri
 		return "", err
 	}
 	defer wd.Release()
-	h, err := share.Publish(ctx, server, img.Digest, rootfs, build.IdentityOf(img.ChainID(), opts.Build), wd.Path)
+	id := build.IdentityOf(img.ChainID(), opts.Build)
+	var h v1.Hash
+	if opts.Share.ChunkSize > 0 {
+		h, err = share.PublishChunked(ctx, server, img.Digest, rootfs, id, opts.Share.ChunkSize, wd.Path)
+	} else {
+		h, err = share.Publish(ctx, server, img.Digest, rootfs, id, wd.Path)
+	}
 	if err != nil {
 		return "", fmt.Errorf("image %s: %w", img.Name, err)
 	}

@@ -14,6 +14,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 )
 
@@ -80,6 +81,26 @@ func getFirst(ctx context.Context, ref string, opts Options) (*remote.Descriptor
 type Target struct {
 	Ref     name.Reference
 	Options []remote.Option
+	// transport is Options' transport, for Client.
+	transport http.RoundTripper
+}
+
+// Client returns an HTTP client for the target's repository with the
+// credentials, TLS settings and headers remote calls get, allowed scope
+// (transport.PullScope, PushScope): for requests go-containerregistry
+// does not make, such as range reads of blobs. URLs may say https; the
+// client switches to http where the registry answered on it.
+func (t Target) Client(ctx context.Context, scope string) (*http.Client, error) {
+	repo := t.Ref.Context()
+	auth, err := authn.DefaultKeychain.Resolve(repo)
+	if err != nil {
+		return nil, fmt.Errorf("credentials for %s: %w", repo, err)
+	}
+	rt, err := transport.NewWithContext(ctx, repo.Registry, auth, t.transport, []string{repo.Scope(scope)})
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", repo, err)
+	}
+	return &http.Client{Transport: rt}, nil
 }
 
 func target(ctx context.Context, ref string, insecure []string, base http.RoundTripper, header http.Header, opts Options) (Target, error) {
@@ -96,15 +117,17 @@ func target(ctx context.Context, ref string, insecure []string, base http.RoundT
 	if base != nil {
 		rt = &httpPolicy{secure: base, insecure: base, allowed: insecure}
 	}
+	tr := http.RoundTripper(withHeader{rt, header})
 	remoteOpts := []remote.Option{
 		remote.WithContext(ctx),
 		remote.WithAuthFromKeychain(authn.DefaultKeychain),
-		remote.WithTransport(withHeader{rt, header}),
+		remote.WithTransport(tr),
 	}
 	if opts.UserAgent != "" {
 		remoteOpts = append(remoteOpts, remote.WithUserAgent(opts.UserAgent))
+		tr = transport.NewUserAgent(tr, opts.UserAgent)
 	}
-	return Target{Ref: r, Options: remoteOpts}, nil
+	return Target{Ref: r, Options: remoteOpts, transport: tr}, nil
 }
 
 // Targets returns where the registry image ref can be pulled from: the

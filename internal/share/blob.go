@@ -7,6 +7,8 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	ggstatic "github.com/google/go-containerregistry/pkg/v1/static"
 	"github.com/google/go-containerregistry/pkg/v1/types"
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 )
 
 // static is a small blob held in memory.
@@ -14,12 +16,22 @@ func static(mediaType string, data []byte) v1.Layer {
 	return ggstatic.NewLayer(data, types.MediaType(mediaType))
 }
 
-// The compressed rootfs is uploaded as a blob from its file: a v1.Layer
-// whose digests are known already, so that nothing reads it twice.
+// fileBlob is a blob uploaded from its file: a v1.Layer whose digest is
+// known already, so that nothing reads it twice.
+type fileBlob struct {
+	path      string
+	digest    digest.Digest
+	size      int64
+	mediaType string
+}
 
-func (c *compressed) Digest() (v1.Hash, error)             { return v1.NewHash(c.digest.String()) }
-func (c *compressed) DiffID() (v1.Hash, error)             { return v1.NewHash(c.digest.String()) }
-func (c *compressed) Size() (int64, error)                 { return c.size, nil }
-func (c *compressed) MediaType() (types.MediaType, error)  { return BlobMediaType, nil }
-func (c *compressed) Compressed() (io.ReadCloser, error)   { return os.Open(c.path) }
-func (c *compressed) Uncompressed() (io.ReadCloser, error) { return os.Open(c.path) }
+func (b fileBlob) Digest() (v1.Hash, error)             { return v1.NewHash(b.digest.String()) }
+func (b fileBlob) DiffID() (v1.Hash, error)             { return v1.NewHash(b.digest.String()) }
+func (b fileBlob) Size() (int64, error)                 { return b.size, nil }
+func (b fileBlob) MediaType() (types.MediaType, error)  { return types.MediaType(b.mediaType), nil }
+func (b fileBlob) Compressed() (io.ReadCloser, error)   { return os.Open(b.path) }
+func (b fileBlob) Uncompressed() (io.ReadCloser, error) { return os.Open(b.path) }
+
+func (b fileBlob) descriptor() ocispec.Descriptor {
+	return ocispec.Descriptor{MediaType: b.mediaType, Digest: b.digest, Size: b.size}
+}

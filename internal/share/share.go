@@ -40,6 +40,7 @@ import (
 
 	"github.com/kilnfs/kiln/internal/build"
 	"github.com/kilnfs/kiln/internal/chunk"
+	"github.com/kilnfs/kiln/internal/chunked"
 	"github.com/kilnfs/kiln/internal/image"
 	"github.com/kilnfs/kiln/internal/verity"
 )
@@ -99,38 +100,60 @@ func matches(ann map[string]string, id build.Identity) error {
 // whose subject is that manifest. workDir holds the compressed blob while
 // it is uploaded. It returns the artifact's manifest digest.
 func Publish(ctx context.Context, t image.Target, manifest digest.Digest, rootfs string, id build.Identity, workDir string) (v1.Hash, error) {
-	repo := t.Ref.Context()
-	subject, err := remote.Head(repo.Digest(manifest.String()), t.Options...)
-	if err != nil {
-		return v1.Hash{}, fmt.Errorf("the image's manifest %s in %s: %w", manifest, repo, err)
-	}
 	blob, err := compress(ctx, rootfs, filepath.Join(workDir, "rootfs.ext4.zst"))
 	if err != nil {
 		return v1.Hash{}, err
 	}
 	defer os.Remove(blob.path)
-	empty := static(ocispec.DescriptorEmptyJSON.MediaType, ocispec.DescriptorEmptyJSON.Data)
-	for _, l := range []v1.Layer{empty, blob} {
+	ann, err := imageAnnotations(rootfs, id, blob.imageSize, blob.imageDigest)
+	if err != nil {
+		return v1.Hash{}, err
+	}
+	return putArtifact(ctx, t, manifest, ArtifactType, []fileBlob{{blob.path, blob.digest, blob.size, BlobMediaType}}, ann)
+}
+
+// imageAnnotations are the annotations of a published rootfs of size
+// bytes and digest d: the build's and, for a verity build, its root hash.
+func imageAnnotations(rootfs string, id build.Identity, size int64, d digest.Digest) (map[string]string, error) {
+	ann := annotations(id, size, d)
+	if id.Verity {
+		info, err := verity.Describe(rootfs)
+		if err != nil {
+			return nil, err
+		}
+		ann[AnnotationRootHash] = info.RootHash
+	}
+	return ann, nil
+}
+
+// putArtifact uploads blobs and an artifact manifest listing them, whose
+// subject is the image manifest, to the repository of t.
+func putArtifact(ctx context.Context, t image.Target, manifest digest.Digest, artifactType string, blobs []fileBlob, ann map[string]string) (v1.Hash, error) {
+	repo := t.Ref.Context()
+	subject, err := remote.Head(repo.Digest(manifest.String()), t.Options...)
+	if err != nil {
+		return v1.Hash{}, fmt.Errorf("the image's manifest %s in %s: %w", manifest, repo, err)
+	}
+	uploads := []v1.Layer{static(ocispec.DescriptorEmptyJSON.MediaType, ocispec.DescriptorEmptyJSON.Data)}
+	var layers []ocispec.Descriptor
+	for _, b := range blobs {
+		uploads = append(uploads, b)
+		layers = append(layers, b.descriptor())
+	}
+	for _, l := range uploads {
+		if err := ctx.Err(); err != nil {
+			return v1.Hash{}, err
+		}
 		if err := remote.WriteLayer(repo, l, t.Options...); err != nil {
 			return v1.Hash{}, fmt.Errorf("uploading to %s: %w", repo, err)
 		}
 	}
-	ann := annotations(id, blob.imageSize, blob.imageDigest)
-	if id.Verity {
-		info, err := verity.Describe(rootfs)
-		if err != nil {
-			return v1.Hash{}, err
-		}
-		ann[AnnotationRootHash] = info.RootHash
-	}
 	m := ocispec.Manifest{
 		Versioned:    specs.Versioned{SchemaVersion: 2},
 		MediaType:    ocispec.MediaTypeImageManifest,
-		ArtifactType: ArtifactType,
+		ArtifactType: artifactType,
 		Config:       ocispec.DescriptorEmptyJSON,
-		Layers: []ocispec.Descriptor{{
-			MediaType: BlobMediaType, Digest: blob.digest, Size: blob.size,
-		}},
+		Layers:       layers,
 		Subject: &ocispec.Descriptor{
 			MediaType: string(subject.MediaType), Digest: digest.Digest(subject.Digest.String()), Size: subject.Size,
 		},
@@ -147,7 +170,7 @@ func Publish(ctx context.Context, t image.Target, manifest digest.Digest, rootfs
 	if err := remote.Put(repo.Digest(h.String()), rawManifest(raw), t.Options...); err != nil {
 		return v1.Hash{}, fmt.Errorf("publishing to %s: %w", repo, err)
 	}
-	log.G(ctx).WithFields(log.Fields{"repository": repo.String(), "artifact": h.String(), "key": id.Key}).Info("published the rootfs")
+	log.G(ctx).WithFields(log.Fields{"repository": repo.String(), "artifact": h.String(), "type": artifactType, "key": ann[AnnotationKey]}).Info("published the rootfs")
 	return h, nil
 }
 
@@ -200,7 +223,7 @@ func Fetch(ctx context.Context, t image.Target, manifest digest.Digest, id build
 	seen := map[v1.Hash]bool{}
 	tries := 0
 	for _, d := range im.Manifests {
-		if !candidate(d, id) || seen[d.Digest] {
+		if !candidate(d, id, ArtifactType) || seen[d.Digest] {
 			continue
 		}
 		seen[d.Digest] = true
@@ -232,20 +255,26 @@ type localError struct{ err error }
 func (e *localError) Error() string { return e.err.Error() }
 func (e *localError) Unwrap() error { return e.err }
 
-// candidate says whether a referrer may be the published rootfs of
-// build id. Its artifact type should say so, but registries that predate
-// the field, or take it from the config's media type, give the empty
+// candidate says whether a referrer may be a published rootfs of build
+// id of the given artifact type (ArtifactType or chunked.ArtifactType).
+// Its artifact type should say so, but registries that predate the
+// field, or take it from the config's media type, give the empty
 // config's or none; the referrers list carries the annotations, which
-// rule out other builds without a download. The manifest, fetched by
-// digest, decides.
-func candidate(d v1.Descriptor, id build.Identity) bool {
+// rule out other builds, and the other form, without a download. The
+// manifest, fetched by digest, decides.
+func candidate(d v1.Descriptor, id build.Identity, artifactType string) bool {
 	switch d.ArtifactType {
-	case ArtifactType, "", ocispec.MediaTypeEmptyJSON:
+	case artifactType, "", ocispec.MediaTypeEmptyJSON:
 	default:
 		return false
 	}
-	k, ok := d.Annotations[AnnotationKey]
-	return !ok || k == id.Key
+	if k, ok := d.Annotations[AnnotationKey]; ok && k != id.Key {
+		return false
+	}
+	if _, cut := d.Annotations[AnnotationChunkSize]; len(d.Annotations) > 0 && cut != (artifactType == chunked.ArtifactType) {
+		return false
+	}
+	return true
 }
 
 // fetchOne downloads one published rootfs and checks that it is the build

@@ -1,0 +1,316 @@
+package integration
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/json"
+	"errors"
+
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/google/go-containerregistry/pkg/authn"
+	"github.com/google/go-containerregistry/pkg/name"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/opencontainers/go-digest"
+
+	"github.com/kilnfs/kiln/integration/testimage"
+	"github.com/kilnfs/kiln/integration/testregistry"
+	"github.com/kilnfs/kiln/internal/chunked"
+	"github.com/kilnfs/kiln/internal/testenv"
+)
+
+// lazyMount is a running kiln mount.
+type lazyMount struct {
+	cmd    *exec.Cmd
+	file   string
+	stdout bytes.Buffer
+	stderr bytes.Buffer
+	done   chan error
+}
+
+// mountStats is what kiln mount --json says when it ends.
+type mountStats struct {
+	Size    int64 `json:"size"`
+	Fetched struct {
+		Bytes  int64 `json:"fetched_bytes"`
+		Chunks int64 `json:"fetched_chunks"`
+	} `json:"fetched"`
+}
+
+// startMount runs kiln mount IMAGE DIR in the background and waits for
+// the file to appear.
+func startMount(t *testing.T, env map[string]string, ref, cache string, more ...string) *lazyMount {
+	t.Helper()
+	needRoot(t, "kiln mount mounts a FUSE filesystem")
+	if _, err := os.Stat("/dev/fuse"); err != nil {
+		testenv.Unavailable(t, "FUSE is not available: %v", err)
+	}
+	dir := t.TempDir()
+	m := &lazyMount{file: filepath.Join(dir, "rootfs.ext4"), done: make(chan error, 1)}
+	args := append([]string{"mount", "--json", ref, dir, "--cache-dir", cache}, more...)
+	m.cmd = exec.Command(kilnBin, args...)
+	m.cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + t.TempDir()}
+	for k, v := range env {
+		m.cmd.Env = append(m.cmd.Env, k+"="+v)
+	}
+	m.cmd.Stdout, m.cmd.Stderr = &m.stdout, &m.stderr
+	if err := m.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { m.done <- m.cmd.Wait() }()
+	t.Cleanup(func() { m.stop(t) })
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if _, err := os.Stat(m.file); err == nil {
+			return m
+		}
+		select {
+		case err := <-m.done:
+			m.done <- err
+			t.Fatalf("kiln mount %s ended: %v\n%s", ref, err, m.stderr.String())
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("kiln mount %s: no %s after 30s\n%s", ref, m.file, m.stderr.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// stop ends kiln mount and returns what it fetched.
+func (m *lazyMount) stop(t *testing.T) mountStats {
+	t.Helper()
+	var st mountStats
+	if m.cmd.ProcessState == nil {
+		m.cmd.Process.Signal(syscall.SIGTERM) //nolint:errcheck // it may have ended
+	}
+	select {
+	case err := <-m.done:
+		m.done <- err
+		if err != nil {
+			t.Errorf("kiln mount: %v\n%s", err, m.stderr.String())
+			return st
+		}
+	case <-time.After(30 * time.Second):
+		m.cmd.Process.Kill() //nolint:errcheck
+		t.Fatalf("kiln mount did not stop on SIGTERM\n%s", m.stderr.String())
+	}
+	if err := json.Unmarshal(m.stdout.Bytes(), &st); err != nil {
+		t.Errorf("kiln mount --json: %v: %q", err, m.stdout.String())
+	}
+	return st
+}
+
+// lazyImage is busybox with an /sbin/init that prints marker and powers
+// off, and a file of random bytes nothing reads.
+func lazyImage(t *testing.T, marker string, unread int) v1.Image {
+	t.Helper()
+	noise := make([]byte, unread)
+	rand.Read(noise)
+	init := "#!/bin/busybox sh\n/bin/busybox echo " + marker + "\n/bin/busybox poweroff -f\n"
+	return busyboxImage(t, v1.Config{}, testimage.Layer{Tar: layerTar(t,
+		tDir("sbin", 0o755, t1), tFile("sbin/init", 0o755, t1, init),
+		tDir("data", 0o755, t1), tFile("data/unread", 0o644, t1, string(noise)))})
+}
+
+// chunkDigests are the distinct chunks of the image file kiln publishes
+// as it is cut.
+func chunkDigests(t *testing.T, path string) map[digest.Digest]bool {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	x, _, err := chunked.Cut(context.Background(), f, t.TempDir(), chunked.DefaultChunkSize, chunked.DefaultPackSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	set := map[digest.Digest]bool{}
+	for _, c := range x.Chunks {
+		if !c.Hole() {
+			set[c.Digest] = true
+		}
+	}
+	return set
+}
+
+// TestLazyRootfs: kiln push --chunked publishes an image cut into
+// chunks; kiln mount serves it as a file that reads as the image kiln
+// convert builds, fetching only what is read; a VM boots from it
+// fetching a small part of the image; a second image on the same base
+// fetches little more than its own chunks; a chunk the registry serves
+// wrong is never served, and a registry that stops answering gives I/O
+// errors within the timeout.
+func TestLazyRootfs(t *testing.T) {
+	reg, err := testregistry.StartWith(testregistry.Options{User: shareUser, Password: sharePassword, Referrers: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { reg.Close() })
+	env := map[string]string{"DOCKER_CONFIG": shareDockerConfig(t, reg.Host)}
+	auth := remote.WithAuth(&authn.Basic{Username: shareUser, Password: sharePassword})
+	dir := t.TempDir()
+	publish := func(repo string, img v1.Image) (string, string) {
+		t.Helper()
+		ref := reg.Host + "/" + repo + ":v1"
+		r, err := name.ParseReference(ref)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := remote.Write(r, img, auth); err != nil {
+			t.Fatal(err)
+		}
+		local := filepath.Join(dir, repo+".ext4")
+		if res := kiln(t, run{args: convertArgs(ref, local, filepath.Join(dir, "cache-local")), env: env}); res.err != nil {
+			t.Fatalf("kiln convert: %v\n%s", res.err, res.stderr)
+		}
+		if res := kiln(t, run{args: []string{"push", "--chunked", ref, "--cache-dir", filepath.Join(dir, "cache-local")}, env: env}); res.err != nil {
+			t.Fatalf("kiln push --chunked: %v\n%s", res.err, res.stderr)
+		}
+		return ref, local
+	}
+	const unread = 48 << 20
+	refA, localA := publish("lazy-a", lazyImage(t, "kiln-lazy-a", unread))
+
+	t.Run("read whole", func(t *testing.T) {
+		m := startMount(t, env, refA, filepath.Join(t.TempDir(), "cache"))
+		if got, want := fileSHA(t, m.file), fileSHA(t, localA); got != want {
+			t.Errorf("the mounted file is %s, kiln convert's image %s", got, want)
+		}
+		if fi, err := os.Stat(m.file); err != nil || fi.Mode().Perm()&0o222 != 0 {
+			t.Errorf("the mounted file: %v, mode %v: want read-only", err, fi.Mode())
+		}
+		st := m.stop(t)
+		t.Logf("read whole: fetched %d chunks, %d bytes of an image of %d", st.Fetched.Chunks, st.Fetched.Bytes, st.Size)
+		if want := len(chunkDigests(t, localA)); st.Fetched.Chunks != int64(want) {
+			t.Errorf("fetched %d chunks, want each of the %d distinct ones once", st.Fetched.Chunks, want)
+		}
+	})
+
+	kernel := needBoot(t)
+	cache := filepath.Join(t.TempDir(), "cache")
+	t.Run("boot", func(t *testing.T) {
+		m := startMount(t, env, refA, cache)
+		_, _, console := bootWith(t, kernel, m.file, nil)
+		st := m.stop(t)
+		if !strings.Contains(console, "kiln-lazy-a") {
+			t.Errorf("the guest did not print its marker:\n%s", tailLines(console, 30))
+		}
+		t.Logf("boot: fetched %d chunks, %d bytes of an image of %d", st.Fetched.Chunks, st.Fetched.Bytes, st.Size)
+		if st.Fetched.Bytes == 0 || st.Fetched.Bytes > st.Size/10 {
+			t.Errorf("the boot fetched %d bytes of an image of %d, want some and at most 10%%", st.Fetched.Bytes, st.Size)
+		}
+		if profiles, _ := filepath.Glob(filepath.Join(cache, "profiles", "*.json")); len(profiles) != 1 {
+			t.Errorf("boot profiles recorded: %v, want one", profiles)
+		}
+	})
+
+	t.Run("second image", func(t *testing.T) {
+		refB, localB := publish("lazy-b", lazyImage(t, "kiln-lazy-b", unread))
+		own := chunkDigests(t, localB)
+		for d := range chunkDigests(t, localA) {
+			delete(own, d)
+		}
+		m := startMount(t, env, refB, cache)
+		_, _, console := bootWith(t, kernel, m.file, nil)
+		st := m.stop(t)
+		if !strings.Contains(console, "kiln-lazy-b") {
+			t.Errorf("the guest did not print its marker:\n%s", tailLines(console, 30))
+		}
+		t.Logf("second image: fetched %d chunks; %d of its chunks are not the first image's", st.Fetched.Chunks, len(own))
+		if limit := int64(len(own)) + int64(len(own))/10 + 1; st.Fetched.Chunks > limit {
+			t.Errorf("fetched %d chunks, want at most its own %d plus 10%%", st.Fetched.Chunks, len(own))
+		}
+	})
+
+	t.Run("tampered chunk", func(t *testing.T) {
+		refT, _ := publish("lazy-t", lazyImage(t, "kiln-lazy-t", 1<<20))
+		// The registry serves other bytes for every pack of the artifact.
+		for _, p := range packsOf(t, refT, auth) {
+			reg.ServeBlob(p.Digest.String(), bytes.Repeat([]byte{0x28, 0xb5, 0x2f, 0xfd}, int(p.Size/4)+1)[:p.Size])
+		}
+		cache := filepath.Join(t.TempDir(), "cache")
+		m := startMount(t, env, refT, cache, "--timeout", "10s")
+		_, err := os.ReadFile(m.file)
+		if !errors.Is(err, syscall.EIO) {
+			t.Errorf("reading an image whose chunks do not verify: %v, want an I/O error", err)
+		}
+		m.stop(t)
+		if left, _ := os.ReadDir(filepath.Join(cache, "chunks", "sha256")); len(left) != 0 {
+			t.Errorf("%d chunks that did not verify were cached", len(left))
+		}
+	})
+
+	t.Run("registry hangs", func(t *testing.T) {
+		refH, _ := publish("lazy-h", lazyImage(t, "kiln-lazy-h", 1<<20))
+		m := startMount(t, env, refH, filepath.Join(t.TempDir(), "cache"), "--timeout", "3s")
+		// The registry sends half of what is asked and stops answering.
+		for _, p := range packsOf(t, refH, auth) {
+			h := reg.HoldBlob(p.Digest.String())
+			defer h.Release()
+		}
+		start := time.Now()
+		_, err := os.ReadFile(m.file)
+		took := time.Since(start)
+		if !errors.Is(err, syscall.EIO) || took > 15*time.Second {
+			t.Errorf("reading while the registry hangs: %v after %v, want an I/O error after about the 3s timeout", err, took)
+		}
+		m.stop(t)
+	})
+}
+
+// packsOf lists the packs of the chunked rootfs published beside ref.
+func packsOf(t *testing.T, ref string, auth remote.Option) []chunked.Pack {
+	t.Helper()
+	r, err := name.ParseReference(ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	desc, err := remote.Get(r, auth)
+	if err != nil {
+		t.Fatal(err)
+	}
+	idx, err := remote.Referrers(r.Context().Digest(desc.Digest.String()), auth)
+	if err != nil {
+		t.Fatal(err)
+	}
+	im, _ := idx.IndexManifest()
+	var packs []chunked.Pack
+	for _, d := range im.Manifests {
+		if d.ArtifactType != chunked.ArtifactType {
+			continue
+		}
+		m, err := remote.Get(r.Context().Digest(d.Digest.String()), auth)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var mf struct {
+			Layers []struct {
+				MediaType string        `json:"mediaType"`
+				Digest    digest.Digest `json:"digest"`
+				Size      int64         `json:"size"`
+			} `json:"layers"`
+		}
+		if err := json.Unmarshal(m.Manifest, &mf); err != nil {
+			t.Fatal(err)
+		}
+		for _, l := range mf.Layers {
+			if l.MediaType == chunked.PackMediaType {
+				packs = append(packs, chunked.Pack{Digest: l.Digest, Size: l.Size})
+			}
+		}
+	}
+	if len(packs) == 0 {
+		t.Fatalf("no chunked rootfs beside %s", ref)
+	}
+	return packs
+}

@@ -1,0 +1,220 @@
+package chunked
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+)
+
+// Store is the local chunk cache: verified chunks by digest, shared by
+// every image, kept across restarts within a budget; the chunks used
+// least recently go first.
+type Store struct {
+	dir    string
+	budget int64 // bytes; 0 is no budget
+
+	mu       sync.Mutex
+	size     int64
+	entries  map[digest.Digest]*entry
+	verified map[digest.Digest]bool // checked since the store was opened
+}
+
+type entry struct {
+	size int64
+	used time.Time
+	busy int // reads in progress: not evicted
+}
+
+// OpenStore opens (or creates) the chunk cache in dir.
+func OpenStore(dir string, budget int64) (*Store, error) {
+	s := &Store{dir: dir, budget: budget, entries: map[digest.Digest]*entry{}, verified: map[digest.Digest]bool{}}
+	root := filepath.Join(dir, "sha256")
+	if err := os.MkdirAll(root, 0o700); err != nil {
+		return nil, err
+	}
+	ents, err := os.ReadDir(root)
+	if err != nil {
+		return nil, err
+	}
+	for _, e := range ents {
+		p := filepath.Join(root, e.Name())
+		d := digest.NewDigestFromEncoded(digest.SHA256, e.Name())
+		info, err := e.Info()
+		if err != nil || !info.Mode().IsRegular() || d.Validate() != nil {
+			os.Remove(p) // a chunk being written when kiln stopped
+			continue
+		}
+		s.entries[d] = &entry{size: info.Size(), used: info.ModTime()}
+		s.size += info.Size()
+	}
+	return s, nil
+}
+
+func (s *Store) path(d digest.Digest) string { return filepath.Join(s.dir, "sha256", d.Encoded()) }
+
+// ReadAt reads a cached chunk's bytes at off into p; it reports false
+// when the chunk is not cached, or is and does not match its digest (it
+// is then removed). size is the chunk's length.
+func (s *Store) ReadAt(d digest.Digest, size int64, p []byte, off int64) (bool, error) {
+	s.mu.Lock()
+	e := s.entries[d]
+	if e == nil || e.size != size {
+		s.mu.Unlock()
+		return false, nil
+	}
+	e.busy++
+	check := !s.verified[d]
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		e.busy--
+		s.mu.Unlock()
+	}()
+	if check {
+		// Once per chunk and run: a cache on disk can rot.
+		b, err := os.ReadFile(s.path(d))
+		if err != nil || digest.FromBytes(b) != d {
+			s.drop(d)
+			return false, nil
+		}
+		s.mu.Lock()
+		s.verified[d] = true
+		s.mu.Unlock()
+		copy(p, b[off:])
+		s.touch(d, e)
+		return true, nil
+	}
+	f, err := os.Open(s.path(d))
+	if errors.Is(err, fs.ErrNotExist) {
+		s.drop(d)
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	defer f.Close()
+	if _, err := f.ReadAt(p, off); err != nil {
+		return false, fmt.Errorf("chunk %s in the cache: %w", d, err)
+	}
+	s.touch(d, e)
+	return true, nil
+}
+
+// touch records a use; the file's mtime keeps it across restarts, at
+// most once a minute per chunk.
+func (s *Store) touch(d digest.Digest, e *entry) {
+	now := time.Now()
+	s.mu.Lock()
+	stale := now.Sub(e.used) > time.Minute
+	e.used = now
+	s.mu.Unlock()
+	if stale {
+		os.Chtimes(s.path(d), now, now) //nolint:errcheck // only the order of eviction
+	}
+}
+
+// Has says whether a chunk is cached.
+func (s *Store) Has(d digest.Digest) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.entries[d] != nil
+}
+
+// Put caches a chunk whose bytes b the caller verified against d, and
+// evicts what the budget no longer holds.
+func (s *Store) Put(d digest.Digest, b []byte) error {
+	if s.Has(d) {
+		return nil
+	}
+	tmp := s.path(d) + ".tmp-" + fmt.Sprint(time.Now().UnixNano())
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	if err := os.Rename(tmp, s.path(d)); err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	s.mu.Lock()
+	if s.entries[d] == nil {
+		s.entries[d] = &entry{size: int64(len(b)), used: time.Now()}
+		s.size += int64(len(b))
+	}
+	s.verified[d] = true
+	s.mu.Unlock()
+	s.Prune(s.budget)
+	return nil
+}
+
+func (s *Store) drop(d digest.Digest) {
+	s.mu.Lock()
+	if e := s.entries[d]; e != nil {
+		s.size -= e.size
+		delete(s.entries, d)
+	}
+	delete(s.verified, d)
+	s.mu.Unlock()
+	os.Remove(s.path(d))
+}
+
+// Prune evicts the least recently used chunks not being read until the
+// cache holds at most budget bytes (0: no budget), and returns what it
+// freed.
+func (s *Store) Prune(budget int64) int64 {
+	if budget <= 0 {
+		return 0
+	}
+	s.mu.Lock()
+	if s.size <= budget {
+		s.mu.Unlock()
+		return 0
+	}
+	type use struct {
+		d digest.Digest
+		e *entry
+	}
+	var all []use
+	for d, e := range s.entries {
+		all = append(all, use{d, e})
+	}
+	sort.Slice(all, func(i, j int) bool {
+		if !all[i].e.used.Equal(all[j].e.used) {
+			return all[i].e.used.Before(all[j].e.used)
+		}
+		return all[i].d < all[j].d
+	})
+	var victims []digest.Digest
+	var freed int64
+	for _, u := range all {
+		if s.size <= budget {
+			break
+		}
+		if u.e.busy > 0 {
+			continue
+		}
+		victims = append(victims, u.d)
+		freed += u.e.size
+		s.size -= u.e.size
+		delete(s.entries, u.d)
+		delete(s.verified, u.d)
+	}
+	s.mu.Unlock()
+	for _, d := range victims {
+		os.Remove(s.path(d))
+	}
+	return freed
+}
+
+// Size is the bytes cached.
+func (s *Store) Size() int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.size
+}
