@@ -241,7 +241,7 @@ func fsck(t *testing.T, image string) {
 	}
 }
 
-func needRoot(t *testing.T, why string) {
+func needRoot(t testing.TB, why string) {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		testenv.Unavailable(t, "needs root: %s", why)

@@ -32,7 +32,7 @@ func main() {
 	root.PersistentPreRunE = func(cmd *cobra.Command, args []string) error {
 		return log.SetLevel(logLevel)
 	}
-	root.AddCommand(newConvertCommand(), newPushCommand(), newServeCommand(), newExportCommand(), newContainerdConfigCommand(), newBootCommand(), newConfigCommand(), newCacheCommand())
+	root.AddCommand(newConvertCommand(), newPushCommand(), newServeCommand(), newExportCommand(), newContainerdConfigCommand(), newBootCommand(), newConfigCommand(), newCacheCommand(), newMountCommand())
 	if err := root.ExecuteContext(ctx); err != nil {
 		var exit exitError
 		if errors.As(err, &exit) {

@@ -85,12 +85,13 @@ them first, then, with --prefetch, the rest of the image.`,
 				enc.SetIndent("", "  ")
 				return enc.Encode(struct {
 					Image    string `json:"image"`
+					Key      string `json:"key"`
 					Artifact string `json:"artifact"`
 					File     string `json:"file"`
 					Size     int64  `json:"size"`
 					RootHash string `json:"root_hash,omitempty"`
 					Fetched  any    `json:"fetched"`
-				}{l.Image.Name, l.Artifact, filepath.Join(args[1], name), l.Size(), l.RootHash, st})
+				}{l.Image.Name, l.Key, l.Artifact, filepath.Join(args[1], name), l.Size(), l.RootHash, st})
 			}
 			return nil
 		},

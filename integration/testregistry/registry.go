@@ -36,6 +36,27 @@ type Registry struct {
 	srvs    []*http.Server
 	blobs   map[string][]byte // digest -> bytes served instead
 	holds   map[string]*Hold  // digest -> a GET that stops halfway
+	stalled chan struct{}     // while set, requests wait for it to close
+}
+
+// Stall makes the registry stop answering: every request from now on
+// waits, its connection open, until release (safe to call again).
+func (r *Registry) Stall() (release func()) {
+	c := make(chan struct{})
+	r.mu.Lock()
+	r.stalled = c
+	r.mu.Unlock()
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			r.mu.Lock()
+			if r.stalled == c {
+				r.stalled = nil
+			}
+			r.mu.Unlock()
+			close(c)
+		})
+	}
 }
 
 // Options configure StartWith.
@@ -99,7 +120,15 @@ func (r *Registry) Listen(addr string) (string, error) {
 func (r *Registry) serve(host string, w http.ResponseWriter, req *http.Request) {
 	r.mu.Lock()
 	r.log = append(r.log, Request{Method: req.Method, Path: req.URL.Path, UserAgent: req.UserAgent(), Host: host})
+	stalled := r.stalled
 	r.mu.Unlock()
+	if stalled != nil {
+		select {
+		case <-stalled:
+		case <-req.Context().Done():
+			return
+		}
+	}
 	if r.opts.User != "" {
 		user, pass, ok := req.BasicAuth()
 		if !ok || user != r.opts.User || pass != r.opts.Password {
@@ -165,8 +194,8 @@ type Hold struct {
 func (h *Hold) Release() { h.once.Do(func() { close(h.release) }) }
 
 // HoldBlob makes the next GET of the blob with digest (in any
-// repository) stop after the first half of the blob until the hold is
-// released, so that a test can act while a client is fetching it.
+// repository) stop after the first half of the blob (or of the range
+// asked for) until the hold is released, so that a test can act while a client is fetching it.
 func (r *Registry) HoldBlob(digest string) *Hold {
 	h := &Hold{Reached: make(chan struct{}), release: make(chan struct{})}
 	r.mu.Lock()
@@ -183,13 +212,13 @@ func (r *Registry) HoldBlob(digest string) *Hold {
 type holdingWriter struct {
 	http.ResponseWriter
 	hold *Hold
-	half int64 // where the hold falls; 0 (nothing held) unless a 200 tells the length
+	half int64 // where the hold falls; 0 (nothing held) unless a 200 or 206 tells the length
 	sent int64
 	done bool
 }
 
 func (w *holdingWriter) WriteHeader(code int) {
-	if n, err := strconv.ParseInt(w.Header().Get("Content-Length"), 10, 64); err == nil && code == http.StatusOK {
+	if n, err := strconv.ParseInt(w.Header().Get("Content-Length"), 10, 64); err == nil && (code == http.StatusOK || code == http.StatusPartialContent) {
 		w.half = n / 2
 	}
 	w.ResponseWriter.WriteHeader(code)

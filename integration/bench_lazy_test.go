@@ -1,0 +1,225 @@
+package integration
+
+import (
+	"archive/tar"
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/kilnfs/kiln/integration/testcontainerd"
+	"github.com/kilnfs/kiln/integration/testimage"
+	"github.com/kilnfs/kiln/internal/dirtar"
+	"github.com/kilnfs/kiln/internal/vmboot/vmboottest"
+)
+
+// lazyShape is busybox with an /sbin/init that prints a marker and
+// powers off, and a 1 GiB file it never reads.
+var lazyShape = shape{name: "lazyboot1g-gzip", about: "busybox, an init script and a 1 GiB file it never reads", version: "v1", build: func(w *ociWriter) error {
+	dir, err := testimage.Busybox()
+	if err != nil {
+		return err
+	}
+	if err := w.rawLayer(testimage.Gzip, func(out io.Writer) error { return dirtar.Write(out, dir, dirtar.Options{}) }); err != nil {
+		return err
+	}
+	return w.tarLayer(testimage.Gzip, func(g *tarGen) error {
+		init := "#!/bin/busybox sh\n/bin/busybox echo kiln-lazy-marker\n/bin/busybox poweroff -f\n"
+		if err := g.dir("sbin"); err != nil {
+			return err
+		}
+		if err := g.tw.WriteHeader(&tar.Header{Typeflag: tar.TypeReg, Name: "sbin/init", Mode: 0o755, Size: int64(len(init)), ModTime: shapeTime}); err != nil {
+			return err
+		}
+		if _, err := io.WriteString(g.tw, init); err != nil {
+			return err
+		}
+		return g.file("data/big.bin", 1<<30, 0)
+	})
+}}
+
+// BenchmarkLazyBoot measures booting an image lazily, through kiln mount,
+// from nothing local, against containerd's overlayfs pull of the same
+// image (registry on 127.0.0.1), and reading the whole image through the
+// mount against kiln convert --use-published of the same image whole.
+// The image is lazyShape: what its boot reads is a small part of it.
+//
+//   - overlayfs: ctr image pull --snapshotter overlayfs, empty store.
+//   - lazy boot: kiln mount into an empty chunk cache, then kiln boot of
+//     the mounted file, until the guest prints its marker (the first
+//     output of its workload); and the compressed bytes fetched.
+//   - local boot: the same boot from the image on local disk, the floor
+//     lazy loading adds to (QEMU's boot itself).
+//   - read whole: kiln mount into an empty cache, then reading the whole
+//     file sequentially, against kiln convert --use-published -o of the
+//     whole-image artifact into an empty cache (both download, check and
+//     write every byte).
+func BenchmarkLazyBoot(b *testing.B) {
+	needRoot(b, "kiln mount mounts a FUSE filesystem; containerd runs as root")
+	if os.Getenv("KILN_SKIP_BOOT") != "" {
+		b.Skip("KILN_SKIP_BOOT is set")
+	}
+	vmboottest.RequireQEMU(b)
+	kernel := vmboottest.Kernel(b).Vmlinuz
+	f := prepareShape(b, lazyShape)
+	work := b.TempDir()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
+	defer cancel()
+	run := func(args ...string) []byte {
+		b.Helper()
+		out, err := exec.CommandContext(ctx, kilnBin, args...).CombinedOutput()
+		if err != nil {
+			b.Fatalf("kiln %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+		return out
+	}
+	// Published both ways, and built locally, untimed.
+	built := filepath.Join(work, "cache-built")
+	local := filepath.Join(work, "local.ext4")
+	run("convert", f.ref, "-o", local, "--cache-dir", built)
+	run("push", f.ref, "--cache-dir", built)
+	run("push", "--chunked", f.ref, "--cache-dir", built)
+	fi, err := os.Stat(local)
+	if err != nil {
+		b.Fatal(err)
+	}
+	size := fi.Size()
+
+	var overlay, lazy, floor, whole, published []time.Duration
+	var fetched []int64
+	for b.Loop() {
+		e, err := testcontainerd.Start(testcontainerd.Options{Kiln: kilnBin})
+		if errors.Is(err, testcontainerd.ErrUnavailable) {
+			b.Skipf("containerd cannot run here: %v", err)
+		}
+		if err != nil {
+			b.Fatal(err)
+		}
+		syncDisks(b)
+		start := time.Now()
+		if out, err := e.Ctr(ctx, "image", "pull", "--snapshotter", "overlayfs", f.ref); err != nil {
+			b.Fatalf("ctr pull: %v\n%s", err, out)
+		}
+		overlay = append(overlay, time.Since(start))
+		e.Close()
+
+		syncDisks(b)
+		start = time.Now()
+		m, st := benchMount(b, ctx, f.ref, filepath.Join(work, "cache-lazy"))
+		bootUntil(b, ctx, kernel, m.file, "kiln-lazy-marker")
+		lazy = append(lazy, time.Since(start))
+		fetched = append(fetched, st().Fetched.Bytes)
+
+		start = time.Now()
+		bootUntil(b, ctx, kernel, local, "kiln-lazy-marker")
+		floor = append(floor, time.Since(start))
+
+		syncDisks(b)
+		start = time.Now()
+		m, st = benchMount(b, ctx, f.ref, filepath.Join(work, "cache-whole"))
+		if _, err := io.Copy(io.Discard, mustOpen(b, m.file)); err != nil {
+			b.Fatalf("reading the mounted image: %v", err)
+		}
+		whole = append(whole, time.Since(start))
+		st()
+
+		syncDisks(b)
+		start = time.Now()
+		out := filepath.Join(work, "published.ext4")
+		run("convert", "--use-published", f.ref, "-o", out, "--cache-dir", filepath.Join(work, "cache-published"))
+		published = append(published, time.Since(start))
+		for _, d := range []string{"cache-lazy", "cache-whole", "cache-published"} {
+			os.RemoveAll(filepath.Join(work, d))
+		}
+		os.Remove(out)
+	}
+	o := percentile(overlay, 50).Seconds()
+	b.ReportMetric(o, "overlayfs-s")
+	b.ReportMetric(percentile(lazy, 50).Seconds()/o, "lazy-boot/overlayfs")
+	b.ReportMetric(percentile(floor, 50).Seconds()/o, "local-boot/overlayfs")
+	b.ReportMetric(float64(median(fetched))/float64(size), "fetched/image")
+	b.ReportMetric(percentile(whole, 50).Seconds()/percentile(published, 50).Seconds(), "read-whole/published-convert")
+	b.Logf("overlayfs pull %.2fs; lazy boot to first output %.2fs, local boot %.2fs; fetched %d of %d bytes; read whole %.2fs, published convert %.2fs",
+		o, percentile(lazy, 50).Seconds(), percentile(floor, 50).Seconds(), median(fetched), size,
+		percentile(whole, 50).Seconds(), percentile(published, 50).Seconds())
+}
+
+// benchMount starts kiln mount and returns it and a function that stops
+// it and says what it fetched.
+func benchMount(b *testing.B, ctx context.Context, ref, cache string) (*lazyMount, func() mountStats) {
+	b.Helper()
+	dir := b.TempDir()
+	m := &lazyMount{file: filepath.Join(dir, "rootfs.ext4"), done: make(chan error, 1)}
+	m.cmd = exec.CommandContext(ctx, kilnBin, "mount", "--json", ref, dir, "--cache-dir", cache)
+	m.cmd.Stdout, m.cmd.Stderr = &m.stdout, &m.stderr
+	if err := m.cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	go func() { m.done <- m.cmd.Wait() }()
+	for {
+		if _, err := os.Stat(m.file); err == nil {
+			break
+		}
+		select {
+		case err := <-m.done:
+			b.Fatalf("kiln mount: %v\n%s", err, m.stderr.String())
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	return m, func() mountStats {
+		m.cmd.Process.Signal(syscall.SIGTERM) //nolint:errcheck // it may have ended
+		if err := <-m.done; err != nil {
+			b.Fatalf("kiln mount: %v\n%s", err, m.stderr.String())
+		}
+		var st mountStats
+		if err := json.Unmarshal(m.stdout.Bytes(), &st); err != nil {
+			b.Fatalf("kiln mount --json: %v", err)
+		}
+		return st
+	}
+}
+
+// bootUntil boots image with kiln boot and returns once the console
+// shows marker; the VM is then stopped.
+func bootUntil(b *testing.B, ctx context.Context, kernel, image, marker string) {
+	b.Helper()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, kilnBin, "boot", image, "--kernel", kernel, "--cache-dir", b.TempDir(), "--timeout", "4m")
+	console, err := cmd.StderrPipe()
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	defer cmd.Wait() //nolint:errcheck // killed once the marker is seen
+	var seen bytes.Buffer
+	sc := bufio.NewScanner(console)
+	for sc.Scan() {
+		seen.WriteString(sc.Text() + "\n")
+		if strings.Contains(sc.Text(), marker) {
+			return
+		}
+	}
+	b.Fatalf("the guest did not print %s:\n%s", marker, lastLines(seen.String(), 30))
+}
+
+func mustOpen(b *testing.B, path string) *os.File {
+	b.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { f.Close() })
+	return f
+}
