@@ -70,8 +70,8 @@ func (b *builder) readBack() ([]placement, error) {
 		for _, e := range exts {
 			got += e.length
 		}
-		if got != n.inode.Blocks {
-			return nil, fmt.Errorf("ext4: %q got %d blocks in the image, its content needs %d", "/"+n.node.Path(), got, n.inode.Blocks)
+		if want := n.inode.Blocks(); got != want {
+			return nil, fmt.Errorf("ext4: %q got %d blocks in the image, its content needs %d", "/"+n.node.Path(), got, want)
 		}
 		depth := binary.LittleEndian.Uint16(n.raw[0x28+6:])
 		files = append(files, placement{ino: n.ino, inode: n.inode, node: n.node, extents: exts, inInode: depth == 0 && len(exts) <= len(inodeExtentFields)})

@@ -41,10 +41,11 @@ import (
 
 var errNoSpace = ext4.ErrNoSpace
 
-// entry is one inode of the content.
+// entry is one inode of the content: its first name (a directory's
+// children, errors) and its link count (a directory's is counted when
+// it is written).
 type entry struct {
-	inode *fstree.Inode
-	node  *fstree.Node // its first name: a directory's children, errors
+	node  *fstree.Node
 	links uint32
 }
 
@@ -72,7 +73,6 @@ type writer struct {
 	blockBitmaps, inodeBitmaps int64   // first block of each
 	itables                    []int64 // first block of each group's table
 	dirsIn                     []uint32
-	rootLinks                  uint32
 	journal                    [60]byte // the journal inode's i_block
 	raw                        [inodeSize]byte
 }
@@ -105,13 +105,13 @@ type packing struct {
 func pack(tree *fstree.Tree) *packing {
 	type run struct{ virtual, blocks int64 }
 	var runs []run
-	seen := map[*fstree.Inode]bool{}
+	seen := make([]bool, tree.InodeIDs())
 	_ = tree.Walk(func(n *fstree.Node) error {
 		in := n.Inode()
-		if in.Type != fstree.TypeReg || seen[in] {
+		if in.Type != fstree.TypeReg || seen[in.ID()] {
 			return nil
 		}
-		seen[in] = true
+		seen[in.ID()] = true
 		for _, r := range in.Data {
 			runs = append(runs, run{r.Virtual / blockSize, (r.Length + blockSize - 1) / blockSize})
 		}
@@ -205,16 +205,15 @@ func writeImage(ctx context.Context, tree *fstree.Tree, out string, opts ext4.Op
 // number gives every inode of the tree its number, in walk order, and
 // counts links.
 func (w *writer) number() error {
-	subdirs := map[*fstree.Node]uint32{}
+	w.entries = make([]entry, 0, w.tree.InodeIDs())
 	err := w.tree.Walk(func(n *fstree.Node) error {
 		in := n.Inode()
 		if n.Parent() == nil {
 			return nil
 		}
 		if in.Type == fstree.TypeDir {
-			subdirs[n.Parent()]++
 			w.numbers[in.ID()] = uint32(firstIno + len(w.entries))
-			w.entries = append(w.entries, entry{inode: in, node: n})
+			w.entries = append(w.entries, entry{node: n})
 			return nil
 		}
 		if ino := w.numbers[in.ID()]; ino != 0 {
@@ -226,7 +225,7 @@ func (w *writer) number() error {
 			return nil
 		}
 		w.numbers[in.ID()] = uint32(firstIno + len(w.entries))
-		w.entries = append(w.entries, entry{inode: in, node: n, links: 1})
+		w.entries = append(w.entries, entry{node: n, links: 1})
 		return nil
 	})
 	if err != nil {
@@ -235,12 +234,6 @@ func (w *writer) number() error {
 	if len(w.entries) > 1<<32-firstIno-1 {
 		return fmt.Errorf("ext4: %d inodes are too many", len(w.entries))
 	}
-	for i := range w.entries {
-		if e := &w.entries[i]; e.inode.Type == fstree.TypeDir {
-			e.links = dirLinks(subdirs[e.node])
-		}
-	}
-	w.rootLinks = dirLinks(subdirs[w.tree.Root()])
 	return nil
 }
 
@@ -293,7 +286,7 @@ func (w *writer) write(ctx context.Context) error {
 		var err error
 		switch ino {
 		case rootIno:
-			if raw, err = w.inode(ctx, ino, entry{inode: w.tree.Root().Inode(), node: w.tree.Root(), links: w.rootLinks}); err != nil {
+			if raw, err = w.inode(ctx, ino, entry{node: w.tree.Root()}); err != nil {
 				err = fmt.Errorf("ext4: %q: %w", "/", err)
 			}
 		case journalIno:
@@ -351,7 +344,7 @@ var fileTypes = map[fstree.Type]uint8{
 // inode lays out one inode's blocks, writes them, and returns the inode.
 func (w *writer) inode(ctx context.Context, ino uint32, e entry) ([]byte, error) {
 	le := binary.LittleEndian
-	in := e.inode
+	in := e.node.Inode()
 	raw := w.raw[:] // copied into the inode table by putInode
 	clear(raw)
 	le.PutUint16(raw[0x0:], uint16(in.Type.FileType()|in.Mode&0o7777))
@@ -359,24 +352,27 @@ func (w *writer) inode(ctx context.Context, ino uint32, e entry) ([]byte, error)
 	le.PutUint16(raw[0x78:], uint16(in.UID>>16))
 	le.PutUint16(raw[0x18:], uint16(in.GID))
 	le.PutUint16(raw[0x7A:], uint16(in.GID>>16))
-	le.PutUint16(raw[0x1A:], uint16(e.links))
-	putTime(raw, 0x08, 0x8C, in.Atime)
-	putTime(raw, 0x0C, 0x84, in.Ctime)
-	putTime(raw, 0x10, 0x88, in.Mtime)
+	putTime(raw, 0x08, 0x8C, in.Atime())
+	putTime(raw, 0x0C, 0x84, in.Ctime())
+	putTime(raw, 0x10, 0x88, in.Mtime())
 	putTime(raw, 0x90, 0x94, w.epoch) // creation: when the image was made
 	le.PutUint16(raw[0x80:], extraIsize)
 
 	var size, blocks int64
 	var flags uint32
 	var exts []extent
+	links := e.links
 	switch in.Type {
 	case fstree.TypeDir:
-		names := e.node.ChildNames()
-		ents := make([]dirent, 0, len(names))
-		for _, name := range names {
-			c := e.node.Child(name)
-			ents = append(ents, dirent{name: name, ino: w.numbers[c.Inode().ID()], ftype: fileTypes[c.Inode().Type]})
+		var ents []dirent
+		var subdirs uint32
+		for c := range e.node.Children() {
+			ents = append(ents, dirent{name: c.Name(), ino: w.numbers[c.Inode().ID()], ftype: fileTypes[c.Inode().Type]})
+			if c.Inode().Type == fstree.TypeDir {
+				subdirs++
+			}
 		}
+		links = dirLinks(subdirs)
 		parent := uint32(rootIno)
 		if p := e.node.Parent(); p != nil {
 			parent = w.numbers[p.Inode().ID()]
@@ -409,7 +405,7 @@ func (w *writer) inode(ctx context.Context, ino uint32, e entry) ([]byte, error)
 		if exts, err = w.fileData(ctx, in); err != nil {
 			return nil, err
 		}
-		size, blocks = in.Size, in.Blocks
+		size, blocks = in.Size, in.Blocks()
 	case fstree.TypeSymlink:
 		if len(in.Target) < 60 {
 			copy(raw[0x28:], in.Target)
@@ -443,6 +439,7 @@ func (w *writer) inode(ctx context.Context, ino uint32, e entry) ([]byte, error)
 	if err := w.xattrs(ino, in, raw, &blocks); err != nil {
 		return nil, err
 	}
+	le.PutUint16(raw[0x1A:], uint16(links))
 	le.PutUint32(raw[0x04:], uint32(size))
 	le.PutUint32(raw[0x6C:], uint32(size>>32))
 	sectors := blocks * (blockSize / 512)
@@ -491,7 +488,7 @@ const smallCopy = 256 << 10
 // fileData places a regular file's blocks, copies its content there and
 // returns its extents. Holes (the blocks no data run covers) get none.
 func (w *writer) fileData(ctx context.Context, in *fstree.Inode) ([]extent, error) {
-	if in.Blocks == 0 {
+	if len(in.Data) == 0 {
 		return nil, nil
 	}
 	spans := make([]span, 0, len(in.Data))
