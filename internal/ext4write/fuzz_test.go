@@ -151,8 +151,8 @@ func sameTree(want []treeEntry, fsys *ext4read.FS) error {
 			}
 		case fstree.TypeSymlink:
 			target, err := fsys.Readlink(got.Ino)
-			if err != nil || target != in.Target {
-				return fmt.Errorf("%q: target %q (%v), the tree's %q", p, target, err, in.Target)
+			if err != nil || target != in.Target() {
+				return fmt.Errorf("%q: target %q (%v), the tree's %q", p, target, err, in.Target())
 			}
 		}
 		return nil

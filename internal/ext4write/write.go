@@ -63,6 +63,7 @@ type writer struct {
 	meta   *seqwrite.Writer // metadata and small contents, in block order
 	itable *seqwrite.Writer // inode tables, in inode order
 	dirs   dirBuilder
+	ents   []dirent // a directory's entries, kept for the next one
 	fsSeed uint32
 	uuid   [16]byte
 	epoch  time.Time
@@ -112,7 +113,7 @@ func pack(tree *fstree.Tree) *packing {
 			return nil
 		}
 		seen[in.ID()] = true
-		for _, r := range in.Data {
+		for _, r := range in.Data() {
 			runs = append(runs, run{r.Virtual / blockSize, (r.Length + blockSize - 1) / blockSize})
 		}
 		return nil
@@ -364,7 +365,7 @@ func (w *writer) inode(ctx context.Context, ino uint32, e entry) ([]byte, error)
 	links := e.links
 	switch in.Type {
 	case fstree.TypeDir:
-		var ents []dirent
+		ents := w.ents[:0]
 		var subdirs uint32
 		for c := range e.node.Children() {
 			ents = append(ents, dirent{name: c.Name(), ino: w.numbers[c.Inode().ID()], ftype: fileTypes[c.Inode().Type]})
@@ -378,6 +379,7 @@ func (w *writer) inode(ctx context.Context, ino uint32, e entry) ([]byte, error)
 			parent = w.numbers[p.Inode().ID()]
 		}
 		data, indexed, err := w.dirs.build(ino, parent, ents)
+		w.ents = ents
 		if err != nil {
 			return nil, err
 		}
@@ -407,9 +409,9 @@ func (w *writer) inode(ctx context.Context, ino uint32, e entry) ([]byte, error)
 		}
 		size, blocks = in.Size, in.Blocks()
 	case fstree.TypeSymlink:
-		if len(in.Target) < 60 {
-			copy(raw[0x28:], in.Target)
-			size = int64(len(in.Target))
+		if len(in.Target()) < 60 {
+			copy(raw[0x28:], in.Target())
+			size = int64(len(in.Target()))
 			break
 		}
 		pieces, err := w.alloc.blocks(1)
@@ -417,12 +419,12 @@ func (w *writer) inode(ctx context.Context, ino uint32, e entry) ([]byte, error)
 			return nil, err
 		}
 		b := make([]byte, blockSize)
-		copy(b, in.Target)
+		copy(b, in.Target())
 		if err := w.meta.WriteAt(b, pieces[0].start*blockSize); err != nil {
 			return nil, err
 		}
 		exts = extentsFor([]span{{0, 1}}, pieces)
-		size, blocks = int64(len(in.Target)), 1
+		size, blocks = int64(len(in.Target())), 1
 	case fstree.TypeChar, fstree.TypeBlock:
 		b0, b1 := ext4.EncodeDevice(in.Major, in.Minor)
 		le.PutUint32(raw[0x28:], b0)
@@ -488,12 +490,12 @@ const smallCopy = 256 << 10
 // fileData places a regular file's blocks, copies its content there and
 // returns its extents. Holes (the blocks no data run covers) get none.
 func (w *writer) fileData(ctx context.Context, in *fstree.Inode) ([]extent, error) {
-	if len(in.Data) == 0 {
+	if len(in.Data()) == 0 {
 		return nil, nil
 	}
-	spans := make([]span, 0, len(in.Data))
+	spans := make([]span, 0, len(in.Data()))
 	var pieces []piece
-	for _, r := range in.Data {
+	for _, r := range in.Data() {
 		if err := ctx.Err(); err != nil {
 			return nil, err
 		}

@@ -70,6 +70,7 @@ type applier struct {
 	// tar itself, -1 if none; pos counts the tar's bytes read so far.
 	stored int
 	pos    *countingReader
+	runs   []Run // writeFile's, kept for the next file
 }
 
 // Apply replays one layer, an uncompressed tar stream, on top of the tree
@@ -305,7 +306,7 @@ func (a *applier) entry(hdr *tar.Header, r io.Reader) error {
 		if err != nil {
 			return err
 		}
-		in.Target = hdr.Linkname
+		in.more = &more{target: a.t.names.add(hdr.Linkname)}
 		if err := a.remove(existing); err != nil {
 			return err
 		}
@@ -574,7 +575,7 @@ func (a *applier) follow(link *Node, clamp, create bool, hops *int) (*Node, erro
 	if known {
 		return r.dir, nil
 	}
-	target := link.inode.Target
+	target := link.inode.Target()
 	from, abs := link.parent, strings.HasPrefix(target, "/")
 	if abs {
 		from = t.root
@@ -731,7 +732,7 @@ func (a *applier) writeFile(path string, in *Inode, r io.Reader, inPlace bool) (
 	}
 	var (
 		size int64
-		runs []Run
+		runs = a.runs[:0]
 		zero [blockSize]byte
 	)
 	for {
@@ -794,7 +795,9 @@ func (a *applier) writeFile(path string, in *Inode, r io.Reader, inPlace bool) (
 	if inPlace && a.pos.n-base != size {
 		return fmt.Errorf("content is not stored contiguously in the layer tar")
 	}
-	in.Size, in.Data = size, runs
+	in.Size = size
+	in.setData(runs)
+	a.runs = runs
 	if f == nil {
 		return nil
 	}
@@ -895,7 +898,7 @@ func (t *Tree) Resolve(path string) (*Node, error) {
 		if hops == maxSymlinks {
 			return nil, fmt.Errorf("too many levels of symlinks at %q", n.Path())
 		}
-		target := n.inode.Target
+		target := n.inode.Target()
 		if !strings.HasPrefix(target, "/") {
 			target = dir.Path() + "/" + target
 		}

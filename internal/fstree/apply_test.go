@@ -106,7 +106,7 @@ func content(t *testing.T, tr *Tree, path string) string {
 	}
 	in := n.Inode()
 	b := make([]byte, in.Size)
-	for _, r := range in.Data {
+	for _, r := range in.Data() {
 		f, err := os.Open(tr.DataFiles()[r.File])
 		if err != nil {
 			t.Fatal(err)
@@ -246,7 +246,7 @@ func TestSymlinkParentsResolveInsideRootfs(t *testing.T) {
 		[]entry{file("lib/x", "x"), file("abs/lib/y", "y")},
 	)
 	mustExist(t, tr, "usr/lib/x", "usr/lib/y")
-	if n := tr.Lookup("lib"); n.Inode().Type != TypeSymlink || n.Inode().Target != "usr/lib" {
+	if n := tr.Lookup("lib"); n.Inode().Type != TypeSymlink || n.Inode().Target() != "usr/lib" {
 		t.Errorf("lib should stay a symlink to usr/lib")
 	}
 	if fi, err := os.Lstat(filepath.Join(tr.StagingDir(), "lib")); err != nil || fi.Mode()&os.ModeSymlink == 0 {
@@ -399,8 +399,8 @@ func TestApplyStored(t *testing.T) {
 			t.Errorf("%s: content differs", path)
 		}
 	}
-	if in := tr.Lookup("sparse").Inode(); in.Blocks() != 2 || len(in.Data) != 2 {
-		t.Errorf("sparse: %d blocks in %d runs, want 2 in 2", in.Blocks(), len(in.Data))
+	if in := tr.Lookup("sparse").Inode(); in.Blocks() != 2 || len(in.Data()) != 2 {
+		t.Errorf("sparse: %d blocks in %d runs, want 2 in 2", in.Blocks(), len(in.Data()))
 	}
 	if fi, err := os.Stat(tr.DataFiles()[0]); err != nil || fi.Size() != 0 {
 		t.Errorf("the tree's own data file should stay empty (%v)", err)

@@ -100,11 +100,49 @@ type Inode struct {
 	mtime, atime, ctime stamp
 
 	Xattrs map[string]string
-	Target string // symlink target, verbatim
-	Size   int64  // regular files: logical size
-	// Data locates a regular file's content in the tree's data files,
-	// in file order; what no run covers is a hole.
-	Data []Run
+	Size   int64 // regular files: logical size
+	more   *more
+}
+
+// more is what only some inodes have, kept apart so that the others do
+// not pay for it: a symlink's target, a regular file's runs.
+type more struct {
+	target string
+	runs   []Run
+	one    [1]Run // the runs of a file with one, without another allocation
+}
+
+// Target returns a symlink's target, verbatim.
+func (in *Inode) Target() string {
+	if in.more == nil {
+		return ""
+	}
+	return in.more.target
+}
+
+// Data locates a regular file's content in the tree's data files, in
+// file order; what no run covers is a hole.
+func (in *Inode) Data() []Run {
+	if in.more == nil {
+		return nil
+	}
+	return in.more.runs
+}
+
+// setData sets a regular file's runs, copying them.
+func (in *Inode) setData(runs []Run) {
+	if len(runs) == 0 {
+		in.more = nil
+		return
+	}
+	m := &more{}
+	if len(runs) == 1 {
+		m.one[0] = runs[0]
+		m.runs = m.one[:]
+	} else {
+		m.runs = slices.Clone(runs)
+	}
+	in.more = m
 }
 
 // ID numbers the inode among those of its tree, from 0 up to the tree's
@@ -125,7 +163,7 @@ func (in *Inode) setTimes(mtime, atime, ctime time.Time) {
 // excluded.
 func (in *Inode) Blocks() int64 {
 	var n int64
-	for _, r := range in.Data {
+	for _, r := range in.Data() {
 		n += (r.Length + blockSize - 1) / blockSize
 	}
 	return n
@@ -307,22 +345,23 @@ func (c *children) each(yield func(*Node) bool) {
 	}
 }
 
-// names is an arena for the nodes' names: chunks that are only ever
-// appended to, so that the bytes a name points to never change.
+// names is an arena for the nodes' names and the symlinks' targets:
+// chunks that are only ever appended to, so that the bytes a string
+// points to never change. A string kept there costs its bytes only.
 type names struct{ chunk []byte }
 
-const namesChunk = 64 << 10
+const namesChunk = 64 << 10 // more than a name or a target (maxLinkLen)
 
-func (a *names) add(name string) (*byte, uint8) {
-	if name == "" {
-		return nil, 0
+func (a *names) add(s string) string {
+	if s == "" {
+		return ""
 	}
-	if len(name) > cap(a.chunk)-len(a.chunk) {
+	if len(s) > cap(a.chunk)-len(a.chunk) {
 		a.chunk = make([]byte, 0, namesChunk)
 	}
 	at := len(a.chunk)
-	a.chunk = append(a.chunk, name...)
-	return &a.chunk[at], uint8(len(name))
+	a.chunk = append(a.chunk, s...)
+	return unsafe.String(&a.chunk[at], len(s))
 }
 
 // Path returns the node's path relative to the root, "/"-separated, "" for
@@ -432,7 +471,8 @@ func (t *Tree) newLink(name string, in *Inode, layer int) *Node {
 }
 
 func (t *Tree) name(n *Node, name string, layer int) {
-	n.name, n.nameLen = t.names.add(name)
+	name = t.names.add(name)
+	n.name, n.nameLen = unsafe.StringData(name), uint8(len(name))
 	n.layer = int32(layer)
 	if n.inode.Type == TypeDir {
 		n.children = &children{}
@@ -530,7 +570,7 @@ func (t *Tree) Stats() Stats {
 		case TypeReg:
 			s.DataBlocks += in.Blocks()
 		case TypeSymlink:
-			if len(in.Target) >= 60 {
+			if len(in.Target()) >= 60 {
 				s.LongSymlinks++
 			}
 		}

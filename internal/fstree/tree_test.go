@@ -5,6 +5,7 @@ import (
 	"slices"
 	"testing"
 	"time"
+	"unsafe"
 )
 
 // TestStamp: the compact times keep every time a tar header can give,
@@ -83,5 +84,13 @@ func TestLargeDirectory(t *testing.T) {
 	})
 	if !slices.Equal(walked, want) {
 		t.Errorf("Walk visits %d names of big, want %d, in order", len(walked), len(want))
+	}
+}
+
+// TestNodeSize: an entry's name and inode, what an image of millions of
+// entries holds millions of, stay within 128 bytes.
+func TestNodeSize(t *testing.T) {
+	if size := unsafe.Sizeof(namedInode{}); size > 128 {
+		t.Errorf("a node and its inode take %d bytes, want at most 128", size)
 	}
 }
