@@ -41,14 +41,6 @@ import (
 
 var errNoSpace = ext4.ErrNoSpace
 
-// entry is one inode of the content: its first name (a directory's
-// children, errors) and its link count (a directory's is counted when
-// it is written).
-type entry struct {
-	node  *fstree.Node
-	links uint32
-}
-
 type writer struct {
 	tree   *fstree.Tree
 	opts   ext4.Options
@@ -68,8 +60,11 @@ type writer struct {
 	uuid   [16]byte
 	epoch  time.Time
 
-	entries []entry  // from firstIno on, in number order
-	numbers []uint32 // by fstree.Inode.ID, for directory entries; 0 until numbered
+	// Inodes are numbered in walk order from firstIno, at their first
+	// name, and written in a second walk in the same order.
+	numbers []uint32          // by fstree.Inode.ID, for directory entries; 0 until numbered
+	inodes  uint32            // the inodes numbered
+	links   map[uint32]uint32 // by number, of the files with more than one name
 
 	blockBitmaps, inodeBitmaps int64   // first block of each
 	itables                    []int64 // first block of each group's table
@@ -151,7 +146,7 @@ func writeImage(ctx context.Context, tree *fstree.Tree, out string, opts ext4.Op
 		return ext4.Result{}, err
 	}
 	w.g = g
-	if used := int64(firstIno-1) + int64(len(w.entries)); used > int64(g.inodes()) {
+	if used := int64(firstIno-1) + int64(w.inodes); used > int64(g.inodes()) {
 		return ext4.Result{}, fmt.Errorf("%w: %d inodes, the filesystem has room for %d", errNoSpace, used, g.inodes())
 	}
 	w.uuid = ext4.DeriveID("kiln.fs-uuid", opts.Identity)
@@ -206,36 +201,30 @@ func writeImage(ctx context.Context, tree *fstree.Tree, out string, opts ext4.Op
 // number gives every inode of the tree its number, in walk order, and
 // counts links.
 func (w *writer) number() error {
-	w.entries = make([]entry, 0, w.tree.InodeIDs())
-	err := w.tree.Walk(func(n *fstree.Node) error {
-		in := n.Inode()
+	w.links = map[uint32]uint32{}
+	return w.tree.Walk(func(n *fstree.Node) error {
 		if n.Parent() == nil {
 			return nil
 		}
-		if in.Type == fstree.TypeDir {
-			w.numbers[in.ID()] = uint32(firstIno + len(w.entries))
-			w.entries = append(w.entries, entry{node: n})
-			return nil
-		}
-		if ino := w.numbers[in.ID()]; ino != 0 {
-			e := &w.entries[ino-firstIno]
-			e.links++
-			if e.links > maxLinks {
+		id := n.Inode().ID()
+		if ino := w.numbers[id]; ino != 0 {
+			links := w.links[ino] + 1
+			if links == 1 {
+				links = 2 // the first name was not counted
+			}
+			if links > maxLinks {
 				return fmt.Errorf("ext4: %q: more than %d hard links", "/"+n.Path(), maxLinks)
 			}
+			w.links[ino] = links
 			return nil
 		}
-		w.numbers[in.ID()] = uint32(firstIno + len(w.entries))
-		w.entries = append(w.entries, entry{node: n, links: 1})
+		if w.inodes == 1<<32-firstIno-1 {
+			return fmt.Errorf("ext4: more than %d inodes", w.inodes)
+		}
+		w.numbers[id] = firstIno + w.inodes
+		w.inodes++
 		return nil
 	})
-	if err != nil {
-		return err
-	}
-	if len(w.entries) > 1<<32-firstIno-1 {
-		return fmt.Errorf("ext4: %d inodes are too many", len(w.entries))
-	}
-	return nil
 }
 
 // dirLinks is a directory's link count: its name, ".", and each
@@ -287,7 +276,7 @@ func (w *writer) write(ctx context.Context) error {
 		var err error
 		switch ino {
 		case rootIno:
-			if raw, err = w.inode(ctx, ino, entry{node: w.tree.Root()}); err != nil {
+			if raw, err = w.inode(ctx, ino, w.tree.Root()); err != nil {
 				err = fmt.Errorf("ext4: %q: %w", "/", err)
 			}
 		case journalIno:
@@ -302,20 +291,26 @@ func (w *writer) write(ctx context.Context) error {
 			return err
 		}
 	}
-	for i, e := range w.entries {
-		if i%1024 == 0 {
+	next := uint32(firstIno)
+	err = w.tree.Walk(func(n *fstree.Node) error {
+		ino := w.numbers[n.Inode().ID()]
+		if n.Parent() == nil || ino != next {
+			return nil // the root, or a name after an inode's first
+		}
+		next++
+		if ino%1024 == 0 {
 			if err := ctx.Err(); err != nil {
 				return err
 			}
 		}
-		ino := uint32(firstIno + i)
-		raw, err := w.inode(ctx, ino, e)
+		raw, err := w.inode(ctx, ino, n)
 		if err != nil {
-			return fmt.Errorf("ext4: %q: %w", "/"+e.node.Path(), err)
+			return fmt.Errorf("ext4: %q: %w", "/"+n.Path(), err)
 		}
-		if err := w.putInode(ino, raw); err != nil {
-			return err
-		}
+		return w.putInode(ino, raw)
+	})
+	if err != nil {
+		return err
 	}
 	if w.take {
 		// What later layers replaced reads as zeros, as it would in an
@@ -342,10 +337,11 @@ var fileTypes = map[fstree.Type]uint8{
 	fstree.TypeBlock:   ftBlock,
 }
 
-// inode lays out one inode's blocks, writes them, and returns the inode.
-func (w *writer) inode(ctx context.Context, ino uint32, e entry) ([]byte, error) {
+// inode lays out the blocks of the inode named n, writes them, and
+// returns the inode.
+func (w *writer) inode(ctx context.Context, ino uint32, n *fstree.Node) ([]byte, error) {
 	le := binary.LittleEndian
-	in := e.node.Inode()
+	in := n.Inode()
 	raw := w.raw[:] // copied into the inode table by putInode
 	clear(raw)
 	le.PutUint16(raw[0x0:], uint16(in.Type.FileType()|in.Mode&0o7777))
@@ -362,12 +358,15 @@ func (w *writer) inode(ctx context.Context, ino uint32, e entry) ([]byte, error)
 	var size, blocks int64
 	var flags uint32
 	var exts []extent
-	links := e.links
+	links := uint32(1)
+	if l, ok := w.links[ino]; ok {
+		links = l
+	}
 	switch in.Type {
 	case fstree.TypeDir:
 		ents := w.ents[:0]
 		var subdirs uint32
-		for c := range e.node.Children() {
+		for c := range n.Children() {
 			ents = append(ents, dirent{name: c.Name(), ino: w.numbers[c.Inode().ID()], ftype: fileTypes[c.Inode().Type]})
 			if c.Inode().Type == fstree.TypeDir {
 				subdirs++
@@ -375,7 +374,7 @@ func (w *writer) inode(ctx context.Context, ino uint32, e entry) ([]byte, error)
 		}
 		links = dirLinks(subdirs)
 		parent := uint32(rootIno)
-		if p := e.node.Parent(); p != nil {
+		if p := n.Parent(); p != nil {
 			parent = w.numbers[p.Inode().ID()]
 		}
 		data, indexed, err := w.dirs.build(ino, parent, ents)
