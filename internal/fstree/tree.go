@@ -88,8 +88,9 @@ func (t Type) FileType() uint32 {
 
 // Inode is the metadata of one file. Hard links share one Inode.
 //
-// An image may have millions of them, so fields are laid out to leave
-// no padding and the times take 12 bytes each (see stamp).
+// An image may have millions of them: the fields are ordered to leave
+// little padding, the times take 12 bytes each (see stamp), and what
+// only some inodes have is kept apart (see more).
 type Inode struct {
 	Type         Type
 	Mode         uint32 // permission bits including setuid, setgid and sticky (07777)
