@@ -14,10 +14,12 @@ import (
 	"github.com/containerd/log"
 	"github.com/spf13/cobra"
 
+	"github.com/kilnfs/kiln/internal/gcheadroom"
 	"github.com/kilnfs/kiln/internal/version"
 )
 
 func main() {
+	gcheadroom.Start()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	root := &cobra.Command{

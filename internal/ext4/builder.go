@@ -530,9 +530,9 @@ func (b *builder) restoreMetadata(ctx context.Context, files []placement) error 
 		if in.Type == fstree.TypeReg && uint64(in.Size) != have.size {
 			s.printf("sif <%d> size %d", ino, in.Size)
 		}
-		s.setTime(ino, "atime", in.Atime, have.atime)
-		s.setTime(ino, "mtime", in.Mtime, have.mtime)
-		s.setTime(ino, "ctime", in.Ctime, have.ctime)
+		s.setTime(ino, "atime", in.Atime(), have.atime)
+		s.setTime(ino, "mtime", in.Mtime(), have.mtime)
+		s.setTime(ino, "ctime", in.Ctime(), have.ctime)
 		for _, k := range in.XattrNames() {
 			name, err := quote(k)
 			if err != nil {

@@ -35,7 +35,7 @@ type placement struct {
 // content the blocks its data runs cover, holes left out.
 func (b *builder) allocateData(s *script) {
 	for _, n := range b.inodes {
-		for _, r := range n.inode.Data {
+		for _, r := range n.inode.Data() {
 			first := r.Offset / BlockSize
 			last := (r.Offset + r.Length - 1) / BlockSize
 			s.printf("fallocate <%d> %d %d", n.ino, first, last)
@@ -59,7 +59,7 @@ func (b *builder) readBack() ([]placement, error) {
 		if n.raw, err = im.inode(n.ino); err != nil {
 			return nil, err
 		}
-		if n.inode.Type != fstree.TypeReg || len(n.inode.Data) == 0 {
+		if n.inode.Type != fstree.TypeReg || len(n.inode.Data()) == 0 {
 			continue
 		}
 		exts, err := im.extents(n.ino, n.raw)
@@ -70,8 +70,8 @@ func (b *builder) readBack() ([]placement, error) {
 		for _, e := range exts {
 			got += e.length
 		}
-		if got != n.inode.Blocks {
-			return nil, fmt.Errorf("ext4: %q got %d blocks in the image, its content needs %d", "/"+n.node.Path(), got, n.inode.Blocks)
+		if want := n.inode.Blocks(); got != want {
+			return nil, fmt.Errorf("ext4: %q got %d blocks in the image, its content needs %d", "/"+n.node.Path(), got, want)
 		}
 		depth := binary.LittleEndian.Uint16(n.raw[0x28+6:])
 		files = append(files, placement{ino: n.ino, inode: n.inode, node: n.node, extents: exts, inInode: depth == 0 && len(exts) <= len(inodeExtentFields)})
@@ -178,7 +178,7 @@ func (b *builder) assemble(sync bool) error {
 // order, and the extents cover exactly the runs' blocks.
 func copyFile(dst *os.File, srcs []*os.File, p placement) error {
 	exts := p.extents
-	for _, r := range p.inode.Data {
+	for _, r := range p.inode.Data() {
 		if r.File < 0 || r.File >= len(srcs) {
 			return fmt.Errorf("no data file %d", r.File)
 		}

@@ -125,11 +125,11 @@ func sameTree(want []treeEntry, fsys *ext4read.FS) error {
 		inos[in] = got.Ino
 		names[got.Ino]++
 		if got.Type != types[in.Type] || got.Mode != in.Mode || got.UID != in.UID || got.GID != in.GID ||
-			!got.Mtime.Equal(ext4Time(in.Mtime)) || !got.Atime.Equal(ext4Time(in.Atime)) || !got.Ctime.Equal(ext4Time(in.Ctime)) ||
+			!got.Mtime.Equal(ext4Time(in.Mtime())) || !got.Atime.Equal(ext4Time(in.Atime())) || !got.Ctime.Equal(ext4Time(in.Ctime())) ||
 			in.Type.IsDevice() && (got.Major != in.Major || got.Minor != in.Minor) {
 			return fmt.Errorf("%q: the image has\n %s %o %d:%d %d:%d times %v %v %v,\nthe tree\n %s %o %d:%d %d:%d times %v %v %v", p,
 				got.Type, got.Mode, got.UID, got.GID, got.Major, got.Minor, got.Mtime, got.Atime, got.Ctime,
-				in.Type, in.Mode, in.UID, in.GID, in.Major, in.Minor, in.Mtime, in.Atime, in.Ctime)
+				in.Type, in.Mode, in.UID, in.GID, in.Major, in.Minor, in.Mtime(), in.Atime(), in.Ctime())
 		}
 		xattrs, err := fsys.Xattrs(got.Ino)
 		if err != nil {
@@ -151,8 +151,8 @@ func sameTree(want []treeEntry, fsys *ext4read.FS) error {
 			}
 		case fstree.TypeSymlink:
 			target, err := fsys.Readlink(got.Ino)
-			if err != nil || target != in.Target {
-				return fmt.Errorf("%q: target %q (%v), the tree's %q", p, target, err, in.Target)
+			if err != nil || target != in.Target() {
+				return fmt.Errorf("%q: target %q (%v), the tree's %q", p, target, err, in.Target())
 			}
 		}
 		return nil

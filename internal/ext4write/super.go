@@ -57,7 +57,7 @@ func (w *writer) journalInode() ([]byte, error) {
 func (w *writer) finish() error {
 	le := binary.LittleEndian
 	g := w.g
-	used := uint32(firstIno - 1 + len(w.entries)) // inodes 1..used are taken
+	used := firstIno - 1 + w.inodes // inodes 1..used are taken
 	desc := make([]byte, g.gdtBlocks*blockSize)
 	var freeBlocks, freeInodes int64
 	// The block bitmaps are final only now; written in order, then the

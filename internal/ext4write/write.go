@@ -41,13 +41,6 @@ import (
 
 var errNoSpace = ext4.ErrNoSpace
 
-// entry is one inode of the content.
-type entry struct {
-	inode *fstree.Inode
-	node  *fstree.Node // its first name: a directory's children, errors
-	links uint32
-}
-
 type writer struct {
 	tree   *fstree.Tree
 	opts   ext4.Options
@@ -62,17 +55,20 @@ type writer struct {
 	meta   *seqwrite.Writer // metadata and small contents, in block order
 	itable *seqwrite.Writer // inode tables, in inode order
 	dirs   dirBuilder
+	ents   []dirent // a directory's entries, kept for the next one
 	fsSeed uint32
 	uuid   [16]byte
 	epoch  time.Time
 
-	entries []entry  // from firstIno on, in number order
-	numbers []uint32 // by fstree.Inode.ID, for directory entries; 0 until numbered
+	// Inodes are numbered in walk order from firstIno, at their first
+	// name, and written in a second walk in the same order.
+	numbers []uint32          // by fstree.Inode.ID, for directory entries; 0 until numbered
+	inodes  uint32            // the inodes numbered
+	links   map[uint32]uint32 // by number, of the files with more than one name
 
 	blockBitmaps, inodeBitmaps int64   // first block of each
 	itables                    []int64 // first block of each group's table
 	dirsIn                     []uint32
-	rootLinks                  uint32
 	journal                    [60]byte // the journal inode's i_block
 	raw                        [inodeSize]byte
 }
@@ -105,14 +101,14 @@ type packing struct {
 func pack(tree *fstree.Tree) *packing {
 	type run struct{ virtual, blocks int64 }
 	var runs []run
-	seen := map[*fstree.Inode]bool{}
+	seen := make([]bool, tree.InodeIDs())
 	_ = tree.Walk(func(n *fstree.Node) error {
 		in := n.Inode()
-		if in.Type != fstree.TypeReg || seen[in] {
+		if in.Type != fstree.TypeReg || seen[in.ID()] {
 			return nil
 		}
-		seen[in] = true
-		for _, r := range in.Data {
+		seen[in.ID()] = true
+		for _, r := range in.Data() {
 			runs = append(runs, run{r.Virtual / blockSize, (r.Length + blockSize - 1) / blockSize})
 		}
 		return nil
@@ -150,7 +146,7 @@ func writeImage(ctx context.Context, tree *fstree.Tree, out string, opts ext4.Op
 		return ext4.Result{}, err
 	}
 	w.g = g
-	if used := int64(firstIno-1) + int64(len(w.entries)); used > int64(g.inodes()) {
+	if used := int64(firstIno-1) + int64(w.inodes); used > int64(g.inodes()) {
 		return ext4.Result{}, fmt.Errorf("%w: %d inodes, the filesystem has room for %d", errNoSpace, used, g.inodes())
 	}
 	w.uuid = ext4.DeriveID("kiln.fs-uuid", opts.Identity)
@@ -205,43 +201,30 @@ func writeImage(ctx context.Context, tree *fstree.Tree, out string, opts ext4.Op
 // number gives every inode of the tree its number, in walk order, and
 // counts links.
 func (w *writer) number() error {
-	subdirs := map[*fstree.Node]uint32{}
-	err := w.tree.Walk(func(n *fstree.Node) error {
-		in := n.Inode()
+	w.links = map[uint32]uint32{}
+	return w.tree.Walk(func(n *fstree.Node) error {
 		if n.Parent() == nil {
 			return nil
 		}
-		if in.Type == fstree.TypeDir {
-			subdirs[n.Parent()]++
-			w.numbers[in.ID()] = uint32(firstIno + len(w.entries))
-			w.entries = append(w.entries, entry{inode: in, node: n})
-			return nil
-		}
-		if ino := w.numbers[in.ID()]; ino != 0 {
-			e := &w.entries[ino-firstIno]
-			e.links++
-			if e.links > maxLinks {
+		id := n.Inode().ID()
+		if ino := w.numbers[id]; ino != 0 {
+			links := w.links[ino] + 1
+			if links == 1 {
+				links = 2 // the first name was not counted
+			}
+			if links > maxLinks {
 				return fmt.Errorf("ext4: %q: more than %d hard links", "/"+n.Path(), maxLinks)
 			}
+			w.links[ino] = links
 			return nil
 		}
-		w.numbers[in.ID()] = uint32(firstIno + len(w.entries))
-		w.entries = append(w.entries, entry{inode: in, node: n, links: 1})
+		if w.inodes == 1<<32-firstIno-1 {
+			return fmt.Errorf("ext4: more than %d inodes", w.inodes)
+		}
+		w.numbers[id] = firstIno + w.inodes
+		w.inodes++
 		return nil
 	})
-	if err != nil {
-		return err
-	}
-	if len(w.entries) > 1<<32-firstIno-1 {
-		return fmt.Errorf("ext4: %d inodes are too many", len(w.entries))
-	}
-	for i := range w.entries {
-		if e := &w.entries[i]; e.inode.Type == fstree.TypeDir {
-			e.links = dirLinks(subdirs[e.node])
-		}
-	}
-	w.rootLinks = dirLinks(subdirs[w.tree.Root()])
-	return nil
 }
 
 // dirLinks is a directory's link count: its name, ".", and each
@@ -293,7 +276,7 @@ func (w *writer) write(ctx context.Context) error {
 		var err error
 		switch ino {
 		case rootIno:
-			if raw, err = w.inode(ctx, ino, entry{inode: w.tree.Root().Inode(), node: w.tree.Root(), links: w.rootLinks}); err != nil {
+			if raw, err = w.inode(ctx, ino, w.tree.Root()); err != nil {
 				err = fmt.Errorf("ext4: %q: %w", "/", err)
 			}
 		case journalIno:
@@ -308,20 +291,26 @@ func (w *writer) write(ctx context.Context) error {
 			return err
 		}
 	}
-	for i, e := range w.entries {
-		if i%1024 == 0 {
+	next := uint32(firstIno)
+	err = w.tree.Walk(func(n *fstree.Node) error {
+		ino := w.numbers[n.Inode().ID()]
+		if n.Parent() == nil || ino != next {
+			return nil // the root, or a name after an inode's first
+		}
+		next++
+		if ino%1024 == 0 {
 			if err := ctx.Err(); err != nil {
 				return err
 			}
 		}
-		ino := uint32(firstIno + i)
-		raw, err := w.inode(ctx, ino, e)
+		raw, err := w.inode(ctx, ino, n)
 		if err != nil {
-			return fmt.Errorf("ext4: %q: %w", "/"+e.node.Path(), err)
+			return fmt.Errorf("ext4: %q: %w", "/"+n.Path(), err)
 		}
-		if err := w.putInode(ino, raw); err != nil {
-			return err
-		}
+		return w.putInode(ino, raw)
+	})
+	if err != nil {
+		return err
 	}
 	if w.take {
 		// What later layers replaced reads as zeros, as it would in an
@@ -348,10 +337,11 @@ var fileTypes = map[fstree.Type]uint8{
 	fstree.TypeBlock:   ftBlock,
 }
 
-// inode lays out one inode's blocks, writes them, and returns the inode.
-func (w *writer) inode(ctx context.Context, ino uint32, e entry) ([]byte, error) {
+// inode lays out the blocks of the inode named n, writes them, and
+// returns the inode.
+func (w *writer) inode(ctx context.Context, ino uint32, n *fstree.Node) ([]byte, error) {
 	le := binary.LittleEndian
-	in := e.inode
+	in := n.Inode()
 	raw := w.raw[:] // copied into the inode table by putInode
 	clear(raw)
 	le.PutUint16(raw[0x0:], uint16(in.Type.FileType()|in.Mode&0o7777))
@@ -359,29 +349,36 @@ func (w *writer) inode(ctx context.Context, ino uint32, e entry) ([]byte, error)
 	le.PutUint16(raw[0x78:], uint16(in.UID>>16))
 	le.PutUint16(raw[0x18:], uint16(in.GID))
 	le.PutUint16(raw[0x7A:], uint16(in.GID>>16))
-	le.PutUint16(raw[0x1A:], uint16(e.links))
-	putTime(raw, 0x08, 0x8C, in.Atime)
-	putTime(raw, 0x0C, 0x84, in.Ctime)
-	putTime(raw, 0x10, 0x88, in.Mtime)
+	putTime(raw, 0x08, 0x8C, in.Atime())
+	putTime(raw, 0x0C, 0x84, in.Ctime())
+	putTime(raw, 0x10, 0x88, in.Mtime())
 	putTime(raw, 0x90, 0x94, w.epoch) // creation: when the image was made
 	le.PutUint16(raw[0x80:], extraIsize)
 
 	var size, blocks int64
 	var flags uint32
 	var exts []extent
+	links := uint32(1)
+	if l, ok := w.links[ino]; ok {
+		links = l
+	}
 	switch in.Type {
 	case fstree.TypeDir:
-		names := e.node.ChildNames()
-		ents := make([]dirent, 0, len(names))
-		for _, name := range names {
-			c := e.node.Child(name)
-			ents = append(ents, dirent{name: name, ino: w.numbers[c.Inode().ID()], ftype: fileTypes[c.Inode().Type]})
+		ents := w.ents[:0]
+		var subdirs uint32
+		for c := range n.Children() {
+			ents = append(ents, dirent{name: c.Name(), ino: w.numbers[c.Inode().ID()], ftype: fileTypes[c.Inode().Type]})
+			if c.Inode().Type == fstree.TypeDir {
+				subdirs++
+			}
 		}
+		links = dirLinks(subdirs)
 		parent := uint32(rootIno)
-		if p := e.node.Parent(); p != nil {
+		if p := n.Parent(); p != nil {
 			parent = w.numbers[p.Inode().ID()]
 		}
 		data, indexed, err := w.dirs.build(ino, parent, ents)
+		w.ents = ents
 		if err != nil {
 			return nil, err
 		}
@@ -409,11 +406,11 @@ func (w *writer) inode(ctx context.Context, ino uint32, e entry) ([]byte, error)
 		if exts, err = w.fileData(ctx, in); err != nil {
 			return nil, err
 		}
-		size, blocks = in.Size, in.Blocks
+		size, blocks = in.Size, in.Blocks()
 	case fstree.TypeSymlink:
-		if len(in.Target) < 60 {
-			copy(raw[0x28:], in.Target)
-			size = int64(len(in.Target))
+		if len(in.Target()) < 60 {
+			copy(raw[0x28:], in.Target())
+			size = int64(len(in.Target()))
 			break
 		}
 		pieces, err := w.alloc.blocks(1)
@@ -421,12 +418,12 @@ func (w *writer) inode(ctx context.Context, ino uint32, e entry) ([]byte, error)
 			return nil, err
 		}
 		b := make([]byte, blockSize)
-		copy(b, in.Target)
+		copy(b, in.Target())
 		if err := w.meta.WriteAt(b, pieces[0].start*blockSize); err != nil {
 			return nil, err
 		}
 		exts = extentsFor([]span{{0, 1}}, pieces)
-		size, blocks = int64(len(in.Target)), 1
+		size, blocks = int64(len(in.Target())), 1
 	case fstree.TypeChar, fstree.TypeBlock:
 		b0, b1 := ext4.EncodeDevice(in.Major, in.Minor)
 		le.PutUint32(raw[0x28:], b0)
@@ -443,6 +440,7 @@ func (w *writer) inode(ctx context.Context, ino uint32, e entry) ([]byte, error)
 	if err := w.xattrs(ino, in, raw, &blocks); err != nil {
 		return nil, err
 	}
+	le.PutUint16(raw[0x1A:], uint16(links))
 	le.PutUint32(raw[0x04:], uint32(size))
 	le.PutUint32(raw[0x6C:], uint32(size>>32))
 	sectors := blocks * (blockSize / 512)
@@ -491,12 +489,12 @@ const smallCopy = 256 << 10
 // fileData places a regular file's blocks, copies its content there and
 // returns its extents. Holes (the blocks no data run covers) get none.
 func (w *writer) fileData(ctx context.Context, in *fstree.Inode) ([]extent, error) {
-	if in.Blocks == 0 {
+	if len(in.Data()) == 0 {
 		return nil, nil
 	}
-	spans := make([]span, 0, len(in.Data))
+	spans := make([]span, 0, len(in.Data()))
 	var pieces []piece
-	for _, r := range in.Data {
+	for _, r := range in.Data() {
 		if err := ctx.Err(); err != nil {
 			return nil, err
 		}

@@ -12,6 +12,7 @@ import (
 	"math"
 	"net/url"
 	"os"
+	"slices"
 	"strings"
 	"time"
 
@@ -69,6 +70,7 @@ type applier struct {
 	// tar itself, -1 if none; pos counts the tar's bytes read so far.
 	stored int
 	pos    *countingReader
+	runs   []Run // writeFile's, kept for the next file
 }
 
 // Apply replays one layer, an uncompressed tar stream, on top of the tree
@@ -252,7 +254,7 @@ func (a *applier) entry(hdr *tar.Header, r io.Reader) error {
 		if err != nil {
 			return err
 		}
-		a.t.root.inode = in
+		a.t.root.inode.replace(in)
 		return nil
 	}
 	base := parts[len(parts)-1]
@@ -263,7 +265,7 @@ func (a *applier) entry(hdr *tar.Header, r io.Reader) error {
 	if err != nil {
 		return err
 	}
-	existing := parent.children[base]
+	existing := parent.Child(base)
 
 	switch hdr.Typeflag {
 	case tar.TypeDir:
@@ -272,8 +274,8 @@ func (a *applier) entry(hdr *tar.Header, r io.Reader) error {
 			return err
 		}
 		if existing != nil && existing.inode.Type == TypeDir {
-			existing.inode = in
-			existing.layer = a.layer
+			existing.inode.replace(in)
+			existing.layer = int32(a.layer)
 			return nil
 		}
 		if err := a.remove(existing); err != nil {
@@ -291,7 +293,7 @@ func (a *applier) entry(hdr *tar.Header, r io.Reader) error {
 			return err
 		}
 		n := a.attach(parent, base, in)
-		return a.writeFile(a.t.StagingPath(n), in, r, a.inPlace(hdr))
+		return a.writeFile(a.t.StagingPath(n), n.inode, r, a.inPlace(hdr))
 
 	case tar.TypeSymlink:
 		if hdr.Linkname == "" {
@@ -304,7 +306,7 @@ func (a *applier) entry(hdr *tar.Header, r io.Reader) error {
 		if err != nil {
 			return err
 		}
-		in.Target = hdr.Linkname
+		in.more = &more{target: a.t.names.add(hdr.Linkname)}
 		if err := a.remove(existing); err != nil {
 			return err
 		}
@@ -328,7 +330,7 @@ func (a *applier) entry(hdr *tar.Header, r io.Reader) error {
 		if err := a.remove(existing); err != nil {
 			return err
 		}
-		n := a.attach(parent, base, target.inode)
+		n := a.link(parent, base, target.inode)
 		if target.inode.Type.IsDevice() || !a.t.staged() {
 			return nil
 		}
@@ -376,22 +378,36 @@ func checkDeviceName(name string) error {
 	return nil
 }
 
-// attach links a new name for in under parent. The name is copied: it
-// is part of the tar entry's whole path, which would otherwise stay in
-// memory with it.
-func (a *applier) attach(parent *Node, name string, in *Inode) *Node {
-	n := &Node{name: strings.Clone(name), parent: parent, inode: in, layer: a.layer}
-	if in.Type == TypeDir {
-		n.children = map[string]*Node{}
-	}
-	if in.Type.IsDevice() {
+// attach adds a new inode under parent, named name.
+func (a *applier) attach(parent *Node, name string, in Inode) *Node {
+	n := a.t.newNode(name, in, a.layer)
+	a.add(parent, n)
+	return n
+}
+
+// link adds another name for in under parent.
+func (a *applier) link(parent *Node, name string, in *Inode) *Node {
+	n := a.t.newLink(name, in, a.layer)
+	a.add(parent, n)
+	return n
+}
+
+func (a *applier) add(parent, n *Node) {
+	n.parent = parent
+	if in := n.inode; in.Type.IsDevice() {
 		if a.t.deviceNames == nil {
 			a.t.deviceNames = map[*Inode][]*Node{}
 		}
 		a.t.deviceNames[in] = append(a.t.deviceNames[in], n)
 	}
-	parent.children[name] = n
-	return n
+	parent.children.add(n)
+}
+
+// replace gives a directory inode, whose only name stays, the metadata
+// of another.
+func (in *Inode) replace(with Inode) {
+	with.id = in.id
+	*in = with
 }
 
 // remove deletes a node and everything below it from the tree and the
@@ -402,7 +418,7 @@ func (a *applier) remove(n *Node) error {
 	}
 	var forget func(n *Node)
 	forget = func(n *Node) {
-		for _, c := range n.children {
+		for c := range n.Children() {
 			forget(c)
 		}
 		if in := n.inode; in.Type.IsDevice() {
@@ -416,7 +432,7 @@ func (a *applier) remove(n *Node) error {
 		}
 	}
 	forget(n)
-	delete(n.parent.children, n.name)
+	n.parent.children.remove(n.Name())
 	if n.inode.Type == TypeDir || n.inode.Type == TypeSymlink {
 		a.t.gen++ // where symlinks lead may have changed
 	}
@@ -444,8 +460,8 @@ func (a *applier) whiteout(dir []string, base string) error {
 	if err != nil || d == nil {
 		return err // nothing below a missing directory to hide
 	}
-	victim := d.children[strings.TrimPrefix(base, whiteoutPrefix)]
-	if victim == nil || victim.layer == a.layer {
+	victim := d.Child(strings.TrimPrefix(base, whiteoutPrefix))
+	if victim == nil || int(victim.layer) == a.layer {
 		// Whiteouts only hide lower layers: an entry of this layer with
 		// the same name stays.
 		return nil
@@ -456,9 +472,8 @@ func (a *applier) whiteout(dir []string, base string) error {
 // hideLower removes, below an opaque directory, every name that a lower
 // layer created; names of this layer stay.
 func (a *applier) hideLower(d *Node) error {
-	for _, name := range d.ChildNames() {
-		c := d.children[name]
-		if c.layer < a.layer {
+	for _, c := range slices.Collect(d.Children()) {
+		if int(c.layer) < a.layer {
 			if err := a.remove(c); err != nil {
 				return err
 			}
@@ -498,7 +513,7 @@ func (a *applier) walk(n *Node, names []string, clamp, create bool, hops *int) (
 			}
 			continue
 		}
-		child := n.children[name]
+		child := n.Child(name)
 		if child == nil {
 			if !create {
 				return nil, nil
@@ -560,7 +575,7 @@ func (a *applier) follow(link *Node, clamp, create bool, hops *int) (*Node, erro
 	if known {
 		return r.dir, nil
 	}
-	target := link.inode.Target
+	target := link.inode.Target()
 	from, abs := link.parent, strings.HasPrefix(target, "/")
 	if abs {
 		from = t.root
@@ -588,7 +603,7 @@ func (a *applier) linkTarget(linkname string) (*Node, error) {
 	}
 	var target *Node
 	if dir != nil {
-		target = dir.children[parts[len(parts)-1]]
+		target = dir.Child(parts[len(parts)-1])
 	}
 	if target == nil {
 		return nil, fmt.Errorf("hard link target %q does not exist", linkname)
@@ -600,30 +615,29 @@ func (a *applier) linkTarget(linkname string) (*Node, error) {
 }
 
 // inode builds the metadata of an entry from its tar header.
-func (a *applier) inode(hdr *tar.Header, typ Type) (*Inode, error) {
+func (a *applier) inode(hdr *tar.Header, typ Type) (Inode, error) {
 	if hdr.Uid < 0 || int64(hdr.Uid) > math.MaxUint32 || hdr.Gid < 0 || int64(hdr.Gid) > math.MaxUint32 {
-		return nil, fmt.Errorf("owner %d:%d out of range", hdr.Uid, hdr.Gid)
-	}
-	in := a.t.newInode(&Inode{
-		Type:  typ,
-		Mode:  uint32(hdr.Mode) & 0o7777,
-		UID:   uint32(hdr.Uid),
-		GID:   uint32(hdr.Gid),
-		Mtime: hdr.ModTime,
-		Atime: hdr.AccessTime,
-		Ctime: hdr.ChangeTime,
-	})
-	if in.Atime.IsZero() {
-		in.Atime = in.Mtime
-	}
-	if in.Ctime.IsZero() {
-		in.Ctime = in.Mtime
+		return Inode{}, fmt.Errorf("owner %d:%d out of range", hdr.Uid, hdr.Gid)
 	}
 	xattrs, err := headerXattrs(hdr)
 	if err != nil {
-		return nil, err
+		return Inode{}, err
 	}
-	in.Xattrs = xattrs
+	in := Inode{
+		Type:   typ,
+		Mode:   uint32(hdr.Mode) & 0o7777,
+		UID:    uint32(hdr.Uid),
+		GID:    uint32(hdr.Gid),
+		Xattrs: xattrs,
+	}
+	atime, ctime := hdr.AccessTime, hdr.ChangeTime
+	if atime.IsZero() {
+		atime = hdr.ModTime
+	}
+	if ctime.IsZero() {
+		ctime = hdr.ModTime
+	}
+	in.setTimes(hdr.ModTime, atime, ctime)
 	return in, nil
 }
 
@@ -686,8 +700,8 @@ func checkACL(v string) error {
 // writeFile stages a regular file: a placeholder at path, and where its
 // content is, as runs that leave out whole zero blocks so that sparse
 // files stay sparse. The content is either left in place in the stored
-// layer tar or written to the tree's own data file. It sets in's Size,
-// Data and Blocks.
+// layer tar or written to the tree's own data file. It sets in's Size
+// and Data.
 //
 // The placeholder holds no data but carries the size, mode (kept readable
 // by its owner) and times, so that mke2fs already writes most of the
@@ -718,7 +732,7 @@ func (a *applier) writeFile(path string, in *Inode, r io.Reader, inPlace bool) (
 	}
 	var (
 		size int64
-		runs []Run
+		runs = a.runs[:0]
 		zero [blockSize]byte
 	)
 	for {
@@ -781,7 +795,9 @@ func (a *applier) writeFile(path string, in *Inode, r io.Reader, inPlace bool) (
 	if inPlace && a.pos.n-base != size {
 		return fmt.Errorf("content is not stored contiguously in the layer tar")
 	}
-	in.Size, in.Data, in.Blocks = size, runs, blocks(runs)
+	in.Size = size
+	in.setData(runs)
+	a.runs = runs
 	if f == nil {
 		return nil
 	}
@@ -791,7 +807,7 @@ func (a *applier) writeFile(path string, in *Inode, r io.Reader, inPlace bool) (
 	if err := f.Chmod(os.FileMode(in.Mode&0o777|0o400) | unixModeBits(in.Mode)); err != nil {
 		return fmt.Errorf("staging file: %w", err)
 	}
-	tv := []unix.Timeval{timeval(in.Atime), timeval(in.Mtime)}
+	tv := []unix.Timeval{timeval(in.Atime()), timeval(in.Mtime())}
 	if err := unix.Futimes(int(f.Fd()), tv); err != nil {
 		return fmt.Errorf("staging file: %w", err)
 	}
@@ -847,15 +863,6 @@ func (c *countingReader) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// blocks counts the blocks that runs of content occupy.
-func blocks(runs []Run) int64 {
-	var n int64
-	for _, r := range runs {
-		n += (r.Length + blockSize - 1) / blockSize
-	}
-	return n
-}
-
 // stageDir creates a directory node in the staging directory, if any.
 func (t *Tree) stageDir(n *Node) error {
 	if !t.staged() {
@@ -884,14 +891,14 @@ func (t *Tree) Resolve(path string) (*Node, error) {
 		if err != nil || dir == nil {
 			return nil, err
 		}
-		n := dir.children[parts[len(parts)-1]]
+		n := dir.Child(parts[len(parts)-1])
 		if n == nil || n.inode.Type != TypeSymlink {
 			return n, nil
 		}
 		if hops == maxSymlinks {
 			return nil, fmt.Errorf("too many levels of symlinks at %q", n.Path())
 		}
-		target := n.inode.Target
+		target := n.inode.Target()
 		if !strings.HasPrefix(target, "/") {
 			target = dir.Path() + "/" + target
 		}

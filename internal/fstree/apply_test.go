@@ -106,7 +106,7 @@ func content(t *testing.T, tr *Tree, path string) string {
 	}
 	in := n.Inode()
 	b := make([]byte, in.Size)
-	for _, r := range in.Data {
+	for _, r := range in.Data() {
 		f, err := os.Open(tr.DataFiles()[r.File])
 		if err != nil {
 			t.Fatal(err)
@@ -246,7 +246,7 @@ func TestSymlinkParentsResolveInsideRootfs(t *testing.T) {
 		[]entry{file("lib/x", "x"), file("abs/lib/y", "y")},
 	)
 	mustExist(t, tr, "usr/lib/x", "usr/lib/y")
-	if n := tr.Lookup("lib"); n.Inode().Type != TypeSymlink || n.Inode().Target != "usr/lib" {
+	if n := tr.Lookup("lib"); n.Inode().Type != TypeSymlink || n.Inode().Target() != "usr/lib" {
 		t.Errorf("lib should stay a symlink to usr/lib")
 	}
 	if fi, err := os.Lstat(filepath.Join(tr.StagingDir(), "lib")); err != nil || fi.Mode()&os.ModeSymlink == 0 {
@@ -308,8 +308,8 @@ func TestMetadataFromHeaders(t *testing.T) {
 	if in.Mode != 0o4755 || in.UID != 100000 || in.GID != 4000000000 {
 		t.Errorf("bin/su: mode %o owner %d:%d", in.Mode, in.UID, in.GID)
 	}
-	if !in.Mtime.Equal(f.mtime) {
-		t.Errorf("mtime %v, want %v", in.Mtime, f.mtime)
+	if !in.Mtime().Equal(f.mtime) {
+		t.Errorf("mtime %v, want %v", in.Mtime(), f.mtime)
 	}
 	if in.Xattrs["security.capability"] != f.pax["SCHILY.xattr.security.capability"] || in.Xattrs["user.note"] != "hi" {
 		t.Errorf("xattrs %q", in.Xattrs)
@@ -332,8 +332,8 @@ func TestSparseStaging(t *testing.T) {
 	data[0], data[len(data)-1] = 1, 2
 	apply(t, tr, []entry{file("sparse", string(data))})
 	in := tr.Lookup("sparse").Inode()
-	if in.Size != int64(len(data)) || in.Blocks != 2 {
-		t.Errorf("size %d blocks %d, want %d and 2", in.Size, in.Blocks, len(data))
+	if in.Size != int64(len(data)) || in.Blocks() != 2 {
+		t.Errorf("size %d blocks %d, want %d and 2", in.Size, in.Blocks(), len(data))
 	}
 	if got := content(t, tr, "sparse"); got != string(data) {
 		t.Errorf("content differs")
@@ -399,8 +399,8 @@ func TestApplyStored(t *testing.T) {
 			t.Errorf("%s: content differs", path)
 		}
 	}
-	if in := tr.Lookup("sparse").Inode(); in.Blocks != 2 || len(in.Data) != 2 {
-		t.Errorf("sparse: %d blocks in %d runs, want 2 in 2", in.Blocks, len(in.Data))
+	if in := tr.Lookup("sparse").Inode(); in.Blocks() != 2 || len(in.Data()) != 2 {
+		t.Errorf("sparse: %d blocks in %d runs, want 2 in 2", in.Blocks(), len(in.Data()))
 	}
 	if fi, err := os.Stat(tr.DataFiles()[0]); err != nil || fi.Size() != 0 {
 		t.Errorf("the tree's own data file should stay empty (%v)", err)

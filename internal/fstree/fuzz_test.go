@@ -407,8 +407,8 @@ func (m *model) compare(t *testing.T, tr *fstree.Tree) {
 		}
 		inodes[in], back[want.in] = want.in, in
 		w := want.in
-		got := &modelInode{typ: in.Type, mode: in.Mode, uid: in.UID, gid: in.GID, mtime: in.Mtime, atime: in.Atime, ctime: in.Ctime,
-			xattrs: in.Xattrs, major: in.Major, minor: in.Minor, target: in.Target}
+		got := &modelInode{typ: in.Type, mode: in.Mode, uid: in.UID, gid: in.GID, mtime: in.Mtime(), atime: in.Atime(), ctime: in.Ctime(),
+			xattrs: in.Xattrs, major: in.Major, minor: in.Minor, target: in.Target()}
 		if in.Type == fstree.TypeReg {
 			var err error
 			if got.content, err = fstreetest.Content(tr, in); err != nil {

@@ -120,8 +120,8 @@ func TestSparseEntries(t *testing.T) {
 		t.Fatal(err)
 	}
 	in := tr.Lookup("holey").Inode()
-	if in.Size != 64<<20 || in.Blocks != 1 || len(in.Data) != 1 || in.Data[0].Offset != 32<<20 {
-		t.Errorf("holey: size %d, %d blocks, runs %+v", in.Size, in.Blocks, in.Data)
+	if in.Size != 64<<20 || in.Blocks() != 1 || len(in.Data()) != 1 || in.Data()[0].Offset != 32<<20 {
+		t.Errorf("holey: size %d, %d blocks, runs %+v", in.Size, in.Blocks(), in.Data())
 	}
 	if got := content(t, tr, "holey"); got[32<<20:32<<20+6] != "middle" || strings.Trim(got[:32<<20], "\x00") != "" {
 		t.Errorf("holey: content differs")

@@ -21,11 +21,15 @@ package fstree
 
 import (
 	"fmt"
+	"iter"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"time"
+	"unsafe"
 )
 
 // Type is the kind of a filesystem entry.
@@ -83,30 +87,102 @@ func (t Type) FileType() uint32 {
 }
 
 // Inode is the metadata of one file. Hard links share one Inode.
+//
+// An image may have millions of them: the fields are ordered to leave
+// little padding, the times take 12 bytes each (see stamp), and what
+// only some inodes have is kept apart (see more).
 type Inode struct {
-	Type     Type
-	Mode     uint32 // permission bits including setuid, setgid and sticky (07777)
-	UID, GID uint32
-	Mtime    time.Time
-	Atime    time.Time
-	Ctime    time.Time
-	Xattrs   map[string]string
-	Major    uint32
-	Minor    uint32
-	Target   string // symlink target, verbatim
-	Size     int64  // regular files: logical size
-	Blocks   int64  // regular files: 4 KiB blocks holding data (holes excluded)
-	// Data locates a regular file's content in the tree's data files,
-	// in file order; what no run covers is a hole.
-	Data []Run
+	Type         Type
+	Mode         uint32 // permission bits including setuid, setgid and sticky (07777)
+	UID, GID     uint32
+	Major, Minor uint32
+	id           uint32 // see ID
 
-	id uint32 // see ID
+	mtime, atime, ctime stamp
+
+	Xattrs map[string]string
+	Size   int64 // regular files: logical size
+	more   *more
+}
+
+// more is what only some inodes have, kept apart so that the others do
+// not pay for it: a symlink's target, a regular file's runs.
+type more struct {
+	target string
+	runs   []Run
+	one    [1]Run // the runs of a file with one, without another allocation
+}
+
+// Target returns a symlink's target, verbatim.
+func (in *Inode) Target() string {
+	if in.more == nil {
+		return ""
+	}
+	return in.more.target
+}
+
+// Data locates a regular file's content in the tree's data files, in
+// file order; what no run covers is a hole.
+func (in *Inode) Data() []Run {
+	if in.more == nil {
+		return nil
+	}
+	return in.more.runs
+}
+
+// setData sets a regular file's runs, copying them.
+func (in *Inode) setData(runs []Run) {
+	if len(runs) == 0 {
+		in.more = nil
+		return
+	}
+	m := &more{}
+	if len(runs) == 1 {
+		m.one[0] = runs[0]
+		m.runs = m.one[:]
+	} else {
+		m.runs = slices.Clone(runs)
+	}
+	in.more = m
 }
 
 // ID numbers the inode among those of its tree, from 0 up to the tree's
 // InodeIDs: a writer can keep what it knows of each inode in a slice,
 // which costs far less than a map for millions of them.
 func (in *Inode) ID() int { return int(in.id) }
+
+// Mtime, Atime and Ctime return the inode's times, to the nanosecond.
+func (in *Inode) Mtime() time.Time { return in.mtime.time() }
+func (in *Inode) Atime() time.Time { return in.atime.time() }
+func (in *Inode) Ctime() time.Time { return in.ctime.time() }
+
+func (in *Inode) setTimes(mtime, atime, ctime time.Time) {
+	in.mtime, in.atime, in.ctime = makeStamp(mtime), makeStamp(atime), makeStamp(ctime)
+}
+
+// Blocks counts the 4 KiB blocks that hold a regular file's data, holes
+// excluded.
+func (in *Inode) Blocks() int64 {
+	var n int64
+	for _, r := range in.Data() {
+		n += (r.Length + blockSize - 1) / blockSize
+	}
+	return n
+}
+
+// stamp is a time in 12 bytes, where time.Time takes 24: all of Unix's
+// 64-bit seconds, before 1970 and after 2038 alike, in two halves (so
+// that it packs between 4-byte fields), and the nanoseconds.
+type stamp struct{ lo, hi, nsec uint32 }
+
+func makeStamp(t time.Time) stamp {
+	sec := t.Unix()
+	return stamp{lo: uint32(sec), hi: uint32(sec >> 32), nsec: uint32(t.Nanosecond())}
+}
+
+func (s stamp) time() time.Time {
+	return time.Unix(int64(s.hi)<<32|int64(s.lo), int64(s.nsec))
+}
 
 // Run is a stretch of a regular file's content: Length bytes at file
 // offset Offset, stored at DataOffset in data file File (an index into
@@ -143,17 +219,27 @@ func (t *Tree) Names(in *Inode) []*Node { return t.deviceNames[in] }
 
 // Node is one name in the tree.
 type Node struct {
-	name     string
+	// name is nameLen bytes in the tree's name arena (see names): a
+	// name costs its bytes, not a string header and an allocation too.
+	name     *byte
 	parent   *Node
-	children map[string]*Node
+	children *children // directories only
 	inode    *Inode
 	// layer is the index of the layer that created this name. Whiteouts
 	// and opaque directories only hide names from lower layers.
-	layer int
+	layer   int32
+	nameLen uint8 // names are at most maxNameLen bytes
+}
+
+// namedInode is an inode and its first name in one allocation: most
+// inodes have one name, and a node alone is a third of the pair.
+type namedInode struct {
+	Node
+	inode Inode
 }
 
 // Name returns the node's name within its parent ("" for the root).
-func (n *Node) Name() string { return n.name }
+func (n *Node) Name() string { return unsafe.String(n.name, n.nameLen) }
 
 // Parent returns the directory holding the node (nil for the root).
 func (n *Node) Parent() *Node { return n.parent }
@@ -162,16 +248,121 @@ func (n *Node) Parent() *Node { return n.parent }
 func (n *Node) Inode() *Inode { return n.inode }
 
 // Child returns the named child of a directory node, or nil.
-func (n *Node) Child(name string) *Node { return n.children[name] }
+func (n *Node) Child(name string) *Node {
+	if n.children == nil {
+		return nil
+	}
+	return n.children.get(name)
+}
+
+// Children returns the nodes in a directory node, sorted bytewise by
+// name. The directory must not change while the loop runs.
+func (n *Node) Children() iter.Seq[*Node] {
+	return func(yield func(*Node) bool) {
+		if n.children == nil {
+			return
+		}
+		n.children.each(yield)
+	}
+}
 
 // ChildNames returns the names in a directory node, sorted bytewise.
 func (n *Node) ChildNames() []string {
-	names := make([]string, 0, len(n.children))
-	for k := range n.children {
-		names = append(names, k)
+	var names []string
+	for c := range n.Children() {
+		names = append(names, c.Name())
 	}
-	sort.Strings(names)
 	return names
+}
+
+// maxSorted is the most names a directory keeps in a sorted slice (a
+// pointer each) before it moves them to a map: adding a name to the
+// slice moves those after it, which a layer that lists many names in
+// reverse order would make quadratic.
+const maxSorted = 1024
+
+// children are the names in a directory: in a slice sorted by name while
+// there are few, in a map once there are many.
+type children struct {
+	sorted []*Node
+	byName map[string]*Node
+}
+
+// search returns where name is or would go in c.sorted.
+func (c *children) search(name string) (int, bool) {
+	return slices.BinarySearchFunc(c.sorted, name, func(n *Node, name string) int {
+		return strings.Compare(n.Name(), name)
+	})
+}
+
+func (c *children) get(name string) *Node {
+	if c.byName != nil {
+		return c.byName[name]
+	}
+	if i, ok := c.search(name); ok {
+		return c.sorted[i]
+	}
+	return nil
+}
+
+// add adds n, whose name c does not have yet.
+func (c *children) add(n *Node) {
+	if c.byName != nil {
+		c.byName[n.Name()] = n
+		return
+	}
+	if len(c.sorted) == maxSorted {
+		c.byName = make(map[string]*Node, 2*maxSorted)
+		for _, m := range c.sorted {
+			c.byName[m.Name()] = m
+		}
+		c.byName[n.Name()] = n
+		c.sorted = nil
+		return
+	}
+	i, _ := c.search(n.Name())
+	c.sorted = slices.Insert(c.sorted, i, n)
+}
+
+func (c *children) remove(name string) {
+	if c.byName != nil {
+		delete(c.byName, name)
+	} else if i, ok := c.search(name); ok {
+		c.sorted = slices.Delete(c.sorted, i, i+1)
+	}
+}
+
+func (c *children) each(yield func(*Node) bool) {
+	nodes := c.sorted
+	if c.byName != nil {
+		nodes = slices.SortedFunc(maps.Values(c.byName), func(a, b *Node) int {
+			return strings.Compare(a.Name(), b.Name())
+		})
+	}
+	for _, n := range nodes {
+		if !yield(n) {
+			return
+		}
+	}
+}
+
+// names is an arena for the nodes' names and the symlinks' targets:
+// chunks that are only ever appended to, so that the bytes a string
+// points to never change. A string kept there costs its bytes only.
+type names struct{ chunk []byte }
+
+const namesChunk = 64 << 10 // more than a name or a target (maxLinkLen)
+
+func (a *names) add(s string) string {
+	if s == "" {
+		return ""
+	}
+	if len(s) > cap(a.chunk)-len(a.chunk) {
+		a.chunk = make([]byte, 0, namesChunk)
+	}
+	at := len(a.chunk)
+	a.chunk = append(a.chunk, s...)
+	return unsafe.String(&a.chunk[at], len(s))
 }
 
 // Path returns the node's path relative to the root, "/"-separated, "" for
@@ -182,7 +373,7 @@ func (n *Node) Path() string {
 	}
 	var parts []string
 	for c := n; c.parent != nil; c = c.parent {
-		parts = append(parts, c.name)
+		parts = append(parts, c.Name())
 	}
 	for i, j := 0, len(parts)-1; i < j; i, j = i+1, j-1 {
 		parts[i], parts[j] = parts[j], parts[i]
@@ -211,6 +402,7 @@ type Tree struct {
 
 	inodes      uint32 // IDs given so far
 	deviceNames map[*Inode][]*Node
+	names       names
 
 	limits     Limits
 	imageBytes int64 // uncompressed bytes of the layers applied
@@ -251,19 +443,41 @@ func New(dir, dataFile string, epoch time.Time) (*Tree, error) {
 		return nil, fmt.Errorf("data file: %w", err)
 	}
 	t := &Tree{staging: dir, data: []string{dataFile}, epoch: epoch}
-	t.root = &Node{children: map[string]*Node{}, inode: t.implicitDir()}
+	t.root = t.newNode("", t.implicitDir(), 0)
 	return t, nil
 }
 
-func (t *Tree) implicitDir() *Inode {
-	return t.newInode(&Inode{Type: TypeDir, Mode: 0o755, Mtime: t.epoch, Atime: t.epoch, Ctime: t.epoch})
+func (t *Tree) implicitDir() Inode {
+	in := Inode{Type: TypeDir, Mode: 0o755}
+	in.setTimes(t.epoch, t.epoch, t.epoch)
+	return in
 }
 
-// newInode gives in the next ID.
-func (t *Tree) newInode(in *Inode) *Inode {
-	in.id = t.inodes
+// newNode makes a node named name for a new inode, which it gives the
+// next ID.
+func (t *Tree) newNode(name string, in Inode, layer int) *Node {
+	ni := &namedInode{inode: in}
+	ni.inode.id = t.inodes
 	t.inodes++
-	return in
+	ni.Node.inode = &ni.inode
+	t.name(&ni.Node, name, layer)
+	return &ni.Node
+}
+
+// newLink makes a node named name for an inode that has a name already.
+func (t *Tree) newLink(name string, in *Inode, layer int) *Node {
+	n := &Node{inode: in}
+	t.name(n, name, layer)
+	return n
+}
+
+func (t *Tree) name(n *Node, name string, layer int) {
+	name = t.names.add(name)
+	n.name, n.nameLen = unsafe.StringData(name), uint8(len(name))
+	n.layer = int32(layer)
+	if n.inode.Type == TypeDir {
+		n.children = &children{}
+	}
 }
 
 // InodeIDs bounds the IDs of the tree's inodes (see Inode.ID).
@@ -310,11 +524,7 @@ func (t *Tree) Lookup(path string) *Node {
 		return n
 	}
 	for _, c := range strings.Split(path, "/") {
-		if n.children == nil {
-			return nil
-		}
-		n = n.children[c]
-		if n == nil {
+		if n = n.Child(c); n == nil {
 			return nil
 		}
 	}
@@ -322,15 +532,15 @@ func (t *Tree) Lookup(path string) *Node {
 }
 
 // Walk calls fn for every node, parents before children, children in
-// bytewise name order.
+// bytewise name order. fn must not change the tree.
 func (t *Tree) Walk(fn func(n *Node) error) error {
 	var walk func(n *Node) error
 	walk = func(n *Node) error {
 		if err := fn(n); err != nil {
 			return err
 		}
-		for _, name := range n.ChildNames() {
-			if err := walk(n.children[name]); err != nil {
+		for c := range n.Children() {
+			if err := walk(c); err != nil {
 				return err
 			}
 		}
@@ -342,26 +552,26 @@ func (t *Tree) Walk(fn func(n *Node) error) error {
 // Stats computes what the builder needs to size a filesystem for the tree.
 func (t *Tree) Stats() Stats {
 	var s Stats
-	seen := map[*Inode]bool{}
+	seen := make([]bool, t.InodeIDs())
 	_ = t.Walk(func(n *Node) error {
 		in := n.inode
 		if n.parent != nil {
 			// ext4 directory entry: 8 bytes of header plus the name,
 			// rounded up to 4 bytes.
-			s.DirEntryBytes += int64(8+len(n.name)+3) &^ 3
+			s.DirEntryBytes += int64(8+int(n.nameLen)+3) &^ 3
 		}
-		if seen[in] {
+		if seen[in.id] {
 			return nil
 		}
-		seen[in] = true
+		seen[in.id] = true
 		s.Inodes++
 		switch in.Type {
 		case TypeDir:
 			s.Dirs++
 		case TypeReg:
-			s.DataBlocks += in.Blocks
+			s.DataBlocks += in.Blocks()
 		case TypeSymlink:
-			if len(in.Target) >= 60 {
+			if len(in.Target()) >= 60 {
 				s.LongSymlinks++
 			}
 		}

@@ -87,7 +87,7 @@ func TestUserBundle(t *testing.T) {
 	if d := tr.Lookup("opt/agent").Inode(); d.Mode != 0o711 {
 		t.Errorf("opt/agent mode %o", d.Mode)
 	}
-	if l := tr.Lookup("etc/agent.link").Inode(); l.Type != fstree.TypeSymlink || l.Target != "/opt/agent/agent" {
+	if l := tr.Lookup("etc/agent.link").Inode(); l.Type != fstree.TypeSymlink || l.Target() != "/opt/agent/agent" {
 		t.Errorf("link: %+v", l)
 	}
 }

@@ -78,7 +78,8 @@ type Reader struct {
 	desc   Descriptor
 	chunks chan []byte
 	free   chan []byte
-	cur    []byte
+	chunk  []byte // the chunk being read, to hand back to the decompressor
+	cur    []byte // what is left of it
 	done   chan struct{}
 	// diffHash is computed on the reading side, which has spare time
 	// while the decompressor is the bottleneck.
@@ -194,12 +195,12 @@ func (r *Reader) pump(blob io.Reader) error {
 // Read implements io.Reader.
 func (r *Reader) Read(p []byte) (int, error) {
 	for len(r.cur) == 0 {
-		if r.cur != nil {
+		if r.chunk != nil {
 			select {
-			case r.free <- r.cur[:cap(r.cur)]:
+			case r.free <- r.chunk[:cap(r.chunk)]:
 			default:
 			}
-			r.cur = nil
+			r.chunk, r.cur = nil, nil
 		}
 		c, ok := <-r.chunks
 		if !ok {
@@ -221,7 +222,7 @@ func (r *Reader) Read(p []byte) (int, error) {
 			r.diffID = got
 			return 0, io.EOF
 		}
-		r.cur = c
+		r.chunk, r.cur = c, c
 		r.diffHash.Write(c)
 	}
 	n := copy(p, r.cur)

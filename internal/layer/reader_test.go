@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"io"
+	"runtime"
 	"strings"
 	"testing"
 
@@ -109,4 +110,28 @@ func TestCloseEarly(t *testing.T) {
 		t.Fatal(err)
 	}
 	r.Close() // must not hang or leak the decompressor
+}
+
+// TestChunksReused: the decompressor's chunks go back to it once read,
+// rather than a new one being allocated for each megabyte of the layer,
+// which for a large layer made most of a build's garbage.
+func TestChunksReused(t *testing.T) {
+	const size = 64 << 20
+	blob := gz(t, make([]byte, size))
+	d := Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: digest.FromBytes(blob)}
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	r, err := NewReader(bytes.NewReader(blob), d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, err := io.Copy(io.Discard, r)
+	r.Close()
+	runtime.ReadMemStats(&after)
+	if err != nil || n != size {
+		t.Fatalf("read %d bytes: %v", n, err)
+	}
+	if alloc := after.TotalAlloc - before.TotalAlloc; alloc > size/4 {
+		t.Errorf("reading a %d MiB layer allocated %d MiB", size>>20, alloc>>20)
+	}
 }

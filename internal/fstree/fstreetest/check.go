@@ -63,9 +63,9 @@ func Check(tr *fstree.Tree) error {
 		}
 		if in.Type == fstree.TypeReg {
 			if err := checkRuns(tr, in); err != nil {
-				return fmt.Errorf("%q (size %d, runs %+v): %w", name, in.Size, in.Data, err)
+				return fmt.Errorf("%q (size %d, runs %+v): %w", name, in.Size, in.Data(), err)
 			}
-			runs = append(runs, in.Data...)
+			runs = append(runs, in.Data()...)
 		}
 	}
 	slices.SortFunc(runs, func(a, b fstree.Run) int { return int(a.Virtual - b.Virtual) })
@@ -80,7 +80,7 @@ func Check(tr *fstree.Tree) error {
 	}
 	for n := range visited {
 		p := n.Path()
-		for _, q := range []string{p, p + "/.", p + "/../" + n.Name(), n.Inode().Target, p + "/" + n.Inode().Target} {
+		for _, q := range []string{p, p + "/.", p + "/../" + n.Name(), n.Inode().Target(), p + "/" + n.Inode().Target()} {
 			r, err := tr.Resolve(q)
 			if err == nil && r != nil && !visited[r] {
 				return fmt.Errorf("Resolve(%q) leads out of the tree", q)
@@ -92,18 +92,14 @@ func Check(tr *fstree.Tree) error {
 
 // checkRuns checks a regular file's runs.
 func checkRuns(tr *fstree.Tree, in *fstree.Inode) error {
-	var end, blocks int64
-	for _, r := range in.Data {
+	var end int64
+	for _, r := range in.Data() {
 		if r.Offset < end || r.Length <= 0 || r.Offset+r.Length > in.Size || r.Offset%blockSize != 0 ||
 			r.Length%blockSize != 0 && r.Offset+r.Length != in.Size ||
 			r.File < 0 || r.File >= len(tr.DataFiles()) || r.File == 0 && r.DataOffset != r.Virtual {
 			return fmt.Errorf("bad run %+v", r)
 		}
 		end = r.Offset + r.Length
-		blocks += (r.Length + blockSize - 1) / blockSize
-	}
-	if blocks != in.Blocks {
-		return fmt.Errorf("Blocks is %d, the runs hold %d", in.Blocks, blocks)
 	}
 	return nil
 }
@@ -123,7 +119,7 @@ func paths(nodes []*fstree.Node) []string {
 // Content reads a regular file's content from the tree's data files.
 func Content(tr *fstree.Tree, in *fstree.Inode) ([]byte, error) {
 	b := make([]byte, in.Size)
-	for _, r := range in.Data {
+	for _, r := range in.Data() {
 		f, err := os.Open(tr.DataFiles()[r.File])
 		if err != nil {
 			return nil, err
