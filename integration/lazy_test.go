@@ -297,13 +297,16 @@ func TestLazyRootfs(t *testing.T) {
 	t.Run("registry stalls mid-boot", func(t *testing.T) {
 		refS, _ := publish("lazy-s", lazyImage(t, "kiln-lazy-s", 8<<20,
 			"/bin/busybox echo kiln-lazy-reading",
-			"/bin/busybox cat /data/unread > /dev/null && /bin/busybox echo kiln-lazy-read-ok || /bin/busybox echo kiln-lazy-read-failed"))
+			"/bin/busybox md5sum /data/unread && /bin/busybox echo kiln-lazy-read-ok || /bin/busybox echo kiln-lazy-read-failed"))
 		m := startMount(t, env, refS, filepath.Join(t.TempDir(), "cache"), "--timeout", "3s")
 		var release func()
-		var reading time.Time
+		var reading, failed time.Time
 		console := bootWatch(t, kernel, m.file, func(line string) {
 			if strings.Contains(line, "kiln-lazy-reading") && release == nil {
 				release, reading = reg.Stall(), time.Now()
+			}
+			if strings.Contains(line, "kiln-lazy-read-failed") {
+				failed = time.Now()
 			}
 		})
 		if release != nil {
@@ -313,11 +316,13 @@ func TestLazyRootfs(t *testing.T) {
 		switch {
 		case reading.IsZero():
 			t.Fatalf("the guest did not start reading:\n%s", tailLines(console, 30))
-		case !strings.Contains(console, "kiln-lazy-read-failed"):
-			t.Errorf("with the registry stalled, the guest's read did not fail:\n%s", tailLines(console, 30))
+		case failed.IsZero() || !strings.Contains(console, "Input/output error"):
+			t.Errorf("with the registry stalled, the guest's read did not fail with an I/O error:\n%s", tailLines(console, 30))
+		case failed.Sub(reading) > 30*time.Second:
+			t.Errorf("the guest's read failed %v after the registry stalled: each read should give up after the 3s timeout", failed.Sub(reading))
 		}
 		if i := strings.Index(console, "kiln-lazy-read-failed"); i >= 0 {
-			t.Logf("the guest's read failed after the registry stalled: %s", strings.TrimSpace(console[max(0, i-300):i]))
+			t.Logf("the guest's read failed %v after the registry stalled: %s", failed.Sub(reading).Round(time.Millisecond), strings.TrimSpace(console[max(0, i-300):i]))
 		}
 	})
 
