@@ -16,6 +16,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-containerregistry/pkg/authn"
+	"github.com/google/go-containerregistry/pkg/name"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+
 	"github.com/kilnfs/kiln/integration/testcontainerd"
 	"github.com/kilnfs/kiln/integration/testimage"
 	"github.com/kilnfs/kiln/internal/dirtar"
@@ -74,9 +78,19 @@ func BenchmarkLazyBoot(b *testing.B) {
 	work := b.TempDir()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
 	defer cancel()
+	// A registry as deployed (distribution, blobs on disk, range reads
+	// served from the file), the image copied into it.
+	dist := distributionRegistry(b)
+	env := append(os.Environ(), "DOCKER_CONFIG="+shareDockerConfig(b, dist.host))
+	ref := copyImage(b, f.ref, dist.host+"/lazy/"+f.name+":v1")
+	kilnCmd := func(args ...string) *exec.Cmd {
+		cmd := exec.CommandContext(ctx, kilnBin, args...)
+		cmd.Env = env
+		return cmd
+	}
 	run := func(args ...string) []byte {
 		b.Helper()
-		out, err := exec.CommandContext(ctx, kilnBin, args...).CombinedOutput()
+		out, err := kilnCmd(args...).CombinedOutput()
 		if err != nil {
 			b.Fatalf("kiln %s: %v\n%s", strings.Join(args, " "), err, out)
 		}
@@ -85,9 +99,9 @@ func BenchmarkLazyBoot(b *testing.B) {
 	// Published both ways, and built locally, untimed.
 	built := filepath.Join(work, "cache-built")
 	local := filepath.Join(work, "local.ext4")
-	run("convert", f.ref, "-o", local, "--cache-dir", built)
-	run("push", f.ref, "--cache-dir", built)
-	run("push", "--chunked", f.ref, "--cache-dir", built)
+	run("convert", ref, "-o", local, "--cache-dir", built)
+	run("push", ref, "--cache-dir", built)
+	run("push", "--chunked", ref, "--cache-dir", built)
 	fi, err := os.Stat(local)
 	if err != nil {
 		b.Fatal(err)
@@ -106,7 +120,7 @@ func BenchmarkLazyBoot(b *testing.B) {
 		}
 		syncDisks(b)
 		start := time.Now()
-		if out, err := e.Ctr(ctx, "image", "pull", "--snapshotter", "overlayfs", f.ref); err != nil {
+		if out, err := e.Ctr(ctx, "image", "pull", "--snapshotter", "overlayfs", "--user", shareUser+":"+sharePassword, ref); err != nil {
 			b.Fatalf("ctr pull: %v\n%s", err, out)
 		}
 		overlay = append(overlay, time.Since(start))
@@ -114,7 +128,7 @@ func BenchmarkLazyBoot(b *testing.B) {
 
 		syncDisks(b)
 		start = time.Now()
-		m, st := benchMount(b, ctx, f.ref, filepath.Join(work, "cache-lazy"))
+		m, st := benchMount(b, kilnCmd("mount", "--json", ref, b.TempDir(), "--cache-dir", filepath.Join(work, "cache-lazy")))
 		bootUntil(b, ctx, kernel, m.file, "kiln-lazy-marker")
 		lazy = append(lazy, time.Since(start))
 		fetched = append(fetched, st().Fetched.Bytes)
@@ -125,7 +139,7 @@ func BenchmarkLazyBoot(b *testing.B) {
 
 		syncDisks(b)
 		start = time.Now()
-		m, st = benchMount(b, ctx, f.ref, filepath.Join(work, "cache-whole"))
+		m, st = benchMount(b, kilnCmd("mount", "--json", ref, b.TempDir(), "--cache-dir", filepath.Join(work, "cache-whole")))
 		readAll(b, m.file)
 		whole = append(whole, time.Since(start))
 		st()
@@ -133,7 +147,7 @@ func BenchmarkLazyBoot(b *testing.B) {
 		syncDisks(b)
 		start = time.Now()
 		out := filepath.Join(work, "published.ext4")
-		run("convert", "--use-published", f.ref, "-o", out, "--cache-dir", filepath.Join(work, "cache-published"))
+		run("convert", "--use-published", ref, "-o", out, "--cache-dir", filepath.Join(work, "cache-published"))
 		published = append(published, time.Since(start))
 		for _, d := range []string{"cache-lazy", "cache-whole", "cache-published"} {
 			os.RemoveAll(filepath.Join(work, d))
@@ -151,13 +165,11 @@ func BenchmarkLazyBoot(b *testing.B) {
 		percentile(whole, 50).Seconds(), percentile(published, 50).Seconds())
 }
 
-// benchMount starts kiln mount and returns it and a function that stops
-// it and says what it fetched.
-func benchMount(b *testing.B, ctx context.Context, ref, cache string) (*lazyMount, func() mountStats) {
+// benchMount starts cmd, a kiln mount --json IMAGE DIR, and returns it
+// and a function that stops it and says what it fetched.
+func benchMount(b *testing.B, cmd *exec.Cmd) (*lazyMount, func() mountStats) {
 	b.Helper()
-	dir := b.TempDir()
-	m := &lazyMount{file: filepath.Join(dir, "rootfs.ext4"), done: make(chan error, 1)}
-	m.cmd = exec.CommandContext(ctx, kilnBin, "mount", "--json", ref, dir, "--cache-dir", cache)
+	m := &lazyMount{cmd: cmd, file: filepath.Join(cmd.Args[4], "rootfs.ext4"), done: make(chan error, 1)}
 	m.cmd.Stdout, m.cmd.Stderr = &m.stdout, &m.stderr
 	if err := m.cmd.Start(); err != nil {
 		b.Fatal(err)
@@ -224,4 +236,26 @@ func readAll(b *testing.B, path string) {
 	if _, err := io.Copy(io.Discard, f); err != nil {
 		b.Fatalf("reading %s: %v", path, err)
 	}
+}
+
+// copyImage copies the image src (in the test registry) to dst, with the
+// test's credentials, and returns dst.
+func copyImage(b *testing.B, src, dst string) string {
+	b.Helper()
+	from, err := name.ParseReference(src)
+	if err != nil {
+		b.Fatal(err)
+	}
+	to, err := name.ParseReference(dst)
+	if err != nil {
+		b.Fatal(err)
+	}
+	img, err := remote.Image(from)
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := remote.Write(to, img, remote.WithAuth(&authn.Basic{Username: shareUser, Password: sharePassword})); err != nil {
+		b.Fatalf("copying %s to %s: %v", src, dst, err)
+	}
+	return dst
 }

@@ -316,13 +316,16 @@ func ggcrRegistry(t *testing.T, referrers bool) shareRegistry {
 
 // distributionRegistry runs Debian's docker-registry (distribution 2.8,
 // no referrers API) with htpasswd authentication and deletes enabled.
-func distributionRegistry(t *testing.T) shareRegistry {
+func distributionRegistry(t testing.TB) shareRegistry {
 	bin, err := exec.LookPath("docker-registry")
 	if err != nil {
 		t.Skip("docker-registry is not installed (make deps-test installs it)")
 	}
 	dir := t.TempDir()
-	hash, err := bcrypt.GenerateFromPassword([]byte(sharePassword), bcrypt.DefaultCost)
+	// The least cost: the registry checks the hash on every request, and
+	// at the default cost that takes tens of milliseconds each, which a
+	// reader making many range requests would pay many times over.
+	hash, err := bcrypt.GenerateFromPassword([]byte(sharePassword), bcrypt.MinCost)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -376,7 +379,7 @@ auth:
 	return shareRegistry{host: addr}
 }
 
-func shareDockerConfig(t *testing.T, host string) string {
+func shareDockerConfig(t testing.TB, host string) string {
 	d := t.TempDir()
 	cfg, _ := json.Marshal(map[string]any{"auths": map[string]any{
 		host: map[string]string{"auth": base64.StdEncoding.EncodeToString([]byte(shareUser + ":" + sharePassword))},

@@ -285,3 +285,36 @@ func TestIndexValidate(t *testing.T) {
 		}
 	}
 }
+
+// TestReadWindows: a sequential read fetches growing windows of chunks
+// in few requests; scattered reads fetch only the chunks they touch.
+func TestReadWindows(t *testing.T) {
+	const chunk = 16 << 10
+	img := make([]byte, 64*chunk)
+	rand.Read(img)
+	x, pf := cut(t, img, chunk, 1<<30)
+	s, _ := OpenStore(t.TempDir(), 0)
+	r, _ := NewReader(x, pf, s, 0)
+	defer r.Close()
+	for _, i := range []int{5, 40, 12} {
+		if _, err := r.ReadAt(context.Background(), make([]byte, 100), int64(i)*chunk+7); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if st := r.Stats(); st.FetchedChunks != 3 || pf.fetches != 3 {
+		t.Errorf("three scattered reads fetched %d chunks in %d requests, want 3 in 3", st.FetchedChunks, pf.fetches)
+	}
+	got := make([]byte, len(img))
+	for off := 0; off < len(img); off += 8 << 10 {
+		if _, err := r.ReadAt(context.Background(), got[off:off+8<<10], int64(off)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if !bytes.Equal(got, img) {
+		t.Fatal("the sequential read differs from the image")
+	}
+	if st := r.Stats(); st.FetchedChunks != 64 || pf.fetches > 20 {
+		t.Errorf("a sequential read fetched %d chunks in %d requests, want all 64 in few", st.FetchedChunks, pf.fetches)
+	}
+	t.Logf("sequential read: %d requests for 64 chunks", pf.fetches)
+}

@@ -32,6 +32,10 @@ type Reader struct {
 	flights map[digest.Digest]*flight
 	read    map[int]bool // chunks read, for the profile
 	profile []int
+	// seqNext is the chunk a sequential read would miss next, window
+	// the chunks its next request fetches.
+	seqNext int
+	window  int
 
 	fetchedBytes  atomic.Int64
 	fetchedChunks atomic.Int64
@@ -54,7 +58,7 @@ func NewReader(x *Index, f Fetcher, s *Store, timeout time.Duration) (*Reader, e
 	if err != nil {
 		return nil, err
 	}
-	return &Reader{x: x, fetcher: f, store: s, timeout: timeout, dec: dec, flights: map[digest.Digest]*flight{}, read: map[int]bool{}}, nil
+	return &Reader{x: x, fetcher: f, store: s, timeout: timeout, dec: dec, flights: map[digest.Digest]*flight{}, read: map[int]bool{}, seqNext: -1, window: 1}, nil
 }
 
 // Close releases the decoder.
@@ -98,15 +102,20 @@ func (r *Reader) readChunk(ctx context.Context, i int, p []byte, off int64) erro
 		return nil
 	}
 	size := r.x.Len(i)
-	if ok, err := r.store.ReadAt(c.Digest, size, p, off); ok || err != nil {
-		return err
+	for {
+		if ok, err := r.store.ReadAt(c.Digest, size, p, off); ok || err != nil {
+			return err
+		}
+		b, err := r.fetch(ctx, i)
+		if err != nil {
+			return err
+		}
+		if b != nil {
+			copy(p, b[off:])
+			return nil
+		}
+		// A window fetched it meanwhile: it is in the store.
 	}
-	b, err := r.fetch(ctx, i)
-	if err != nil {
-		return err
-	}
-	copy(p, b[off:])
-	return nil
 }
 
 func (r *Reader) note(i int) {
@@ -119,24 +128,38 @@ func (r *Reader) note(i int) {
 }
 
 // fetch gets chunk i from its pack, once however many ask at a time,
-// and stores it.
-func (r *Reader) fetch(ctx context.Context, i int) ([]byte, error) {
+// and stores it; nil, nil means it is in the store already. A read that follows the last one's chunks fetches a
+// growing window of the chunks after it in the same request, and the
+// next window ahead of need: a sequential read streams, while scattered
+// reads (a boot's) fetch only the chunks they touch.
+func (r *Reader) fetch(ctx context.Context, i int) ([]byte, error) { return r.await(ctx, i, true) }
+
+// await is fetch for a read (reading) or for a prefetch, which fetches
+// whole windows and leaves the reads' sequence alone.
+func (r *Reader) await(ctx context.Context, i int, reading bool) ([]byte, error) {
 	c := r.x.Chunks[i]
 	r.mu.Lock()
 	f := r.flights[c.Digest]
-	if f == nil {
-		f = &flight{done: make(chan struct{})}
-		r.flights[c.Digest] = f
-		go func() {
-			// Not the asker's context: others may wait for it too.
-			fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.timeout)
-			f.data, f.err = r.fetchOne(fctx, i)
-			cancel()
-			r.mu.Lock()
-			delete(r.flights, c.Digest)
-			r.mu.Unlock()
-			close(f.done)
-		}()
+	switch {
+	case f != nil:
+	case r.store.Has(c.Digest):
+		r.mu.Unlock()
+		return nil, nil
+	case !reading:
+		r.startLocked(ctx, i, maxWindow)
+		f = r.flights[c.Digest]
+	default:
+		if i == r.seqNext {
+			r.window = min(r.window*2, maxWindow)
+		} else {
+			r.window = 1
+		}
+		r.seqNext = r.nextLocked(r.startLocked(ctx, i, r.window))
+		// Sequential: the next windows too, ahead of need.
+		for ahead := 0; r.window >= 4 && ahead < readAhead && r.idleLocked(r.seqNext); ahead++ {
+			r.seqNext = r.nextLocked(r.startLocked(ctx, r.seqNext, r.window))
+		}
+		f = r.flights[c.Digest]
 	}
 	r.mu.Unlock()
 	select {
@@ -147,17 +170,93 @@ func (r *Reader) fetch(ctx context.Context, i int) ([]byte, error) {
 	}
 }
 
-func (r *Reader) fetchOne(ctx context.Context, i int) ([]byte, error) {
+// maxWindow bounds the chunks one request fetches; readAhead is how
+// many windows a sequential read fetches ahead of need, which also
+// spreads their checking over the CPUs.
+const (
+	maxWindow = 16
+	readAhead = 1
+)
+
+// idleLocked says whether chunk i is one to fetch: data that nobody has
+// or fetches.
+func (r *Reader) idleLocked(i int) bool {
+	if i >= len(r.x.Chunks) {
+		return false
+	}
 	c := r.x.Chunks[i]
-	frame, err := r.fetcher.Fetch(ctx, r.x.Packs[c.Pack], c.Offset, c.Length)
+	return !c.Hole() && r.flights[c.Digest] == nil && !r.store.Has(c.Digest)
+}
+
+// nextLocked is the first chunk from i on that a sequential read would
+// miss: holes and stored chunks are no misses.
+func (r *Reader) nextLocked(i int) int {
+	for i < len(r.x.Chunks) && (r.x.Chunks[i].Hole() || r.store.Has(r.x.Chunks[i].Digest)) {
+		i++
+	}
+	return i
+}
+
+// startLocked starts one request for chunk i and up to want-1 chunks
+// after it whose frames follow its own in the same pack and that nobody
+// has or fetches, and returns the index after the last chunk it covers.
+// Chunk i must have no flight.
+func (r *Reader) startLocked(ctx context.Context, i, want int) int {
+	first := r.x.Chunks[i]
+	run := []int{i}
+	r.flights[first.Digest] = &flight{done: make(chan struct{})}
+	end := first.Offset + first.Length
+	k := i + 1
+	for ; k < len(r.x.Chunks) && len(run) < want; k++ {
+		c := r.x.Chunks[k]
+		if !r.idleLocked(k) || c.Pack != first.Pack || c.Offset != end {
+			break
+		}
+		r.flights[c.Digest] = &flight{done: make(chan struct{})}
+		run = append(run, k)
+		end += c.Length
+	}
+	// Not the asker's context: others may wait for these chunks too.
+	fctx := context.WithoutCancel(ctx)
+	go r.fetchRun(fctx, run)
+	return k
+}
+
+// fetchRun fetches the frames of the chunks in run, which follow each
+// other in one pack, in one request, and completes their flights.
+func (r *Reader) fetchRun(ctx context.Context, run []int) {
+	ctx, cancel := context.WithTimeout(ctx, r.timeout)
+	defer cancel()
+	first, last := r.x.Chunks[run[0]], r.x.Chunks[run[len(run)-1]]
+	frames, err := r.fetcher.Fetch(ctx, r.x.Packs[first.Pack], first.Offset, last.Offset+last.Length-first.Offset)
 	if err != nil {
-		return nil, fmt.Errorf("chunk %d (%s): fetching: %w", i, c.Digest, err)
+		err = fmt.Errorf("chunks %d-%d: fetching: %w", run[0], run[len(run)-1], err)
+	} else if int64(len(frames)) != last.Offset+last.Length-first.Offset {
+		err = fmt.Errorf("chunks %d-%d: %d bytes fetched, want %d", run[0], run[len(run)-1], len(frames), last.Offset+last.Length-first.Offset)
+	} else {
+		r.fetchedBytes.Add(int64(len(frames)))
+		r.fetchedChunks.Add(int64(len(run)))
 	}
-	if int64(len(frame)) != c.Length {
-		return nil, fmt.Errorf("chunk %d (%s): %d bytes fetched, want %d", i, c.Digest, len(frame), c.Length)
+	for _, i := range run {
+		c := r.x.Chunks[i]
+		var data []byte
+		cerr := err
+		if cerr == nil {
+			data, cerr = r.verify(ctx, i, frames[c.Offset-first.Offset:c.Offset-first.Offset+c.Length])
+		}
+		r.mu.Lock()
+		f := r.flights[c.Digest]
+		delete(r.flights, c.Digest)
+		r.mu.Unlock()
+		f.data, f.err = data, cerr
+		close(f.done)
 	}
-	r.fetchedBytes.Add(int64(len(frame)))
-	r.fetchedChunks.Add(1)
+}
+
+// verify decompresses chunk i's frame, checks it against the chunk's
+// digest and stores it.
+func (r *Reader) verify(ctx context.Context, i int, frame []byte) ([]byte, error) {
+	c := r.x.Chunks[i]
 	b, err := r.dec.DecodeAll(frame, make([]byte, 0, r.x.Len(i)))
 	if err != nil {
 		return nil, fmt.Errorf("chunk %d (%s): decompressing: %w", i, c.Digest, err)
@@ -183,7 +282,7 @@ func (r *Reader) Prefetch(ctx context.Context, order []int, workers int) error {
 		go func() {
 			defer wg.Done()
 			for i := range work {
-				if _, err := r.fetch(ctx, i); err != nil {
+				if _, err := r.await(ctx, i, false); err != nil {
 					select {
 					case errs <- err:
 					default:
