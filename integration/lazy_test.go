@@ -267,9 +267,16 @@ func TestLazyRootfs(t *testing.T) {
 				}
 			}
 		}
-		t.Logf("second image: read %d distinct chunks, %d of them cached from the first image; fetched %d", len(read), shared, st.Fetched.Chunks)
-		if want := int64(len(read) - shared); st.Fetched.Chunks != want {
-			t.Errorf("fetched %d chunks, want the %d read and not cached", st.Fetched.Chunks, want)
+		own := chunkDigests(t, localB)
+		for d := range chunkDigests(t, localA) {
+			delete(own, d)
+		}
+		t.Logf("second image: read %d distinct chunks, %d of them cached from the first image; fetched %d; %d of its chunks are not the first's",
+			len(read), shared, st.Fetched.Chunks, len(own))
+		// Sequential reads fetch a window ahead, so more than was read
+		// may come, but never more than the image's own chunks allow.
+		if limit := int64(len(own) + len(own)/10); st.Fetched.Chunks > limit {
+			t.Errorf("fetched %d chunks, more than its own %d plus 10%%", st.Fetched.Chunks, len(own))
 		}
 		if shared == 0 {
 			t.Errorf("the second image's boot read none of the first image's chunks: the base's chunks are not shared")
@@ -347,25 +354,13 @@ func TestLazyRootfs(t *testing.T) {
 // packsOf lists the packs of the chunked rootfs published beside ref.
 func packsOf(t *testing.T, ref string, auth remote.Option) []chunked.Pack {
 	t.Helper()
-	r, err := name.ParseReference(ref)
-	if err != nil {
-		t.Fatal(err)
-	}
-	desc, err := remote.Get(r, auth)
-	if err != nil {
-		t.Fatal(err)
-	}
-	idx, err := remote.Referrers(r.Context().Digest(desc.Digest.String()), auth)
-	if err != nil {
-		t.Fatal(err)
-	}
-	im, _ := idx.IndexManifest()
+	repo, im := referrersOf(t, ref, auth)
 	var packs []chunked.Pack
 	for _, d := range im.Manifests {
 		if _, cut := d.Annotations[share.AnnotationChunkSize]; !cut {
 			continue
 		}
-		m, err := remote.Get(r.Context().Digest(d.Digest.String()), auth)
+		m, err := remote.Get(repo.Digest(d.Digest.String()), auth)
 		if err != nil {
 			t.Fatal(err)
 		}

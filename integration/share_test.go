@@ -235,22 +235,9 @@ func flipped(b []byte) []byte {
 // its blob, which are then uploaded under the same digest claim.
 func replaceArtifact(t *testing.T, ref string, auth remote.Option, change func(m *ocispec.Manifest, blob []byte) []byte) {
 	t.Helper()
-	r, err := name.ParseReference(ref)
-	if err != nil {
-		t.Fatal(err)
-	}
-	desc, err := remote.Get(r, auth)
-	if err != nil {
-		t.Fatal(err)
-	}
-	repo := r.Context()
-	idx, err := remote.Referrers(repo.Digest(desc.Digest.String()), auth)
-	if err != nil {
-		t.Fatal(err)
-	}
-	im, err := idx.IndexManifest()
-	if err != nil || len(im.Manifests) != 1 {
-		t.Fatalf("referrers of %s: %v, %+v", ref, err, im)
+	repo, im := referrersOf(t, ref, auth)
+	if len(im.Manifests) != 1 {
+		t.Fatalf("referrers of %s: %+v, want one", ref, im)
 	}
 	old := repo.Digest(im.Manifests[0].Digest.String())
 	got, err := remote.Get(old, auth)
@@ -298,6 +285,28 @@ func replaceArtifact(t *testing.T, ref string, auth remote.Option, change func(m
 	if err := remote.Delete(old, auth); err != nil {
 		t.Logf("deleting the genuine artifact: %v (it is then listed but missing)", err)
 	}
+}
+
+// referrersOf lists what refers to the manifest ref names.
+func referrersOf(t *testing.T, ref string, auth remote.Option) (name.Repository, *v1.IndexManifest) {
+	t.Helper()
+	r, err := name.ParseReference(ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	desc, err := remote.Get(r, auth)
+	if err != nil {
+		t.Fatal(err)
+	}
+	idx, err := remote.Referrers(r.Context().Digest(desc.Digest.String()), auth)
+	if err != nil {
+		t.Fatal(err)
+	}
+	im, err := idx.IndexManifest()
+	if err != nil {
+		t.Fatalf("referrers of %s: %v", ref, err)
+	}
+	return r.Context(), im
 }
 
 type rawTaggable []byte

@@ -46,6 +46,9 @@ them first, then, with --prefetch, the rest of the image.`,
 			if err != nil {
 				return err
 			}
+			if workers < 1 {
+				return fmt.Errorf("--prefetch-workers %d: want 1 or more", workers)
+			}
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
 			l, err := convert.OpenLazy(ctx, args[0], opts, timeout)
@@ -59,7 +62,9 @@ them first, then, with --prefetch, the rest of the image.`,
 			}
 			log.G(ctx).WithFields(log.Fields{"image": l.Image.Name, "artifact": l.Artifact, "file": m.Path(), "size": l.Size()}).Info("serving the rootfs")
 			pctx, cancelPrefetch := context.WithCancel(ctx)
+			prefetched := make(chan struct{})
 			go func() {
+				defer close(prefetched)
 				if err := l.Prefetch(pctx, prefetch, workers); err != nil {
 					log.G(ctx).WithError(err).Warn("prefetching stopped")
 				}
@@ -75,6 +80,7 @@ them first, then, with --prefetch, the rest of the image.`,
 			case <-unmounted:
 			}
 			cancelPrefetch()
+			<-prefetched
 			if err := l.SaveProfile(); err != nil {
 				log.G(ctx).WithError(err).Warn("recording the boot profile")
 			}

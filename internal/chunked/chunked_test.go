@@ -289,7 +289,7 @@ func TestIndexValidate(t *testing.T) {
 // TestReadWindows: a sequential read fetches growing windows of chunks
 // in few requests; scattered reads fetch only the chunks they touch.
 func TestReadWindows(t *testing.T) {
-	const chunk = 16 << 10
+	const chunk = 64 << 10
 	img := make([]byte, 64*chunk)
 	rand.Read(img)
 	x, pf := cut(t, img, chunk, 1<<30)
@@ -305,8 +305,8 @@ func TestReadWindows(t *testing.T) {
 		t.Errorf("three scattered reads fetched %d chunks in %d requests, want 3 in 3", st.FetchedChunks, pf.fetches)
 	}
 	got := make([]byte, len(img))
-	for off := 0; off < len(img); off += 8 << 10 {
-		if _, err := r.ReadAt(context.Background(), got[off:off+8<<10], int64(off)); err != nil {
+	for off := 0; off < len(img); off += 32 << 10 {
+		if _, err := r.ReadAt(context.Background(), got[off:off+32<<10], int64(off)); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -317,4 +317,48 @@ func TestReadWindows(t *testing.T) {
 		t.Errorf("a sequential read fetched %d chunks in %d requests, want all 64 in few", st.FetchedChunks, pf.fetches)
 	}
 	t.Logf("sequential read: %d requests for 64 chunks", pf.fetches)
+}
+
+// TestStoreLengthMismatch: an index that gives a cached chunk's digest
+// another length fails the read at once rather than loop, and a cached
+// chunk a crash cut short is fetched again.
+func TestStoreLengthMismatch(t *testing.T) {
+	const chunk = 64 << 10
+	img := testImage(t, chunk)
+	x, pf := cut(t, img, chunk, 1<<30)
+	dir := t.TempDir()
+	s, _ := OpenStore(dir, 0)
+	r, _ := NewReader(x, pf, s, 0)
+	if _, err := r.ReadAt(context.Background(), make([]byte, len(img)), 0); err != nil {
+		t.Fatal(err)
+	}
+	r.Close()
+
+	forged := *x
+	forged.Chunks = append([]Chunk(nil), x.Chunks...)
+	last := len(forged.Chunks) - 1
+	forged.Chunks[last] = x.Chunks[0] // a full chunk's digest for the short last one
+	r, _ = NewReader(&forged, pf, s, time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	start := time.Now()
+	_, err := r.ReadAt(ctx, make([]byte, 100), int64(last)*chunk)
+	if err == nil || !strings.Contains(err.Error(), "length") || time.Since(start) > 2*time.Second {
+		t.Errorf("a chunk of the wrong length: %v after %v, want a length error at once", err, time.Since(start))
+	}
+	r.Close()
+
+	// A crash left chunk 1's file short; the restarted store fetches it
+	// again.
+	os.Truncate(filepath.Join(dir, "sha256", x.Chunks[1].Digest.Encoded()), 10)
+	s, _ = OpenStore(dir, 0)
+	r, _ = NewReader(x, pf, s, 0)
+	defer r.Close()
+	p := make([]byte, chunk)
+	if _, err := r.ReadAt(context.Background(), p, chunk); err != nil || !bytes.Equal(p, img[chunk:2*chunk]) {
+		t.Errorf("reading over a short cached chunk: %v, right bytes %v", err, bytes.Equal(p, img[chunk:2*chunk]))
+	}
+	if r.Stats().FetchedChunks != 1 {
+		t.Errorf("fetched %d chunks, want the short one again", r.Stats().FetchedChunks)
+	}
 }

@@ -25,8 +25,8 @@ type PackFile struct {
 // packs, of about packSize bytes each, into dir. The same image and
 // sizes give the same index and packs.
 func Cut(ctx context.Context, f *os.File, dir string, chunkSize, packSize int64) (*Index, []PackFile, error) {
-	if chunkSize < MinChunkSize || chunkSize > MaxChunkSize || chunkSize%MinChunkSize != 0 {
-		return nil, nil, fmt.Errorf("chunk size %d: want a multiple of %d up to %d", chunkSize, MinChunkSize, MaxChunkSize)
+	if err := checkChunkSize(chunkSize); err != nil {
+		return nil, nil, err
 	}
 	enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedDefault), zstd.WithEncoderConcurrency(1),
 		zstd.WithWindowSize(int(max(chunkSize, zstd.MinWindowSize))))

@@ -34,12 +34,15 @@ const (
 	DefaultPackSize  = 64 << 20
 )
 
-// Bounds an index must keep: a chunk of at least a block and at most
-// MaxChunkSize, and no more chunks than an image of maxImageSize needs.
+// Bounds an index must keep: chunks of whole 4 KiB blocks from
+// MinChunkSize to MaxChunkSize (small enough to fetch and check one at a
+// time, large enough that an index stays small), and at most MaxChunks
+// of them.
 const (
-	MinChunkSize = 4 << 10
-	MaxChunkSize = 16 << 20
-	maxImageSize = 16 << 40
+	blockSize    = 4 << 10
+	MinChunkSize = 64 << 10
+	MaxChunkSize = 4 << 20
+	MaxChunks    = 1 << 20
 )
 
 // Index maps each chunk of an image to its digest and its frame.
@@ -86,11 +89,11 @@ func (x *Index) Validate() error {
 	if x.Version != indexVersion {
 		return fmt.Errorf("chunk index version %d, kiln reads %d", x.Version, indexVersion)
 	}
-	if x.ChunkSize < MinChunkSize || x.ChunkSize > MaxChunkSize || x.ChunkSize%MinChunkSize != 0 {
-		return fmt.Errorf("chunk size %d: want a multiple of %d up to %d", x.ChunkSize, MinChunkSize, MaxChunkSize)
+	if err := checkChunkSize(x.ChunkSize); err != nil {
+		return err
 	}
-	if x.Size <= 0 || x.Size > maxImageSize {
-		return fmt.Errorf("image size %d", x.Size)
+	if x.Size <= 0 || (x.Size+x.ChunkSize-1)/x.ChunkSize > MaxChunks {
+		return fmt.Errorf("image size %d: more than %d chunks of %d", x.Size, MaxChunks, x.ChunkSize)
 	}
 	if err := x.Digest.Validate(); err != nil || x.Digest.Algorithm() != digest.SHA256 {
 		return fmt.Errorf("image digest %q", x.Digest)
@@ -123,4 +126,21 @@ func (x *Index) Validate() error {
 		}
 	}
 	return nil
+}
+
+func checkChunkSize(n int64) error {
+	if n < MinChunkSize || n > MaxChunkSize || n%blockSize != 0 {
+		return fmt.Errorf("chunk size %d: want a multiple of %d from %d to %d", n, blockSize, MinChunkSize, MaxChunkSize)
+	}
+	return nil
+}
+
+// MaxIndexSize bounds the encoded index of an image of size bytes in
+// chunks of chunkSize: what kiln writes, about 130 bytes a chunk, with
+// room to spare. A larger index is refused before it is read.
+func MaxIndexSize(size, chunkSize int64) int64 {
+	if chunkSize <= 0 || size <= 0 {
+		return 0
+	}
+	return (size+chunkSize-1)/chunkSize*256 + 64<<10
 }

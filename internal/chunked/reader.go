@@ -28,6 +28,7 @@ type Reader struct {
 	timeout time.Duration
 	dec     *zstd.Decoder
 
+	wg      sync.WaitGroup // fetches under way
 	mu      sync.Mutex
 	flights map[digest.Digest]*flight
 	read    map[int]bool // chunks read, for the profile
@@ -61,8 +62,12 @@ func NewReader(x *Index, f Fetcher, s *Store, timeout time.Duration) (*Reader, e
 	return &Reader{x: x, fetcher: f, store: s, timeout: timeout, dec: dec, flights: map[digest.Digest]*flight{}, read: map[int]bool{}, seqNext: -1, window: 1}, nil
 }
 
-// Close releases the decoder.
-func (r *Reader) Close() { r.dec.Close() }
+// Close waits for the fetches under way (each ends within the timeout)
+// and releases the decoder. No read may be in progress.
+func (r *Reader) Close() {
+	r.wg.Wait()
+	r.dec.Close()
+}
 
 // Size is the image's size.
 func (r *Reader) Size() int64 { return r.x.Size }
@@ -102,9 +107,15 @@ func (r *Reader) readChunk(ctx context.Context, i int, p []byte, off int64) erro
 		return nil
 	}
 	size := r.x.Len(i)
-	for {
+	for try := 0; ; try++ {
 		if ok, err := r.store.ReadAt(c.Digest, size, p, off); ok || err != nil {
 			return err
+		}
+		if err := ctx.Err(); err != nil {
+			return fmt.Errorf("chunk %d: %w", i, err)
+		}
+		if try == 3 {
+			return fmt.Errorf("chunk %d (%s): stored and gone again, three times", i, c.Digest)
 		}
 		b, err := r.fetch(ctx, i)
 		if err != nil {
@@ -170,12 +181,13 @@ func (r *Reader) await(ctx context.Context, i int, reading bool) ([]byte, error)
 	}
 }
 
-// maxWindow bounds the chunks one request fetches; readAhead is how
-// many windows a sequential read fetches ahead of need, which also
-// spreads their checking over the CPUs.
+// maxWindow and maxWindowBytes bound the chunks, and their frames'
+// bytes, one request fetches; readAhead is how many windows a
+// sequential read fetches ahead of need.
 const (
-	maxWindow = 16
-	readAhead = 1
+	maxWindow      = 16
+	maxWindowBytes = 8 << 20
+	readAhead      = 1
 )
 
 // idleLocked says whether chunk i is one to fetch: data that nobody has
@@ -209,7 +221,7 @@ func (r *Reader) startLocked(ctx context.Context, i, want int) int {
 	k := i + 1
 	for ; k < len(r.x.Chunks) && len(run) < want; k++ {
 		c := r.x.Chunks[k]
-		if !r.idleLocked(k) || c.Pack != first.Pack || c.Offset != end {
+		if !r.idleLocked(k) || c.Pack != first.Pack || c.Offset != end || end+c.Length-first.Offset > maxWindowBytes {
 			break
 		}
 		r.flights[c.Digest] = &flight{done: make(chan struct{})}
@@ -218,7 +230,11 @@ func (r *Reader) startLocked(ctx context.Context, i, want int) int {
 	}
 	// Not the asker's context: others may wait for these chunks too.
 	fctx := context.WithoutCancel(ctx)
-	go r.fetchRun(fctx, run)
+	r.wg.Add(1)
+	go func() {
+		defer r.wg.Done()
+		r.fetchRun(fctx, run)
+	}()
 	return k
 }
 
@@ -274,10 +290,11 @@ func (r *Reader) verify(ctx context.Context, i int, frame []byte) ([]byte, error
 // workers fetches at a time, until done or ctx ends; it returns the
 // first error.
 func (r *Reader) Prefetch(ctx context.Context, order []int, workers int) error {
+	workers = max(workers, 1)
 	work := make(chan int)
 	errs := make(chan error, workers)
 	var wg sync.WaitGroup
-	for range max(workers, 1) {
+	for range workers {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()

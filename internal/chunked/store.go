@@ -1,9 +1,7 @@
 package chunked
 
 import (
-	"errors"
 	"fmt"
-	"io/fs"
 	"os"
 	"path/filepath"
 	"sort"
@@ -47,7 +45,7 @@ func OpenStore(dir string, budget int64) (*Store, error) {
 		p := filepath.Join(root, e.Name())
 		d := digest.NewDigestFromEncoded(digest.SHA256, e.Name())
 		info, err := e.Info()
-		if err != nil || !info.Mode().IsRegular() || d.Validate() != nil {
+		if err != nil || !info.Mode().IsRegular() || d.Validate() != nil || info.Size() <= 0 || info.Size() > MaxChunkSize {
 			os.Remove(p) // a chunk being written when kiln stopped
 			continue
 		}
@@ -61,11 +59,12 @@ func (s *Store) path(d digest.Digest) string { return filepath.Join(s.dir, "sha2
 
 // ReadAt reads a cached chunk's bytes at off into p; it reports false
 // when the chunk is not cached, or is and does not match its digest (it
-// is then removed). size is the chunk's length.
+// is then removed). size is the chunk's length as the index gives it: a
+// chunk of that digest and another length is the index's error.
 func (s *Store) ReadAt(d digest.Digest, size int64, p []byte, off int64) (bool, error) {
 	s.mu.Lock()
 	e := s.entries[d]
-	if e == nil || e.size != size {
+	if e == nil {
 		s.mu.Unlock()
 		return false, nil
 	}
@@ -78,7 +77,8 @@ func (s *Store) ReadAt(d digest.Digest, size int64, p []byte, off int64) (bool, 
 		s.mu.Unlock()
 	}()
 	if check {
-		// Once per chunk and run: a cache on disk can rot.
+		// Once per chunk and run: a cache on disk can rot, or lose the
+		// end of a file a crash caught.
 		b, err := os.ReadFile(s.path(d))
 		if err != nil || digest.FromBytes(b) != d {
 			s.drop(d)
@@ -87,24 +87,32 @@ func (s *Store) ReadAt(d digest.Digest, size int64, p []byte, off int64) (bool, 
 		s.mu.Lock()
 		s.verified[d] = true
 		s.mu.Unlock()
+		if int64(len(b)) != size {
+			return false, lengthError(d, size, int64(len(b)))
+		}
 		copy(p, b[off:])
 		s.touch(d, e)
 		return true, nil
 	}
+	if e.size != size {
+		return false, lengthError(d, size, e.size)
+	}
 	f, err := os.Open(s.path(d))
-	if errors.Is(err, fs.ErrNotExist) {
+	if err != nil {
 		s.drop(d)
 		return false, nil
 	}
-	if err != nil {
-		return false, err
-	}
 	defer f.Close()
 	if _, err := f.ReadAt(p, off); err != nil {
-		return false, fmt.Errorf("chunk %s in the cache: %w", d, err)
+		s.drop(d) // changed since it was checked
+		return false, nil
 	}
 	s.touch(d, e)
 	return true, nil
+}
+
+func lengthError(d digest.Digest, want, got int64) error {
+	return fmt.Errorf("the index gives chunk %s a length of %d bytes; that chunk has %d", d, want, got)
 }
 
 // touch records a use; the file's mtime keeps it across restarts, at
@@ -149,7 +157,10 @@ func (s *Store) Put(d digest.Digest, b []byte) error {
 	}
 	s.verified[d] = true
 	s.mu.Unlock()
-	s.Prune(s.budget)
+	if s.budget > 0 && s.Size() > s.budget {
+		// Down to 90%: the next puts need not prune again at once.
+		s.Prune(s.budget - s.budget/10)
+	}
 	return nil
 }
 
@@ -190,7 +201,6 @@ func (s *Store) Prune(budget int64) int64 {
 		}
 		return all[i].d < all[j].d
 	})
-	var victims []digest.Digest
 	var freed int64
 	for _, u := range all {
 		if s.size <= budget {
@@ -199,16 +209,15 @@ func (s *Store) Prune(budget int64) int64 {
 		if u.e.busy > 0 {
 			continue
 		}
-		victims = append(victims, u.d)
 		freed += u.e.size
 		s.size -= u.e.size
 		delete(s.entries, u.d)
 		delete(s.verified, u.d)
+		// Under the lock: a Put of the same chunk meanwhile must not
+		// lose its file.
+		os.Remove(s.path(u.d))
 	}
 	s.mu.Unlock()
-	for _, d := range victims {
-		os.Remove(s.path(d))
-	}
 	return freed
 }
 

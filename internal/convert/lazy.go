@@ -68,7 +68,13 @@ func OpenLazy(ctx context.Context, src string, opts Options, timeout time.Durati
 	if err != nil {
 		return nil, fmt.Errorf("image %s: %w", img.Name, err)
 	}
-	c, err := share.FindChunked(ctx, server, img.Digest, id, share.MaxImageSize(opts.Build, cacheDir))
+	// Not written whole: only the build's own size bounds it (and the
+	// index's bounds).
+	maxSize := int64(1 << 62)
+	if opts.Build.Size > 0 {
+		maxSize = share.MaxImageSize(opts.Build, cacheDir)
+	}
+	c, err := share.FindChunked(ctx, server, img.Digest, id, maxSize)
 	if err != nil {
 		return nil, fmt.Errorf("image %s: %w", img.Name, err)
 	}

@@ -88,7 +88,7 @@ func fetchPublishedTo(ctx context.Context, st *store.Store, img *image.Image, re
 			return errNotPublished
 		}
 		if err := cacheShared(ctx, st, f, record); err != nil {
-			log.G(ctx).WithError(err).WithField("image", img.Name).Debug("the published rootfs is not kept in the cache")
+			log.G(ctx).WithError(err).WithField("image", img.Name).Info("the published rootfs is not kept in the cache: it would be a second copy (a later convert downloads it again)")
 		}
 		return finish(f)
 	})

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 
 	"github.com/containerd/log"
 	"github.com/google/go-containerregistry/pkg/name"
@@ -27,11 +28,6 @@ import (
 
 // AnnotationChunkSize is a chunked rootfs's chunk size.
 const AnnotationChunkSize = "dev.kiln.rootfs.chunk-size"
-
-// maxIndexSize bounds a chunk index kiln downloads: about 200 bytes a
-// chunk, for the largest image at the smallest chunk size kiln writes
-// by default.
-const maxIndexSize = 256 << 20
 
 // PublishChunked uploads the rootfs file, built as id from the image
 // whose manifest digest is manifest, as a chunked artifact (see package
@@ -140,8 +136,21 @@ func findOne(ctx context.Context, t image.Target, repo name.Repository, artifact
 	if err := matches(m.Annotations, id); err != nil {
 		return nil, err
 	}
-	if s := m.Layers[0].Size; s <= 0 || s > maxIndexSize {
-		return nil, fmt.Errorf("a chunk index of %d bytes", s)
+	// Bounded before anything is read: the image's size, and an index
+	// no larger than one of its chunks needs.
+	size, err := strconv.ParseInt(m.Annotations[AnnotationImageSize], 10, 64)
+	if err != nil || size <= 0 {
+		return nil, fmt.Errorf("%s %q", AnnotationImageSize, m.Annotations[AnnotationImageSize])
+	}
+	if size > maxSize {
+		return nil, fmt.Errorf("the image would be %d bytes, more than this build may make (%d)", size, maxSize)
+	}
+	chunkSize, err := strconv.ParseInt(m.Annotations[AnnotationChunkSize], 10, 64)
+	if err != nil {
+		return nil, fmt.Errorf("%s %q", AnnotationChunkSize, m.Annotations[AnnotationChunkSize])
+	}
+	if s := m.Layers[0].Size; s <= 0 || s > chunked.MaxIndexSize(size, chunkSize) {
+		return nil, fmt.Errorf("a chunk index of %d bytes for an image of %d bytes in chunks of %d", s, size, chunkSize)
 	}
 	l, err := remote.Layer(repo.Digest(m.Layers[0].Digest.String()), t.Options...)
 	if err != nil {
@@ -163,12 +172,9 @@ func findOne(ctx context.Context, t image.Target, repo name.Repository, artifact
 	if err := x.Validate(); err != nil {
 		return nil, fmt.Errorf("chunk index: %w", err)
 	}
-	if strconv.FormatInt(x.Size, 10) != m.Annotations[AnnotationImageSize] || x.Digest.String() != m.Annotations[AnnotationImageDigest] {
+	if x.Size != size || x.ChunkSize != chunkSize || x.Digest.String() != m.Annotations[AnnotationImageDigest] {
 		return nil, fmt.Errorf("the index describes an image of %d bytes, %s; the artifact says %s bytes, %s",
 			x.Size, x.Digest, m.Annotations[AnnotationImageSize], m.Annotations[AnnotationImageDigest])
-	}
-	if x.Size > maxSize {
-		return nil, fmt.Errorf("the image would be %d bytes, more than this build may make (%d)", x.Size, maxSize)
 	}
 	if len(x.Packs) != len(m.Layers)-1 {
 		return nil, fmt.Errorf("the index lists %d packs, the artifact %d", len(x.Packs), len(m.Layers)-1)
@@ -193,6 +199,7 @@ func findOne(ctx context.Context, t image.Target, repo name.Repository, artifact
 type rangeFetcher struct {
 	client *http.Client
 	base   string
+	warned sync.Once
 }
 
 func (f *rangeFetcher) Fetch(ctx context.Context, pack chunked.Pack, off, n int64) ([]byte, error) {
@@ -213,6 +220,9 @@ func (f *rangeFetcher) Fetch(ctx context.Context, pack chunked.Pack, off, n int6
 	case http.StatusPartialContent:
 	case http.StatusOK:
 		// No range support: skip to the frame.
+		f.warned.Do(func() {
+			log.G(ctx).WithField("blob", pack.Digest.String()).Warn("the registry ignores range requests: every read downloads its pack from the start")
+		})
 		if _, err := io.CopyN(io.Discard, resp.Body, off); err != nil {
 			return nil, fmt.Errorf("pack %s: %w", pack.Digest, err)
 		}

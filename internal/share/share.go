@@ -402,7 +402,7 @@ func compress(ctx context.Context, rootfs, path string) (*compressed, error) {
 func expand(ctx context.Context, r io.Reader, f *os.File, size int64) (digest.Digest, error) {
 	// A small window, as kiln writes them: a frame asking for more is
 	// refused rather than given the memory.
-	dec, err := zstd.NewReader(r, zstd.WithDecoderMaxWindow(32<<20), zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true))
+	dec, err := zstd.NewReader(r, zstd.WithDecoderMaxWindow(32<<20), zstd.WithDecoderConcurrency(2), zstd.WithDecoderLowmem(true))
 	if err != nil {
 		return "", err
 	}
@@ -420,14 +420,20 @@ func expand(ctx context.Context, r io.Reader, f *os.File, size int64) (digest.Di
 			return "", fmt.Errorf("the image is longer than the %d bytes the artifact says", size)
 		}
 		h.Write(buf[:n])
-		for b := 0; b < n; b += len(zero) {
+		// Each stretch of blocks that are not all zeros in one write.
+		for b := 0; b < n; {
 			e := min(b+len(zero), n)
 			if bytes.Equal(buf[b:e], zero[:e-b]) {
+				b = e
 				continue
+			}
+			for e < n && !bytes.Equal(buf[e:min(e+len(zero), n)], zero[:min(e+len(zero), n)-e]) {
+				e = min(e+len(zero), n)
 			}
 			if _, err := f.WriteAt(buf[b:e], off+int64(b)); err != nil {
 				return "", &localError{err}
 			}
+			b = e
 		}
 		off += int64(n)
 		if rerr == io.EOF {

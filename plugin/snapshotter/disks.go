@@ -41,6 +41,7 @@ type diskBuilder struct {
 	share      Share
 	onShare    func(result string)
 	publishing chan struct{} // one publish at a time
+	queued     int           // publishes started or waiting (mu)
 
 	ctx  context.Context // ends with close
 	stop context.CancelFunc

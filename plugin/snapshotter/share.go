@@ -82,6 +82,9 @@ func (b *diskBuilder) fetchPublished(ctx context.Context, chain chainLayers, opt
 	}
 	if err != nil || !found {
 		os.Remove(out)
+		if ctx.Err() != nil {
+			return false // called off: the build ends the same way
+		}
 		if err != nil {
 			lg.WithError(err).Warn("fetching a published rootfs; building the disk")
 		}
@@ -93,6 +96,11 @@ func (b *diskBuilder) fetchPublished(ctx context.Context, chain chainLayers, opt
 	return true
 }
 
+// maxQueuedPublishes bounds the disks waiting to be published, each
+// holding its file open: a registry that refuses or does not answer must
+// not pin every disk kiln builds.
+const maxQueuedPublishes = 8
+
 // publishLater publishes the disk just built for the chain in the
 // background, one at a time; the disk's file is opened first, so that
 // its removal meanwhile does not matter.
@@ -103,10 +111,27 @@ func (b *diskBuilder) publishLater(ctx context.Context, disk string, chain chain
 		return
 	}
 	lg := log.G(ctx).WithFields(log.Fields{"image": chain.image.ref, "chain": chain.chainID.String()})
+	b.mu.Lock()
+	full := b.queued >= maxQueuedPublishes
+	if !full {
+		b.queued++
+	}
+	b.mu.Unlock()
+	if full {
+		f.Close()
+		lg.Warnf("not publishing the disk: %d disks already wait to be published", maxQueuedPublishes)
+		b.observeShare(sharePublishFailed)
+		return
+	}
 	b.wg.Add(1)
 	go func() {
 		defer b.wg.Done()
 		defer f.Close()
+		defer func() {
+			b.mu.Lock()
+			b.queued--
+			b.mu.Unlock()
+		}()
 		select {
 		case b.publishing <- struct{}{}:
 			defer func() { <-b.publishing }()
