@@ -26,6 +26,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"sync"
 
 	"github.com/containerd/log"
 	"github.com/google/go-containerregistry/pkg/name"
@@ -407,19 +408,20 @@ func expand(ctx context.Context, r io.Reader, f *os.File, size int64) (digest.Di
 		return "", err
 	}
 	defer dec.Close()
-	h := sha256.New()
-	buf := make([]byte, 1<<20)
+	h := newHasher(3, 1<<20)
+	defer h.stop()
 	var zero [4096]byte
 	var off int64
 	for {
 		if err := ctx.Err(); err != nil {
 			return "", err
 		}
+		buf := h.buffer()
 		n, rerr := chunk.Fill(dec, buf)
 		if off+int64(n) > size {
 			return "", fmt.Errorf("the image is longer than the %d bytes the artifact says", size)
 		}
-		h.Write(buf[:n])
+		h.add(buf[:n]) // hashed while it is written
 		// Each stretch of blocks that are not all zeros in one write.
 		for b := 0; b < n; {
 			e := min(b+len(zero), n)
@@ -449,7 +451,49 @@ func expand(ctx context.Context, r io.Reader, f *os.File, size int64) (digest.Di
 	if err := f.Truncate(size); err != nil {
 		return "", &localError{err}
 	}
-	return digestOf(h), nil
+	return h.sum(), nil
+}
+
+// hasher hashes buffers in the background, on another CPU, while the
+// caller writes them; it hands a buffer back once it is hashed.
+type hasher struct {
+	h    hash.Hash
+	in   chan []byte
+	free chan []byte
+	done chan struct{}
+	once sync.Once
+}
+
+func newHasher(buffers, size int) *hasher {
+	h := &hasher{h: sha256.New(), in: make(chan []byte, buffers), free: make(chan []byte, buffers), done: make(chan struct{})}
+	for range buffers {
+		h.free <- make([]byte, size)
+	}
+	go func() {
+		defer close(h.done)
+		for b := range h.in {
+			h.h.Write(b)
+			h.free <- b[:cap(b)]
+		}
+	}()
+	return h
+}
+
+// buffer is a buffer to fill and add; its bytes are not being hashed.
+func (h *hasher) buffer() []byte { return <-h.free }
+
+// add hashes b next; b must not change until buffer hands it out again.
+func (h *hasher) add(b []byte) { h.in <- b }
+
+// sum is the digest of all that was added.
+func (h *hasher) sum() digest.Digest {
+	h.stop()
+	return digestOf(h.h)
+}
+
+func (h *hasher) stop() {
+	h.once.Do(func() { close(h.in) })
+	<-h.done
 }
 
 // exactReader passes exactly left bytes of r: the blob the manifest
