@@ -189,7 +189,7 @@ func TestLazyRootfs(t *testing.T) {
 		}
 		return ref, local
 	}
-	const unread = 48 << 20
+	const unread = 96 << 20 // what a boot reads is a small part of the image
 	refA, localA := publish("lazy-a", lazyImage(t, "kiln-lazy-a", unread))
 
 	t.Run("read whole", func(t *testing.T) {
@@ -302,8 +302,12 @@ func TestLazyRootfs(t *testing.T) {
 	})
 
 	t.Run("registry stalls mid-boot", func(t *testing.T) {
-		refS, _ := publish("lazy-s", lazyImage(t, "kiln-lazy-s", 8<<20,
+		// The guest says it is about to read, and waits for the test to
+		// stall the registry; the file is larger than any window a read
+		// fetches ahead.
+		refS, _ := publish("lazy-s", lazyImage(t, "kiln-lazy-s", 32<<20,
 			"/bin/busybox echo kiln-lazy-reading",
+			"/bin/busybox sleep 2",
 			"/bin/busybox md5sum /data/unread && /bin/busybox echo kiln-lazy-read-ok || /bin/busybox echo kiln-lazy-read-failed"))
 		m := startMount(t, env, refS, filepath.Join(t.TempDir(), "cache"), "--timeout", "3s")
 		var release func()
