@@ -2,17 +2,13 @@ package integration
 
 import (
 	"archive/tar"
-	"bufio"
-	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -88,6 +84,10 @@ func BenchmarkLazyBoot(b *testing.B) {
 		cmd.Env = env
 		return cmd
 	}
+	mount := func(cache string) *lazyMount {
+		dir := b.TempDir()
+		return runMount(b, kilnCmd("mount", "--json", ref, dir, "--cache-dir", cache), dir)
+	}
 	run := func(args ...string) []byte {
 		b.Helper()
 		out, err := kilnCmd(args...).CombinedOutput()
@@ -128,21 +128,21 @@ func BenchmarkLazyBoot(b *testing.B) {
 
 		syncDisks(b)
 		start = time.Now()
-		m, st := benchMount(b, kilnCmd("mount", "--json", ref, b.TempDir(), "--cache-dir", filepath.Join(work, "cache-lazy")))
-		bootUntil(b, ctx, kernel, m.file, "kiln-lazy-marker")
+		m := mount(filepath.Join(work, "cache-lazy"))
+		bootUntil(b, kernel, m.file, "kiln-lazy-marker")
 		lazy = append(lazy, time.Since(start))
-		fetched = append(fetched, st().Fetched.Bytes)
+		fetched = append(fetched, m.stop(b).Fetched.Bytes)
 
 		start = time.Now()
-		bootUntil(b, ctx, kernel, local, "kiln-lazy-marker")
+		bootUntil(b, kernel, local, "kiln-lazy-marker")
 		floor = append(floor, time.Since(start))
 
 		syncDisks(b)
 		start = time.Now()
-		m, st = benchMount(b, kilnCmd("mount", "--json", ref, b.TempDir(), "--cache-dir", filepath.Join(work, "cache-whole")))
+		m = mount(filepath.Join(work, "cache-whole"))
 		readAll(b, m.file)
 		whole = append(whole, time.Since(start))
-		st()
+		m.stop(b)
 
 		syncDisks(b)
 		start = time.Now()
@@ -165,63 +165,18 @@ func BenchmarkLazyBoot(b *testing.B) {
 		percentile(whole, 50).Seconds(), percentile(published, 50).Seconds())
 }
 
-// benchMount starts cmd, a kiln mount --json IMAGE DIR, and returns it
-// and a function that stops it and says what it fetched.
-func benchMount(b *testing.B, cmd *exec.Cmd) (*lazyMount, func() mountStats) {
-	b.Helper()
-	m := &lazyMount{cmd: cmd, file: filepath.Join(cmd.Args[4], "rootfs.ext4"), done: make(chan error, 1)}
-	m.cmd.Stdout, m.cmd.Stderr = &m.stdout, &m.stderr
-	if err := m.cmd.Start(); err != nil {
-		b.Fatal(err)
-	}
-	go func() { m.done <- m.cmd.Wait() }()
-	for {
-		if _, err := os.Stat(m.file); err == nil {
-			break
-		}
-		select {
-		case err := <-m.done:
-			b.Fatalf("kiln mount: %v\n%s", err, m.stderr.String())
-		case <-time.After(20 * time.Millisecond):
-		}
-	}
-	return m, func() mountStats {
-		m.cmd.Process.Signal(syscall.SIGTERM) //nolint:errcheck // it may have ended
-		if err := <-m.done; err != nil {
-			b.Fatalf("kiln mount: %v\n%s", err, m.stderr.String())
-		}
-		var st mountStats
-		if err := json.Unmarshal(m.stdout.Bytes(), &st); err != nil {
-			b.Fatalf("kiln mount --json: %v", err)
-		}
-		return st
-	}
-}
-
 // bootUntil boots image with kiln boot and returns once the console
 // shows marker; the VM is then stopped.
-func bootUntil(b *testing.B, ctx context.Context, kernel, image, marker string) {
+func bootUntil(b *testing.B, kernel, image, marker string) {
 	b.Helper()
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, kilnBin, "boot", image, "--kernel", kernel, "--cache-dir", b.TempDir(), "--timeout", "4m")
-	console, err := cmd.StderrPipe()
-	if err != nil {
-		b.Fatal(err)
+	found := false
+	console := bootWatch(b, kernel, image, func(line string) bool {
+		found = strings.Contains(line, marker)
+		return found
+	})
+	if !found {
+		b.Fatalf("the guest did not print %s:\n%s", marker, lastLines(console, 30))
 	}
-	if err := cmd.Start(); err != nil {
-		b.Fatal(err)
-	}
-	defer cmd.Wait() //nolint:errcheck // killed once the marker is seen
-	var seen bytes.Buffer
-	sc := bufio.NewScanner(console)
-	for sc.Scan() {
-		seen.WriteString(sc.Text() + "\n")
-		if strings.Contains(sc.Text(), marker) {
-			return
-		}
-	}
-	b.Fatalf("the guest did not print %s:\n%s", marker, lastLines(seen.String(), 30))
 }
 
 // readAll reads the file to its end and closes it: kiln mount waits for

@@ -881,8 +881,6 @@ func ctdMetrics(t *testing.T, e *testcontainerd.Env) string {
 	return string(b)
 }
 
-// ctdClient connects to containerd for namespace ns; the client is closed
-// when the test ends.
 // ctdCollectGarbage runs containerd's garbage collection now, as a
 // synchronous lease deletion does, rather than when containerd's
 // scheduler gets to it.
@@ -899,6 +897,8 @@ func ctdCollectGarbage(t testing.TB, e *testcontainerd.Env, ns string) {
 	}
 }
 
+// ctdClient connects to containerd for namespace ns; the client is closed
+// when the test ends.
 func ctdClient(t testing.TB, e *testcontainerd.Env, ns string) (*containerd.Client, context.Context) {
 	t.Helper()
 	client, err := containerd.New(e.Address, containerd.WithDefaultNamespace(ns))

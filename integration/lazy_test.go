@@ -56,13 +56,20 @@ func startMount(t *testing.T, env map[string]string, ref, cache string, more ...
 		testenv.Unavailable(t, "FUSE is not available: %v", err)
 	}
 	dir := t.TempDir()
-	m := &lazyMount{file: filepath.Join(dir, "rootfs.ext4"), done: make(chan error, 1)}
-	args := append([]string{"mount", "--json", ref, dir, "--cache-dir", cache}, more...)
-	m.cmd = exec.Command(kilnBin, args...)
-	m.cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + t.TempDir()}
+	cmd := exec.Command(kilnBin, append([]string{"mount", "--json", ref, dir, "--cache-dir", cache}, more...)...)
+	cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + t.TempDir()}
 	for k, v := range env {
-		m.cmd.Env = append(m.cmd.Env, k+"="+v)
+		cmd.Env = append(cmd.Env, k+"="+v)
 	}
+	return runMount(t, cmd, dir)
+}
+
+// runMount starts cmd, a kiln mount --json of an image on dir, and waits
+// for the file to appear; it is stopped, if it still runs, when the test
+// ends.
+func runMount(t testing.TB, cmd *exec.Cmd, dir string) *lazyMount {
+	t.Helper()
+	m := &lazyMount{cmd: cmd, file: filepath.Join(dir, "rootfs.ext4"), done: make(chan error, 1)}
 	m.cmd.Stdout, m.cmd.Stderr = &m.stdout, &m.stderr
 	if err := m.cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -77,18 +84,17 @@ func startMount(t *testing.T, env map[string]string, ref, cache string, more ...
 		select {
 		case err := <-m.done:
 			m.done <- err
-			t.Fatalf("kiln mount %s ended: %v\n%s", ref, err, m.stderr.String())
-		default:
+			t.Fatalf("kiln mount ended: %v\n%s", err, m.stderr.String())
+		case <-time.After(20 * time.Millisecond):
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("kiln mount %s: no %s after 30s\n%s", ref, m.file, m.stderr.String())
+			t.Fatalf("kiln mount: no %s after 30s\n%s", m.file, m.stderr.String())
 		}
-		time.Sleep(50 * time.Millisecond)
 	}
 }
 
 // stop ends kiln mount and returns what it fetched.
-func (m *lazyMount) stop(t *testing.T) mountStats {
+func (m *lazyMount) stop(t testing.TB) mountStats {
 	t.Helper()
 	var st mountStats
 	if m.cmd.ProcessState == nil {
@@ -312,13 +318,14 @@ func TestLazyRootfs(t *testing.T) {
 		m := startMount(t, env, refS, filepath.Join(t.TempDir(), "cache"), "--timeout", "3s")
 		var release func()
 		var reading, failed time.Time
-		console := bootWatch(t, kernel, m.file, func(line string) {
+		console := bootWatch(t, kernel, m.file, func(line string) bool {
 			if strings.Contains(line, "kiln-lazy-reading") && release == nil {
 				release, reading = reg.Stall(), time.Now()
 			}
 			if strings.Contains(line, "kiln-lazy-read-failed") {
 				failed = time.Now()
 			}
+			return false
 		})
 		if release != nil {
 			release()
@@ -401,8 +408,9 @@ func lazyKey(t *testing.T, m *lazyMount) string {
 }
 
 // bootWatch boots image with kiln boot, calling seen with each console
-// line as it comes, and returns the console.
-func bootWatch(t *testing.T, kernel, image string, seen func(line string)) string {
+// line as it comes, and returns the console. seen returning true stops
+// the VM there.
+func bootWatch(t testing.TB, kernel, image string, seen func(line string) bool) string {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
@@ -414,12 +422,15 @@ func bootWatch(t *testing.T, kernel, image string, seen func(line string)) strin
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
+	defer cmd.Wait() //nolint:errcheck // the console says how it went
 	var console strings.Builder
 	sc := bufio.NewScanner(pipe)
 	for sc.Scan() {
 		console.WriteString(sc.Text() + "\n")
-		seen(sc.Text())
+		if seen(sc.Text()) {
+			cancel()
+			break
+		}
 	}
-	cmd.Wait() //nolint:errcheck // the console says how it went
 	return console.String()
 }

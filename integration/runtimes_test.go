@@ -16,7 +16,6 @@ import (
 	"time"
 
 	"github.com/containerd/containerd/v2/core/content"
-	"github.com/containerd/containerd/v2/core/leases"
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/pkg/rootfs"
@@ -372,14 +371,7 @@ func commitLayer(t *testing.T, e *testcontainerd.Env, ns, key string) v1.Layer {
 	}
 	// Garbage collection right away must not take the diff: the caller's
 	// lease does not reach kiln, which leases the blob itself.
-	lm := client.LeasesService()
-	gc, err := lm.Create(ctx, leases.WithRandomID())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := lm.Delete(ctx, gc, leases.SynchronousDelete); err != nil {
-		t.Fatal(err)
-	}
+	ctdCollectGarbage(t, e, ns)
 	info, err := client.ContentStore().Info(ctx, desc.Digest)
 	if err != nil || info.Labels["containerd.io/uncompressed"] == "" {
 		t.Errorf("the diff blob lacks the containerd.io/uncompressed label: %+v, %v", info.Labels, err)

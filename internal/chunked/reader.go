@@ -117,7 +117,7 @@ func (r *Reader) readChunk(ctx context.Context, i int, p []byte, off int64) erro
 		if try == 3 {
 			return fmt.Errorf("chunk %d (%s): stored and gone again, three times", i, c.Digest)
 		}
-		b, err := r.fetch(ctx, i)
+		b, err := r.await(ctx, i, true)
 		if err != nil {
 			return err
 		}
@@ -138,15 +138,13 @@ func (r *Reader) note(i int) {
 	r.mu.Unlock()
 }
 
-// fetch gets chunk i from its pack, once however many ask at a time,
-// and stores it; nil, nil means it is in the store already. A read that follows the last one's chunks fetches a
-// growing window of the chunks after it in the same request, and the
-// next window ahead of need: a sequential read streams, while scattered
-// reads (a boot's) fetch only the chunks they touch.
-func (r *Reader) fetch(ctx context.Context, i int) ([]byte, error) { return r.await(ctx, i, true) }
-
-// await is fetch for a read (reading) or for a prefetch, which fetches
-// whole windows and leaves the reads' sequence alone.
+// await gets chunk i from its pack, once however many ask at a time, and
+// stores it; nil, nil means it is in the store already. For a read
+// (reading), one that follows the last one's chunks fetches a growing
+// window of the chunks after it in the same request, and the next window
+// ahead of need: a sequential read streams, while scattered reads (a
+// boot's) fetch only the chunks they touch. A prefetch fetches whole
+// windows and leaves the reads' sequence alone.
 func (r *Reader) await(ctx context.Context, i int, reading bool) ([]byte, error) {
 	c := r.x.Chunks[i]
 	r.mu.Lock()
@@ -166,8 +164,8 @@ func (r *Reader) await(ctx context.Context, i int, reading bool) ([]byte, error)
 			r.window = 1
 		}
 		r.seqNext = r.nextLocked(r.startLocked(ctx, i, r.window))
-		// Sequential: the next windows too, ahead of need.
-		for ahead := 0; r.window >= 4 && ahead < readAhead && r.idleLocked(r.seqNext); ahead++ {
+		if r.window >= 4 && r.idleLocked(r.seqNext) {
+			// Sequential: the next window too, ahead of need.
 			r.seqNext = r.nextLocked(r.startLocked(ctx, r.seqNext, r.window))
 		}
 		f = r.flights[c.Digest]
@@ -182,12 +180,10 @@ func (r *Reader) await(ctx context.Context, i int, reading bool) ([]byte, error)
 }
 
 // maxWindow and maxWindowBytes bound the chunks, and their frames'
-// bytes, one request fetches; readAhead is how many windows a
-// sequential read fetches ahead of need.
+// bytes, one request fetches.
 const (
 	maxWindow      = 16
 	maxWindowBytes = 8 << 20
-	readAhead      = 1
 )
 
 // idleLocked says whether chunk i is one to fetch: data that nobody has

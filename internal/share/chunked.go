@@ -19,7 +19,6 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
 	"github.com/opencontainers/go-digest"
-	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/kilnfs/kiln/internal/build"
 	"github.com/kilnfs/kiln/internal/chunked"
@@ -122,28 +121,11 @@ func FindChunked(ctx context.Context, t image.Target, manifest digest.Digest, id
 var ErrNotPublished = errors.New("not published")
 
 func findOne(ctx context.Context, t image.Target, repo name.Repository, artifact v1.Hash, id build.Identity, maxSize int64) (*Chunked, error) {
-	desc, err := remote.Get(repo.Digest(artifact.String()), t.Options...)
-	if err != nil {
-		return nil, err
-	}
-	var m ocispec.Manifest
-	if err := json.Unmarshal(desc.Manifest, &m); err != nil {
-		return nil, fmt.Errorf("manifest: %w", err)
-	}
-	if m.ArtifactType != chunked.ArtifactType || len(m.Layers) < 1 || m.Layers[0].MediaType != chunked.IndexMediaType {
-		return nil, fmt.Errorf("not a kiln chunked rootfs (artifact type %q)", m.ArtifactType)
-	}
-	if err := matches(m.Annotations, id); err != nil {
-		return nil, err
-	}
 	// Bounded before anything is read: the image's size, and an index
 	// no larger than one of its chunks needs.
-	size, err := strconv.ParseInt(m.Annotations[AnnotationImageSize], 10, 64)
-	if err != nil || size <= 0 {
-		return nil, fmt.Errorf("%s %q", AnnotationImageSize, m.Annotations[AnnotationImageSize])
-	}
-	if size > maxSize {
-		return nil, fmt.Errorf("the image would be %d bytes, more than this build may make (%d)", size, maxSize)
+	m, size, err := artifactManifest(repo, t.Options, artifact, chunked.ArtifactType, chunked.IndexMediaType, id, maxSize)
+	if err != nil {
+		return nil, err
 	}
 	chunkSize, err := strconv.ParseInt(m.Annotations[AnnotationChunkSize], 10, 64)
 	if err != nil {

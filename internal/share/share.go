@@ -282,26 +282,12 @@ func candidate(d v1.Descriptor, id build.Identity, artifactType string) bool {
 // id: its manifest (fetched by digest) must say so, its blob must match
 // its digest, and the image its size and digest.
 func fetchOne(ctx context.Context, repo name.Repository, opts []remote.Option, artifact v1.Hash, id build.Identity, out *os.File, maxSize int64) error {
-	desc, err := remote.Get(repo.Digest(artifact.String()), opts...)
+	m, size, err := artifactManifest(repo, opts, artifact, ArtifactType, BlobMediaType, id, maxSize)
 	if err != nil {
 		return err
 	}
-	var m ocispec.Manifest
-	if err := json.Unmarshal(desc.Manifest, &m); err != nil {
-		return fmt.Errorf("manifest: %w", err)
-	}
-	if m.ArtifactType != ArtifactType || len(m.Layers) != 1 || m.Layers[0].MediaType != BlobMediaType {
-		return fmt.Errorf("not a kiln rootfs (artifact type %q, %d blobs)", m.ArtifactType, len(m.Layers))
-	}
-	if err := matches(m.Annotations, id); err != nil {
-		return err
-	}
-	size, err := strconv.ParseInt(m.Annotations[AnnotationImageSize], 10, 64)
-	if err != nil || size <= 0 {
-		return fmt.Errorf("%s %q", AnnotationImageSize, m.Annotations[AnnotationImageSize])
-	}
-	if size > maxSize {
-		return fmt.Errorf("the image would be %d bytes, more than this build may make (%d)", size, maxSize)
+	if len(m.Layers) != 1 {
+		return fmt.Errorf("not a kiln rootfs (%d blobs)", len(m.Layers))
 	}
 	// zstd does not grow what it cannot compress by more than a little.
 	blobSize := m.Layers[0].Size
@@ -340,6 +326,35 @@ func fetchOne(ctx context.Context, repo name.Repository, opts []remote.Option, a
 		}
 	}
 	return nil
+}
+
+// artifactManifest fetches an artifact's manifest by digest and checks
+// that it is a kiln rootfs of artifactType, its first blob of media type
+// first, of the build id, and of an image no larger than maxSize, which
+// it returns.
+func artifactManifest(repo name.Repository, opts []remote.Option, artifact v1.Hash, artifactType, first string, id build.Identity, maxSize int64) (*ocispec.Manifest, int64, error) {
+	desc, err := remote.Get(repo.Digest(artifact.String()), opts...)
+	if err != nil {
+		return nil, 0, err
+	}
+	var m ocispec.Manifest
+	if err := json.Unmarshal(desc.Manifest, &m); err != nil {
+		return nil, 0, fmt.Errorf("manifest: %w", err)
+	}
+	if m.ArtifactType != artifactType || len(m.Layers) < 1 || m.Layers[0].MediaType != first {
+		return nil, 0, fmt.Errorf("not a kiln rootfs of type %s (artifact type %q)", artifactType, m.ArtifactType)
+	}
+	if err := matches(m.Annotations, id); err != nil {
+		return nil, 0, err
+	}
+	size, err := strconv.ParseInt(m.Annotations[AnnotationImageSize], 10, 64)
+	if err != nil || size <= 0 {
+		return nil, 0, fmt.Errorf("%s %q", AnnotationImageSize, m.Annotations[AnnotationImageSize])
+	}
+	if size > maxSize {
+		return nil, 0, fmt.Errorf("the image would be %d bytes, more than this build may make (%d)", size, maxSize)
+	}
+	return &m, size, nil
 }
 
 // compressed is the rootfs as it is uploaded.

@@ -182,15 +182,12 @@ func Describe(path string) (Info, error) {
 // every data block must hash up to rootHash. It is for disks kiln did
 // not write itself, such as one downloaded from a registry.
 func Check(f *os.File, identity, rootHash string) error {
-	dataSize, err := filesystemSize(f)
+	path := fmt.Sprintf("/proc/self/fd/%d", f.Fd())
+	got, err := Describe(path)
 	if err != nil {
 		return err
 	}
-	got, err := Describe(fmt.Sprintf("/proc/self/fd/%d", f.Fd()))
-	if err != nil {
-		return err
-	}
-	want := layout(dataSize, identity)
+	want := layout(got.DataSize, identity)
 	want.RootHash = rootHash
 	if got != want {
 		return fmt.Errorf("the dm-verity tree is not the one kiln writes for this build: it has %+v, kiln's would have %+v", got, want)
@@ -199,7 +196,6 @@ func Check(f *os.File, identity, rootHash string) error {
 	if err != nil {
 		return fmt.Errorf("root hash %q: %w", rootHash, err)
 	}
-	path := fmt.Sprintf("/proc/self/fd/%d", f.Fd())
 	p := want.params()
 	if err := dmverity.Verify(&p, path, path, root); err != nil {
 		return fmt.Errorf("dm-verity: %w", err)
