@@ -19,9 +19,11 @@ import (
 	"github.com/containerd/containerd/v2/core/snapshots/storage"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"golang.org/x/sys/unix"
 
 	"github.com/kilnfs/kiln/integration/testcontainerd"
+	"github.com/kilnfs/kiln/internal/fstree"
 )
 
 // The tests in this file inject faults into kiln serve beside a real
@@ -245,7 +247,7 @@ func faultRootProblems(t *testing.T, root string, known map[string]bool) []strin
 			problems = append(problems, fmt.Sprintf("snapshot %s (%s %s) is not known to containerd", id, kinds[id], key))
 		}
 		if kinds[id] == snapshots.KindCommitted.String() && ctdExists(filepath.Join(dir, "layer")) &&
-			!ctdExists(filepath.Join(dir, "layer.tar")) && ctdEmptyDir(filepath.Join(dir, "fs")) {
+			!ctdLayerStored(dir) && ctdEmptyDir(filepath.Join(dir, "fs")) {
 			problems = append(problems, fmt.Sprintf("committed layer %s (%s) has no layer", id, key))
 		}
 	}
@@ -360,6 +362,24 @@ func (r *faultRig) fileGrew(pattern string) func() bool {
 	}
 }
 
+// building reports whether kiln is building a disk: in the data file of
+// the image's top layer, which then grows past the layer's data space
+// (see fstree.StoreLayer), or as a new file in its work directory.
+func (r *faultRig) building() bool {
+	if r.fileGrew(filepath.Join("tmp", "*", "disk.ext4"))() {
+		return true
+	}
+	records, _ := filepath.Glob(filepath.Join(r.e.KilnRoot, "snapshots", "*", "layer.record"))
+	for _, rec := range records {
+		st, err := fstree.ReadStored(rec)
+		fi, serr := os.Stat(filepath.Join(filepath.Dir(rec), "data"))
+		if err == nil && serr == nil && fi.Size() > st.End {
+			return true
+		}
+	}
+	return false
+}
+
 // restartKiln kills kiln serve (kill -9), waits for cmd (if any) to end,
 // and starts kiln serve again.
 func (r *faultRig) restartKiln(t *testing.T, cmd *faultCmd, what string) {
@@ -433,7 +453,7 @@ func TestFaultsKilled(t *testing.T) {
 		return newFaultRig(t, testcontainerd.Options{}, kept, keptRef, victimRef, victimSHA)
 	}
 	// The files of a phase, in kiln's root.
-	layerTmp, diskTmp := filepath.Join("snapshots", "*", "layer.tar.tmp"), filepath.Join("tmp", "*", "disk.ext4")
+	layerTmp := filepath.Join("snapshots", "*", "data.tmp")
 
 	t.Run("kiln-mid-fetch", func(t *testing.T) {
 		r := rig(t)
@@ -448,7 +468,7 @@ func TestFaultsKilled(t *testing.T) {
 		// containerd has prepared the layer's snapshot with kiln (a layer
 		// snapshot with no layer yet) and is fetching the blob.
 		markers, _ := filepath.Glob(filepath.Join(r.e.KilnRoot, "snapshots", "*", "layer"))
-		if empty := slices.DeleteFunc(markers, func(m string) bool { return ctdExists(m + ".tar") }); len(empty) != 1 {
+		if empty := slices.DeleteFunc(markers, func(m string) bool { return ctdLayerStored(filepath.Dir(m)) }); len(empty) != 1 {
 			t.Errorf("extraction snapshots waiting for their layer while it is fetched: %v, want one", empty)
 		}
 		r.restartKiln(t, nil, "")
@@ -473,7 +493,7 @@ func TestFaultsKilled(t *testing.T) {
 		// The pull builds the image's disk once its layer is in, and may
 		// return meanwhile.
 		pull := r.pullVictim(t)
-		faultWaitFor(t, "kiln writing the disk", r.fileGrew(diskTmp), nil)
+		faultWaitFor(t, "kiln writing the disk", r.building, nil)
 		r.restartKiln(t, pull, "the pull, kiln killed while building the disk")
 		r.recovered(t)
 	})
@@ -636,14 +656,15 @@ func faultSnapshotOf(t *testing.T, root, diffID string) string {
 
 // TestFaultsDiskFull puts kiln's root on a small ext4 of its own and
 // fills it: first so that an image's layer does not fit, then so that
-// its layer fits but its disk does not. Each time the error that reaches
+// its layers fit but its disk does not (a small layer on the minbase
+// layer: the disk, built in the small layer's data file, needs a copy of
+// the minbase layer's contents). Each time the error that reaches
 // ctr says the disk is full, kiln serve stays up, nothing half written
 // stays in kiln's root, and once there is room again (a smaller image, a
 // filler file removed) the same requests work.
 func TestFaultsDiskFull(t *testing.T) {
 	needRoot(t, "mounts a small ext4 for kiln's root")
 	victimRef, victimSHA := faultVictim(t)
-	victimChain := ctdChainID(t, minbase.img)
 	fi, err := os.Stat(minbase.tar)
 	if err != nil {
 		t.Fatal(err)
@@ -653,6 +674,15 @@ func TestFaultsDiskFull(t *testing.T) {
 	keptRef := mustPush(t, "faults-full-kept:v1", kept)
 	smallRef := mustPush(t, "faults-full-small:v1", ctdSmallImage(t, "pulled on a full disk"))
 	laterRef := mustPush(t, "faults-full-later:v1", ctdSmallImage(t, "pulled once there is room"))
+	small, err := ctdSmallImage(t, "on the minbase layer").Layers()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stacked, err := mutate.AppendLayers(minbase.img, small...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stackedRef, stackedChain := mustPush(t, "faults-full-stacked:v1", stacked), ctdChainID(t, stacked)
 	mnt := faultSmallDisk(t, layerSize+320<<20)
 	r := newFaultRig(t, testcontainerd.Options{KilnRoot: filepath.Join(mnt, "kiln")}, kept, keptRef, victimRef, victimSHA)
 	filler := filepath.Join(mnt, "filler")
@@ -700,13 +730,12 @@ func TestFaultsDiskFull(t *testing.T) {
 
 	t.Run("disk", func(t *testing.T) {
 		faultFill(t, filler, mnt, layerSize+40<<20)
-		disksBefore, _ := filepath.Glob(filepath.Join(r.e.KilnRoot, "snapshots", "*", "disk.*"))
-		ctr(t, r.e, ctdPullArgs(faultNS, victimRef, false)...)
-		out := ctrFails(t, r.e, append(sn, "view", "full-view", victimChain)...)
+		ctr(t, r.e, ctdPullArgs(faultNS, stackedRef, false)...)
+		out := ctrFails(t, r.e, append(sn, "view", "full-view", stackedChain)...)
 		full(t, "the view's error", out)
 		// It names the image's layers and where kiln ran out of space,
 		// and kiln logs it too (the pull's eager build failed unseen).
-		ctdAssertContains(t, "the view's error", ctdLastLine(out), victimChain, r.e.KilnRoot)
+		ctdAssertContains(t, "the view's error", ctdLastLine(out), stackedChain, r.e.KilnRoot)
 		var logged []string
 		for _, l := range strings.Split(r.e.KilnLog(), "\n") {
 			if strings.Contains(l, "level=error") && strings.Contains(l, "no space left on device") && strings.Contains(l, "building") {
@@ -716,8 +745,14 @@ func TestFaultsDiskFull(t *testing.T) {
 		if len(logged) == 0 {
 			t.Errorf("kiln logged no error for the builds that ran out of space")
 		}
-		if disks, _ := filepath.Glob(filepath.Join(r.e.KilnRoot, "snapshots", "*", "disk.*")); !slices.Equal(disks, disksBefore) {
-			t.Errorf("disks after a build that ran out of space: %v, before: %v", disks, disksBefore)
+		top := faultSnapshotOf(t, r.e.KilnRoot, ctdTopDiffID(t, stacked))
+		for _, f := range []string{"disk.ext4", "disk.building"} {
+			if ctdExists(filepath.Join(r.e.KilnRoot, "snapshots", top, f)) {
+				t.Errorf("a build that ran out of space left the top layer's %s", f)
+			}
+		}
+		if !ctdExists(filepath.Join(r.e.KilnRoot, "snapshots", top, "data")) {
+			t.Errorf("a build that ran out of space lost the top layer's data file")
 		}
 		half, _ := filepath.Glob(filepath.Join(r.e.KilnRoot, "tmp", "*", "*.ext4"))
 		if len(half) > 0 {
@@ -727,10 +762,20 @@ func TestFaultsDiskFull(t *testing.T) {
 		if err := os.Remove(filler); err != nil {
 			t.Fatal(err)
 		}
-		ctr(t, r.e, append(sn, "view", "full-view", victimChain)...)
+		ctr(t, r.e, append(sn, "view", "full-view", stackedChain)...)
 		ctr(t, r.e, append(sn, "rm", "full-view")...)
 		r.recovered(t)
 	})
+}
+
+// ctdTopDiffID is the diffID of an image's top layer.
+func ctdTopDiffID(t *testing.T, img v1.Image) string {
+	t.Helper()
+	cf, err := img.ConfigFile()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cf.RootFS.DiffIDs[len(cf.RootFS.DiffIDs)-1].String()
 }
 
 // faultSmallDisk mounts a new ext4 of size bytes (a file on a loop

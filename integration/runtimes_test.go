@@ -503,7 +503,7 @@ func TestContainerdDiskLifecycle(t *testing.T) {
 		}
 		return nil
 	})
-	if !ctdExists(filepath.Join(filepath.Dir(baseDisk), "layer.tar")) {
+	if !ctdLayerStored(filepath.Dir(baseDisk)) {
 		t.Errorf("the base's layer went with its disk")
 	}
 	if !ctdExists(appDisk) {

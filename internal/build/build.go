@@ -38,7 +38,7 @@ var Epoch = time.Unix(0, 0).UTC()
 
 // formatVersion changes whenever the same input would build different
 // bytes, so that caches keyed by Key never serve an older layout.
-const formatVersion = "kiln-rootfs-5"
+const formatVersion = "kiln-rootfs-6"
 
 // Layer is one layer to replay.
 type Layer struct {
@@ -50,6 +50,11 @@ type Layer struct {
 	// Stored, if set, is a file holding the layer's uncompressed tar:
 	// file contents are copied into the image from there.
 	Stored string
+	// Record, if set, is the record of a layer kept by
+	// fstree.StoreLayer, whose data file is the first of Data that
+	// exists; Open is not used.
+	Record string
+	Data   []string
 }
 
 // Options are the choices for a build. All but NoSync and Limits change the bytes
@@ -162,6 +167,10 @@ type Request struct {
 	Out     string // the image file, which must not exist
 	WorkDir string // the build's temporary files
 	Options Options
+	// TakeTop lets the writer make the top layer's data file (a layer
+	// with a Record) the image: the layer's contents are then not
+	// copied, and stay readable at the same places in the image.
+	TakeTop bool
 }
 
 // Key is the request's Key.
@@ -241,8 +250,15 @@ func fromTree(ctx context.Context, tree *fstree.Tree, req Request, rep progress.
 	}
 	mid := time.Now()
 	bar := rep.Bar("build", 1, false)
+	take, keeps := "", false
+	if n := len(req.Layers); req.TakeTop && n > 0 && req.Layers[n-1].Record != "" {
+		// The layers above it read its contents from the file.
+		take, keeps = req.Layers[n-1].Data[0], true
+	} else if own {
+		take = tree.DataFiles()[0]
+	}
 	res, err := opts.writer().Write(ctx, tree, req.Out, ext4.Options{
-		Size: opts.Size, Identity: req.Key(), WorkDir: req.WorkDir, NoSync: opts.NoSync, TakeData: own,
+		Size: opts.Size, Identity: req.Key(), WorkDir: req.WorkDir, NoSync: opts.NoSync, Take: take, TakeKeeps: keeps,
 	})
 	if err != nil {
 		return Result{}, err
@@ -262,6 +278,14 @@ func fromTree(ctx context.Context, tree *fstree.Tree, req Request, rep progress.
 }
 
 func applyLayer(ctx context.Context, tree *fstree.Tree, l Layer, bar progress.Bar) error {
+	if l.Record != "" {
+		f, err := os.Open(l.Record)
+		if err != nil {
+			return &layer.Error{Digest: l.Digest, Err: fmt.Errorf("opening its record: %w", err)}
+		}
+		defer f.Close()
+		return tree.ApplyStoredLayer(ctx, f, l.Digest.String(), l.Data...)
+	}
 	blob, err := l.Open()
 	if err != nil {
 		var lerr *layer.Error

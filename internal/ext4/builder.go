@@ -46,10 +46,15 @@ type Options struct {
 	// waiting for the disk; the caller syncs the image file before
 	// relying on it after a crash.
 	NoSync bool
-	// TakeData lets a writer turn the tree's own data file into the
-	// image (renamed to out), so that contents already where the image
-	// wants them are not copied again. The tree is not used afterwards.
-	TakeData bool
+	// Take names one of the tree's data files (fstree.Tree.DataFiles)
+	// that a writer may turn into the image, renamed to out, so that the
+	// contents already where the image wants them are not copied again.
+	// Those contents stay where they were in the file. "" for none.
+	Take string
+	// TakeKeeps says that others still read the contents of the file to
+	// take: it is taken only if the image holds all of them (what the
+	// image does not hold would be freed in the file).
+	TakeKeeps bool
 }
 
 // Result describes a built image.

@@ -132,8 +132,8 @@ func (b *builder) copyData(ctx context.Context, files []placement) error {
 			f.Close()
 		}
 	}()
-	for _, name := range b.tree.DataFiles() {
-		f, err := os.Open(name)
+	for i := range b.tree.DataFiles() {
+		f, err := b.tree.OpenData(i)
 		if err != nil {
 			return err
 		}

@@ -57,7 +57,10 @@ func FuzzWrite(f *testing.F) {
 			t.Fatal(err)
 		}
 		img := filepath.Join(work, "out.ext4")
-		wopts := ext4.Options{Identity: "fuzz", NoSync: true, TakeData: opts&0b10000 != 0}
+		wopts := ext4.Options{Identity: "fuzz", NoSync: true}
+		if opts&0b10000 != 0 {
+			wopts.Take = tree.DataFiles()[0]
+		}
 		wopts.Size = []int64{0, 4 << 20, 8 << 20, 32 << 20}[opts>>5&3]
 		_, err = Write(context.Background(), tree, img, wopts)
 		if errors.Is(err, errXattrSpace) || wopts.Size != 0 && errors.Is(err, ext4.ErrNoSpace) {

@@ -1,6 +1,10 @@
 package ext4write
 
-import "fmt"
+import (
+	"fmt"
+
+	"github.com/kilnfs/kiln/internal/fstree"
+)
 
 // On-disk constants of the filesystems kiln writes: 4 KiB blocks, 256-byte
 // inodes with 32 bytes of extra fields, 64-byte group descriptors.
@@ -93,23 +97,7 @@ func newGeometry(size, inodes int64) (geometry, error) {
 
 func (g geometry) inodes() uint32 { return g.ipg * uint32(g.groups) }
 
-// hasSuper says whether a group holds a copy of the superblock and group
-// descriptors: groups 0 and 1 and the powers of 3, 5 and 7 (sparse_super).
-func hasSuper(group int64) bool {
-	if group <= 1 {
-		return true
-	}
-	for _, base := range []int64{3, 5, 7} {
-		n := base
-		for n < group {
-			n *= base
-		}
-		if n == group {
-			return true
-		}
-	}
-	return false
-}
+var hasSuper = fstree.SuperCopyGroup
 
 // allocator hands out blocks in ascending order, skipping the superblock
 // and descriptor copies, and records them in the block bitmap.

@@ -7,9 +7,10 @@
 // where the tree's data space has it (fstree.Run.Virtual: the order the
 // layers hold the files), so that the image does not depend on where the
 // contents were kept, and a build that owns its tree can make the tree's
-// data file the image without copying a byte (ext4.Options.TakeData).
-// Only the blocks that fall on a superblock copy move, to after the data
-// space. Then come the group metadata (bitmaps and inode tables,
+// data file the image without copying a byte (ext4.Options.Take).
+// The data space leaves room for the superblock copies (see
+// fstree.SuperReserve); should a copy need more, the blocks in its way
+// move to after the data space. Then come the group metadata (bitmaps and inode tables,
 // flex_bg), the journal, and each inode's other blocks in inode order
 // (inodes are numbered in the tree's walk order, parents first, names
 // sorted): directories, extent tree and attribute blocks. Blocks are
@@ -28,6 +29,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"sort"
 	"time"
 
@@ -39,7 +41,12 @@ import (
 	"github.com/kilnfs/kiln/internal/seqwrite"
 )
 
-var errNoSpace = ext4.ErrNoSpace
+var (
+	errNoSpace = ext4.ErrNoSpace
+	// errTakeMoves: content of the file to take lies where a superblock
+	// copy goes.
+	errTakeMoves = errors.New("contents in the way of a superblock copy")
+)
 
 type writer struct {
 	tree   *fstree.Tree
@@ -47,7 +54,7 @@ type writer struct {
 	g      geometry
 	alloc  *allocator
 	out    *os.File
-	take   bool     // out is the tree's own data file (ext4.Options.TakeData)
+	take   int      // the data file that is out (ext4.Options.Take), or -1
 	space  int64    // blocks of the data space, which comes first
 	packed *packing // the data space without gaps, if it did not fit
 	srcs   []*os.File
@@ -76,12 +83,17 @@ type writer struct {
 // Write writes the tree as an ext4 image to out, which must not exist.
 func Write(ctx context.Context, tree *fstree.Tree, out string, opts ext4.Options) (ext4.Result, error) {
 	res, err := writeImage(ctx, tree, out, opts, nil)
+	if errors.Is(err, errTakeMoves) {
+		// Left as it was but for blocks the image does not use.
+		opts.Take = ""
+		res, err = writeImage(ctx, tree, out, opts, nil)
+	}
 	if errors.Is(err, errNoSpace) && opts.Size != 0 {
 		// The data space keeps room for what later layers replaced;
 		// without those gaps the content may fit the size asked for.
 		// The tree alone decides, so the bytes stay reproducible.
 		if p := pack(tree); p.end < tree.DataSpace()/blockSize {
-			opts.TakeData = false
+			opts.Take = ""
 			res, err = writeImage(ctx, tree, out, opts, p)
 		}
 	}
@@ -161,12 +173,22 @@ func writeImage(ctx context.Context, tree *fstree.Tree, out string, opts ext4.Op
 		return ext4.Result{}, fmt.Errorf("%w: the layers' data needs %d MiB", errNoSpace, space*blockSize>>20)
 	}
 	var f *os.File
-	w.take = opts.TakeData && len(tree.DataFiles()) > 0
-	if w.take {
+	w.take = -1
+	if opts.Take != "" && packed == nil && g.bpg == fstree.GroupBlocks && 1+g.gdtBlocks <= fstree.SuperReserve {
+		w.take = slices.Index(tree.DataFiles(), opts.Take)
+		if w.take >= 0 && opts.TakeKeeps && liveIn(tree, w.take) != tree.Placed(w.take) {
+			w.take = -1
+		}
+	}
+	if w.take >= 0 {
 		if _, err := os.Lstat(out); err == nil {
 			return ext4.Result{}, fmt.Errorf("%s: %w", out, os.ErrExist)
 		}
-		f, err = os.OpenFile(tree.DataFiles()[0], os.O_RDWR, 0)
+		f, err = os.OpenFile(opts.Take, os.O_RDWR, 0)
+		if err == nil {
+			// Whatever an earlier build left past the data space goes.
+			err = f.Truncate(space * blockSize)
+		}
 	} else {
 		f, err = os.OpenFile(out, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
 	}
@@ -184,18 +206,38 @@ func writeImage(ctx context.Context, tree *fstree.Tree, out string, opts ext4.Op
 	if cerr := f.Close(); err == nil {
 		err = cerr
 	}
-	if err == nil && w.take {
-		if err = os.Chmod(tree.DataFiles()[0], 0o644); err == nil {
-			err = os.Rename(tree.DataFiles()[0], out)
+	if err == nil && w.take >= 0 {
+		if err = os.Chmod(opts.Take, 0o644); err == nil {
+			err = os.Rename(opts.Take, out)
 		}
 	}
 	if err != nil {
-		if !w.take {
+		if w.take < 0 {
 			os.Remove(out)
 		}
 		return ext4.Result{}, err
 	}
 	return ext4.Result{Size: g.blocks * blockSize, Inodes: stats.Inodes, UUID: ext4.DeriveUUID("kiln.fs-uuid", opts.Identity)}, nil
+}
+
+// liveIn counts the bytes of content in data file i that the tree uses.
+func liveIn(tree *fstree.Tree, i int) int64 {
+	var n int64
+	seen := make([]bool, tree.InodeIDs())
+	_ = tree.Walk(func(nd *fstree.Node) error {
+		in := nd.Inode()
+		if in.Type != fstree.TypeReg || seen[in.ID()] {
+			return nil
+		}
+		seen[in.ID()] = true
+		for _, r := range in.Data() {
+			if r.File == i {
+				n += r.Length
+			}
+		}
+		return nil
+	})
+	return n
 }
 
 // number gives every inode of the tree its number, in walk order, and
@@ -240,8 +282,8 @@ func (w *writer) write(ctx context.Context) error {
 	w.meta = seqwrite.New(w.out, 4<<20)
 	w.itable = seqwrite.New(w.out, 1<<20)
 	w.window.buf = make([]byte, 0, 2<<20)
-	for _, name := range w.tree.DataFiles() {
-		s, err := os.Open(name)
+	for i := range w.tree.DataFiles() {
+		s, err := w.tree.OpenData(i)
 		if err != nil {
 			return err
 		}
@@ -312,7 +354,7 @@ func (w *writer) write(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	if w.take {
+	if w.take >= 0 {
 		// What later layers replaced reads as zeros, as it would in an
 		// image written afresh.
 		if err := w.punchFree(w.space); err != nil {
@@ -522,7 +564,7 @@ func (w *writer) place(r fstree.Run, n int64) ([]piece, error) {
 		out = append(out, p)
 		from := done * blockSize
 		length := min(p.length*blockSize, r.Length-from)
-		if w.take && r.File == 0 && p.start*blockSize == r.DataOffset+from {
+		if r.File == w.take && p.start*blockSize == r.DataOffset+from {
 			return nil
 		}
 		return w.copyData(w.srcs[r.File], p.start*blockSize, r.DataOffset+from, length)
@@ -534,6 +576,11 @@ func (w *writer) place(r fstree.Run, n int64) ([]piece, error) {
 	for done := int64(0); done < n; {
 		b := v + done
 		if end := w.alloc.reservedEnd(b); end != b {
+			if r.File == w.take {
+				// Moving it would change the taken file under whoever
+				// reads the layer's contents from it.
+				return nil, errTakeMoves
+			}
 			moved, err := w.alloc.blocks(min(end-b, n-done))
 			if err != nil {
 				return nil, err

@@ -579,7 +579,7 @@ func TestSameBytesWherever(t *testing.T) {
 
 	tree, work := newTree(t, layers, false)
 	taken := filepath.Join(work, "taken.ext4")
-	opts.TakeData = true
+	opts.Take = tree.DataFiles()[0]
 	if _, err := Write(context.Background(), tree, taken, opts); err != nil {
 		t.Fatal(err)
 	}
@@ -612,8 +612,12 @@ func TestSameBytesWherever(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	// As kiln serve keeps layers: each stored as a record and a data
+	// file, the image built in the top layer's.
+	inTop := writeFromStored(t, layers, opts)
+
 	want, _ := os.ReadFile(copied)
-	for _, img := range []string{taken, fromTars} {
+	for _, img := range []string{taken, fromTars, inTop} {
 		got, err := os.ReadFile(img)
 		if err != nil {
 			t.Fatal(err)
@@ -632,6 +636,119 @@ func TestSameBytesWherever(t *testing.T) {
 	}
 }
 
+// writeFromStored stores each layer with fstree.StoreLayer, replays the
+// records into a tree and writes the image in the top layer's data file.
+// The top layer's contents must still be where its record says.
+func writeFromStored(t *testing.T, layers []layer, opts ext4.Options) string {
+	t.Helper()
+	work := t.TempDir()
+	tree, err := fstree.New("", filepath.Join(work, "own"), time.Unix(0, 0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var datas []string
+	for i, l := range layers {
+		name := fmt.Sprintf("layer%d", i)
+		data, err := os.Create(filepath.Join(work, name+".data"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var record bytes.Buffer
+		_, err = fstree.StoreLayer(context.Background(), bytes.NewReader(tarOf(t, l)), name, fstree.Limits{}, tree.DataSpace(), data, &record)
+		data.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := tree.ApplyStoredLayer(context.Background(), &record, name, data.Name(), filepath.Join(work, "image.ext4")); err != nil {
+			t.Fatal(err)
+		}
+		datas = append(datas, data.Name())
+	}
+	top := datas[len(datas)-1]
+	before, err := os.ReadFile(top)
+	if err != nil {
+		t.Fatal(err)
+	}
+	opts.Take = top
+	img := filepath.Join(work, "image.ext4")
+	if _, err := Write(context.Background(), tree, img, opts); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(top); !os.IsNotExist(err) {
+		t.Errorf("the top layer's data file is still there: %v", err)
+	}
+	after, err := os.ReadFile(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Every file of the top layer reads the same from the image at its
+	// runs, found through the data file's later name.
+	_ = tree.Walk(func(n *fstree.Node) error {
+		for _, r := range n.Inode().Data() {
+			if r.File != len(datas) {
+				continue
+			}
+			if !bytes.Equal(after[r.DataOffset:r.DataOffset+r.Length], before[r.DataOffset:r.DataOffset+r.Length]) {
+				t.Errorf("%s: its content at %d moved or changed when the data file became the image", n.Path(), r.DataOffset)
+			}
+			f, err := tree.OpenData(r.File)
+			if err != nil {
+				t.Fatal(err)
+			}
+			f.Close()
+		}
+		return nil
+	})
+	return img
+}
+
+// TestTakeKeepsContent: a data file that layers above still read is
+// not made the image when the image leaves some of its content out (a
+// file the layer replaced itself): the image would free it. The image is
+// the same either way.
+func TestTakeKeepsContent(t *testing.T) {
+	layers := []layer{
+		{reg("a", 0o644, strings.Repeat("a", 10000))},
+		{reg("b", 0o644, strings.Repeat("b", 9000)), reg("b", 0o644, "short")},
+	}
+	copied := write(t, layers, ext4.Options{Identity: "keeps", NoSync: true})
+	work := t.TempDir()
+	tree, err := fstree.New("", filepath.Join(work, "own"), time.Unix(0, 0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var top string
+	for i, l := range layers {
+		name := fmt.Sprintf("layer%d", i)
+		data, err := os.Create(filepath.Join(work, name+".data"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var record bytes.Buffer
+		_, err = fstree.StoreLayer(context.Background(), bytes.NewReader(tarOf(t, l)), name, fstree.Limits{}, tree.DataSpace(), data, &record)
+		data.Close()
+		if err == nil {
+			err = tree.ApplyStoredLayer(context.Background(), &record, name, data.Name())
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		top = data.Name()
+	}
+	before, _ := os.ReadFile(top)
+	img := filepath.Join(work, "image.ext4")
+	if _, err := Write(context.Background(), tree, img, ext4.Options{Identity: "keeps", NoSync: true, Take: top, TakeKeeps: true}); err != nil {
+		t.Fatal(err)
+	}
+	if after, err := os.ReadFile(top); err != nil || !bytes.Equal(after, before) {
+		t.Errorf("the data file was taken or changed: %v", err)
+	}
+	want, _ := os.ReadFile(copied)
+	if got, _ := os.ReadFile(img); !bytes.Equal(got, want) {
+		t.Errorf("the image differs from the one written by copying")
+	}
+}
+
 // TestSizeWithReplacedContent: an explicit size need not hold what later
 // layers replaced; the data space is packed then, the same way whichever
 // mode writes it.
@@ -642,7 +759,11 @@ func TestSizeWithReplacedContent(t *testing.T) {
 	for _, take := range []bool{false, true} {
 		tree, work := newTree(t, layers, false)
 		out := filepath.Join(work, "out.ext4")
-		if _, err := Write(context.Background(), tree, out, ext4.Options{Identity: "packed", Size: 32 << 20, TakeData: take}); err != nil {
+		opts := ext4.Options{Identity: "packed", Size: 32 << 20}
+		if take {
+			opts.Take = tree.DataFiles()[0]
+		}
+		if _, err := Write(context.Background(), tree, out, opts); err != nil {
 			t.Fatal(err)
 		}
 		if err := ext4.Check(context.Background(), out); err != nil {
@@ -653,7 +774,7 @@ func TestSizeWithReplacedContent(t *testing.T) {
 	a, _ := os.ReadFile(imgs[0])
 	b, _ := os.ReadFile(imgs[1])
 	if !bytes.Equal(a, b) {
-		t.Error("the packed image depends on TakeData")
+		t.Error("the packed image depends on Take")
 	}
 	if got := ext4test.Describe(t, imgs[0])["big"]; !strings.Contains(got, "Size: 4") {
 		t.Errorf("big: %q", got)

@@ -2,7 +2,6 @@ package fstree
 
 import (
 	"archive/tar"
-	"bytes"
 	"context"
 	"encoding/base64"
 	"encoding/binary"
@@ -71,6 +70,9 @@ type applier struct {
 	stored int
 	pos    *countingReader
 	runs   []Run // writeFile's, kept for the next file
+	// replay, when set, is the record of a stored layer's regular file
+	// being replayed (see ApplyStoredLayer): its content is placed.
+	replay *replayed
 }
 
 // Apply replays one layer, an uncompressed tar stream, on top of the tree
@@ -97,7 +99,7 @@ func (t *Tree) apply(ctx context.Context, r io.Reader, layer, storedAt string) e
 	r = m
 	if storedAt != "" {
 		a.stored = len(t.data)
-		t.data = append(t.data, storedAt)
+		t.data = append(t.data, dataFile{paths: []string{storedAt}})
 		a.pos = &countingReader{r: r}
 		r = a.pos
 	}
@@ -719,85 +721,43 @@ func (a *applier) writeFile(path string, in *Inode, r io.Reader, inPlace bool) (
 			}
 		}()
 	}
-	file, base := 0, int64(0)
-	if inPlace {
+	var size int64
+	var runs []Run
+	switch {
+	case a.replay != nil:
+		// Placed when the layer was stored: the record says where.
+		size, runs = a.replay.size, a.replay.runs
+	case inPlace:
 		// The content is read straight from the stored tar: runs point
 		// there and nothing is written.
-		file, base = a.stored, a.pos.n
-	} else if a.data == nil {
-		if a.data, err = os.OpenFile(a.t.data[0], os.O_WRONLY, 0); err != nil {
-			return fmt.Errorf("data file: %w", err)
-		}
-		a.dataW = seqwrite.New(a.data, 1<<20)
-	}
-	var (
-		size int64
-		runs = a.runs[:0]
-		zero [blockSize]byte
-	)
-	for {
-		if err := a.ctx.Err(); err != nil {
+		base := a.pos.n
+		p := placer{ctx: a.ctx, space: &a.t.space, meter: a.meter, buf: a.buf, file: a.stored, runs: a.runs[:0]}
+		if size, runs, err = p.place(r, base); err != nil {
 			return err
 		}
-		before := a.meter.layer
-		n, rerr := chunk.Fill(r, a.buf)
-		// Nothing read from the layer: the whole chunk is a hole of a
-		// sparse entry, zeros that need no looking at.
-		hole := a.meter.layer == before
-		data := a.buf[:n]
-		runStart := -1
-		flush := func(end int) error {
-			if runStart < 0 {
-				return nil
-			}
-			off := size + int64(runStart)
-			length := int64(end - runStart)
-			virtual := a.t.dataEnd
-			a.t.dataEnd += (length + blockSize - 1) / blockSize * blockSize
-			at := base + off
-			if !inPlace {
-				at = virtual
-				if err := a.dataW.WriteAt(data[runStart:end], at); err != nil {
-					return fmt.Errorf("data file: %w", err)
-				}
-			}
-			if k := len(runs) - 1; k >= 0 && runs[k].Offset+runs[k].Length == off && runs[k].DataOffset+runs[k].Length == at {
-				runs[k].Length += length
-			} else {
-				runs = append(runs, Run{Offset: off, Length: length, File: file, DataOffset: at, Virtual: virtual})
-			}
-			runStart = -1
-			return nil
+		if a.pos.n-base != size {
+			return fmt.Errorf("content is not stored contiguously in the layer tar")
 		}
-		for off := 0; off < n && !hole; off += blockSize {
-			end := min(off+blockSize, n)
-			if bytes.Equal(data[off:end], zero[:end-off]) {
-				if err := flush(off); err != nil {
-					return err
-				}
-				continue
+	default:
+		if a.data == nil {
+			if a.data, err = os.OpenFile(a.t.data[0].paths[0], os.O_WRONLY, 0); err != nil {
+				return fmt.Errorf("data file: %w", err)
 			}
-			if runStart < 0 {
-				runStart = off
-			}
+			a.dataW = seqwrite.New(a.data, 1<<20)
 		}
-		if err := flush(n); err != nil {
+		p := placer{ctx: a.ctx, space: &a.t.space, meter: a.meter, buf: a.buf, file: 0, w: a.dataW, runs: a.runs[:0]}
+		if size, runs, err = p.place(r, 0); err != nil {
 			return err
 		}
-		size += int64(n)
-		if rerr == io.EOF {
-			break
-		}
-		if rerr != nil {
-			return fmt.Errorf("reading content: %w", rerr)
-		}
 	}
-	if inPlace && a.pos.n-base != size {
-		return fmt.Errorf("content is not stored contiguously in the layer tar")
+	for _, r := range runs {
+		a.t.data[r.File].placed += r.Length
 	}
 	in.Size = size
 	in.setData(runs)
-	a.runs = runs
+	if a.replay == nil {
+		a.runs = runs
+	}
 	if f == nil {
 		return nil
 	}

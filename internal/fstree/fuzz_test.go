@@ -18,7 +18,8 @@ import (
 )
 
 // FuzzApply replays one to four layers drawn from the input (see
-// fstreetest), each copied or stored as the bits of stored say, into a
+// fstreetest), each copied, stored as a tar or stored as a record (see
+// fstree.StoreLayer) as the bits of stored say, into a
 // tree and into a model of OCI layer semantics kept by path, and checks
 // that the two fail at the same entry or not at all, that they hold the
 // same entries with the same metadata, content and hard links, and that
@@ -26,6 +27,7 @@ import (
 func FuzzApply(f *testing.F) {
 	for i, seed := range fstreetest.Seeds() {
 		f.Add(seed, uint8(i))
+		f.Add(seed, uint8(i)<<4|0x0f^uint8(i))
 	}
 	f.Fuzz(func(t *testing.T, data []byte, stored uint8) {
 		dir := t.TempDir()
@@ -41,7 +43,11 @@ func FuzzApply(f *testing.F) {
 				storedIn = dir
 			}
 			var err error
-			within(t, time.Minute, "applying "+name, func() { err = l.Apply(tr, name, storedIn) })
+			if stored>>(i+4)&1 == 1 {
+				within(t, time.Minute, "storing "+name, func() { err = l.Store(tr, name, dir, fstree.Limits{}) })
+			} else {
+				within(t, time.Minute, "applying "+name, func() { err = l.Apply(tr, name, storedIn) })
+			}
 			bad, merr := m.apply(l.Tar())
 			if (err != nil) != (merr != nil) {
 				t.Fatalf("%s: tree says %v, the model %v", name, err, merr)

@@ -3,11 +3,12 @@
 // files holding the contents of its regular files and, for the e2fsprogs
 // writer only, a staging directory holding its names.
 //
-// The contents stay where they are when the layer tar is stored
-// uncompressed (ApplyStored), or go into the tree's own data file, each
-// file's on a block boundary, holes left out; either way the ext4 writer
-// copies them straight to the blocks the image gives each file, leaving
-// holes where the content has whole zero blocks.
+// The contents go into the tree's own data file, each file's on a block
+// boundary at its place in the data space (see Run.Virtual), holes left
+// out; or stay in a stored layer's data file, laid out the same way (see
+// StoreLayer), or where they are in a layer tar stored uncompressed
+// (ApplyStored). The ext4 writer copies them straight to the blocks the
+// image gives each file, or makes one of those data files the image.
 //
 // The staging directory is the tree's shape only: directories, symlinks,
 // fifos, hard links and a placeholder without data for every regular
@@ -20,6 +21,7 @@
 package fstree
 
 import (
+	"errors"
 	"fmt"
 	"iter"
 	"maps"
@@ -395,8 +397,8 @@ type Stats struct {
 type Tree struct {
 	root    *Node
 	staging string
-	data    []string // data files; the first is the tree's own
-	dataEnd int64    // the end of the data space (see Run.Virtual)
+	data    []dataFile // data files; the first is the tree's own
+	space   dataSpace  // see Run.Virtual
 	epoch   time.Time
 	layers  int
 
@@ -418,14 +420,14 @@ type Tree struct {
 }
 
 // New returns an empty tree staged in dir, which must be an empty directory
-// owned by the caller, with file contents in dataFile, which must not exist
+// owned by the caller, with file contents in data, which must not exist
 // yet. epoch is the time given to directories that no layer describes (the
 // root, parents that a layer leaves implicit), so that the result does not
 // depend on when it was built.
 //
 // With dir empty, nothing is staged: the tree lives in memory and in its
 // data files only, which is all a writer that lays out ext4 itself needs.
-func New(dir, dataFile string, epoch time.Time) (*Tree, error) {
+func New(dir, data string, epoch time.Time) (*Tree, error) {
 	if dir != "" {
 		st, err := os.Lstat(dir)
 		if err != nil {
@@ -435,14 +437,14 @@ func New(dir, dataFile string, epoch time.Time) (*Tree, error) {
 			return nil, fmt.Errorf("staging directory %s is not a directory", dir)
 		}
 	}
-	f, err := os.OpenFile(dataFile, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	f, err := os.OpenFile(data, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("data file: %w", err)
 	}
 	if err := f.Close(); err != nil {
 		return nil, fmt.Errorf("data file: %w", err)
 	}
-	t := &Tree{staging: dir, data: []string{dataFile}, epoch: epoch}
+	t := &Tree{staging: dir, data: []dataFile{{paths: []string{data}}}, epoch: epoch}
 	t.root = t.newNode("", t.implicitDir(), 0)
 	return t, nil
 }
@@ -497,12 +499,47 @@ func (t *Tree) staged() bool { return t.staging != "" }
 func (t *Tree) StagingDir() string { return t.staging }
 
 // DataFiles returns the files holding the contents of the regular files
-// (see Run.File).
-func (t *Tree) DataFiles() []string { return t.data }
+// (see Run.File), each by the first of its names.
+func (t *Tree) DataFiles() []string {
+	names := make([]string, len(t.data))
+	for i, d := range t.data {
+		names[i] = d.paths[0]
+	}
+	return names
+}
+
+// dataFile is where a data file is: the first of its names that exists
+// (a stored layer's data file is renamed once made an image).
+type dataFile struct {
+	paths []string
+	// placed counts the bytes of content placed in it.
+	placed int64
+}
+
+// Placed returns how many bytes of content data file i (see Run.File)
+// holds, whether or not the tree still uses them.
+func (t *Tree) Placed(i int) int64 { return t.data[i].placed }
+
+// OpenData opens data file i (see Run.File) for reading.
+func (t *Tree) OpenData(i int) (*os.File, error) {
+	paths := t.data[i].paths
+	var err error
+	// Twice round: a file renamed from a later name to an earlier one
+	// while the first round looked.
+	for range 2 {
+		for _, p := range paths {
+			var f *os.File
+			if f, err = os.Open(p); err == nil || !errors.Is(err, os.ErrNotExist) {
+				return f, err
+			}
+		}
+	}
+	return nil, err
+}
 
 // DataSpace returns the size of the tree's data space (see Run.Virtual),
 // a multiple of the block size.
-func (t *Tree) DataSpace() int64 { return t.dataEnd }
+func (t *Tree) DataSpace() int64 { return t.space.end }
 
 // Epoch returns the time given to entries no layer describes.
 func (t *Tree) Epoch() time.Time { return t.epoch }

@@ -15,11 +15,9 @@
 package differ
 
 import (
-	"bufio"
 	"context"
 	"fmt"
 	"io"
-	"os"
 	"time"
 
 	"github.com/containerd/containerd/v2/core/content"
@@ -29,6 +27,7 @@ import (
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
+	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/kilnfs/kiln/internal/fstree"
@@ -40,9 +39,10 @@ type Snapshots interface {
 	// Extraction recognises the mounts of one of kiln's extraction
 	// snapshots and says where its layer goes.
 	Extraction(mounts []mount.Mount) (Extraction, bool)
-	// Stage returns a sink that replays the layer ahead of the disk's
-	// build, or nil.
-	Stage(ctx context.Context, ext Extraction) LayerSink
+	// Store keeps the layer of an extraction snapshot: r is its
+	// uncompressed tar, diffID gives its digest once r is read to its
+	// end. It returns the tar's size.
+	Store(ctx context.Context, ext Extraction, r io.Reader, name string, syncFs bool, diffID func() (digest.Digest, error)) (int64, error)
 	// Disks recognises mounts of kiln's disks (views and containers), and
 	// no mounts at all as an empty filesystem.
 	Disks(mounts []mount.Mount) (Disks, bool)
@@ -52,20 +52,10 @@ type Snapshots interface {
 	Limits() fstree.Limits
 }
 
-// Extraction is where the layer of an extraction snapshot is stored.
+// Extraction is an extraction snapshot the layer is stored in.
 type Extraction struct {
 	// Dir is the snapshot's directory.
 	Dir string
-	// TarPath and DiffIDPath receive the uncompressed tar and its digest.
-	TarPath, DiffIDPath string
-}
-
-// LayerSink takes the layer's tar as it is stored, to replay it ahead of
-// the build; Done says whether the layer was stored. storedAt is where
-// the tar will be, byte for byte, once stored.
-type LayerSink interface {
-	Apply(ctx context.Context, r io.Reader, name, storedAt string) error
-	Done(ok bool)
 }
 
 // Disks is what a set of kiln's mounts shows, in files: a read-only
@@ -157,67 +147,14 @@ func (d *Differ) store(ctx context.Context, desc ocispec.Descriptor, ext Extract
 		lr.Close()
 	}()
 
-	tmp := ext.TarPath + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
-		return ocispec.Descriptor{}, err
-	}
-	ok := false
-	sink := d.snapshots.Stage(ctx, ext)
-	if sink != nil {
-		defer func() { sink.Done(ok) }()
-	}
-	defer func() {
-		if !ok {
-			f.Close()
-			os.Remove(tmp)
+	size, err := d.snapshots.Store(ctx, ext, lr, desc.Digest.String(), syncFs, func() (digest.Digest, error) {
+		if err := lr.Finish(); err != nil {
+			return "", err
 		}
-	}()
-	w := bufio.NewWriterSize(f, 1<<20)
-	counter := &countingWriter{w: w}
-	if sink != nil {
-		// The replay checks every entry too, against the layers below.
-		err = sink.Apply(ctx, io.TeeReader(lr, counter), desc.Digest.String(), ext.TarPath)
-	} else {
-		err = fstree.Check(ctx, io.TeeReader(lr, counter), desc.Digest.String(), d.snapshots.Limits())
-	}
+		return lr.DiffID(), nil
+	})
 	if err != nil {
 		return ocispec.Descriptor{}, layer.Cause(err, lr)
 	}
-	// The tar reader stops at the end marker; the rest (padding) is part
-	// of the layer and of its digest.
-	if _, err := io.Copy(counter, lr); err != nil {
-		return ocispec.Descriptor{}, layer.Cause(err, lr)
-	}
-	if err := w.Flush(); err != nil {
-		return ocispec.Descriptor{}, err
-	}
-	if syncFs {
-		if err := f.Sync(); err != nil {
-			return ocispec.Descriptor{}, err
-		}
-	}
-	if err := f.Close(); err != nil {
-		return ocispec.Descriptor{}, err
-	}
-	diffID := lr.DiffID()
-	if err := os.WriteFile(ext.DiffIDPath, []byte(diffID.String()+"\n"), 0o600); err != nil {
-		return ocispec.Descriptor{}, err
-	}
-	if err := os.Rename(tmp, ext.TarPath); err != nil {
-		return ocispec.Descriptor{}, err
-	}
-	ok = true
-	return ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayer, Digest: diffID, Size: counter.n}, nil
-}
-
-type countingWriter struct {
-	w io.Writer
-	n int64
-}
-
-func (c *countingWriter) Write(p []byte) (int, error) {
-	n, err := c.w.Write(p)
-	c.n += int64(n)
-	return n, err
+	return ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayer, Digest: lr.DiffID(), Size: size}, nil
 }

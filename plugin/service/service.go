@@ -8,6 +8,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -27,6 +28,7 @@ import (
 	leasesproxy "github.com/containerd/containerd/v2/core/leases/proxy"
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/log"
+	"github.com/opencontainers/go-digest"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
@@ -176,15 +178,11 @@ func (s differSnapshots) Extraction(mounts []mount.Mount) (differ.Extraction, bo
 	if !ok {
 		return differ.Extraction{}, false
 	}
-	tarPath, diffIDPath := snapshotter.LayerFiles(dir)
-	return differ.Extraction{Dir: dir, TarPath: tarPath, DiffIDPath: diffIDPath}, true
+	return differ.Extraction{Dir: dir}, true
 }
 
-func (s differSnapshots) Stage(ctx context.Context, ext differ.Extraction) differ.LayerSink {
-	if sink := s.sn.StageLayer(ctx, ext.Dir); sink != nil {
-		return sink
-	}
-	return nil // not a typed nil
+func (s differSnapshots) Store(ctx context.Context, ext differ.Extraction, r io.Reader, name string, syncFs bool, diffID func() (digest.Digest, error)) (int64, error) {
+	return s.sn.StoreLayer(ctx, ext.Dir, r, name, s.limits, syncFs, diffID)
 }
 
 func (s differSnapshots) Disks(mounts []mount.Mount) (differ.Disks, bool) {

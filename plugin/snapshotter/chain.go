@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	"github.com/containerd/containerd/v2/core/snapshots/storage"
@@ -103,6 +104,22 @@ func (c chainReader) chainLayers(ctx context.Context, id string) (chainLayers, e
 			layers = append(layers, ext4Layer(filepath.Join(dir, scratchFile), overlayUpper))
 			byID = false
 		case kindLayer:
+			if exists(filepath.Join(dir, layerRecord)) {
+				d, err := readDiffID(diffIDPath)
+				if err != nil {
+					return chainLayers{}, fmt.Errorf("snapshot %s: %w", chain[i], err)
+				}
+				if !slices.ContainsFunc(dataPaths(dir), exists) {
+					return chainLayers{}, fmt.Errorf("snapshot %s: its stored layer's data is missing: "+
+						"remove the images with this layer and pull them again: %w", chain[i], errdefs.ErrDataLoss)
+				}
+				diffIDs = append(diffIDs, d)
+				layers = append(layers, build.Layer{
+					Descriptor: descriptor(d), Size: -1,
+					Record: filepath.Join(dir, layerRecord), Data: dataPaths(dir),
+				})
+				continue
+			}
 			if !exists(tarPath) && exists(diffIDPath) {
 				// kiln's differ stored it, and it is gone (a crash
 				// before it reached the disk): the disk would lack it.
@@ -120,11 +137,7 @@ func (c chainReader) chainLayers(ctx context.Context, id string) (chainLayers, e
 				byID = false
 				continue
 			}
-			raw, err := os.ReadFile(diffIDPath)
-			if err != nil {
-				return chainLayers{}, err
-			}
-			d, err := digest.Parse(strings.TrimSpace(string(raw)))
+			d, err := readDiffID(diffIDPath)
 			if err != nil {
 				return chainLayers{}, fmt.Errorf("snapshot %s: %w", chain[i], err)
 			}
@@ -144,6 +157,14 @@ func (c chainReader) chainLayers(ctx context.Context, id string) (chainLayers, e
 		return chainLayers{layers: layers, chainID: identity.ChainID(diffIDs), image: src}, nil
 	}
 	return chainLayers{layers: layers, chainID: digest.FromString("kiln-snapshots:" + strings.Join(ids, ","))}, nil
+}
+
+func readDiffID(p string) (digest.Digest, error) {
+	raw, err := os.ReadFile(p)
+	if err != nil {
+		return "", err
+	}
+	return digest.Parse(strings.TrimSpace(string(raw)))
 }
 
 func descriptor(diffID digest.Digest) layer.Descriptor {

@@ -19,6 +19,7 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/opencontainers/go-digest"
 
+	"github.com/kilnfs/kiln/internal/fstree"
 	"github.com/kilnfs/kiln/internal/testenv"
 )
 
@@ -66,11 +67,27 @@ func writeLayerTar(ctx context.Context, sn *Snapshotter, key, parent string, lay
 	if !ok {
 		return "", fmt.Errorf("extraction mounts %v are not recognised as kiln's", mounts)
 	}
-	tarPath, diffIDPath := LayerFiles(dir)
-	if err := os.WriteFile(tarPath, layerTar, 0o600); err != nil {
+	_, err = sn.StoreLayer(ctx, dir, bytes.NewReader(layerTar), key, fstree.Limits{}, false, func() (digest.Digest, error) {
+		return digest.FromBytes(layerTar), nil
+	})
+	return dir, err
+}
+
+// writeOldLayerTar is writeLayerTar as earlier kilns stored every layer:
+// as its uncompressed tar.
+func writeOldLayerTar(ctx context.Context, sn *Snapshotter, key, parent string, tarball []byte) (string, error) {
+	mounts, err := sn.Prepare(ctx, key, parent, snapshots.WithLabels(map[string]string{snapshots.LabelSnapshotRef: "chain"}))
+	if err != nil {
 		return "", err
 	}
-	if err := os.WriteFile(diffIDPath, []byte(digest.FromBytes(layerTar).String()), 0o600); err != nil {
+	dir, ok := sn.ExtractionDir(mounts)
+	if !ok {
+		return "", fmt.Errorf("extraction mounts %v are not recognised as kiln's", mounts)
+	}
+	if err := os.WriteFile(filepath.Join(dir, layerTar), tarball, 0o600); err != nil {
+		return "", err
+	}
+	if err := os.WriteFile(filepath.Join(dir, diffIDFile), []byte(digest.FromBytes(tarball).String()), 0o600); err != nil {
 		return "", err
 	}
 	return dir, nil

@@ -13,6 +13,7 @@ import (
 	"github.com/containerd/log"
 
 	"github.com/kilnfs/kiln/internal/build"
+	"github.com/kilnfs/kiln/internal/fstree"
 	"github.com/kilnfs/kiln/internal/inject"
 	"github.com/kilnfs/kiln/internal/workdir"
 )
@@ -247,6 +248,16 @@ func (b *diskBuilder) build(ctx context.Context, id string) (string, error) {
 	fetched := shared && b.share.Pull && b.fetchPublished(ctx, chain, opts, out)
 	var res build.Result
 	if !fetched {
+		if n := len(chain.layers); n > 0 && chain.layers[n-1].Record != "" {
+			// Built in the top layer's data file (see store.go), which
+			// gets a name of its own in the snapshot directory first.
+			if err := settleBuilding(b.dir(id)); err != nil {
+				return "", fmt.Errorf("snapshot %s: its layer's data file: %w", id, err)
+			}
+			req.TakeTop, req.Out = true, filepath.Join(b.dir(id), diskBuilding)
+			out = req.Out
+			defer settleBuilding(b.dir(id)) //nolint:errcheck // the next build settles it again
+		}
 		var staged bool
 		res, staged, err = b.staged.build(ctx, id, req)
 		if !staged {
@@ -288,6 +299,31 @@ func (b *diskBuilder) build(ctx context.Context, id string) (string, error) {
 	return dst, nil
 }
 
+// settleBuilding brings the layer's data file of snapshot directory dir
+// back to its layer's contents alone, as a build in it needs it and as a
+// failed one leaves it: a disk.building that a build did not name
+// disk.ext4 (it failed, or kiln stopped) is the data file again if it
+// was made in it, or is removed; what a build added to the data file
+// goes.
+func settleBuilding(dir string) error {
+	building, data := filepath.Join(dir, diskBuilding), filepath.Join(dir, layerData)
+	if exists(building) {
+		if exists(data) {
+			os.Remove(building)
+		} else if err := os.Rename(building, data); err != nil {
+			return err
+		}
+	}
+	if !exists(data) {
+		return nil // the disk holds it
+	}
+	st, err := fstree.ReadStored(filepath.Join(dir, layerRecord))
+	if err != nil {
+		return err
+	}
+	return keepOwn(data, st)
+}
+
 // generation returns the count of snapshots made on pinned disks so far.
 func (b *diskBuilder) generation() uint64 {
 	b.mu.Lock()
@@ -303,6 +339,14 @@ func (b *diskBuilder) remove(ctx context.Context, id string, gen uint64) bool {
 	defer b.mu.Unlock()
 	if b.flights[id] != nil || b.pins[id] > 0 || b.made != gen {
 		return false
+	}
+	if holdsData(b.dir(id)) {
+		// Nothing uses it: it becomes its layer's data file again.
+		if err := dropDisk(b.dir(id), false); err != nil {
+			log.G(ctx).WithError(err).WithField("snapshot", id).Warn("removing an unneeded disk")
+			return false
+		}
+		return true
 	}
 	disk := filepath.Join(b.dir(id), diskFile)
 	tmp := filepath.Join(b.root, tmpDir, "rm-disk-"+id)

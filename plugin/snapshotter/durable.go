@@ -86,10 +86,10 @@ func (b *diskBuilder) settleUnsynced(ctx context.Context) {
 			}
 		}
 		log.G(ctx).WithField("disk", disk).Info("removing a disk that did not reach stable storage before a crash; it is rebuilt when needed")
-		if err := os.Remove(disk); err != nil && !errors.Is(err, os.ErrNotExist) {
+		// Nothing has it open: a disk holding its layer's data becomes
+		// the data file again.
+		if err := dropDisk(filepath.Dir(mark), false); err != nil {
 			log.G(ctx).WithError(err).WithField("disk", disk).Warn("removing unsynced disk")
-			continue
 		}
-		os.Remove(mark)
 	}
 }

@@ -11,16 +11,21 @@ import (
 //
 // An extraction snapshot (a layer being unpacked) holds:
 //
-//	layer        marker: kiln's differ recognises the snapshot by it
-//	fs/, work/   the overlay upper and work directories that containerd's
-//	             walking differ fills when it is used instead of kiln's
-//	layer.tar    the layer, uncompressed, as kiln's differ stored it
-//	diffid       its digest
+//	layer         marker: kiln's differ recognises the snapshot by it
+//	fs/, work/    the overlay upper and work directories that containerd's
+//	              walking differ fills when it is used instead of kiln's
+//	data          the contents of the layer's files, as kiln's differ
+//	              stored them (see store.go)
+//	layer.record  its entries
+//	layer.tar     or instead of those two, the layer uncompressed
+//	diffid        its digest
 //
 // A committed snapshot may also hold its disk: the ext4 with the
 // filesystem of its whole chain, built once and shared read-only by every
-// container and view on it.
+// container and view on it. It may have been built in the data file,
+// which it then replaces.
 //
+//	disk.building  the disk while it gets its name
 //	disk.ext4      the disk
 //	disk.unsynced  present until the disk has reached stable storage
 //
@@ -37,6 +42,9 @@ const (
 	upperDir      = "fs"
 	workDir       = "work"
 	layerTar      = "layer.tar"
+	layerData     = "data"
+	layerRecord   = "layer.record"
+	diskBuilding  = "disk.building"
 	diffIDFile    = "diffid"
 	diskFile      = "disk.ext4"
 	unsyncedFile  = "disk.unsynced"
@@ -117,10 +125,9 @@ func dropStaleDisks(root, key string) error {
 	}
 	disks, _ := filepath.Glob(filepath.Join(root, snapshotsDir, "*", diskFile))
 	for _, d := range disks {
-		if err := os.Remove(d); err != nil && !errors.Is(err, os.ErrNotExist) {
+		if err := dropDisk(filepath.Dir(d), true); err != nil {
 			return err
 		}
-		os.Remove(filepath.Join(filepath.Dir(d), unsyncedFile))
 	}
 	// Replaced whole: a kill while writing it must not leave a key that
 	// matches nothing (every disk would be dropped at the next start).

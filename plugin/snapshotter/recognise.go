@@ -1,14 +1,12 @@
 package snapshotter
 
 import (
-	"context"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 
 	"github.com/containerd/containerd/v2/core/mount"
-	"github.com/containerd/containerd/v2/core/snapshots/storage"
 	"golang.org/x/sys/unix"
 )
 
@@ -38,37 +36,6 @@ func (s *Snapshotter) ExtractionDir(mounts []mount.Mount) (string, bool) {
 		return dir, true
 	}
 	return "", false
-}
-
-// LayerFiles says where kiln's differ stores the layer of an extraction
-// snapshot directory: the uncompressed tar and its digest.
-func LayerFiles(dir string) (tarPath, diffIDPath string) {
-	return filepath.Join(dir, layerTar), filepath.Join(dir, diffIDFile)
-}
-
-// StageLayer returns a sink that replays the layer of extraction
-// snapshot directory dir into the tree its parent layer left, or nil
-// when there is none (the layer is then replayed when a disk is built).
-func (s *Snapshotter) StageLayer(ctx context.Context, dir string) *StagedLayer {
-	id := filepath.Base(dir)
-	var parents []string
-	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
-		ids, err := storage.IDMap(ctx)
-		if err != nil {
-			return err
-		}
-		key, ok := ids[id]
-		if !ok {
-			return fmt.Errorf("snapshot %s not found", id)
-		}
-		snap, err := storage.GetSnapshot(ctx, key)
-		parents = snap.ParentIDs
-		return err
-	})
-	if err != nil {
-		return nil
-	}
-	return s.staged.stage(filepath.Join(s.root, tmpDir), id, parents)
 }
 
 // Disks is what a set of kiln's mounts shows, in files.

@@ -103,7 +103,9 @@ const maxQueuedPublishes = 8
 
 // publishLater publishes the disk just built for the chain in the
 // background, one at a time; the disk's file is opened first, so that
-// its removal meanwhile does not matter.
+// its removal meanwhile does not matter, and the disk stays pinned, so
+// that the sweep does not turn it back into its layer's data file (see
+// store.go) under the upload.
 func (b *diskBuilder) publishLater(ctx context.Context, disk string, chain chainLayers, opts build.Options) {
 	f, err := os.Open(disk)
 	if err != nil {
@@ -111,10 +113,12 @@ func (b *diskBuilder) publishLater(ctx context.Context, disk string, chain chain
 		return
 	}
 	lg := log.G(ctx).WithFields(log.Fields{"image": chain.image.ref, "chain": chain.chainID.String()})
+	id := filepath.Base(filepath.Dir(disk))
 	b.mu.Lock()
 	full := b.queued >= maxQueuedPublishes
 	if !full {
 		b.queued++
+		b.pins[id]++
 	}
 	b.mu.Unlock()
 	if full {
@@ -130,6 +134,9 @@ func (b *diskBuilder) publishLater(ctx context.Context, disk string, chain chain
 		defer func() {
 			b.mu.Lock()
 			b.queued--
+			if b.pins[id]--; b.pins[id] <= 0 {
+				delete(b.pins, id)
+			}
 			b.mu.Unlock()
 		}()
 		select {

@@ -2,7 +2,6 @@ package snapshotter
 
 import (
 	"context"
-	"io"
 	"slices"
 	"sync"
 
@@ -14,11 +13,10 @@ import (
 )
 
 // Staged trees save the replay when a disk is built right after it was
-// pulled: while kiln's differ stores a layer it also replays it into the
-// staging tree its parent layer left, and the tree passes from layer to
-// layer up the chain, taking file contents from the stored layer tars.
-// Building the top layer's disk then only runs e2fsprogs and copies the
-// contents. A tree is an optimisation only: whatever is not
+// pulled: once kiln's differ has stored a layer, its record is replayed
+// into the tree its parent layer left, and the tree passes from layer to
+// layer up the chain, taking file contents from the layers' data files.
+// Building the top layer's disk then only writes the ext4. A tree is an optimisation only: whatever is not
 // staged (after a restart, a second image on the same base) is replayed
 // from the stored layers.
 
@@ -141,8 +139,8 @@ func (st *stagedTrees) close() {
 	st.releasing.Wait()
 }
 
-// StagedLayer replays a layer into the tree staged for its snapshot's
-// chain, for kiln's differ.
+// StagedLayer is the tree staged for a layer's chain while the layer is
+// replayed into it.
 type StagedLayer struct {
 	trees *stagedTrees
 	id    string
@@ -173,12 +171,6 @@ func (st *stagedTrees) stage(tmp, id string, parents []string) *StagedLayer {
 	// nobody waits for); no new one can find it.
 	t.mu.Lock()
 	return &StagedLayer{trees: st, id: id, tree: t}
-}
-
-// Apply replays the layer's tar into the tree; the tree takes file
-// contents from the stored tar.
-func (l *StagedLayer) Apply(ctx context.Context, r io.Reader, name, storedAt string) error {
-	return l.tree.tree.ApplyStored(ctx, r, name, storedAt)
 }
 
 // Done keeps the tree for the snapshot when the layer was stored, or

@@ -14,21 +14,12 @@ import (
 )
 
 // stageLayer does what kiln's differ does for an extraction snapshot
-// whose parent may have a staged tree: it stores the layer and replays
-// it into the staged tree, then commits the snapshot as name.
+// whose parent may have a staged tree: it stores the layer, which
+// replays it into the staged tree, then commits the snapshot as name.
 func stageLayer(ctx context.Context, sn *Snapshotter, name, parent string, files map[string]string) error {
 	key := "extract-" + name
-	dir, layer, err := writeLayer(ctx, sn, key, parent, files)
-	if err != nil {
+	if _, _, err := writeLayer(ctx, sn, key, parent, files); err != nil {
 		return err
-	}
-	if sink := sn.StageLayer(ctx, dir); sink != nil {
-		tarPath, _ := LayerFiles(dir)
-		err := sink.Apply(ctx, bytes.NewReader(layer), name, tarPath)
-		sink.Done(err == nil)
-		if err != nil {
-			return err
-		}
 	}
 	return sn.Commit(ctx, name, key)
 }

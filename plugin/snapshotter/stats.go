@@ -45,7 +45,7 @@ func (s *Snapshotter) Stats() Stats {
 		for _, e := range ents {
 			p := filepath.Join(dir, e.Name())
 			switch e.Name() {
-			case layerTar:
+			case layerTar, layerData, layerRecord:
 				st.Bytes["layers"] += allocated(p)
 			case upperDir:
 				st.Bytes["layers"] += treeAllocated(p)

@@ -9,9 +9,10 @@ import (
 	"github.com/kilnfs/kiln/internal/ext4read"
 )
 
-// TestRebuildFromMagicNamedTar: a stored layer tar whose first entry's
-// name starts with the gzip or zstd magic is a plain tar (as its media
-// type says), and a disk built from it holds that entry.
+// TestRebuildFromMagicNamedTar: a stored layer tar (as earlier kilns
+// kept every layer) whose first entry's name starts with the gzip or
+// zstd magic is a plain tar (as its media type says), and a disk built
+// from it holds that entry.
 func TestRebuildFromMagicNamedTar(t *testing.T) {
 	needE2fsprogs(t)
 	for name, entry := range map[string]string{
@@ -32,7 +33,9 @@ func TestRebuildFromMagicNamedTar(t *testing.T) {
 			if !bytes.HasPrefix(buf.Bytes(), []byte(entry[:2])) {
 				t.Fatalf("the tar starts with %x", buf.Bytes()[:4])
 			}
-			storeLayerTar(t, sn, "extract-2 magic", "base", buf.Bytes())
+			if _, err := writeOldLayerTar(ctx, sn, "extract-2 magic", "base", buf.Bytes()); err != nil {
+				t.Fatal(err)
+			}
 			if err := sn.Commit(ctx, "magic", "extract-2 magic"); err != nil {
 				t.Fatal(err)
 			}

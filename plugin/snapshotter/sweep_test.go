@@ -1,6 +1,7 @@
 package snapshotter
 
 import (
+	"bytes"
 	"context"
 	"os"
 	"path/filepath"
@@ -41,6 +42,13 @@ func TestSweepRemovesUnneededDisks(t *testing.T) {
 		t.Fatal(err)
 	}
 	disk := view[0].Source
+	if exists(filepath.Join(filepath.Dir(disk), layerData)) {
+		t.Errorf("the disk of a layer kept by kiln was not built in the layer's data file")
+	}
+	first, err := os.ReadFile(disk)
+	if err != nil {
+		t.Fatal(err)
+	}
 	old := time.Now().Add(-time.Hour)
 	age := func() {
 		if err := os.Chtimes(disk, old, old); err != nil {
@@ -69,12 +77,15 @@ func TestSweepRemovesUnneededDisks(t *testing.T) {
 	if n := sweep(); n != 1 || exists(disk) {
 		t.Fatalf("swept %d: the unneeded disk stayed", n)
 	}
-	if !exists(filepath.Join(filepath.Dir(disk), layerTar)) {
+	if !exists(filepath.Join(filepath.Dir(disk), layerData)) || !exists(filepath.Join(filepath.Dir(disk), layerRecord)) {
 		t.Errorf("the layer went with the disk")
 	}
-	// Needed again: built again.
+	// Needed again: built again, the same bytes.
 	if _, err := sn.View(ctx, "v2", name); err != nil || !exists(disk) {
 		t.Errorf("the disk was not built again: %v", err)
+	}
+	if again, err := os.ReadFile(disk); err != nil || !bytes.Equal(again, first) {
+		t.Errorf("the disk built again differs from the first: %v", err)
 	}
 	// A fresh disk is left alone for a while.
 	if err := sn.Remove(ctx, "v2"); err != nil {

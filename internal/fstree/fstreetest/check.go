@@ -120,7 +120,7 @@ func paths(nodes []*fstree.Node) []string {
 func Content(tr *fstree.Tree, in *fstree.Inode) ([]byte, error) {
 	b := make([]byte, in.Size)
 	for _, r := range in.Data() {
-		f, err := os.Open(tr.DataFiles()[r.File])
+		f, err := tr.OpenData(r.File)
 		if err != nil {
 			return nil, err
 		}
@@ -146,4 +146,38 @@ func (l Layer) Apply(tr *fstree.Tree, name, dir string) error {
 		return err
 	}
 	return tr.ApplyStored(context.Background(), bytes.NewReader(tarball), name, stored)
+}
+
+// Store keeps the layer in dir as kiln serve does (fstree.StoreLayer),
+// where the tree's data space ends, and replays it into tr from there.
+// When storing fails, the error is the one applying the layer gives, or
+// says that applying it did not fail: a layer is refused whole either way.
+func (l Layer) Store(tr *fstree.Tree, name, dir string, limits fstree.Limits) error {
+	tarball := l.Tar()
+	data, err := os.Create(filepath.Join(dir, name+".data"))
+	if err != nil {
+		return err
+	}
+	defer data.Close()
+	record := filepath.Join(dir, name+".record")
+	rf, err := os.Create(record)
+	if err != nil {
+		return err
+	}
+	_, err = fstree.StoreLayer(context.Background(), bytes.NewReader(tarball), name, limits, tr.DataSpace(), data, rf)
+	if cerr := rf.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		if aerr := tr.Apply(context.Background(), bytes.NewReader(tarball), name); aerr != nil {
+			return aerr
+		}
+		return fmt.Errorf("storing failed where applying did not: %w", err)
+	}
+	rf, err = os.Open(record)
+	if err != nil {
+		return err
+	}
+	defer rf.Close()
+	return tr.ApplyStoredLayer(context.Background(), rf, name, data.Name())
 }
