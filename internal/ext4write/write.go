@@ -6,20 +6,20 @@
 // The layout is fixed and simple. File contents come first, each run
 // where the tree's data space has it (fstree.Run.Virtual: the order the
 // layers hold the files), so that the image does not depend on where the
-// contents were kept, and a build that owns its tree can make the tree's
-// data file the image without copying a byte (ext4.Options.Take).
-// The data space leaves room for the superblock copies (see
-// fstree.SuperReserve); should a copy need more, the blocks in its way
-// move to after the data space. Then come the group metadata (bitmaps and inode tables,
-// flex_bg), the journal, and each inode's other blocks in inode order
-// (inodes are numbered in the tree's walk order, parents first, names
-// sorted): directories, extent tree and attribute blocks. Blocks are
-// handed out in ascending order, so metadata goes out through a
-// sequential buffer, and contents not in place move with kernel-side
-// copies from the tree's data files (the stored, verified layer tars).
-// Whatever the image leaves free stays a hole in the output file. When
-// the size asked for cannot hold the data space with the gaps replaced
-// contents left, the data space is packed instead.
+// contents were kept, and a data file that already holds them there (a
+// build's own, or kiln serve's top layer's) can become the image without
+// copying a byte of them (ext4.Options.Take). The data space leaves room
+// for the superblock copies (see fstree.SuperReserve); should a copy need
+// more, the blocks in its way move to after the data space. Then come the
+// group metadata (bitmaps and inode tables, flex_bg), the journal, and
+// each inode's other blocks in inode order (inodes are numbered in the
+// tree's walk order, parents first, names sorted): directories, extent
+// tree and attribute blocks. Blocks are handed out in ascending order, so
+// metadata goes out through a sequential buffer, and contents not in
+// place move with kernel-side copies from the tree's data files. Whatever
+// the image leaves free stays a hole in the output file. When the size
+// asked for cannot hold the data space with the gaps replaced contents
+// left, the data space is packed instead.
 package ext4write
 
 import (
@@ -146,6 +146,14 @@ func writeImage(ctx context.Context, tree *fstree.Tree, out string, opts ext4.Op
 		// replaced too, rather than for the files' data alone.
 		const mib = 1 << 20
 		size = (ext4.AutoSize(stats) + (space-stats.DataBlocks)*blockSize + mib - 1) / mib * mib
+		// More inodes than full groups hold get more full groups rather
+		// than smaller ones: the data space's superblock reserves line
+		// up with full groups only (see fstree.SuperReserve), and a data
+		// file can then become the image. What the image leaves free
+		// costs nothing: it stays a hole.
+		if need := (ext4.InodeCount(stats, size) + maxPerGroup - 1) / maxPerGroup; need*maxPerGroup*blockSize > size {
+			size = need * maxPerGroup * blockSize
+		}
 	}
 	w := &writer{tree: tree, opts: opts, epoch: tree.Epoch(), space: space, packed: packed,
 		numbers: make([]uint32, tree.InodeIDs())}

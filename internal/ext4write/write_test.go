@@ -550,21 +550,26 @@ func TestSmallFilesystem(t *testing.T) {
 	}
 }
 
-// TestManyInodes: more inodes than full groups hold (32768 each) make
-// smaller groups, as mke2fs does, rather than a filesystem too small.
+// TestManyInodes: more inodes than full groups hold (32768 each) make a
+// filesystem of more full groups when kiln sizes it, and smaller groups,
+// as mke2fs does, when its size is given.
 func TestManyInodes(t *testing.T) {
 	ext4test.Require(t)
 	var l layer
 	for i := 0; i < 70000; i++ {
 		l = append(l, reg(fmt.Sprintf("d%02d/f%05d", i%50, i), 0o644, ""))
 	}
-	img := write(t, []layer{l}, ext4.Options{Identity: "inodes"})
-	if err := ext4.Check(context.Background(), img); err != nil {
-		t.Fatal(err)
-	}
-	out := ext4test.Run(t, "dumpe2fs", "-h", img)
-	if !regexp.MustCompile(`Blocks per group:\s+[0-9]{3,4}\n`).MatchString(out) {
-		t.Errorf("expected groups smaller than 32768 blocks:\n%s", out)
+	for _, c := range []struct {
+		size   int64
+		groups string
+	}{{0, `Blocks per group:\s+32768\n`}, {64 << 20, `Blocks per group:\s+[0-9]{3,4}\n`}} {
+		img := write(t, []layer{l}, ext4.Options{Identity: "inodes", Size: c.size})
+		if err := ext4.Check(context.Background(), img); err != nil {
+			t.Fatal(err)
+		}
+		if out := ext4test.Run(t, "dumpe2fs", "-h", img); !regexp.MustCompile(c.groups).MatchString(out) {
+			t.Errorf("size %d: want groups matching %s:\n%s", c.size, c.groups, out)
+		}
 	}
 }
 
