@@ -494,6 +494,9 @@ func (t *Tree) ApplyStoredLayer(ctx context.Context, record io.Reader, layer str
 		for _, r := range a.replay.runs {
 			end = max(end, r.Virtual+r.Length)
 		}
+		// The tree's data space covers every run it holds, even if a
+		// later entry fails.
+		t.space.end = max(t.space.end, (end+blockSize-1)/blockSize*blockSize)
 		if err := a.entry(&hdr, nil); err != nil {
 			var ee *EntryError
 			if errors.As(err, &ee) {
