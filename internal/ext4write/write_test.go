@@ -641,12 +641,12 @@ func TestSameBytesWherever(t *testing.T) {
 	}
 }
 
-// writeFromStored stores each layer with fstree.StoreLayer, replays the
-// records into a tree and writes the image in the top layer's data file.
-// The top layer's contents must still be where its record says.
-func writeFromStored(t *testing.T, layers []layer, opts ext4.Options) string {
+// storedTree stores each layer in work with fstree.StoreLayer, as kiln
+// serve keeps layers, and replays the records into a tree; a layer's
+// data file is found under its name or later as image.ext4. It returns
+// the tree and the data files.
+func storedTree(t *testing.T, work string, layers []layer) (*fstree.Tree, []string) {
 	t.Helper()
-	work := t.TempDir()
 	tree, err := fstree.New("", filepath.Join(work, "own"), time.Unix(0, 0))
 	if err != nil {
 		t.Fatal(err)
@@ -661,14 +661,24 @@ func writeFromStored(t *testing.T, layers []layer, opts ext4.Options) string {
 		var record bytes.Buffer
 		_, err = fstree.StoreLayer(context.Background(), bytes.NewReader(tarOf(t, l)), name, fstree.Limits{}, tree.DataSpace(), data, &record)
 		data.Close()
-		if err != nil {
-			t.Fatal(err)
+		if err == nil {
+			err = tree.ApplyStoredLayer(context.Background(), &record, name, data.Name(), filepath.Join(work, "image.ext4"))
 		}
-		if err := tree.ApplyStoredLayer(context.Background(), &record, name, data.Name(), filepath.Join(work, "image.ext4")); err != nil {
+		if err != nil {
 			t.Fatal(err)
 		}
 		datas = append(datas, data.Name())
 	}
+	return tree, datas
+}
+
+// writeFromStored writes the image of a storedTree in the top layer's
+// data file. The top layer's contents must still be where its record
+// says.
+func writeFromStored(t *testing.T, layers []layer, opts ext4.Options) string {
+	t.Helper()
+	work := t.TempDir()
+	tree, datas := storedTree(t, work, layers)
 	top := datas[len(datas)-1]
 	before, err := os.ReadFile(top)
 	if err != nil {
@@ -718,28 +728,8 @@ func TestTakeKeepsContent(t *testing.T) {
 	}
 	copied := write(t, layers, ext4.Options{Identity: "keeps", NoSync: true})
 	work := t.TempDir()
-	tree, err := fstree.New("", filepath.Join(work, "own"), time.Unix(0, 0))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var top string
-	for i, l := range layers {
-		name := fmt.Sprintf("layer%d", i)
-		data, err := os.Create(filepath.Join(work, name+".data"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		var record bytes.Buffer
-		_, err = fstree.StoreLayer(context.Background(), bytes.NewReader(tarOf(t, l)), name, fstree.Limits{}, tree.DataSpace(), data, &record)
-		data.Close()
-		if err == nil {
-			err = tree.ApplyStoredLayer(context.Background(), &record, name, data.Name())
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-		top = data.Name()
-	}
+	tree, datas := storedTree(t, work, layers)
+	top := datas[len(datas)-1]
 	before, _ := os.ReadFile(top)
 	img := filepath.Join(work, "image.ext4")
 	if _, err := Write(context.Background(), tree, img, ext4.Options{Identity: "keeps", NoSync: true, Take: top, TakeKeeps: true}); err != nil {

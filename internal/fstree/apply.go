@@ -123,15 +123,7 @@ func Check(ctx context.Context, r io.Reader, layer string, limits Limits) error 
 	var entries int64
 	buf := make([]byte, 1<<20)
 	return eachEntry(ctx, &meter{ctx: ctx, r: r, limits: limits}, layer, func(hdr *tar.Header, r io.Reader) error {
-		if err := CheckHeader(hdr); err != nil {
-			return err
-		}
-		entries++
-		if err := over("entries", entries, limits.Entries); err != nil {
-			return err
-		}
-		parts, _ := splitName(hdr.Name) // CheckHeader took it
-		if err := limits.checkHeader(hdr, len(parts)); err != nil {
+		if err := checkEntry(hdr, &entries, limits); err != nil {
 			return err
 		}
 		for {
@@ -145,6 +137,20 @@ func Check(ctx context.Context, r io.Reader, layer string, limits Limits) error 
 			}
 		}
 	})
+}
+
+// checkEntry runs on one entry the checks that need no other entry and
+// the limits that one layer decides; entries counts the layer's entries.
+func checkEntry(hdr *tar.Header, entries *int64, limits Limits) error {
+	if err := CheckHeader(hdr); err != nil {
+		return err
+	}
+	*entries++
+	if err := over("entries", *entries, limits.Entries); err != nil {
+		return err
+	}
+	parts, _ := splitName(hdr.Name) // CheckHeader took it
+	return limits.checkHeader(hdr, len(parts))
 }
 
 // eachEntry calls fn for every entry of a layer tar, naming the layer and

@@ -129,15 +129,7 @@ func StoreLayer(ctx context.Context, r io.Reader, layer string, limits Limits, s
 	rw.header(start)
 	var entries int64
 	err := eachEntry(ctx, m, layer, func(hdr *tar.Header, r io.Reader) error {
-		if err := CheckHeader(hdr); err != nil {
-			return err
-		}
-		entries++
-		if err := over("entries", entries, limits.Entries); err != nil {
-			return err
-		}
-		parts, _ := splitName(hdr.Name) // CheckHeader took it
-		if err := limits.checkHeader(hdr, len(parts)); err != nil {
+		if err := checkEntry(hdr, &entries, limits); err != nil {
 			return err
 		}
 		var size int64

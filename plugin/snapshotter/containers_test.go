@@ -59,13 +59,9 @@ func writeLayer(ctx context.Context, sn *Snapshotter, key, parent string, files 
 
 // writeLayerTar is writeLayer for a layer tar as given.
 func writeLayerTar(ctx context.Context, sn *Snapshotter, key, parent string, layerTar []byte) (string, error) {
-	mounts, err := sn.Prepare(ctx, key, parent, snapshots.WithLabels(map[string]string{snapshots.LabelSnapshotRef: "chain"}))
+	dir, err := prepareExtraction(ctx, sn, key, parent)
 	if err != nil {
 		return "", err
-	}
-	dir, ok := sn.ExtractionDir(mounts)
-	if !ok {
-		return "", fmt.Errorf("extraction mounts %v are not recognised as kiln's", mounts)
 	}
 	_, err = sn.StoreLayer(ctx, dir, bytes.NewReader(layerTar), key, fstree.Limits{}, false, func() (digest.Digest, error) {
 		return digest.FromBytes(layerTar), nil
@@ -76,6 +72,22 @@ func writeLayerTar(ctx context.Context, sn *Snapshotter, key, parent string, lay
 // writeOldLayerTar is writeLayerTar as earlier kilns stored every layer:
 // as its uncompressed tar.
 func writeOldLayerTar(ctx context.Context, sn *Snapshotter, key, parent string, tarball []byte) (string, error) {
+	dir, err := prepareExtraction(ctx, sn, key, parent)
+	if err != nil {
+		return "", err
+	}
+	if err := os.WriteFile(filepath.Join(dir, layerTar), tarball, 0o600); err != nil {
+		return "", err
+	}
+	if err := os.WriteFile(filepath.Join(dir, diffIDFile), []byte(digest.FromBytes(tarball).String()), 0o600); err != nil {
+		return "", err
+	}
+	return dir, nil
+}
+
+// prepareExtraction prepares extraction snapshot key, as containerd's
+// unpacker does, and returns its directory.
+func prepareExtraction(ctx context.Context, sn *Snapshotter, key, parent string) (string, error) {
 	mounts, err := sn.Prepare(ctx, key, parent, snapshots.WithLabels(map[string]string{snapshots.LabelSnapshotRef: "chain"}))
 	if err != nil {
 		return "", err
@@ -83,12 +95,6 @@ func writeOldLayerTar(ctx context.Context, sn *Snapshotter, key, parent string, 
 	dir, ok := sn.ExtractionDir(mounts)
 	if !ok {
 		return "", fmt.Errorf("extraction mounts %v are not recognised as kiln's", mounts)
-	}
-	if err := os.WriteFile(filepath.Join(dir, layerTar), tarball, 0o600); err != nil {
-		return "", err
-	}
-	if err := os.WriteFile(filepath.Join(dir, diffIDFile), []byte(digest.FromBytes(tarball).String()), 0o600); err != nil {
-		return "", err
 	}
 	return dir, nil
 }

@@ -93,11 +93,7 @@ func (s *Snapshotter) StoreLayer(ctx context.Context, dir string, r io.Reader, n
 	if err := errors.Join(data.Close(), record.Close()); err != nil {
 		return 0, err
 	}
-	d, err := diffID()
-	if err != nil {
-		return 0, err
-	}
-	if err := os.WriteFile(filepath.Join(dir, diffIDFile), []byte(d.String()+"\n"), 0o600); err != nil {
+	if err := writeDiffID(dir, diffID); err != nil {
 		return 0, err
 	}
 	// The record comes last: it says the layer is whole.
@@ -174,14 +170,19 @@ func storeTar(ctx context.Context, dir string, r io.Reader, name string, limits 
 	if err := f.Close(); err != nil {
 		return 0, err
 	}
-	d, err := diffID()
-	if err != nil {
-		return 0, err
-	}
-	if err := os.WriteFile(filepath.Join(dir, diffIDFile), []byte(d.String()+"\n"), 0o600); err != nil {
+	if err := writeDiffID(dir, diffID); err != nil {
 		return 0, err
 	}
 	return counter.n, os.Rename(tmp, tarPath)
+}
+
+// writeDiffID records the digest of a layer read to its end.
+func writeDiffID(dir string, diffID func() (digest.Digest, error)) error {
+	d, err := diffID()
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(filepath.Join(dir, diffIDFile), []byte(d.String()+"\n"), 0o600)
 }
 
 type countingWriter struct {
