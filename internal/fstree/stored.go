@@ -12,6 +12,7 @@ import (
 	"math"
 	"os"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/kilnfs/kiln/internal/chunk"
@@ -136,6 +137,9 @@ func StoreLayer(ctx context.Context, r io.Reader, layer string, limits Limits, s
 		var runs []Run
 		switch hdr.Typeflag {
 		case tar.TypeReg, tar.TypeRegA, tar.TypeGNUSparse, tar.TypeCont:
+			if parts, _ := splitName(hdr.Name); len(parts) > 0 && strings.HasPrefix(parts[len(parts)-1], whiteoutPrefix) {
+				break // a whiteout: Apply places no content for it either
+			}
 			var err error
 			if size, runs, err = p.place(r, 0); err != nil {
 				return err

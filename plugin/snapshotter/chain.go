@@ -109,6 +109,10 @@ func (c chainReader) chainLayers(ctx context.Context, id string) (chainLayers, e
 				if err != nil {
 					return chainLayers{}, fmt.Errorf("snapshot %s: %w", chain[i], err)
 				}
+				if mark := filepath.Join(dir, dataUnsyncedFile); exists(mark) && unsyncedEarlierBoot(mark) {
+					return chainLayers{}, fmt.Errorf("snapshot %s: its stored layer did not reach stable storage before the machine stopped: "+
+						"remove the images with this layer and pull them again: %w", chain[i], errdefs.ErrDataLoss)
+				}
 				if !slices.ContainsFunc(dataPaths(dir), exists) {
 					return chainLayers{}, fmt.Errorf("snapshot %s: its stored layer's data is missing: "+
 						"remove the images with this layer and pull them again: %w", chain[i], errdefs.ErrDataLoss)

@@ -72,10 +72,54 @@ func syncDisk(disk, mark string) error {
 	return os.Remove(mark)
 }
 
+// syncLayerLater makes a just stored layer's data durable after
+// syncDelay, wherever it is by then (see dataPaths), and drops its mark.
+func (b *diskBuilder) syncLayerLater(dir string) {
+	b.wg.Add(1)
+	go func() {
+		defer b.wg.Done()
+		select {
+		case <-time.After(syncDelay):
+		case <-b.ctx.Done():
+		}
+		if err := syncLayer(dir); err != nil && !errors.Is(err, os.ErrNotExist) {
+			log.G(b.ctx).WithError(err).WithField("layer", dir).Warn("syncing a layer's data")
+		}
+	}()
+}
+
+func syncLayer(dir string) error {
+	for _, p := range dataPaths(dir) {
+		err := syncDisk(p, filepath.Join(dir, dataUnsyncedFile))
+		if !errors.Is(err, os.ErrNotExist) {
+			return err
+		}
+	}
+	return os.ErrNotExist
+}
+
+// unsyncedEarlierBoot says whether an unsynced mark was left by an
+// earlier boot of the machine (or cannot tell).
+func unsyncedEarlierBoot(mark string) bool {
+	then, err := os.ReadFile(mark)
+	now := bootID()
+	return err != nil || len(now) == 0 || !bytes.Equal(bytes.TrimSpace(then), now)
+}
+
 // settleUnsynced deals with the disks a previous run left unsynced.
 func (b *diskBuilder) settleUnsynced(ctx context.Context) {
-	marks, _ := filepath.Glob(filepath.Join(b.root, snapshotsDir, "*", unsyncedFile))
 	now := bootID()
+	layerMarks, _ := filepath.Glob(filepath.Join(b.root, snapshotsDir, "*", dataUnsyncedFile))
+	for _, mark := range layerMarks {
+		// From an earlier boot, the layer stays marked: its data may be
+		// torn, and its chain reports it lost (see chainLayers).
+		if !unsyncedEarlierBoot(mark) {
+			if err := syncLayer(filepath.Dir(mark)); err != nil && !errors.Is(err, os.ErrNotExist) {
+				log.G(ctx).WithError(err).WithField("layer", filepath.Dir(mark)).Warn("syncing a layer's data")
+			}
+		}
+	}
+	marks, _ := filepath.Glob(filepath.Join(b.root, snapshotsDir, "*", unsyncedFile))
 	for _, mark := range marks {
 		disk := filepath.Join(filepath.Dir(mark), diskFile)
 		then, err := os.ReadFile(mark)
@@ -86,9 +130,10 @@ func (b *diskBuilder) settleUnsynced(ctx context.Context) {
 			}
 		}
 		log.G(ctx).WithField("disk", disk).Info("removing a disk that did not reach stable storage before a crash; it is rebuilt when needed")
-		// Nothing has it open: a disk holding its layer's data becomes
-		// the data file again.
-		if err := dropDisk(filepath.Dir(mark), false); err != nil {
+		// A disk holding its layer's data becomes the data file again:
+		// in place after a reboot, when nothing has it open; copied out
+		// otherwise, since a VM may still read it.
+		if err := dropDisk(filepath.Dir(mark), !unsyncedEarlierBoot(mark)); err != nil {
 			log.G(ctx).WithError(err).WithField("disk", disk).Warn("removing unsynced disk")
 		}
 	}

@@ -6,6 +6,8 @@ import (
 	"path/filepath"
 	"testing"
 
+	"github.com/containerd/errdefs"
+
 	"github.com/kilnfs/kiln/internal/build"
 	"github.com/kilnfs/kiln/internal/testenv"
 )
@@ -41,5 +43,43 @@ func TestUnsyncedDisksAtStartup(t *testing.T) {
 	}
 	if !exists(filepath.Join(now, diskFile)) || exists(filepath.Join(now, unsyncedFile)) {
 		t.Errorf("the disk from this boot should be kept and marked synced")
+	}
+}
+
+// TestLayerUnsyncedBeforeReboot: a layer stored without a sync is marked
+// until its data is synced; one an earlier boot left marked may be torn,
+// and its disk is not built from it: the error says the layer was lost.
+func TestLayerUnsyncedBeforeReboot(t *testing.T) {
+	needE2fsprogs(t)
+	if len(bootID()) == 0 {
+		testenv.Unavailable(t, "no boot ID at %s", bootIDFile)
+	}
+	sn, ctx := newCommittedBase(t, Config{})
+	dir, _, err := writeLayer(ctx, sn, "extract-2 x", "", map[string]string{"etc/x": "x"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mark := filepath.Join(dir, dataUnsyncedFile)
+	if !exists(mark) {
+		t.Fatalf("a layer stored without a sync has no %s", dataUnsyncedFile)
+	}
+	if err := sn.Commit(ctx, "x", "extract-2 x"); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(mark, []byte("00000000-0000-0000-0000-000000000000\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := sn.View(ctx, "v", "x"); !errdefs.IsDataLoss(err) {
+		t.Errorf("a view of a layer torn by a crash: %v, want a data loss error", err)
+	}
+	// Synced in this boot: the mark goes.
+	if err := os.WriteFile(mark, append(bootID(), '\n'), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := syncLayer(dir); err != nil || exists(mark) {
+		t.Errorf("syncing the layer: %v; mark still there: %v", err, exists(mark))
+	}
+	if _, err := sn.View(ctx, "v", "x"); err != nil {
+		t.Errorf("a view of the synced layer: %v", err)
 	}
 }

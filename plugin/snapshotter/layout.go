@@ -38,18 +38,21 @@ import (
 // and, in block-device mode, loop.<role> records of the loop devices kiln
 // attached for it (see loops).
 const (
-	layerMarker   = "layer"
-	upperDir      = "fs"
-	workDir       = "work"
-	layerTar      = "layer.tar"
-	layerData     = "data"
-	layerRecord   = "layer.record"
-	diskBuilding  = "disk.building"
-	diffIDFile    = "diffid"
-	diskFile      = "disk.ext4"
-	unsyncedFile  = "disk.unsynced"
-	scratchFile   = "scratch.ext4"
-	containerFile = "container.ext4"
+	layerMarker  = "layer"
+	upperDir     = "fs"
+	workDir      = "work"
+	layerTar     = "layer.tar"
+	layerData    = "data"
+	layerRecord  = "layer.record"
+	diskBuilding = "disk.building"
+	// dataUnsyncedFile is present until a layer's data has reached
+	// stable storage (see durable.go).
+	dataUnsyncedFile = "data.unsynced"
+	diffIDFile       = "diffid"
+	diskFile         = "disk.ext4"
+	unsyncedFile     = "disk.unsynced"
+	scratchFile      = "scratch.ext4"
+	containerFile    = "container.ext4"
 )
 
 // Directories under the root.
@@ -125,8 +128,12 @@ func dropStaleDisks(root, key string) error {
 	}
 	disks, _ := filepath.Glob(filepath.Join(root, snapshotsDir, "*", diskFile))
 	for _, d := range disks {
+		// Copied out of the disk, which a VM of the earlier kiln may
+		// still read; in place if that fails (no room for a copy).
 		if err := dropDisk(filepath.Dir(d), true); err != nil {
-			return err
+			if err := dropDisk(filepath.Dir(d), false); err != nil {
+				return err
+			}
 		}
 	}
 	// Replaced whole: a kill while writing it must not leave a key that

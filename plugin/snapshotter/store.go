@@ -54,11 +54,13 @@ func (s *Snapshotter) StoreLayer(ctx context.Context, dir string, r io.Reader, n
 	}
 
 	dataTmp, recordTmp := filepath.Join(dir, layerData+".tmp"), filepath.Join(dir, layerRecord+".tmp")
+	mark := filepath.Join(dir, dataUnsyncedFile)
 	ok := false
 	defer func() {
 		if !ok {
 			os.Remove(dataTmp)
 			os.Remove(recordTmp)
+			os.Remove(mark)
 		}
 	}()
 	data, err := os.OpenFile(dataTmp, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
@@ -84,6 +86,9 @@ func (s *Snapshotter) StoreLayer(ctx context.Context, dir string, r io.Reader, n
 		if err := data.Sync(); err != nil {
 			return 0, err
 		}
+	} else if err := markUnsynced(mark); err != nil {
+		// Synced a while later, as disks are (see durable.go).
+		return 0, err
 	}
 	// The record, small, always: a crash must not leave one that says
 	// less than it did (see demote).
@@ -104,6 +109,9 @@ func (s *Snapshotter) StoreLayer(ctx context.Context, dir string, r io.Reader, n
 		return 0, err
 	}
 	ok = true
+	if !syncFs {
+		s.disks.syncLayerLater(dir)
+	}
 	if err := s.stageStored(ctx, dir, parents, name); err != nil {
 		for _, f := range []string{layerRecord, layerData, diffIDFile} {
 			os.Remove(filepath.Join(dir, f))
@@ -292,7 +300,7 @@ func copyOwn(from, to string, st fstree.StoredLayer) error {
 		return err
 	}
 	defer in.Close()
-	out, err := os.OpenFile(to, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	out, err := os.OpenFile(to, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
 	if err != nil {
 		return err
 	}
