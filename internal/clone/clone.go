@@ -63,8 +63,11 @@ func Regions(out, in *os.File) error {
 	if err != nil {
 		return err
 	}
-	size := st.Size()
-	var off int64
+	return RegionsIn(out, in, 0, st.Size())
+}
+
+// RegionsIn is Regions for the bytes of in from off up to size.
+func RegionsIn(out, in *os.File, off, size int64) error {
 	for off < size {
 		start, err := unix.Seek(int(in.Fd()), off, unix.SEEK_DATA)
 		if errors.Is(err, unix.ENXIO) {
@@ -73,10 +76,14 @@ func Regions(out, in *os.File) error {
 		if err != nil {
 			return Range(out, in, off, off, size-off)
 		}
+		if start >= size {
+			return nil
+		}
 		end, err := unix.Seek(int(in.Fd()), start, unix.SEEK_HOLE)
 		if err != nil {
 			end = size
 		}
+		end = min(end, size)
 		if err := Range(out, in, start, start, end-start); err != nil {
 			return err
 		}

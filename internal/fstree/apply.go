@@ -123,7 +123,7 @@ func Check(ctx context.Context, r io.Reader, layer string, limits Limits) error 
 	var entries int64
 	buf := make([]byte, 1<<20)
 	return eachEntry(ctx, &meter{ctx: ctx, r: r, limits: limits}, layer, func(hdr *tar.Header, r io.Reader) error {
-		if err := checkEntry(hdr, &entries, limits); err != nil {
+		if _, err := checkEntry(hdr, &entries, limits); err != nil {
 			return err
 		}
 		for {
@@ -141,16 +141,23 @@ func Check(ctx context.Context, r io.Reader, layer string, limits Limits) error 
 
 // checkEntry runs on one entry the checks that need no other entry and
 // the limits that one layer decides; entries counts the layer's entries.
-func checkEntry(hdr *tar.Header, entries *int64, limits Limits) error {
+// It returns the entry's name components.
+func checkEntry(hdr *tar.Header, entries *int64, limits Limits) ([]string, error) {
 	if err := CheckHeader(hdr); err != nil {
-		return err
+		return nil, err
 	}
 	*entries++
 	if err := over("entries", *entries, limits.Entries); err != nil {
-		return err
+		return nil, err
 	}
 	parts, _ := splitName(hdr.Name) // CheckHeader took it
-	return limits.checkHeader(hdr, len(parts))
+	return parts, limits.checkHeader(hdr, len(parts))
+}
+
+// isWhiteout says whether an entry's name makes it a whiteout (or other
+// aufs metadata), which removes or hides rather than adds a file.
+func isWhiteout(parts []string) bool {
+	return len(parts) > 0 && strings.HasPrefix(parts[len(parts)-1], whiteoutPrefix)
 }
 
 // eachEntry calls fn for every entry of a layer tar, naming the layer and
@@ -266,7 +273,7 @@ func (a *applier) entry(hdr *tar.Header, r io.Reader) error {
 		return nil
 	}
 	base := parts[len(parts)-1]
-	if strings.HasPrefix(base, whiteoutPrefix) {
+	if isWhiteout(parts) {
 		return a.whiteout(parts[:len(parts)-1], base)
 	}
 	parent, err := a.resolveDir(parts[:len(parts)-1], true)

@@ -12,7 +12,6 @@ import (
 	"math"
 	"os"
 	"slices"
-	"strings"
 	"time"
 
 	"github.com/kilnfs/kiln/internal/chunk"
@@ -130,15 +129,16 @@ func StoreLayer(ctx context.Context, r io.Reader, layer string, limits Limits, s
 	rw.header(start)
 	var entries int64
 	err := eachEntry(ctx, m, layer, func(hdr *tar.Header, r io.Reader) error {
-		if err := checkEntry(hdr, &entries, limits); err != nil {
+		parts, err := checkEntry(hdr, &entries, limits)
+		if err != nil {
 			return err
 		}
 		var size int64
 		var runs []Run
 		switch hdr.Typeflag {
 		case tar.TypeReg, tar.TypeRegA, tar.TypeGNUSparse, tar.TypeCont:
-			if parts, _ := splitName(hdr.Name); len(parts) > 0 && strings.HasPrefix(parts[len(parts)-1], whiteoutPrefix) {
-				break // a whiteout: Apply places no content for it either
+			if isWhiteout(parts) {
+				break // Apply places no content for it either
 			}
 			var err error
 			if size, runs, err = p.place(r, 0); err != nil {

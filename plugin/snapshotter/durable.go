@@ -44,6 +44,12 @@ const syncDelay = 10 * time.Second
 // syncLater makes a disk durable after syncDelay and then drops its
 // mark. Closing the builder syncs at once and waits for it.
 func (b *diskBuilder) syncLater(disk, mark string) {
+	b.later("disk", disk, func() error { return syncDisk(disk, mark) })
+}
+
+// later runs sync, which makes the file of a kind durable, after
+// syncDelay, or at once when the builder closes, which waits for it.
+func (b *diskBuilder) later(kind, path string, sync func() error) {
 	b.wg.Add(1)
 	go func() {
 		defer b.wg.Done()
@@ -51,8 +57,8 @@ func (b *diskBuilder) syncLater(disk, mark string) {
 		case <-time.After(syncDelay):
 		case <-b.ctx.Done():
 		}
-		if err := syncDisk(disk, mark); err != nil && !errors.Is(err, os.ErrNotExist) {
-			log.G(b.ctx).WithError(err).WithField("disk", disk).Warn("syncing disk")
+		if err := sync(); err != nil && !errors.Is(err, os.ErrNotExist) {
+			log.G(b.ctx).WithError(err).WithField(kind, path).Warn("syncing " + kind)
 		}
 	}()
 }
@@ -75,17 +81,7 @@ func syncDisk(disk, mark string) error {
 // syncLayerLater makes a just stored layer's data durable after
 // syncDelay, wherever it is by then (see dataPaths), and drops its mark.
 func (b *diskBuilder) syncLayerLater(dir string) {
-	b.wg.Add(1)
-	go func() {
-		defer b.wg.Done()
-		select {
-		case <-time.After(syncDelay):
-		case <-b.ctx.Done():
-		}
-		if err := syncLayer(dir); err != nil && !errors.Is(err, os.ErrNotExist) {
-			log.G(b.ctx).WithError(err).WithField("layer", dir).Warn("syncing a layer's data")
-		}
-	}()
+	b.later("layer", dir, func() error { return syncLayer(dir) })
 }
 
 func syncLayer(dir string) error {

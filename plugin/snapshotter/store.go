@@ -308,23 +308,8 @@ func copyOwn(from, to string, st fstree.StoredLayer) error {
 	if err := out.Truncate(st.End); err != nil {
 		return err
 	}
-	for off := st.Start; off < st.End; {
-		d, err := unix.Seek(int(in.Fd()), off, unix.SEEK_DATA)
-		if errors.Is(err, unix.ENXIO) || err == nil && d >= st.End {
-			break
-		}
-		if err != nil {
-			return err
-		}
-		h, err := unix.Seek(int(in.Fd()), d, unix.SEEK_HOLE)
-		if err != nil {
-			return err
-		}
-		h = min(h, st.End)
-		if err := clone.Range(out, in, d, d, h-d); err != nil {
-			return err
-		}
-		off = h
+	if err := clone.RegionsIn(out, in, st.Start, st.End); err != nil {
+		return err
 	}
 	return out.Sync()
 }
