@@ -42,6 +42,7 @@ import (
 	"github.com/kilnfs/kiln/internal/build"
 	"github.com/kilnfs/kiln/internal/chunk"
 	"github.com/kilnfs/kiln/internal/chunked"
+	"github.com/kilnfs/kiln/internal/directio"
 	"github.com/kilnfs/kiln/internal/image"
 	"github.com/kilnfs/kiln/internal/verity"
 )
@@ -308,7 +309,9 @@ func fetchOne(ctx context.Context, repo name.Repository, opts []remote.Option, a
 	}
 	defer rc.Close()
 	blob := &exactReader{r: ctxReader{ctx, rc}, left: blobSize}
-	got, err := expand(ctx, blob, out, size)
+	// Written around the page cache, unless the check below is to read
+	// it all back at once.
+	got, err := expand(ctx, blob, out, size, !id.Verity)
 	if err != nil {
 		return err
 	}
@@ -414,8 +417,9 @@ func compress(ctx context.Context, rootfs, path string) (*compressed, error) {
 
 // expand decompresses a published image into f as it downloads,
 // leaving whole zero blocks as holes, and returns its digest; it must be
-// size bytes long.
-func expand(ctx context.Context, r io.Reader, f *os.File, size int64) (digest.Digest, error) {
+// size bytes long. The blocks are hashed and written (with direct set,
+// around the page cache: see directio) while the next ones decompress.
+func expand(ctx context.Context, r io.Reader, f *os.File, size int64, direct bool) (_ digest.Digest, err error) {
 	// A small window, as kiln writes them: a frame asking for more is
 	// refused rather than given the memory.
 	dec, err := zstd.NewReader(r, zstd.WithDecoderMaxWindow(32<<20), zstd.WithDecoderConcurrency(2), zstd.WithDecoderLowmem(true))
@@ -423,20 +427,35 @@ func expand(ctx context.Context, r io.Reader, f *os.File, size int64) (digest.Di
 		return "", err
 	}
 	defer dec.Close()
-	h := newHasher(3, 1<<20)
-	defer h.stop()
+	const buffers, bufSize = 6, 1 << 20
+	free := make(chan []byte, buffers)
+	for range buffers {
+		free <- directio.Buffer(bufSize)
+	}
+	h := newHasher(buffers)
+	w := directio.New(f, 4, direct)
+	defer func() {
+		h.stop()
+		if werr := w.Close(); werr != nil && err == nil {
+			err = &localError{werr}
+		}
+	}()
 	var zero [4096]byte
 	var off int64
 	for {
 		if err := ctx.Err(); err != nil {
 			return "", err
 		}
-		buf := h.buffer()
+		buf := <-free
 		n, rerr := chunk.Fill(dec, buf)
 		if off+int64(n) > size {
 			return "", fmt.Errorf("the image is longer than the %d bytes the artifact says", size)
 		}
-		h.add(buf[:n]) // hashed while it is written
+		// The buffer is free again once it is hashed and each of its
+		// runs written.
+		var pending sync.WaitGroup
+		pending.Add(1)
+		h.add(buf[:n], pending.Done)
 		// Each stretch of blocks that are not all zeros in one write.
 		for b := 0; b < n; {
 			e := min(b+len(zero), n)
@@ -447,11 +466,16 @@ func expand(ctx context.Context, r io.Reader, f *os.File, size int64) (digest.Di
 			for e < n && !bytes.Equal(buf[e:min(e+len(zero), n)], zero[:min(e+len(zero), n)-e]) {
 				e = min(e+len(zero), n)
 			}
-			if _, err := f.WriteAt(buf[b:e], off+int64(b)); err != nil {
+			pending.Add(1)
+			if err := w.WriteAt(buf[b:e], off+int64(b), pending.Done); err != nil {
 				return "", &localError{err}
 			}
 			b = e
 		}
+		go func() {
+			pending.Wait()
+			free <- buf[:cap(buf)]
+		}()
 		off += int64(n)
 		if rerr == io.EOF {
 			break
@@ -463,6 +487,9 @@ func expand(ctx context.Context, r io.Reader, f *os.File, size int64) (digest.Di
 	if off != size {
 		return "", fmt.Errorf("the image is %d bytes, the artifact says %d", off, size)
 	}
+	if err := w.Close(); err != nil {
+		return "", &localError{err}
+	}
 	if err := f.Truncate(size); err != nil {
 		return "", &localError{err}
 	}
@@ -470,35 +497,34 @@ func expand(ctx context.Context, r io.Reader, f *os.File, size int64) (digest.Di
 }
 
 // hasher hashes buffers in the background, on another CPU, while the
-// caller writes them; it hands a buffer back once it is hashed.
+// caller writes them.
 type hasher struct {
 	h    hash.Hash
-	in   chan []byte
-	free chan []byte
+	in   chan hashJob
 	done chan struct{}
 	once sync.Once
 }
 
-func newHasher(buffers, size int) *hasher {
-	h := &hasher{h: sha256.New(), in: make(chan []byte, buffers), free: make(chan []byte, buffers), done: make(chan struct{})}
-	for range buffers {
-		h.free <- make([]byte, size)
-	}
+type hashJob struct {
+	b    []byte
+	done func()
+}
+
+func newHasher(queue int) *hasher {
+	h := &hasher{h: sha256.New(), in: make(chan hashJob, queue), done: make(chan struct{})}
 	go func() {
 		defer close(h.done)
-		for b := range h.in {
-			h.h.Write(b)
-			h.free <- b[:cap(b)]
+		for j := range h.in {
+			h.h.Write(j.b)
+			j.done()
 		}
 	}()
 	return h
 }
 
-// buffer is a buffer to fill and add; its bytes are not being hashed.
-func (h *hasher) buffer() []byte { return <-h.free }
-
-// add hashes b next; b must not change until buffer hands it out again.
-func (h *hasher) add(b []byte) { h.in <- b }
+// add hashes b next, and calls done once it has; b must not change
+// until then.
+func (h *hasher) add(b []byte, done func()) { h.in <- hashJob{b, done} }
 
 // sum is the digest of all that was added.
 func (h *hasher) sum() digest.Digest {
