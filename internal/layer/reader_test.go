@@ -64,11 +64,12 @@ func TestVerification(t *testing.T) {
 		desc Descriptor
 		want string
 	}{
-		"blob digest":  {blob, Descriptor{good.MediaType, digest.FromString("other"), good.DiffID}, "blob digest"},
-		"diffID":       {blob, Descriptor{good.MediaType, good.Digest, digest.FromString("other")}, "diffID"},
-		"truncated":    {blob[:len(blob)/2], good, "truncated or corrupt"},
-		"corrupt zstd": {append([]byte{0x28, 0xb5, 0x2f, 0xfd}, bytes.Repeat([]byte{0xff}, 100)...), good, "decompressing"},
-		"media type":   {blob, Descriptor{"application/vnd.example.unknown", good.Digest, good.DiffID}, "unknown layer media type"},
+		"blob digest":            {blob, Descriptor{MediaType: good.MediaType, Digest: digest.FromString("other"), DiffID: good.DiffID}, "blob digest"},
+		"diffID":                 {blob, Descriptor{MediaType: good.MediaType, Digest: good.Digest, DiffID: digest.FromString("other")}, "diffID"},
+		"verified, wrong diffID": {blob, Descriptor{MediaType: good.MediaType, Digest: digest.FromString("other"), DiffID: digest.FromString("other"), Verified: true}, "diffID"},
+		"truncated":              {blob[:len(blob)/2], good, "truncated or corrupt"},
+		"corrupt zstd":           {append([]byte{0x28, 0xb5, 0x2f, 0xfd}, bytes.Repeat([]byte{0xff}, 100)...), good, "decompressing"},
+		"media type":             {blob, Descriptor{MediaType: "application/vnd.example.unknown", Digest: good.Digest, DiffID: good.DiffID}, "unknown layer media type"},
 	}
 	for name, c := range cases {
 		t.Run(name, func(t *testing.T) {
@@ -133,5 +134,19 @@ func TestChunksReused(t *testing.T) {
 	}
 	if alloc := after.TotalAlloc - before.TotalAlloc; alloc > size/4 {
 		t.Errorf("reading a %d MiB layer allocated %d MiB", size>>20, alloc>>20)
+	}
+}
+
+// TestVerifiedBlob: a blob its source has checked is not hashed again;
+// its digest only names it.
+func TestVerifiedBlob(t *testing.T) {
+	blob := gz(t, payload)
+	other := digest.FromString("other")
+	got, err := read(t, blob, Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: other, DiffID: digest.FromBytes(payload), Verified: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, payload) {
+		t.Fatal("content differs")
 	}
 }
