@@ -111,3 +111,32 @@ func TestReflink(t *testing.T) {
 		t.Errorf("a reflink over an existing file: %v, want it refused", err)
 	}
 }
+
+// TestIntoRegionsOfAnySize copies a region that ends the file off a
+// block boundary.
+func TestIntoRegionsOfAnySize(t *testing.T) {
+	dir := t.TempDir()
+	src := filepath.Join(dir, "src")
+	want := make([]byte, 8<<20+5<<20/2+100)
+	for i := range 5 << 20 / 2 {
+		want[i] = byte(i*31 + i>>12)
+		want[8<<20+i] = byte(i * 7)
+	}
+	for i := len(want) - 100; i < len(want); i++ {
+		want[i] = 'k'
+	}
+	if err := os.WriteFile(src, want, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	dst := filepath.Join(dir, "dst")
+	if err := File(src, dst, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	got, err := os.ReadFile(dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatal("the copy differs from its source")
+	}
+}
