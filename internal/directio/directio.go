@@ -1,15 +1,15 @@
 // Package directio writes large runs of a file around the page cache
-// (O_DIRECT), several at a time, for outputs that are synced before use
-// anyway: a downloaded image is written once and read back by a VM, not
-// by kiln. Buffered, each byte would first be copied into a newly
-// allocated page-cache page, which costs the CPU that decompressing and
-// hashing the same stream need; written direct, the device reads it from
-// the writer's own buffer.
+// (O_DIRECT), several at a time, for an output kiln writes once and does
+// not read back, such as a downloaded image a VM will boot. Buffered,
+// each byte would first be copied into a newly allocated page-cache
+// page, which costs the CPU that decompressing and hashing the same
+// stream need; written direct, the device reads it from the writer's own
+// buffer.
 //
 // Where direct I/O is refused (a file system without it, a run that is
 // not block-aligned), a run is written through the page cache instead.
-// The caller still syncs the file: O_DIRECT makes no promise about the
-// metadata.
+// A caller that needs the file durable still syncs it: O_DIRECT makes no
+// promise about the metadata.
 package directio
 
 import (
@@ -55,8 +55,10 @@ type job struct {
 func New(f *os.File, inflight int, direct bool) *Writer {
 	w := &Writer{f: f, jobs: make(chan job)}
 	// A second open file description: O_DIRECT on f itself would change
-	// how the caller's own reads and writes of f behave.
-	if direct {
+	// how the caller's own reads and writes of f behave. It is opened
+	// only where f itself may write anywhere in the file: reopening
+	// checks the file's permissions, not how f was opened.
+	if direct && writable(f) {
 		if d, err := os.OpenFile(fmt.Sprintf("/proc/self/fd/%d", f.Fd()), os.O_WRONLY|directFlag, 0); err == nil {
 			w.direct = d
 		}
@@ -110,8 +112,9 @@ func (w *Writer) Close() error {
 	return w.failed()
 }
 
-// Direct says whether every run so far was written around the page
-// cache.
+// Direct says whether every run so far was written with O_DIRECT. (A
+// file system may accept O_DIRECT and still go through its cache, as
+// tmpfs does.)
 func (w *Writer) Direct() bool {
 	w.mu.Lock()
 	defer w.mu.Unlock()
@@ -136,6 +139,16 @@ func (w *Writer) write(p []byte, off int64) error {
 	}
 	_, err := w.f.WriteAt(p, off)
 	return err
+}
+
+// writable says whether f was opened for writing, not for appending.
+func writable(f *os.File) bool {
+	flags, err := unix.FcntlInt(f.Fd(), unix.F_GETFL, 0)
+	if err != nil {
+		return false
+	}
+	mode := flags & unix.O_ACCMODE
+	return (mode == unix.O_WRONLY || mode == unix.O_RDWR) && flags&unix.O_APPEND == 0
 }
 
 func aligned(p []byte, off int64) bool {

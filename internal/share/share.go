@@ -440,7 +440,12 @@ func expand(ctx context.Context, r io.Reader, f *os.File, size int64, direct boo
 			err = &localError{werr}
 		}
 	}()
-	var zero [4096]byte
+	// Sized first: the runs then fill holes of the file rather than
+	// extend it, which some file systems let go on at the same time.
+	if err := f.Truncate(size); err != nil {
+		return "", &localError{err}
+	}
+	var zero [directio.Align]byte
 	var off int64
 	for {
 		if err := ctx.Err(); err != nil {
@@ -465,6 +470,14 @@ func expand(ctx context.Context, r io.Reader, f *os.File, size int64, direct boo
 			}
 			for e < n && !bytes.Equal(buf[e:min(e+len(zero), n)], zero[:min(e+len(zero), n)-e]) {
 				e = min(e+len(zero), n)
+			}
+			if tail := e % len(zero); tail != 0 {
+				// The image's last block, short: padded with zeros to
+				// a whole one, so that it too is written direct (never
+				// through the cache beside direct writes of the same
+				// page); the Truncate below cuts the padding off.
+				clear(buf[e : e+len(zero)-tail])
+				e += len(zero) - tail
 			}
 			pending.Add(1)
 			if err := w.WriteAt(buf[b:e], off+int64(b), pending.Done); err != nil {

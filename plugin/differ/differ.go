@@ -137,8 +137,9 @@ func (d *Differ) store(ctx context.Context, desc ocispec.Descriptor, ext Extract
 	if err != nil {
 		return ocispec.Descriptor{}, fmt.Errorf("layer %s: reading blob from the content store: %w", desc.Digest, err)
 	}
-	// containerd checked the blob's digest as it took it in; the diffID
-	// kiln computes is checked against the image's config by its caller.
+	// containerd checked the blob's digest as it took it in (and keeps
+	// it under that digest); its unpacker checks the diffID kiln returns
+	// against the image's config.
 	lr, err := layer.NewReader(content.NewReader(ra), layer.Descriptor{MediaType: desc.MediaType, Digest: desc.Digest, Verified: true})
 	if err != nil {
 		ra.Close()
