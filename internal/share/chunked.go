@@ -33,6 +33,9 @@ const AnnotationChunkSize = "dev.kiln.rootfs.chunk-size"
 // chunked) whose subject is that manifest: the index first, then the
 // packs. workDir holds the packs while they are uploaded.
 func PublishChunked(ctx context.Context, t image.Target, manifest digest.Digest, rootfs string, id build.Identity, chunkSize int64, workDir string) (v1.Hash, error) {
+	if err := checkPush(ctx, t); err != nil {
+		return v1.Hash{}, err
+	}
 	f, err := os.Open(rootfs)
 	if err != nil {
 		return v1.Hash{}, err

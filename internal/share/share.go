@@ -23,15 +23,18 @@ import (
 	"fmt"
 	"hash"
 	"io"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strconv"
 	"sync"
+	"time"
 
 	"github.com/containerd/log"
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
 	"github.com/google/go-containerregistry/pkg/v1/types"
 	"github.com/klauspost/compress/zstd"
 	"github.com/opencontainers/go-digest"
@@ -102,6 +105,9 @@ func matches(ann map[string]string, id build.Identity) error {
 // whose subject is that manifest. workDir holds the compressed blob while
 // it is uploaded. It returns the artifact's manifest digest.
 func Publish(ctx context.Context, t image.Target, manifest digest.Digest, rootfs string, id build.Identity, workDir string) (v1.Hash, error) {
+	if err := checkPush(ctx, t); err != nil {
+		return v1.Hash{}, err
+	}
 	blob, err := compress(ctx, rootfs, filepath.Join(workDir, "rootfs.ext4.zst"))
 	if err != nil {
 		return v1.Hash{}, err
@@ -112,6 +118,61 @@ func Publish(ctx context.Context, t image.Target, manifest digest.Digest, rootfs
 		return v1.Hash{}, err
 	}
 	return putArtifact(ctx, t, manifest, ArtifactType, []fileBlob{{blob.path, blob.digest, blob.size, BlobMediaType}}, ann)
+}
+
+// checkPush starts an upload to t's repository and cancels it, so that
+// credentials that may not push fail before the rootfs is compressed (a
+// whole pass over it, for nothing) rather than at its upload. Only a
+// refusal fails it: anything else (a registry busy for a moment, an odd
+// answer) is left to the upload, which retries.
+func checkPush(ctx context.Context, t image.Target) error {
+	repo := t.Ref.Context()
+	client, err := t.Client(ctx, transport.PushScope)
+	if err != nil {
+		return fmt.Errorf("pushing to %s: %w", repo, err)
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "https://"+repo.RegistryStr()+"/v2/"+repo.RepositoryStr()+"/blobs/uploads/", nil)
+	if err != nil {
+		return err
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		log.G(ctx).WithError(err).WithField("repository", repo.String()).Debug("could not check that pushing is allowed; trying the upload")
+		return nil
+	}
+	defer resp.Body.Close()
+	if err := transport.CheckError(resp, http.StatusAccepted, http.StatusCreated); err != nil {
+		switch resp.StatusCode {
+		case http.StatusUnauthorized, http.StatusForbidden, http.StatusNotFound:
+			return fmt.Errorf("pushing to %s: %w", repo, err)
+		}
+		log.G(ctx).WithError(err).WithField("repository", repo.String()).Debug("could not check that pushing is allowed; trying the upload")
+		return nil
+	}
+	cancelUpload(ctx, client, resp)
+	return nil
+}
+
+// cancelUpload cancels the upload resp started, as go-containerregistry's
+// own check does, in case it holds something on the registry: best
+// effort, briefly, and only on the registry's own host, whatever its
+// answer names.
+func cancelUpload(ctx context.Context, client *http.Client, resp *http.Response) {
+	loc, err := resp.Location()
+	if err != nil || loc.Host != resp.Request.URL.Host {
+		return
+	}
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	del, err := http.NewRequestWithContext(ctx, http.MethodDelete, loc.String(), nil)
+	if err != nil {
+		return
+	}
+	noRedirects := *client
+	noRedirects.CheckRedirect = func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
+	if r, err := noRedirects.Do(del); err == nil {
+		r.Body.Close()
+	}
 }
 
 // imageAnnotations are the annotations of a published rootfs of size
