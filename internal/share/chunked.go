@@ -173,10 +173,9 @@ func findOne(ctx context.Context, t image.Target, repo name.Repository, artifact
 	if err != nil {
 		return nil, err
 	}
-	r := repo.Registry
 	return &Chunked{
 		Artifact: artifact, Index: &x, RootHash: m.Annotations[AnnotationRootHash],
-		Fetcher: &rangeFetcher{client: client, base: "https://" + r.RegistryStr() + "/v2/" + repo.RepositoryStr() + "/blobs/"},
+		Fetcher: &rangeFetcher{client: client, base: blobsURL(repo)},
 	}, nil
 }
 
