@@ -17,6 +17,7 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/kilnfs/kiln/internal/chunk"
+	"github.com/kilnfs/kiln/internal/readahead"
 )
 
 // Docker's layer media types, which OCI image-spec does not define.
@@ -150,8 +151,12 @@ func (r *Reader) pump(blob io.Reader) error {
 	if r.desc.Verified {
 		check = ""
 	}
-	ahead := newReadAhead(blob, check)
-	defer ahead.stop()
+	var blobHash hash.Hash
+	if check != "" {
+		blobHash = check.Algorithm().Hash()
+	}
+	ahead := readahead.New(blob, blobHash)
+	defer ahead.Stop()
 	blob = ahead
 	in := bufio.NewReaderSize(blob, chunkSize)
 	src, err := openTar(in, r.desc.MediaType)
@@ -194,7 +199,7 @@ func (r *Reader) pump(blob io.Reader) error {
 	if check == "" {
 		return nil
 	}
-	if got := ahead.digest(); got != r.desc.Digest {
+	if got := digest.NewDigest(check.Algorithm(), blobHash); got != r.desc.Digest {
 		return fmt.Errorf("%w: blob digest is %s", ErrDigestMismatch, got)
 	}
 	return nil
@@ -271,72 +276,4 @@ func (r *Reader) Close() error {
 	for range r.chunks {
 	}
 	return nil
-}
-
-// readAhead reads a blob in a goroutine, hashing it on the way, and hands
-// over its chunks.
-type readAhead struct {
-	chunks chan []byte
-	done   chan struct{}
-	cur    []byte
-	err    error
-	hash   hash.Hash
-	alg    digest.Algorithm
-}
-
-func newReadAhead(r io.Reader, d digest.Digest) *readAhead {
-	a := &readAhead{chunks: make(chan []byte, 4), done: make(chan struct{})}
-	if d != "" {
-		a.alg = d.Algorithm()
-		a.hash = a.alg.Hash()
-	}
-	go func() {
-		defer close(a.chunks)
-		for {
-			buf := make([]byte, 256<<10)
-			n, err := chunk.Fill(r, buf)
-			if n > 0 {
-				if a.hash != nil {
-					a.hash.Write(buf[:n])
-				}
-				select {
-				case a.chunks <- buf[:n]:
-				case <-a.done:
-					return
-				}
-			}
-			if err != nil {
-				if err != io.EOF {
-					a.err = err
-				}
-				return
-			}
-		}
-	}()
-	return a
-}
-
-func (a *readAhead) Read(p []byte) (int, error) {
-	for len(a.cur) == 0 {
-		c, ok := <-a.chunks
-		if !ok {
-			if a.err != nil {
-				return 0, a.err
-			}
-			return 0, io.EOF
-		}
-		a.cur = c
-	}
-	n := copy(p, a.cur)
-	a.cur = a.cur[n:]
-	return n, nil
-}
-
-// digest is the blob's digest, once it was read to the end.
-func (a *readAhead) digest() digest.Digest { return digest.NewDigest(a.alg, a.hash) }
-
-func (a *readAhead) stop() {
-	close(a.done)
-	for range a.chunks {
-	}
 }

@@ -47,6 +47,7 @@ import (
 	"github.com/kilnfs/kiln/internal/chunked"
 	"github.com/kilnfs/kiln/internal/directio"
 	"github.com/kilnfs/kiln/internal/image"
+	"github.com/kilnfs/kiln/internal/readahead"
 	"github.com/kilnfs/kiln/internal/verity"
 )
 
@@ -375,8 +376,13 @@ func fetchOne(ctx context.Context, repo name.Repository, opts []remote.Option, a
 	if err != nil {
 		return err
 	}
-	defer rc.Close()
-	blob := &exactReader{r: ctxReader{ctx, rc}, left: blobSize}
+	// Received (and its digest computed) on a CPU of its own, ahead of
+	// the decompressor.
+	blob := readahead.New(&exactReader{r: ctxReader{ctx, rc}, left: blobSize}, nil)
+	defer func() {
+		rc.Close() // first: it ends a read the goroutine may wait in
+		blob.Stop()
+	}()
 	// Written around the page cache, unless the check below is to read
 	// it all back at once.
 	got, err := expand(ctx, blob, out, size, !id.Verity)
@@ -489,8 +495,9 @@ func compress(ctx context.Context, rootfs, path string) (*compressed, error) {
 // around the page cache: see directio) while the next ones decompress.
 func expand(ctx context.Context, r io.Reader, f *os.File, size int64, direct bool) (_ digest.Digest, err error) {
 	// A small window, as kiln writes them: a frame asking for more is
-	// refused rather than given the memory.
-	dec, err := zstd.NewReader(r, zstd.WithDecoderMaxWindow(32<<20), zstd.WithDecoderConcurrency(2), zstd.WithDecoderLowmem(true))
+	// refused rather than given the memory. Four blocks in flight between
+	// the decoder's stages keep both of a small node's CPUs busy.
+	dec, err := zstd.NewReader(r, zstd.WithDecoderMaxWindow(32<<20), zstd.WithDecoderConcurrency(4), zstd.WithDecoderLowmem(true))
 	if err != nil {
 		return "", err
 	}

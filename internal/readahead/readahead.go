@@ -1,0 +1,83 @@
+// Package readahead reads a stream in a goroutine of its own, so that
+// receiving it (a registry's response, a checked blob) overlaps with
+// whatever consumes it, such as a decompressor.
+package readahead
+
+import (
+	"hash"
+	"io"
+
+	"github.com/kilnfs/kiln/internal/chunk"
+)
+
+// chunkSize is what one read hands over: large enough that the hand-over
+// costs little, small enough that a few in flight stay in the CPU's cache.
+const chunkSize = 256 << 10
+
+// Reader passes on what a goroutine reads ahead, up to four chunks.
+type Reader struct {
+	chunks chan []byte
+	done   chan struct{}
+	cur    []byte
+	err    error // set before chunks is closed
+}
+
+// New starts reading r; h, when not nil, hashes what was read, in the
+// reading goroutine. The caller must call Stop.
+func New(r io.Reader, h hash.Hash) *Reader {
+	a := &Reader{chunks: make(chan []byte, 4), done: make(chan struct{})}
+	go func() {
+		defer close(a.chunks)
+		for {
+			buf := make([]byte, chunkSize)
+			n, err := chunk.Fill(r, buf)
+			if n > 0 {
+				if h != nil {
+					h.Write(buf[:n])
+				}
+				select {
+				case a.chunks <- buf[:n]:
+				case <-a.done:
+					return
+				}
+			}
+			if err != nil {
+				if err != io.EOF {
+					a.err = err
+				}
+				return
+			}
+		}
+	}()
+	return a
+}
+
+// Read implements io.Reader; it returns the source's error once the
+// chunks read before it are passed on.
+func (a *Reader) Read(p []byte) (int, error) {
+	for len(a.cur) == 0 {
+		c, ok := <-a.chunks
+		if !ok {
+			if a.err != nil {
+				return 0, a.err
+			}
+			return 0, io.EOF
+		}
+		a.cur = c
+	}
+	n := copy(p, a.cur)
+	a.cur = a.cur[n:]
+	return n, nil
+}
+
+// Stop ends the reading goroutine and waits for it. A read it is blocked
+// in must be ended first (by closing the source), or Stop waits for it.
+func (a *Reader) Stop() {
+	select {
+	case <-a.done:
+	default:
+		close(a.done)
+	}
+	for range a.chunks {
+	}
+}
