@@ -220,6 +220,19 @@ func badCases(t *testing.T) []badCase {
 			anyOf: []string{"digest mismatch", "tar", "gzip", "decompress", "corrupt", "truncated"},
 		},
 		{
+			// A well-formed tar, so that only the digest can tell.
+			name: "registry serves another layer of the same size", layer: 0, sources: []string{"registry"},
+			img: func(t *testing.T) v1.Image {
+				tarBytes := layerTar(t, tFile("ok", 0o644, t1, "served right"))
+				return rawImage(t, rawLayer{blob: tarBytes, mediaType: types.OCIUncompressedLayer, diffID: sha(t, tarBytes)})
+			},
+			tamper: func(t *testing.T, img v1.Image, _ string) {
+				other := layerTar(t, tFile("ok", 0o644, t1, "served wrong"))
+				reg.ServeBlob(layerDigests(t, img)[0], other)
+			},
+			mention: []string{"digest mismatch"},
+		},
+		{
 			name: "registry serves a blob of another size", layer: 0, sources: []string{"registry"},
 			img: func(t *testing.T) v1.Image {
 				return rawImage(t, gzLayer(t, layerTar(t, tFile("ok", 0o644, t1, "served short"))))

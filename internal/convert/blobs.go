@@ -2,6 +2,7 @@ package convert
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -72,6 +73,9 @@ func (c *blobCache) fetch(ctx context.Context, img *image.Image, rep progress.Re
 	layers := make([]build.Layer, len(img.Layers))
 	streamed := false
 	for i, l := range img.Layers {
+		// Each blob is checked here, as it is stored or read back: the
+		// layer reader need not hash it again.
+		l.Verified = true
 		if _, err := c.cs.Info(ctx, l.Digest); err == nil || !streamed {
 			streamed = streamed || err != nil
 			layers[i] = build.Layer{Descriptor: l.Descriptor, Size: l.Size, Open: func() (io.ReadCloser, error) {
@@ -147,7 +151,8 @@ func (c *blobCache) open(ctx context.Context, l image.Layer, bar progress.Bar) (
 		unlock()
 		return nil, &layer.Error{Digest: l.Digest, Err: fmt.Errorf("caching: %w", err)}
 	}
-	rc, err := l.Open()
+	// Unchecked by its source: check below is the one hash of it.
+	rc, err := l.OpenUnchecked()
 	if err != nil {
 		w.Close()
 		c.cs.Abort(ctx, ref) //nolint:errcheck // best effort
@@ -247,27 +252,53 @@ type teeBlob struct {
 	desc      ocispec.Descriptor
 	bar       progress.Bar
 	unlock    func()
+	got       int64 // bytes passed on so far
 	committed bool
 }
 
 func (t *teeBlob) Read(p []byte) (int, error) {
 	n, err := t.src.Read(p)
+	if over := t.got + int64(n) - t.desc.Size; over > 0 {
+		// Neither passed on nor stored.
+		n -= int(over)
+		err = &layer.Error{Digest: t.desc.Digest, Err: fmt.Errorf("fetching: the blob is longer than the %d bytes its manifest says", t.desc.Size)}
+	}
 	if n > 0 {
 		if _, werr := t.w.Write(p[:n]); werr != nil {
 			return n, werr
 		}
+		t.got += int64(n)
 		t.bar.Add(int64(n))
 	}
 	if err == io.EOF && !t.committed {
+		if cerr := t.check(); cerr != nil {
+			return n, cerr
+		}
 		t.committed = true
 		if cerr := t.w.Commit(t.ctx, t.desc.Size, t.desc.Digest); cerr != nil && !errdefs.IsAlreadyExists(cerr) {
 			return n, &layer.Error{Digest: t.desc.Digest, Err: fmt.Errorf("fetching: %w", cerr)}
 		}
 	}
 	if err != nil && err != io.EOF {
-		err = &layer.Error{Digest: t.desc.Digest, Err: fmt.Errorf("fetching: %w", err)}
+		var lerr *layer.Error
+		if !errors.As(err, &lerr) {
+			err = &layer.Error{Digest: t.desc.Digest, Err: fmt.Errorf("fetching: %w", err)}
+		}
 	}
 	return n, err
+}
+
+// check is the one check a fetched blob gets (it is read unchecked): the
+// content store hashed what was written to it, and the commit would
+// refuse other bytes, but in words less plain than these.
+func (t *teeBlob) check() error {
+	if t.got != t.desc.Size {
+		return &layer.Error{Digest: t.desc.Digest, Err: fmt.Errorf("fetching: the blob is %d bytes, its manifest says %d", t.got, t.desc.Size)}
+	}
+	if got := t.w.Digest(); got != t.desc.Digest {
+		return &layer.Error{Digest: t.desc.Digest, Err: fmt.Errorf("fetching: %w: the blob's digest is %s", layer.ErrDigestMismatch, got)}
+	}
+	return nil
 }
 
 func (t *teeBlob) Close() error {

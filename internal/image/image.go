@@ -48,10 +48,22 @@ type Layer struct {
 	layer.Descriptor
 	Size int64
 	open func() (io.ReadCloser, error)
+	raw  func() (io.ReadCloser, error) // nil: open
 }
 
-// Open streams the layer's blob from its source.
+// Open streams the layer's blob from its source. A registry's blob is
+// checked against its digest as it ends.
 func (l Layer) Open() (io.ReadCloser, error) { return l.open() }
+
+// OpenUnchecked streams the blob like Open, but leaves a registry's
+// blob unchecked: for a caller that checks it anyway, as kiln's blob
+// cache does where it stores it, so that the blob is hashed once.
+func (l Layer) OpenUnchecked() (io.ReadCloser, error) {
+	if l.raw == nil {
+		return l.open()
+	}
+	return l.raw()
+}
 
 // Options say how to resolve a source.
 type Options struct {
@@ -206,7 +218,8 @@ func (n nestedIndex) ImageIndex(h v1.Hash) (v1.ImageIndex, error) {
 }
 
 // blobOpener opens a layer blob of a v1.Image; the sources differ in
-// whether the stream is the stored (compressed) or the uncompressed form.
+// whether the stream is the stored (compressed) or the uncompressed form,
+// and in whether it is checked.
 type blobOpener func(img v1.Image, d v1.Descriptor, diffID v1.Hash) (io.ReadCloser, error)
 
 func openCompressed(img v1.Image, d v1.Descriptor, _ v1.Hash) (io.ReadCloser, error) {
@@ -220,6 +233,12 @@ func openCompressed(img v1.Image, d v1.Descriptor, _ v1.Hash) (io.ReadCloser, er
 // describe turns a v1.Image into an Image: manifest, config, and layers
 // paired with their diffIDs.
 func describe(img v1.Image, plat ocispec.Platform, want ocispec.Platform, open blobOpener) (*Image, error) {
+	return describeWith(img, plat, want, open, nil)
+}
+
+// describeWith is describe with unchecked, when not nil, opening blobs for
+// OpenUnchecked.
+func describeWith(img v1.Image, plat ocispec.Platform, want ocispec.Platform, open, unchecked blobOpener) (*Image, error) {
 	mf, err := img.Manifest()
 	if err != nil {
 		return nil, fmt.Errorf("reading manifest: %w", err)
@@ -267,6 +286,9 @@ func describe(img v1.Image, plat ocispec.Platform, want ocispec.Platform, open b
 			},
 			Size: ld.Size,
 			open: func() (io.ReadCloser, error) { return open(img, ld, h) },
+		}
+		if unchecked != nil {
+			l.raw = func() (io.ReadCloser, error) { return unchecked(img, ld, h) }
 		}
 		if err := layer.CheckMediaType(l.MediaType); err != nil {
 			return nil, fmt.Errorf("layer %s: %w", l.Digest, err)

@@ -5,14 +5,17 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"slices"
+	"sync"
 
 	"github.com/containerd/containerd/v2/core/remotes/docker"
 	"github.com/containerd/log"
 	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
@@ -22,10 +25,11 @@ import (
 // credentials of the user's docker config.json (auths, credsStore,
 // credHelpers).
 func fromRegistry(ctx context.Context, ref string, want ocispec.Platform, opts Options) (*Image, error) {
-	desc, err := getFirst(ctx, ref, opts)
+	desc, t, err := getFirst(ctx, ref, opts)
 	if err != nil {
 		return nil, err
 	}
+	raw := uncheckedBlobs(ctx, t)
 	var img *Image
 	if desc.MediaType.IsIndex() {
 		idx, err := desc.ImageIndex()
@@ -36,7 +40,7 @@ func fromRegistry(ctx context.Context, ref string, want ocispec.Platform, opts O
 		if err != nil {
 			return nil, err
 		}
-		img, err = describe(v1img, plat, want, openCompressed)
+		img, err = describeWith(v1img, plat, want, openCompressed, raw)
 		if err != nil {
 			return nil, err
 		}
@@ -45,7 +49,7 @@ func fromRegistry(ctx context.Context, ref string, want ocispec.Platform, opts O
 		if err != nil {
 			return nil, err
 		}
-		img, err = describe(v1img, ocispec.Platform{}, want, openCompressed)
+		img, err = describeWith(v1img, ocispec.Platform{}, want, openCompressed, raw)
 		if err != nil {
 			return nil, err
 		}
@@ -54,26 +58,67 @@ func fromRegistry(ctx context.Context, ref string, want ocispec.Platform, opts O
 	return img, nil
 }
 
+// uncheckedBlobs opens layer blobs with plain GETs to the endpoint t
+// that served the manifest, which go-containerregistry's layers also
+// read from, but without its digest check. A layer that names URLs of
+// its own (a foreign layer) is read through go-containerregistry, which
+// tries those first.
+func uncheckedBlobs(ctx context.Context, t Target) blobOpener {
+	var once sync.Once
+	var client *http.Client
+	var cerr error
+	return func(img v1.Image, d v1.Descriptor, diffID v1.Hash) (io.ReadCloser, error) {
+		if len(d.URLs) > 0 {
+			return openCompressed(img, d, diffID)
+		}
+		// One client (one token) for all of the image's blobs.
+		once.Do(func() { client, cerr = t.Client(ctx, transport.PullScope) })
+		if cerr != nil {
+			return nil, cerr
+		}
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, BlobsURL(t.Ref.Context())+d.Digest.String(), nil)
+		if err != nil {
+			return nil, err
+		}
+		resp, err := client.Do(req)
+		if err != nil {
+			return nil, err
+		}
+		if err := transport.CheckError(resp, http.StatusOK); err != nil {
+			resp.Body.Close()
+			return nil, err
+		}
+		return resp.Body, nil
+	}
+}
+
+// BlobsURL is where repo's blobs are, for requests go-containerregistry
+// does not make; Target.Client switches to http where the registry
+// answers on it.
+func BlobsURL(repo name.Repository) string {
+	return "https://" + repo.RegistryStr() + "/v2/" + repo.RepositoryStr() + "/blobs/"
+}
+
 // getFirst tries each endpoint of ref in turn, as containerd does, and
-// returns the first answer.
-func getFirst(ctx context.Context, ref string, opts Options) (*remote.Descriptor, error) {
+// returns the first answer and the endpoint that gave it.
+func getFirst(ctx context.Context, ref string, opts Options) (*remote.Descriptor, Target, error) {
 	targets, err := Targets(ctx, ref, opts)
 	if err != nil {
-		return nil, err
+		return nil, Target{}, err
 	}
 	var errs []error
 	for _, t := range targets {
 		desc, err := remote.Get(t.Ref, t.Options...)
 		if err == nil {
-			return desc, nil
+			return desc, t, nil
 		}
 		if len(targets) == 1 {
-			return nil, err
+			return nil, Target{}, err
 		}
 		log.G(ctx).WithError(err).WithField("host", t.Ref.Context().RegistryStr()).Debug("registry host failed, trying the next")
 		errs = append(errs, fmt.Errorf("%s: %w", t.Ref.Context().RegistryStr(), err))
 	}
-	return nil, errors.Join(errs...)
+	return nil, Target{}, errors.Join(errs...)
 }
 
 // Target is a reference in a registry with what reaching it takes:

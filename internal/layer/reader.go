@@ -76,14 +76,16 @@ const maxZstdWindow = 128 << 20
 
 // Reader is the uncompressed tar stream of a layer.
 type Reader struct {
-	desc   Descriptor
-	chunks chan []byte
-	free   chan []byte
-	chunk  []byte // the chunk being read, to hand back to the decompressor
-	cur    []byte // what is left of it
-	done   chan struct{}
-	// diffHash is computed on the reading side, which has spare time
-	// while the decompressor is the bottleneck.
+	desc    Descriptor
+	hashing chan []byte // from the decompressor to the diffID's hasher
+	chunks  chan []byte // hashed, to Read
+	free    chan []byte
+	chunk   []byte // the chunk being read, to hand back to the decompressor
+	cur     []byte // what is left of it
+	done    chan struct{}
+	// diffHash is computed in a goroutine of its own, between the
+	// decompressor and the consumer, either of which may be the
+	// bottleneck (gzip, or zstd into many small files).
 	diffHash hash.Hash
 	diffID   digest.Digest // set at the end of the stream
 	once     sync.Once
@@ -121,10 +123,11 @@ func NewReader(blob io.Reader, desc Descriptor) (*Reader, error) {
 		}
 	}
 	r := &Reader{
-		desc:   desc,
-		chunks: make(chan []byte, 4),
-		free:   make(chan []byte, 6),
-		done:   make(chan struct{}),
+		desc:    desc,
+		hashing: make(chan []byte, 1),
+		chunks:  make(chan []byte, 4),
+		free:    make(chan []byte, 6),
+		done:    make(chan struct{}),
 	}
 	if desc.DiffID != "" {
 		r.diffHash = desc.DiffID.Algorithm().Hash()
@@ -132,6 +135,7 @@ func NewReader(blob io.Reader, desc Descriptor) (*Reader, error) {
 		r.diffHash = digest.Canonical.Hash()
 	}
 	go r.decompress(blob)
+	go r.hash()
 	return r, nil
 }
 
@@ -140,7 +144,24 @@ func (r *Reader) decompress(blob io.Reader) {
 	r.mu.Lock()
 	r.err = err
 	r.mu.Unlock()
-	close(r.chunks)
+	close(r.hashing)
+}
+
+// hash adds each chunk to the diffID's hash, then passes it to Read. Once
+// the reader is closed it waits for the decompressor to stop, so that
+// Close returns only when neither reads the blob.
+func (r *Reader) hash() {
+	defer close(r.chunks)
+	for c := range r.hashing {
+		r.diffHash.Write(c)
+		select {
+		case r.chunks <- c:
+		case <-r.done:
+			for range r.hashing {
+			}
+			return
+		}
+	}
 }
 
 func (r *Reader) pump(blob io.Reader) error {
@@ -174,7 +195,7 @@ func (r *Reader) pump(blob io.Reader) error {
 		n, err := chunk.Fill(src, buf)
 		if n > 0 {
 			select {
-			case r.chunks <- buf[:n]:
+			case r.hashing <- buf[:n]:
 			case <-r.done:
 				return errors.New("layer reader closed")
 			}
@@ -221,6 +242,12 @@ func (r *Reader) Read(p []byte) (int, error) {
 			err := r.err
 			r.mu.Unlock()
 			if err != nil {
+				// The blob's own reader may have said what is wrong
+				// with it (the cache checks what it fetches).
+				var inner *Error
+				if errors.As(err, &inner) && inner.Digest == r.desc.Digest {
+					return 0, inner
+				}
 				return 0, &Error{Digest: r.desc.Digest, Err: err}
 			}
 			alg := digest.Canonical
@@ -236,7 +263,6 @@ func (r *Reader) Read(p []byte) (int, error) {
 			return 0, io.EOF
 		}
 		r.chunk, r.cur = c, c
-		r.diffHash.Write(c)
 	}
 	n := copy(p, r.cur)
 	r.cur = r.cur[n:]

@@ -175,7 +175,7 @@ func findOne(ctx context.Context, t image.Target, repo name.Repository, artifact
 	}
 	return &Chunked{
 		Artifact: artifact, Index: &x, RootHash: m.Annotations[AnnotationRootHash],
-		Fetcher: &rangeFetcher{client: client, base: blobsURL(repo)},
+		Fetcher: &rangeFetcher{client: client, base: image.BlobsURL(repo)},
 	}, nil
 }
 

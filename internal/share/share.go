@@ -132,7 +132,7 @@ func checkPush(ctx context.Context, t image.Target) error {
 	if err != nil {
 		return fmt.Errorf("pushing to %s: %w", repo, err)
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, blobsURL(repo)+"uploads/", nil)
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, image.BlobsURL(repo)+"uploads/", nil)
 	if err != nil {
 		return err
 	}
@@ -152,13 +152,6 @@ func checkPush(ctx context.Context, t image.Target) error {
 	}
 	cancelUpload(ctx, client, resp)
 	return nil
-}
-
-// blobsURL is where repo's blobs are, for requests go-containerregistry
-// does not make; the client of image.Target.Client switches to http where
-// the registry answers on it.
-func blobsURL(repo name.Repository) string {
-	return "https://" + repo.RegistryStr() + "/v2/" + repo.RepositoryStr() + "/blobs/"
 }
 
 // cancelUpload cancels the upload resp started, as go-containerregistry's
