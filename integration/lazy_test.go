@@ -199,7 +199,8 @@ func TestLazyRootfs(t *testing.T) {
 	refA, localA := publish("lazy-a", lazyImage(t, "kiln-lazy-a", unread))
 
 	t.Run("read whole", func(t *testing.T) {
-		m := startMount(t, env, refA, filepath.Join(t.TempDir(), "cache"))
+		cache := filepath.Join(t.TempDir(), "cache")
+		m := startMount(t, env, refA, cache)
 		if got, want := fileSHA(t, m.file), fileSHA(t, localA); got != want {
 			t.Errorf("the mounted file is %s, kiln convert's image %s", got, want)
 		}
@@ -208,8 +209,27 @@ func TestLazyRootfs(t *testing.T) {
 		}
 		st := m.stop(t)
 		t.Logf("read whole: fetched %d chunks, %d bytes of an image of %d", st.Fetched.Chunks, st.Fetched.Bytes, st.Size)
-		if want := len(chunkDigests(t, localA)); st.Fetched.Chunks != int64(want) {
+		want := len(chunkDigests(t, localA))
+		if st.Fetched.Chunks != int64(want) {
 			t.Errorf("fetched %d chunks, want each of the %d distinct ones once", st.Fetched.Chunks, want)
+		}
+		// kiln cache lists the chunks and prunes them with the rest.
+		var list struct {
+			Chunks struct{ Count, Allocated int64 }
+		}
+		res := kiln(t, run{args: []string{"cache", "ls", "--json", "--cache-dir", cache}})
+		if res.err != nil || json.Unmarshal([]byte(res.stdout), &list) != nil {
+			t.Fatalf("kiln cache ls: %v\n%s%s", res.err, res.stdout, res.stderr)
+		}
+		if list.Chunks.Count != int64(want) || list.Chunks.Allocated <= 0 {
+			t.Errorf("kiln cache ls shows %+v, want the %d chunks cached", list.Chunks, want)
+		}
+		res = kiln(t, run{args: []string{"cache", "prune", "--all", "--json", "--cache-dir", cache}})
+		if res.err != nil || json.Unmarshal([]byte(res.stdout), &list) != nil || list.Chunks.Count != int64(want) {
+			t.Errorf("kiln cache prune --all: %v, removed %+v, want the %d chunks\n%s%s", res.err, list.Chunks, want, res.stdout, res.stderr)
+		}
+		if left, _ := os.ReadDir(filepath.Join(cache, "chunks", "sha256")); len(left) != 0 {
+			t.Errorf("%d chunks left after kiln cache prune --all", len(left))
 		}
 	})
 

@@ -21,10 +21,12 @@ func newCacheCommand() *cobra.Command {
 	var cacheDir string
 	cmd := &cobra.Command{
 		Use:   "cache",
-		Short: "List, remove and prune what kiln convert cached",
-		Long: `kiln convert caches layer blobs and built images in --cache-dir. These
-commands show what it holds and free space. Entries a running kiln convert
-uses are never removed: they are skipped.`,
+		Short: "List, remove and prune what kiln convert and kiln mount cached",
+		Long: `kiln convert caches layer blobs and built images in --cache-dir, and kiln
+mount the chunks of lazily loaded images. These commands show what it
+holds and free space. Entries a running kiln convert uses are never
+removed: they are skipped. A chunk a running kiln mount reads is fetched
+again if it was pruned.`,
 	}
 	cmd.PersistentFlags().StringVar(&cacheDir, "cache-dir", store.DefaultDir(), "the cache kiln convert uses")
 	open := func() (*store.Store, error) {
@@ -43,7 +45,7 @@ func newCacheLsCommand(open openStore) *cobra.Command {
 	var asJSON bool
 	cmd := &cobra.Command{
 		Use:   "ls",
-		Short: "List the cached images and layer blobs, least recently used first",
+		Short: "List the cached images, layer blobs and chunks, least recently used first",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			st, err := open()
@@ -145,7 +147,7 @@ func newCachePruneCommand(open openStore) *cobra.Command {
 	)
 	cmd := &cobra.Command{
 		Use:   "prune --max-size SIZE | --all",
-		Short: "Evict least recently used images and blobs until the cache fits in SIZE",
+		Short: "Evict least recently used images, blobs and chunks until the cache fits in SIZE",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if all == (maxSize != "") {
@@ -196,6 +198,11 @@ func printListing(w io.Writer, list *store.Listing) error {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", b.Digest.Algorithm().String()+":"+short(b.Digest.Encoded()),
 			humanSize(b.Allocated), humanSize(b.Size), ago(b.LastUsed))
 	}
+	if c := list.Chunks; c.Count > 0 {
+		fmt.Fprintln(tw)
+		fmt.Fprintln(tw, "CHUNKS (kiln mount)\tON DISK\tLAST USED")
+		fmt.Fprintf(tw, "%d\t%s\t%s\n", c.Count, humanSize(c.Allocated), ago(c.LastUsed))
+	}
 	fmt.Fprintf(tw, "\ntotal on disk: %s\n", humanSize(list.Total()))
 	return tw.Flush()
 }
@@ -209,6 +216,9 @@ func printRemoved(w io.Writer, res *store.Removed, asJSON bool) error {
 	}
 	for _, b := range res.Blobs {
 		fmt.Fprintf(w, "removed blob %s (%s)\n", b.Digest, humanSize(b.Allocated))
+	}
+	if c := res.Chunks; c.Count > 0 {
+		fmt.Fprintf(w, "removed %d chunks (%s)\n", c.Count, humanSize(c.Allocated))
 	}
 	fmt.Fprintf(w, "freed %s; the cache takes %s", humanSize(res.Freed), humanSize(res.Left))
 	if res.Skipped > 0 {

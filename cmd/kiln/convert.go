@@ -46,7 +46,7 @@ func (b *buildFlags) register(f *pflag.FlagSet) {
 	f.StringVar(&b.size, "size", "auto", "filesystem size: auto (content plus headroom) or a size such as 2G, 512MiB")
 	f.StringVar(&b.writer, "writer", build.DefaultWriter.Name(), "how the ext4 is laid out: "+strings.Join(build.WriterNames(), " (one pass, in Go) or ")+" (mke2fs and debugfs, the reference)")
 	f.StringVar(&b.cacheDir, "cache-dir", store.DefaultDir(), "cache for layer blobs and built images")
-	f.StringVar(&b.cacheMax, "cache-max-size", "", "after converting, evict least recently used images and blobs until the cache takes at most this much disk, such as 20G (default: no limit)")
+	f.StringVar(&b.cacheMax, "cache-max-size", "", "after converting, evict least recently used images, blobs and chunks until the cache takes at most this much disk, such as 20G (default: no limit)")
 	f.StringSliceVar(&b.insecure, "insecure-registry", nil, "registry (host[:port]) that may use plain HTTP or unverified TLS; repeatable")
 	f.StringVar(&b.hostsDir, "hosts-dir", image.DefaultHostsDir, "containerd-style registry host configuration (REGISTRY/hosts.toml: mirrors, TLS, headers); empty: none")
 	f.BoolVar(&b.asJSON, "json", false, "print a JSON summary (digest, chain ID, size, path, init, verity, timings)")

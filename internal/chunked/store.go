@@ -1,6 +1,7 @@
 package chunked
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -30,29 +31,64 @@ type entry struct {
 	busy int // reads in progress: not evicted
 }
 
+// StoreDir is where the chunk cache of a kiln cache directory is.
+func StoreDir(cacheDir string) string { return filepath.Join(cacheDir, "chunks") }
+
 // OpenStore opens (or creates) the chunk cache in dir.
 func OpenStore(dir string, budget int64) (*Store, error) {
 	s := &Store{dir: dir, budget: budget, entries: map[digest.Digest]*entry{}, verified: map[digest.Digest]bool{}}
-	root := filepath.Join(dir, "sha256")
-	if err := os.MkdirAll(root, 0o700); err != nil {
+	if err := os.MkdirAll(filepath.Join(dir, "sha256"), 0o700); err != nil {
 		return nil, err
 	}
+	err := walkStore(dir, func(c CachedChunk) {
+		s.entries[c.Digest] = &entry{size: c.Info.Size(), used: c.Info.ModTime()}
+		s.size += c.Info.Size()
+	}, func(path string) {
+		os.Remove(path) // a chunk being written when kiln stopped
+	})
+	return s, err
+}
+
+// CachedChunk is a chunk file in a chunk cache.
+type CachedChunk struct {
+	Digest digest.Digest
+	Path   string
+	Info   os.FileInfo
+}
+
+// ListStore lists the chunks cached in dir, as OpenStore would find them;
+// a missing dir holds none.
+func ListStore(dir string) ([]CachedChunk, error) {
+	var out []CachedChunk
+	err := walkStore(dir, func(c CachedChunk) { out = append(out, c) }, func(string) {})
+	if errors.Is(err, os.ErrNotExist) {
+		err = nil
+	}
+	return out, err
+}
+
+// walkStore calls chunk for each whole chunk in dir, other for any other
+// file.
+func walkStore(dir string, chunk func(CachedChunk), other func(path string)) error {
+	root := filepath.Join(dir, "sha256")
 	ents, err := os.ReadDir(root)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	for _, e := range ents {
 		p := filepath.Join(root, e.Name())
 		d := digest.NewDigestFromEncoded(digest.SHA256, e.Name())
 		info, err := e.Info()
+		if errors.Is(err, os.ErrNotExist) {
+			continue // removed meanwhile
+		}
 		if err != nil || !info.Mode().IsRegular() || d.Validate() != nil || info.Size() <= 0 || info.Size() > MaxChunkSize {
-			os.Remove(p) // a chunk being written when kiln stopped
+			other(p)
 			continue
 		}
-		s.entries[d] = &entry{size: info.Size(), used: info.ModTime()}
-		s.size += info.Size()
+		chunk(CachedChunk{Digest: d, Path: p, Info: info})
 	}
-	return s, nil
+	return nil
 }
 
 func (s *Store) path(d digest.Digest) string { return filepath.Join(s.dir, "sha256", d.Encoded()) }

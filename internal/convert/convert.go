@@ -223,8 +223,8 @@ func Convert(ctx context.Context, src, out string, opts Options) (*Result, error
 		// it alone is over the budget.
 		if pr, err := st.Prune(ctx, opts.CacheMaxSize); err != nil {
 			log.G(ctx).WithError(err).Warn("pruning the cache")
-		} else if len(pr.Images)+len(pr.Blobs) > 0 || pr.Left > opts.CacheMaxSize {
-			log.G(ctx).WithFields(log.Fields{"images": len(pr.Images), "blobs": len(pr.Blobs), "freed": pr.Freed, "left": pr.Left, "in_use": pr.Skipped}).Info("pruned the cache")
+		} else if len(pr.Images)+len(pr.Blobs)+pr.Chunks.Count > 0 || pr.Left > opts.CacheMaxSize {
+			log.G(ctx).WithFields(log.Fields{"images": len(pr.Images), "blobs": len(pr.Blobs), "chunks": pr.Chunks.Count, "freed": pr.Freed, "left": pr.Left, "in_use": pr.Skipped}).Info("pruned the cache")
 		}
 	}
 	res.Timings.Total = time.Since(start).Milliseconds()

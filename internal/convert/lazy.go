@@ -17,6 +17,7 @@ import (
 	"github.com/kilnfs/kiln/internal/image"
 	"github.com/kilnfs/kiln/internal/inject"
 	"github.com/kilnfs/kiln/internal/share"
+	"github.com/kilnfs/kiln/internal/store"
 	"github.com/kilnfs/kiln/internal/workdir"
 )
 
@@ -36,8 +37,9 @@ type Lazy struct {
 
 // OpenLazy finds the chunked rootfs of src, built with opts, that kiln
 // push --chunked published beside it, and opens it: chunks are read from
-// the chunk cache in opts.CacheDir (at most opts.CacheMaxSize bytes,
-// least recently used first out) or fetched, verified and cached. A
+// the chunk cache in opts.CacheDir (the whole cache at most
+// opts.CacheMaxSize bytes, least recently used first out) or fetched,
+// verified and cached. A
 // fetch taking longer than timeout fails the read.
 func OpenLazy(ctx context.Context, src string, opts Options, timeout time.Duration) (*Lazy, error) {
 	cacheDir := opts.CacheDir
@@ -78,7 +80,11 @@ func OpenLazy(ctx context.Context, src string, opts Options, timeout time.Durati
 	if err != nil {
 		return nil, fmt.Errorf("image %s: %w", img.Name, err)
 	}
-	st, err := chunked.OpenStore(filepath.Join(cacheDir, "chunks"), opts.CacheMaxSize)
+	budget, err := chunkBudget(ctx, cacheDir, opts.CacheMaxSize)
+	if err != nil {
+		return nil, err
+	}
+	st, err := chunked.OpenStore(chunked.StoreDir(cacheDir), budget)
 	if err != nil {
 		return nil, fmt.Errorf("chunk cache: %w", err)
 	}
@@ -91,6 +97,28 @@ func OpenLazy(ctx context.Context, src string, opts Options, timeout time.Durati
 		profile: filepath.Join(cacheDir, "profiles", id.Key+".json"),
 	}
 	return l, nil
+}
+
+// chunkBudget is what the chunk cache may take of the cache's budget
+// maxSize (0: no budget). The whole cache is pruned to maxSize first;
+// the chunks then get what the images and blobs left in it do not take,
+// and at least a tenth.
+func chunkBudget(ctx context.Context, cacheDir string, maxSize int64) (int64, error) {
+	if maxSize <= 0 {
+		return 0, nil
+	}
+	st, err := store.Open(cacheDir)
+	if err != nil {
+		return 0, err
+	}
+	if _, err := st.Prune(ctx, maxSize); err != nil {
+		return 0, fmt.Errorf("pruning the cache: %w", err)
+	}
+	list, err := st.List(ctx)
+	if err != nil {
+		return 0, err
+	}
+	return max(maxSize-(list.Total()-list.Chunks.Allocated), maxSize/10), nil
 }
 
 // profileFile is a boot profile: the chunks a boot read, first read

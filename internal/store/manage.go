@@ -17,6 +17,8 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
+
+	"github.com/kilnfs/kiln/internal/chunked"
 )
 
 // Image is what the cache records about a built image, in a sidecar
@@ -52,11 +54,30 @@ type Blob struct {
 type Listing struct {
 	Images []Image `json:"images"`
 	Blobs  []Blob  `json:"blobs"`
+	// Chunks sums up the chunk cache of lazily loaded images (kiln
+	// mount), which Prune evicts a chunk at a time.
+	Chunks Chunks `json:"chunks"`
+	chunks []chunked.CachedChunk
+}
+
+// Chunks is what a chunk cache holds, or what was removed from it.
+type Chunks struct {
+	Count     int       `json:"count"`
+	Allocated int64     `json:"allocated"`
+	LastUsed  time.Time `json:"last_used,omitzero"`
+}
+
+func (c *Chunks) add(f chunked.CachedChunk) {
+	c.Count++
+	c.Allocated += allocated(f.Info)
+	if t := f.Info.ModTime().UTC(); t.After(c.LastUsed) {
+		c.LastUsed = t
+	}
 }
 
 // Total is the bytes the listing takes on disk.
 func (l *Listing) Total() int64 {
-	var n int64
+	n := l.Chunks.Allocated
 	for _, im := range l.Images {
 		n += im.Allocated
 	}
@@ -185,11 +206,20 @@ func (s *Store) List(ctx context.Context) (*Listing, error) {
 		out.Blobs = append(out.Blobs, b)
 		return nil
 	})
-	if err != nil {
+	// The blob store makes its directory with its first blob: a cache
+	// that has none (only layouts or kiln mount used it) lists none.
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		return nil, fmt.Errorf("reading the cache's blobs: %w", err)
+	}
+	if out.chunks, err = chunked.ListStore(chunked.StoreDir(s.root)); err != nil {
+		return nil, fmt.Errorf("reading the chunk cache: %w", err)
+	}
+	for _, c := range out.chunks {
+		out.Chunks.add(c)
 	}
 	sort.SliceStable(out.Images, func(i, j int) bool { return out.Images[i].LastUsed.Before(out.Images[j].LastUsed) })
 	sort.SliceStable(out.Blobs, func(i, j int) bool { return out.Blobs[i].LastUsed.Before(out.Blobs[j].LastUsed) })
+	sort.SliceStable(out.chunks, func(i, j int) bool { return out.chunks[i].Info.ModTime().Before(out.chunks[j].Info.ModTime()) })
 	return &out, nil
 }
 
@@ -307,15 +337,17 @@ func (s *Store) manageList(ctx context.Context) (*Lock, *Listing, error) {
 type Removed struct {
 	Images  []Image `json:"images"`
 	Blobs   []Blob  `json:"blobs"`
+	Chunks  Chunks  `json:"chunks"`
 	Skipped int     `json:"skipped"` // held by running conversions
 	Freed   int64   `json:"freed"`
 	Left    int64   `json:"left"` // bytes the cache still takes
 }
 
-// Prune evicts least recently used images and blobs until the cache takes
-// at most maxSize bytes on disk (everything with maxSize < 0). Entries a
-// running conversion holds are skipped, so the cache may stay above
-// maxSize.
+// Prune evicts least recently used images, blobs and chunks until the
+// cache takes at most maxSize bytes on disk (everything with maxSize <
+// 0). Images and blobs a running conversion holds are skipped, so the
+// cache may stay above maxSize. Chunks are never held: a running kiln
+// mount fetches an evicted one again when it is read.
 func (s *Store) Prune(ctx context.Context, maxSize int64) (*Removed, error) {
 	l, list, err := s.manageList(ctx)
 	if err != nil {
@@ -323,28 +355,54 @@ func (s *Store) Prune(ctx context.Context, maxSize int64) (*Removed, error) {
 	}
 	defer l.Unlock()
 	res := &Removed{Left: list.Total()}
-	// Merge the two lists, each oldest first, into one LRU order.
-	i, j := 0, 0
-	for res.Left > maxSize && (i < len(list.Images) || j < len(list.Blobs)) {
-		var err error
-		var size int64
-		if j == len(list.Blobs) || (i < len(list.Images) && !list.Blobs[j].LastUsed.Before(list.Images[i].LastUsed)) {
-			im := list.Images[i]
-			i++
-			if err = s.RemoveImage(im.Key); err == nil {
-				res.Images, size = append(res.Images, im), im.Allocated
+	// One least-recently-used order; at equal times images go first,
+	// then blobs, then chunks.
+	type entry struct {
+		used   time.Time
+		remove func() (int64, error)
+	}
+	var order []entry
+	for _, im := range list.Images {
+		order = append(order, entry{im.LastUsed, func() (int64, error) {
+			err := s.RemoveImage(im.Key)
+			if err == nil {
+				res.Images = append(res.Images, im)
 			}
-		} else {
-			b := list.Blobs[j]
-			j++
-			if err = s.RemoveBlob(ctx, b.Digest); err == nil {
-				res.Blobs, size = append(res.Blobs, b), b.Allocated
+			return im.Allocated, err
+		}})
+	}
+	for _, b := range list.Blobs {
+		order = append(order, entry{b.LastUsed, func() (int64, error) {
+			err := s.RemoveBlob(ctx, b.Digest)
+			if err == nil {
+				res.Blobs = append(res.Blobs, b)
 			}
+			return b.Allocated, err
+		}})
+	}
+	for _, c := range list.chunks {
+		order = append(order, entry{c.Info.ModTime(), func() (int64, error) {
+			err := os.Remove(c.Path)
+			if errors.Is(err, os.ErrNotExist) {
+				return 0, nil // gone meanwhile
+			}
+			if err == nil {
+				res.Chunks.add(c)
+			}
+			return allocated(c.Info), err
+		}})
+	}
+	sort.SliceStable(order, func(i, j int) bool { return order[i].used.Before(order[j].used) })
+	for _, e := range order {
+		if res.Left <= maxSize {
+			break
 		}
+		size, err := e.remove()
 		switch {
 		case errors.Is(err, ErrInUse):
 			res.Skipped++
 			log.G(ctx).WithError(err).Debug("not evicting it")
+			continue
 		case err != nil:
 			return res, err
 		}

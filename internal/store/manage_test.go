@@ -14,6 +14,8 @@ import (
 	"github.com/containerd/containerd/v2/core/content"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/kilnfs/kiln/internal/chunked"
 )
 
 func openTemp(t *testing.T) (*Store, context.Context) {
@@ -220,5 +222,71 @@ func TestRemoveUnusedBlobs(t *testing.T) {
 	}
 	if _, err := s.Content().Info(ctx, kept); err != nil {
 		t.Errorf("the blob of a cached image is gone: %v", err)
+	}
+}
+
+// addChunks caches n chunks of size bytes through the chunk cache kiln
+// mount uses, each used after the last.
+func addChunks(t *testing.T, s *Store, tag string, n, size int) []digest.Digest {
+	t.Helper()
+	cs, err := chunked.OpenStore(chunked.StoreDir(s.root), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []digest.Digest
+	for i := range n {
+		b := bytes.Repeat([]byte(tag+string(rune('a'+i))), size/2)
+		d := digest.FromBytes(b)
+		if err := cs.Put(d, b); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(10 * time.Millisecond)
+		out = append(out, d)
+	}
+	return out
+}
+
+// TestPruneChunks: the chunks kiln mount caches are listed, counted in
+// the cache's size and evicted in the same least-recently-used order as
+// images and blobs.
+func TestPruneChunks(t *testing.T) {
+	s, ctx := openTemp(t)
+	old := addChunks(t, s, "o", 2, 64<<10)
+	addImage(t, s, "aaaa", "one", 1<<20)
+	recent := addChunks(t, s, "r", 2, 64<<10)
+	list, err := s.List(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if list.Chunks.Count != 4 || list.Chunks.Allocated < 4*64<<10 || list.Total() < 1<<20+4*64<<10 {
+		t.Fatalf("listing %+v (total %d), want 4 chunks of 64 KiB counted", list.Chunks, list.Total())
+	}
+	// Room for the image and about two chunks: the older two go.
+	res, err := s.Prune(ctx, list.Total()-2*list.Chunks.Allocated/4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Chunks.Count != 2 || len(res.Images) != 0 {
+		t.Errorf("pruned %d chunks and images %v, want the 2 oldest chunks", res.Chunks.Count, keys(res.Images))
+	}
+	cs, err := chunked.OpenStore(chunked.StoreDir(s.root), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range old {
+		if cs.Has(d) {
+			t.Errorf("old chunk %s is still cached", d)
+		}
+	}
+	for _, d := range recent {
+		if !cs.Has(d) {
+			t.Errorf("recent chunk %s was evicted", d)
+		}
+	}
+	if res, err = s.Prune(ctx, -1); err != nil || res.Chunks.Count != 2 || len(res.Images) != 1 {
+		t.Fatalf("prune --all removed %+v, %v; want the image and both chunks", res, err)
+	}
+	if list, err = s.List(ctx); err != nil || list.Total() != 0 {
+		t.Errorf("after prune --all the cache takes %d (%v)", list.Total(), err)
 	}
 }
