@@ -35,9 +35,10 @@ that file as the root disk: the VM boots before the image has arrived.
 
 A read fetches the chunks it touches with range requests, checks each
 against its digest and keeps it in the chunk cache under --cache-dir,
-shared by every image (--cache-max-size bounds the whole cache, least
-recently used first out, as kiln cache prune does; kiln cache ls shows
-the chunks); a chunk that does not verify is never served, and a read that
+shared by every image (with --cache-max-size, within what the budget
+leaves beside the cache's images and blobs, least recently used first
+out; kiln cache ls and prune cover them); a chunk that does not verify is
+never served, and a read that
 takes longer than --timeout fails with an I/O error. The chunks the first
 boot read are recorded as the image's boot profile; later mounts fetch
 them first, then, with --prefetch, the rest of the image.`,

@@ -60,8 +60,8 @@ func (c *blobCache) evictions() int64 {
 // fetch returns layers that read their blobs through the cache. The first
 // missing layer is streamed: unpacking reads it while it is being stored,
 // so fetching and unpacking overlap. The other missing layers are fetched
-// in the background meanwhile, a few at a time, and read from the cache
-// when their turn comes.
+// in the background meanwhile, three at a time in the image's order, and
+// read from the cache when their turn comes.
 func (c *blobCache) fetch(ctx context.Context, img *image.Image, rep progress.Reporter) ([]build.Layer, func() error) {
 	var total int64
 	for _, l := range img.Layers {
@@ -69,7 +69,12 @@ func (c *blobCache) fetch(ctx context.Context, img *image.Image, rep progress.Re
 	}
 	bar := rep.Bar("fetch", total, true)
 	g, gctx := errgroup.WithContext(ctx)
-	g.SetLimit(3)
+	// The downloads wait for a slot in their goroutines, not here: the
+	// build, and the streamed layer with it, starts at once. Each waits
+	// until the one before it has its slot, so they start in order.
+	slots := make(chan struct{}, 3)
+	turn := make(chan struct{})
+	close(turn)
 	layers := make([]build.Layer, len(img.Layers))
 	streamed := false
 	for i, l := range img.Layers {
@@ -96,8 +101,24 @@ func (c *blobCache) fetch(ctx context.Context, img *image.Image, rep progress.Re
 			}
 			return c.open(ctx, l, bar)
 		}}
+		prev, next := turn, make(chan struct{})
+		turn = next
 		g.Go(func() error {
 			defer close(ready)
+			select {
+			case <-prev:
+			case <-gctx.Done():
+				ferr = gctx.Err()
+				return ferr
+			}
+			select {
+			case slots <- struct{}{}:
+			case <-gctx.Done():
+				ferr = gctx.Err()
+				return ferr
+			}
+			close(next)
+			defer func() { <-slots }()
 			rc, err := c.open(gctx, l, bar)
 			if err == nil {
 				_, err = io.Copy(io.Discard, rc)
@@ -152,7 +173,7 @@ func (c *blobCache) open(ctx context.Context, l image.Layer, bar progress.Bar) (
 		return nil, &layer.Error{Digest: l.Digest, Err: fmt.Errorf("caching: %w", err)}
 	}
 	// Unchecked by its source: check below is the one hash of it.
-	rc, err := l.OpenUnchecked()
+	rc, err := l.OpenUnchecked(ctx)
 	if err != nil {
 		w.Close()
 		c.cs.Abort(ctx, ref) //nolint:errcheck // best effort
@@ -261,7 +282,7 @@ func (t *teeBlob) Read(p []byte) (int, error) {
 	if over := t.got + int64(n) - t.desc.Size; over > 0 {
 		// Neither passed on nor stored.
 		n -= int(over)
-		err = &layer.Error{Digest: t.desc.Digest, Err: fmt.Errorf("fetching: the blob is longer than the %d bytes its manifest says", t.desc.Size)}
+		err = &layer.Error{Digest: t.desc.Digest, Err: fmt.Errorf("fetching: %w: the blob is longer than the %d bytes its manifest says", layer.ErrDigestMismatch, t.desc.Size)}
 	}
 	if n > 0 {
 		if _, werr := t.w.Write(p[:n]); werr != nil {
@@ -293,7 +314,7 @@ func (t *teeBlob) Read(p []byte) (int, error) {
 // refuse other bytes, but in words less plain than these.
 func (t *teeBlob) check() error {
 	if t.got != t.desc.Size {
-		return &layer.Error{Digest: t.desc.Digest, Err: fmt.Errorf("fetching: the blob is %d bytes, its manifest says %d", t.got, t.desc.Size)}
+		return &layer.Error{Digest: t.desc.Digest, Err: fmt.Errorf("fetching: %w: the blob is %d bytes, its manifest says %d", layer.ErrDigestMismatch, t.got, t.desc.Size)}
 	}
 	if got := t.w.Digest(); got != t.desc.Digest {
 		return &layer.Error{Digest: t.desc.Digest, Err: fmt.Errorf("fetching: %w: the blob's digest is %s", layer.ErrDigestMismatch, got)}

@@ -37,9 +37,9 @@ type Lazy struct {
 
 // OpenLazy finds the chunked rootfs of src, built with opts, that kiln
 // push --chunked published beside it, and opens it: chunks are read from
-// the chunk cache in opts.CacheDir (the whole cache at most
-// opts.CacheMaxSize bytes, least recently used first out) or fetched,
-// verified and cached. A
+// the chunk cache in opts.CacheDir (within what opts.CacheMaxSize leaves
+// beside the cache's images and blobs, least recently used first out) or
+// fetched, verified and cached. A
 // fetch taking longer than timeout fails the read.
 func OpenLazy(ctx context.Context, src string, opts Options, timeout time.Duration) (*Lazy, error) {
 	cacheDir := opts.CacheDir
@@ -100,9 +100,9 @@ func OpenLazy(ctx context.Context, src string, opts Options, timeout time.Durati
 }
 
 // chunkBudget is what the chunk cache may take of the cache's budget
-// maxSize (0: no budget). The whole cache is pruned to maxSize first;
-// the chunks then get what the images and blobs left in it do not take,
-// and at least a tenth.
+// maxSize (0: no budget): what the cached images and blobs leave of it,
+// and at least a tenth. The mount evicts only chunks; kiln convert and
+// kiln cache prune evict the rest.
 func chunkBudget(ctx context.Context, cacheDir string, maxSize int64) (int64, error) {
 	if maxSize <= 0 {
 		return 0, nil
@@ -110,9 +110,6 @@ func chunkBudget(ctx context.Context, cacheDir string, maxSize int64) (int64, er
 	st, err := store.Open(cacheDir)
 	if err != nil {
 		return 0, err
-	}
-	if _, err := st.Prune(ctx, maxSize); err != nil {
-		return 0, fmt.Errorf("pruning the cache: %w", err)
 	}
 	list, err := st.List(ctx)
 	if err != nil {

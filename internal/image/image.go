@@ -48,7 +48,7 @@ type Layer struct {
 	layer.Descriptor
 	Size int64
 	open func() (io.ReadCloser, error)
-	raw  func() (io.ReadCloser, error) // nil: open
+	raw  func(context.Context) (io.ReadCloser, error) // nil: open
 }
 
 // Open streams the layer's blob from its source. A registry's blob is
@@ -57,12 +57,13 @@ func (l Layer) Open() (io.ReadCloser, error) { return l.open() }
 
 // OpenUnchecked streams the blob like Open, but leaves a registry's
 // blob unchecked: for a caller that checks it anyway, as kiln's blob
-// cache does where it stores it, so that the blob is hashed once.
-func (l Layer) OpenUnchecked() (io.ReadCloser, error) {
+// cache does where it stores it, so that the blob is hashed once. Ending
+// ctx ends the download.
+func (l Layer) OpenUnchecked(ctx context.Context) (io.ReadCloser, error) {
 	if l.raw == nil {
 		return l.open()
 	}
-	return l.raw()
+	return l.raw(ctx)
 }
 
 // Options say how to resolve a source.
@@ -236,9 +237,12 @@ func describe(img v1.Image, plat ocispec.Platform, want ocispec.Platform, open b
 	return describeWith(img, plat, want, open, nil)
 }
 
+// uncheckedOpener opens a layer blob of a v1.Image without checking it.
+type uncheckedOpener func(ctx context.Context, img v1.Image, d v1.Descriptor, diffID v1.Hash) (io.ReadCloser, error)
+
 // describeWith is describe with unchecked, when not nil, opening blobs for
 // OpenUnchecked.
-func describeWith(img v1.Image, plat ocispec.Platform, want ocispec.Platform, open, unchecked blobOpener) (*Image, error) {
+func describeWith(img v1.Image, plat ocispec.Platform, want ocispec.Platform, open blobOpener, unchecked uncheckedOpener) (*Image, error) {
 	mf, err := img.Manifest()
 	if err != nil {
 		return nil, fmt.Errorf("reading manifest: %w", err)
@@ -288,7 +292,7 @@ func describeWith(img v1.Image, plat ocispec.Platform, want ocispec.Platform, op
 			open: func() (io.ReadCloser, error) { return open(img, ld, h) },
 		}
 		if unchecked != nil {
-			l.raw = func() (io.ReadCloser, error) { return unchecked(img, ld, h) }
+			l.raw = func(ctx context.Context) (io.ReadCloser, error) { return unchecked(ctx, img, ld, h) }
 		}
 		if err := layer.CheckMediaType(l.MediaType); err != nil {
 			return nil, fmt.Errorf("layer %s: %w", l.Digest, err)

@@ -29,7 +29,7 @@ func fromRegistry(ctx context.Context, ref string, want ocispec.Platform, opts O
 	if err != nil {
 		return nil, err
 	}
-	raw := uncheckedBlobs(ctx, t)
+	raw := uncheckedBlobs(t)
 	var img *Image
 	if desc.MediaType.IsIndex() {
 		idx, err := desc.ImageIndex()
@@ -63,24 +63,31 @@ func fromRegistry(ctx context.Context, ref string, want ocispec.Platform, opts O
 // read from, but without its digest check. A layer that names URLs of
 // its own (a foreign layer) is read through go-containerregistry, which
 // tries those first.
-func uncheckedBlobs(ctx context.Context, t Target) blobOpener {
-	var once sync.Once
+func uncheckedBlobs(t Target) uncheckedOpener {
+	var mu sync.Mutex
 	var client *http.Client
-	var cerr error
-	return func(img v1.Image, d v1.Descriptor, diffID v1.Hash) (io.ReadCloser, error) {
+	return func(ctx context.Context, img v1.Image, d v1.Descriptor, diffID v1.Hash) (io.ReadCloser, error) {
 		if len(d.URLs) > 0 {
 			return openCompressed(img, d, diffID)
 		}
-		// One client (one token) for all of the image's blobs.
-		once.Do(func() { client, cerr = t.Client(ctx, transport.PullScope) })
-		if cerr != nil {
-			return nil, cerr
+		// One client (one token) for all of the image's blobs; one that
+		// could not be made is tried again by the next blob.
+		mu.Lock()
+		if client == nil {
+			c, err := t.Client(ctx, transport.PullScope)
+			if err != nil {
+				mu.Unlock()
+				return nil, err
+			}
+			client = c
 		}
+		c := client
+		mu.Unlock()
 		req, err := http.NewRequestWithContext(ctx, http.MethodGet, BlobsURL(t.Ref.Context())+d.Digest.String(), nil)
 		if err != nil {
 			return nil, err
 		}
-		resp, err := client.Do(req)
+		resp, err := c.Do(req)
 		if err != nil {
 			return nil, err
 		}

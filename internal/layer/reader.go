@@ -180,9 +180,31 @@ func (r *Reader) pump(blob io.Reader) error {
 	defer ahead.Stop()
 	blob = ahead
 	in := bufio.NewReaderSize(blob, chunkSize)
+	// rest reads the blob to its end, where its digest is checked.
+	rest := func() error {
+		// Whatever follows the compressed stream is part of the blob too.
+		if _, err := io.Copy(io.Discard, in); err != nil {
+			return fmt.Errorf("reading blob: %w", err)
+		}
+		if check == "" {
+			return nil
+		}
+		if got := digest.NewDigest(check.Algorithm(), blobHash); got != r.desc.Digest {
+			return fmt.Errorf("%w: blob digest is %s", ErrDigestMismatch, got)
+		}
+		return nil
+	}
+	// A blob that is not what its digest says may fail to decompress
+	// before its end: the mismatch is the cause then.
+	cause := func(err error) error {
+		if rerr := rest(); errors.Is(rerr, ErrDigestMismatch) {
+			return rerr
+		}
+		return err
+	}
 	src, err := openTar(in, r.desc.MediaType)
 	if err != nil {
-		return err
+		return cause(err)
 	}
 	defer src.Close()
 	for {
@@ -210,20 +232,10 @@ func (r *Reader) pump(blob io.Reader) error {
 			if errors.Is(err, zstd.ErrWindowSizeExceeded) {
 				err = fmt.Errorf("zstd %w: kiln decodes windows of up to %d MiB", err, maxZstdWindow>>20)
 			}
-			return fmt.Errorf("decompressing: %w", err)
+			return cause(fmt.Errorf("decompressing: %w", err))
 		}
 	}
-	// Whatever follows the compressed stream is part of the blob too.
-	if _, err := io.Copy(io.Discard, in); err != nil {
-		return fmt.Errorf("reading blob: %w", err)
-	}
-	if check == "" {
-		return nil
-	}
-	if got := digest.NewDigest(check.Algorithm(), blobHash); got != r.desc.Digest {
-		return fmt.Errorf("%w: blob digest is %s", ErrDigestMismatch, got)
-	}
-	return nil
+	return rest()
 }
 
 // Read implements io.Reader.

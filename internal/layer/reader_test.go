@@ -59,6 +59,8 @@ func TestFormats(t *testing.T) {
 func TestVerification(t *testing.T) {
 	blob := gz(t, payload)
 	good := Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: digest.FromBytes(blob), DiffID: digest.FromBytes(payload)}
+	half := blob[:len(blob)/2]
+	junk := append([]byte{0x28, 0xb5, 0x2f, 0xfd}, bytes.Repeat([]byte{0xff}, 100)...)
 	cases := map[string]struct {
 		blob []byte
 		desc Descriptor
@@ -67,9 +69,13 @@ func TestVerification(t *testing.T) {
 		"blob digest":            {blob, Descriptor{MediaType: good.MediaType, Digest: digest.FromString("other"), DiffID: good.DiffID}, "blob digest"},
 		"diffID":                 {blob, Descriptor{MediaType: good.MediaType, Digest: good.Digest, DiffID: digest.FromString("other")}, "diffID"},
 		"verified, wrong diffID": {blob, Descriptor{MediaType: good.MediaType, Digest: digest.FromString("other"), DiffID: digest.FromString("other"), Verified: true}, "diffID"},
-		"truncated":              {blob[:len(blob)/2], good, "truncated or corrupt"},
-		"corrupt zstd":           {append([]byte{0x28, 0xb5, 0x2f, 0xfd}, bytes.Repeat([]byte{0xff}, 100)...), good, "decompressing"},
-		"media type":             {blob, Descriptor{MediaType: "application/vnd.example.unknown", Digest: good.Digest, DiffID: good.DiffID}, "unknown layer media type"},
+		// A blob that is what its digest says but does not decompress.
+		"truncated":    {half, Descriptor{MediaType: good.MediaType, Digest: digest.FromBytes(half), DiffID: good.DiffID}, "truncated or corrupt"},
+		"corrupt zstd": {junk, Descriptor{MediaType: good.MediaType, Digest: digest.FromBytes(junk), DiffID: good.DiffID}, "decompressing"},
+		// One that is not: the mismatch is the cause, not what fails first.
+		"truncated, other digest":    {half, good, "digest mismatch"},
+		"corrupt zstd, other digest": {junk, good, "digest mismatch"},
+		"media type":                 {blob, Descriptor{MediaType: "application/vnd.example.unknown", Digest: good.Digest, DiffID: good.DiffID}, "unknown layer media type"},
 	}
 	for name, c := range cases {
 		t.Run(name, func(t *testing.T) {

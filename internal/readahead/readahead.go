@@ -4,8 +4,10 @@
 package readahead
 
 import (
+	"errors"
 	"hash"
 	"io"
+	"sync"
 
 	"github.com/kilnfs/kiln/internal/chunk"
 )
@@ -18,9 +20,14 @@ const chunkSize = 256 << 10
 type Reader struct {
 	chunks chan []byte
 	done   chan struct{}
+	stop   sync.Once
 	cur    []byte
 	err    error // set before chunks is closed
 }
+
+// errStopped is what Read returns after Stop, rather than a short stream
+// that looks whole.
+var errStopped = errors.New("read-ahead stopped")
 
 // New starts reading r; h, when not nil, hashes what was read, in the
 // reading goroutine. The caller must call Stop.
@@ -70,14 +77,13 @@ func (a *Reader) Read(p []byte) (int, error) {
 	return n, nil
 }
 
-// Stop ends the reading goroutine and waits for it. A read it is blocked
-// in must be ended first (by closing the source), or Stop waits for it.
+// Stop ends the reading goroutine and waits for it; a Read after it
+// fails. A read the goroutine is blocked in must be ended first (by
+// closing the source), or Stop waits for it.
 func (a *Reader) Stop() {
-	select {
-	case <-a.done:
-	default:
-		close(a.done)
-	}
+	a.stop.Do(func() { close(a.done) })
 	for range a.chunks {
 	}
+	// The goroutine has ended: nothing else writes these now.
+	a.cur, a.err = nil, errStopped
 }

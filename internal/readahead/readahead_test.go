@@ -51,4 +51,7 @@ func TestStopUnread(t *testing.T) {
 	}
 	r.Stop()
 	r.Stop() // twice is harmless
+	if _, err := r.Read(one[:]); err == nil || err == io.EOF {
+		t.Errorf("a Read after Stop: %v, want an error", err)
+	}
 }

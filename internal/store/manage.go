@@ -384,7 +384,7 @@ func (s *Store) Prune(ctx context.Context, maxSize int64) (*Removed, error) {
 		order = append(order, entry{c.Info.ModTime(), func() (int64, error) {
 			err := os.Remove(c.Path)
 			if errors.Is(err, os.ErrNotExist) {
-				return 0, nil // gone meanwhile
+				return allocated(c.Info), nil // gone meanwhile: it takes no room either
 			}
 			if err == nil {
 				res.Chunks.add(c)
