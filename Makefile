@@ -16,9 +16,11 @@ DEMO_DIR ?= $(CURDIR)/.cache/demo
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 # Debian packages: what kiln runs (e2fsprogs) and what the tests use
-# (gcc: the concurrency tests run kiln serve built with the race detector).
+# (gcc: the concurrency tests run kiln serve built with the race detector;
+# isal: igzip, which kiln uses for gzip layers where installed, as containerd
+# does, and the tests compare with Go's reader).
 RUNTIME_PACKAGES := e2fsprogs
-TEST_PACKAGES := $(RUNTIME_PACKAGES) debootstrap qemu-system-x86 ca-certificates util-linux runc gcc docker-registry cryptsetup-bin
+TEST_PACKAGES := $(RUNTIME_PACKAGES) debootstrap qemu-system-x86 ca-certificates util-linux runc gcc docker-registry cryptsetup-bin isal
 
 CONTAINERD_TAGS := no_btrfs no_devmapper no_zfs
 
@@ -85,7 +87,8 @@ test: deps-test build guest containerd
 # what testdata/fuzz holds; fuzzing writes an input that fails there, to
 # be kept as a regression once fixed. FUZZTIME is per target; empty (as
 # make test runs them), each runs its number of inputs, some 10 s worth
-# on 2 cores: Go 1.26 can fail a run at the end of a -fuzztime duration
+# on 2 cores (FuzzReader about a minute where igzip is installed: each
+# gzip input runs it, and its output is checked against Go's): Go 1.26 can fail a run at the end of a -fuzztime duration
 # with "context deadline exceeded" and no failing input (its fuzzing
 # coordinator's race, go.dev/issue/75804); a count has no deadline.
 FUZZTIME ?= 15s

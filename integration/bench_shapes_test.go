@@ -32,6 +32,7 @@ import (
 
 	"github.com/kilnfs/kiln/integration/testcontainerd"
 	"github.com/kilnfs/kiln/integration/testimage"
+	"github.com/kilnfs/kiln/internal/layer"
 )
 
 // BenchmarkShapes measures, side by side in one run, how kiln and the
@@ -410,37 +411,20 @@ func (f *shapeFixture) blobPath(l shapeLayer) string {
 	return filepath.Join(f.layout, "blobs", alg, hex)
 }
 
-// decompressor decompresses a layer blob as kiln's layer reader does.
-func decompressor(mediaType string, r io.Reader) (io.Reader, func(), error) {
-	switch {
-	case strings.HasSuffix(mediaType, "+zstd") || strings.HasSuffix(mediaType, ".zstd"):
-		zr, err := zstd.NewReader(r, zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true))
-		if err != nil {
-			return nil, nil, err
-		}
-		return zr, zr.Close, nil
-	case strings.HasSuffix(mediaType, "gzip"):
-		zr, err := gzip.NewReader(r)
-		if err != nil {
-			return nil, nil, err
-		}
-		return zr, func() { zr.Close() }, nil
-	}
-	return r, func() {}, nil
-}
-
 // openLayer opens a layer blob of f, decompressing.
 func (f *shapeFixture) openLayer(l shapeLayer) (io.Reader, func(), error) {
 	fh, err := os.Open(f.blobPath(l))
 	if err != nil {
 		return nil, nil, err
 	}
-	r, done, err := decompressor(l.MediaType, bufio.NewReaderSize(fh, 1<<20))
+	// As kiln's layer reader decompresses (igzip where installed, as
+	// containerd does).
+	r, err := layer.Uncompressed(bufio.NewReaderSize(fh, 1<<20), l.MediaType)
 	if err != nil {
 		fh.Close()
 		return nil, nil, fmt.Errorf("layer %s: %w", l.Digest, err)
 	}
-	return r, func() { done(); fh.Close() }, nil
+	return r, func() { r.Close(); fh.Close() }, nil
 }
 
 // decompressLayers reads every layer blob of f and decompresses it to

@@ -4,7 +4,10 @@ import (
 	"archive/tar"
 	"crypto/sha256"
 	"encoding/hex"
+	"math/rand"
+	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/google/go-containerregistry/pkg/v1/types"
@@ -58,5 +61,47 @@ func TestConvertMagicNamedLayers(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestConvertGzipDecompressors: kiln inflates gzip layers as containerd
+// does, with igzip or unpigz where installed and Go's reader otherwise;
+// both give the same image, from a layer of two gzip members too.
+func TestConvertGzipDecompressors(t *testing.T) {
+	var found []string
+	for _, cmd := range []string{"igzip", "unpigz"} {
+		if _, err := exec.LookPath(cmd); err == nil {
+			found = append(found, cmd)
+		}
+	}
+	if len(found) == 0 {
+		t.Skip("neither igzip (Debian's isal) nor unpigz is installed: only Go's gzip reader would run")
+	}
+	random := make([]byte, 3<<20)
+	rand.New(rand.NewSource(7)).Read(random)
+	tb := layerTar(t, tFile("ok", 0o644, t1, "fine"), tFile("random", 0o644, t1, string(random)), tFile("text", 0o644, t1, strings.Repeat("kiln ", 200000)))
+	half := len(tb) / 2
+	twoMembers := append(gz(t, tb[:half]), gz(t, tb[half:])...)
+	dir := t.TempDir()
+	layoutDir := filepath.Join(dir, "layout")
+	img := rawImage(t, rawLayer{blob: twoMembers, mediaType: types.OCILayer, diffID: sha(t, tb)})
+	if err := testimage.WriteLayout(layoutDir, "v1", img); err != nil {
+		t.Fatal(err)
+	}
+	src := "oci:" + layoutDir + ":v1"
+	sums := map[string]string{}
+	for name, env := range map[string]map[string]string{
+		strings.Join(found, ", "): nil,
+		"Go":                      {"CONTAINERD_DISABLE_IGZIP": "1", "CONTAINERD_DISABLE_PIGZ": "1"},
+	} {
+		out := filepath.Join(dir, strings.ReplaceAll(name, ", ", "-")+".ext4")
+		res := kiln(t, run{args: convertArgs(src, out, filepath.Join(dir, "cache-"+name)), env: env})
+		if res.err != nil {
+			t.Fatalf("kiln convert with %s: %v\n%s", name, res.err, res.stderr)
+		}
+		sums[name] = fileSHA(t, out)
+	}
+	if len(sums) != 2 || sums["Go"] != sums[strings.Join(found, ", ")] {
+		t.Errorf("the images differ by decompressor: %v", sums)
 	}
 }

@@ -4,9 +4,11 @@ import (
 	"bytes"
 	"errors"
 	"io"
+	"math/rand"
 	"runtime"
 	"strings"
 	"testing"
+	"testing/iotest"
 
 	"github.com/klauspost/compress/gzip"
 	"github.com/klauspost/compress/zstd"
@@ -117,6 +119,25 @@ func TestCloseEarly(t *testing.T) {
 		t.Fatal(err)
 	}
 	r.Close() // must not hang or leak the decompressor
+}
+
+// TestCloseMidStream: closing a reader whose decompressor (igzip where
+// installed) is still taking in the blob stops it without racing the
+// reads that follow; the race detector checks.
+func TestCloseMidStream(t *testing.T) {
+	random := make([]byte, 8<<20)
+	rand.New(rand.NewSource(1)).Read(random)
+	blob := gz(t, random)
+	for range 5 {
+		r, err := NewReader(iotest.HalfReader(bytes.NewReader(blob)), Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: digest.FromBytes(blob), DiffID: digest.FromBytes(random)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := io.ReadFull(r, make([]byte, 1<<20)); err != nil {
+			t.Fatal(err)
+		}
+		r.Close()
+	}
 }
 
 // TestChunksReused: the decompressor's chunks go back to it once read,
