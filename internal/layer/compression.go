@@ -3,14 +3,10 @@ package layer
 import (
 	"bufio"
 	"bytes"
-	"errors"
 	"fmt"
 	"io"
 	"strconv"
-	"strings"
-	"sync"
 
-	"github.com/containerd/containerd/v2/pkg/archive/compression"
 	"github.com/klauspost/compress/gzip"
 	"github.com/klauspost/compress/zstd"
 )
@@ -101,24 +97,16 @@ func openTar(in *bufio.Reader, mediaType string) (io.ReadCloser, error) {
 	head, _ := in.Peek(HeadSize)
 	switch DetectCompression(mediaType, head) {
 	case Gzip:
-		if !bytes.HasPrefix(head, deflateMagic) {
-			// Not deflate, which is all gzip has: Go's reader says so.
-			zr, err := gzip.NewReader(in)
-			if err != nil {
-				return nil, fmt.Errorf("gzip: %w", err)
-			}
-			return zr, nil
+		// A command for deflate, which is all gzip has; Go's reader
+		// otherwise, and for the error of a stream that is not.
+		if path := gzipCommand(); path != "" && bytes.HasPrefix(head, deflateMagic) {
+			return newGzipStream(path, in)
 		}
-		// containerd's decompressor, as its own unpacking uses it: igzip
-		// or unpigz where installed (igzip inflates about twice as fast
-		// as Go) unless CONTAINERD_DISABLE_IGZIP or _PIGZ says not to,
-		// Go's reader otherwise.
-		guard := &guarded{r: in}
-		zr, err := compression.DecompressStream(guard)
+		zr, err := gzip.NewReader(in)
 		if err != nil {
 			return nil, fmt.Errorf("gzip: %w", err)
 		}
-		return gzipErrors{zr, guard}, nil
+		return zr, nil
 	case Zstd:
 		// The window a frame declares is allocated up front: cap it where
 		// the zstd tool does by default (128 MiB), not at the library's
@@ -131,62 +119,6 @@ func openTar(in *bufio.Reader, mediaType string) (io.ReadCloser, error) {
 	}
 	return io.NopCloser(in), nil
 }
-
-// gzipErrors says what a decompressor's error means: igzip and unpigz
-// only exit with a message of their own.
-type gzipErrors struct {
-	io.ReadCloser
-	in *guarded
-}
-
-// Close stops the decompressor; once it returns, nothing reads its input
-// any more.
-func (g gzipErrors) Close() error {
-	err := g.ReadCloser.Close()
-	g.in.stop()
-	return err
-}
-
-// guarded is a decompressing command's input: exec copies it to the
-// process in a goroutine that may still be reading when the process is
-// stopped, beside whoever reads the blob next.
-type guarded struct {
-	mu      sync.Mutex
-	r       io.Reader
-	stopped bool
-}
-
-func (g *guarded) Read(p []byte) (int, error) {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	if g.stopped {
-		return 0, errors.New("decompressor stopped")
-	}
-	return g.r.Read(p)
-}
-
-// stop waits for a read under way, and refuses the ones after it.
-func (g *guarded) stop() {
-	g.mu.Lock()
-	g.stopped = true
-	g.mu.Unlock()
-}
-
-func (g gzipErrors) Read(p []byte) (int, error) {
-	n, err := g.ReadCloser.Read(p)
-	if err != nil && err != io.EOF && err != io.ErrUnexpectedEOF {
-		err = &corruptGzip{err}
-	}
-	return n, err
-}
-
-type corruptGzip struct{ err error }
-
-func (c *corruptGzip) Error() string {
-	return "gzip data truncated or corrupt: " + strings.TrimSpace(c.err.Error())
-}
-
-func (c *corruptGzip) Unwrap() error { return c.err }
 
 // Uncompressed returns the tar a blob holds, compressed as
 // DetectCompression decides from mediaType ("" when nothing says) and the
