@@ -100,7 +100,11 @@ func openTar(in *bufio.Reader, mediaType string) (io.ReadCloser, error) {
 		// A command for deflate, which is all gzip has; Go's reader
 		// otherwise, and for the error of a stream that is not.
 		if path := gzipCommand(); path != "" && bytes.HasPrefix(head, deflateMagic) {
-			return newGzipStream(path, in)
+			// One that cannot start has read nothing: Go's reader
+			// takes over.
+			if g, err := newGzipStream(path, in); err == nil {
+				return g, nil
+			}
 		}
 		zr, err := gzip.NewReader(in)
 		if err != nil {

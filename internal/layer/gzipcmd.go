@@ -135,7 +135,12 @@ func (g *gzipStream) wait() error {
 		return g.copyErr // the source failed: what the command says follows from it
 	}
 	if werr != nil {
-		return &corruptGzip{fmt.Errorf("%s: %w: %s", filepath.Base(g.path), werr, strings.TrimSpace(g.stderr.String()))}
+		err := fmt.Errorf("%s: %w: %s", filepath.Base(g.path), werr, strings.TrimSpace(g.stderr.String()))
+		var exit *exec.ExitError
+		if errors.As(werr, &exit) && exit.Exited() {
+			return &corruptGzip{err} // it said no to the data
+		}
+		return err // killed, say by the OOM killer
 	}
 	return io.EOF
 }
