@@ -46,9 +46,9 @@ func (i *Image) ChainID() digest.Digest {
 // Layer is one layer blob of an image.
 type Layer struct {
 	layer.Descriptor
-	Size int64
-	open func() (io.ReadCloser, error)
-	raw  func(context.Context) (io.ReadCloser, error) // nil: open
+	Size      int64
+	open      func() (io.ReadCloser, error)
+	unchecked func(context.Context) (io.ReadCloser, error) // nil: open
 }
 
 // Open streams the layer's blob from its source. A registry's blob is
@@ -60,10 +60,10 @@ func (l Layer) Open() (io.ReadCloser, error) { return l.open() }
 // cache does where it stores it, so that the blob is hashed once. Ending
 // ctx ends the download.
 func (l Layer) OpenUnchecked(ctx context.Context) (io.ReadCloser, error) {
-	if l.raw == nil {
+	if l.unchecked == nil {
 		return l.open()
 	}
-	return l.raw(ctx)
+	return l.unchecked(ctx)
 }
 
 // Options say how to resolve a source.
@@ -231,18 +231,13 @@ func openCompressed(img v1.Image, d v1.Descriptor, _ v1.Hash) (io.ReadCloser, er
 	return l.Compressed()
 }
 
-// describe turns a v1.Image into an Image: manifest, config, and layers
-// paired with their diffIDs.
-func describe(img v1.Image, plat ocispec.Platform, want ocispec.Platform, open blobOpener) (*Image, error) {
-	return describeWith(img, plat, want, open, nil)
-}
-
 // uncheckedOpener opens a layer blob of a v1.Image without checking it.
 type uncheckedOpener func(ctx context.Context, img v1.Image, d v1.Descriptor, diffID v1.Hash) (io.ReadCloser, error)
 
-// describeWith is describe with unchecked, when not nil, opening blobs for
-// OpenUnchecked.
-func describeWith(img v1.Image, plat ocispec.Platform, want ocispec.Platform, open blobOpener, unchecked uncheckedOpener) (*Image, error) {
+// describe turns a v1.Image into an Image: manifest, config, and layers
+// paired with their diffIDs, opened with open and, for OpenUnchecked,
+// with unchecked when it is not nil.
+func describe(img v1.Image, plat ocispec.Platform, want ocispec.Platform, open blobOpener, unchecked uncheckedOpener) (*Image, error) {
 	mf, err := img.Manifest()
 	if err != nil {
 		return nil, fmt.Errorf("reading manifest: %w", err)
@@ -292,7 +287,7 @@ func describeWith(img v1.Image, plat ocispec.Platform, want ocispec.Platform, op
 			open: func() (io.ReadCloser, error) { return open(img, ld, h) },
 		}
 		if unchecked != nil {
-			l.raw = func(ctx context.Context) (io.ReadCloser, error) { return unchecked(ctx, img, ld, h) }
+			l.unchecked = func(ctx context.Context) (io.ReadCloser, error) { return unchecked(ctx, img, ld, h) }
 		}
 		if err := layer.CheckMediaType(l.MediaType); err != nil {
 			return nil, fmt.Errorf("layer %s: %w", l.Digest, err)

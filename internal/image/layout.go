@@ -63,7 +63,7 @@ func fromLayout(spec string, want ocispec.Platform) (*Image, error) {
 		if err != nil {
 			return nil, err
 		}
-		return describe(img, plat, want, openCompressed)
+		return describe(img, plat, want, openCompressed, nil)
 	}
 	img, err := idx.Image(entry.Digest)
 	if err != nil {
@@ -76,5 +76,5 @@ func fromLayout(spec string, want ocispec.Platform) (*Image, error) {
 			return nil, err
 		}
 	}
-	return describe(img, plat, want, openCompressed)
+	return describe(img, plat, want, openCompressed, nil)
 }

@@ -29,7 +29,7 @@ func fromRegistry(ctx context.Context, ref string, want ocispec.Platform, opts O
 	if err != nil {
 		return nil, err
 	}
-	raw := uncheckedBlobs(t)
+	unchecked := uncheckedBlobs(t)
 	var img *Image
 	if desc.MediaType.IsIndex() {
 		idx, err := desc.ImageIndex()
@@ -40,7 +40,7 @@ func fromRegistry(ctx context.Context, ref string, want ocispec.Platform, opts O
 		if err != nil {
 			return nil, err
 		}
-		img, err = describeWith(v1img, plat, want, openCompressed, raw)
+		img, err = describe(v1img, plat, want, openCompressed, unchecked)
 		if err != nil {
 			return nil, err
 		}
@@ -49,7 +49,7 @@ func fromRegistry(ctx context.Context, ref string, want ocispec.Platform, opts O
 		if err != nil {
 			return nil, err
 		}
-		img, err = describeWith(v1img, ocispec.Platform{}, want, openCompressed, raw)
+		img, err = describe(v1img, ocispec.Platform{}, want, openCompressed, unchecked)
 		if err != nil {
 			return nil, err
 		}

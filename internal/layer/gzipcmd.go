@@ -44,8 +44,8 @@ type gzipStream struct {
 	path   string
 	cmd    *exec.Cmd
 	out    *os.File
-	in     *os.File // the command's stdin, which the copier writes
-	stderr bytes.Buffer
+	in     *os.File     // the command's stdin, which the copier writes
+	stderr bytes.Buffer // a line or two, when it refuses the data
 
 	mu      sync.Mutex // held by the copier while it reads the source
 	stopped bool
@@ -75,7 +75,7 @@ func newGzipStream(path string, src io.Reader) (*gzipStream, error) {
 		}
 	}
 	g := &gzipStream{path: path, cmd: exec.Command(path, "-d", "-c"), out: outR, in: inW, copied: make(chan struct{})}
-	g.cmd.Stdin, g.cmd.Stdout, g.cmd.Stderr = inR, outW, &limitedBuffer{&g.stderr, 4 << 10}
+	g.cmd.Stdin, g.cmd.Stdout, g.cmd.Stderr = inR, outW, &g.stderr
 	err = g.cmd.Start()
 	inR.Close()
 	outW.Close()
@@ -167,16 +167,3 @@ type corruptGzip struct{ err error }
 func (c *corruptGzip) Error() string { return "gzip data truncated or corrupt: " + c.err.Error() }
 
 func (c *corruptGzip) Unwrap() error { return c.err }
-
-// limitedBuffer keeps the first max bytes a command writes to stderr.
-type limitedBuffer struct {
-	b   *bytes.Buffer
-	max int
-}
-
-func (l *limitedBuffer) Write(p []byte) (int, error) {
-	if room := l.max - l.b.Len(); room > 0 {
-		l.b.Write(p[:min(len(p), room)])
-	}
-	return len(p), nil
-}
