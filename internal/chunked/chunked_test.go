@@ -25,7 +25,7 @@ type packFiles struct {
 	block   chan struct{}
 }
 
-func (p *packFiles) Fetch(ctx context.Context, pack Pack, off, n int64) ([]byte, error) {
+func (p *packFiles) Fetch(ctx context.Context, pack Pack, off int64, dst []byte) error {
 	p.mu.Lock()
 	p.fetches++
 	b, swapped := p.swap[pack.Digest]
@@ -35,19 +35,20 @@ func (p *packFiles) Fetch(ctx context.Context, pack Pack, off, n int64) ([]byte,
 		select {
 		case <-block:
 		case <-ctx.Done():
-			return nil, ctx.Err()
+			return ctx.Err()
 		}
 	}
 	if !swapped {
 		var err error
 		if b, err = os.ReadFile(p.paths[pack.Digest]); err != nil {
-			return nil, err
+			return err
 		}
 	}
-	if off+n > int64(len(b)) {
-		return nil, errors.New("range past the pack's end")
+	if off+int64(len(dst)) > int64(len(b)) {
+		return errors.New("range past the pack's end")
 	}
-	return b[off : off+n], nil
+	copy(dst, b[off:])
+	return nil
 }
 
 // testImage is an image with data, a hole, repeated chunks and an odd

@@ -13,9 +13,10 @@ import (
 	"github.com/opencontainers/go-digest"
 )
 
-// Fetcher reads frames from packs: n bytes at off of the pack.
+// Fetcher reads frames from packs: len(p) bytes at off of the pack,
+// into p.
 type Fetcher interface {
-	Fetch(ctx context.Context, pack Pack, off, n int64) ([]byte, error)
+	Fetch(ctx context.Context, pack Pack, off int64, p []byte) error
 }
 
 // Reader reads an image through its index: a chunk comes from the local
@@ -37,6 +38,16 @@ type Reader struct {
 	// the chunks its next request fetches.
 	seqNext int
 	window  int
+	// ahead holds the first chunks of the windows a sequential read has
+	// started beyond the chunk it reads, oldest first: as the read
+	// enters one, another starts, so that it never waits for a window
+	// started only when it got there.
+	ahead []int
+	// recent holds the chunks fetched last, in a ring: a sequential read
+	// asks for them next, and the store writes around the page cache.
+	recent     map[digest.Digest][]byte
+	recentRing [recentChunks]digest.Digest
+	recentNext int
 
 	fetchedBytes  atomic.Int64
 	fetchedChunks atomic.Int64
@@ -59,7 +70,7 @@ func NewReader(x *Index, f Fetcher, s *Store, timeout time.Duration) (*Reader, e
 	if err != nil {
 		return nil, err
 	}
-	return &Reader{x: x, fetcher: f, store: s, timeout: timeout, dec: dec, flights: map[digest.Digest]*flight{}, read: map[int]bool{}, seqNext: -1, window: 1}, nil
+	return &Reader{x: x, fetcher: f, store: s, timeout: timeout, dec: dec, flights: map[digest.Digest]*flight{}, read: map[int]bool{}, seqNext: -1, window: 1, recent: map[digest.Digest][]byte{}}, nil
 }
 
 // Close waits for the fetches under way (each ends within the timeout)
@@ -106,7 +117,12 @@ func (r *Reader) readChunk(ctx context.Context, i int, p []byte, off int64) erro
 		clear(p)
 		return nil
 	}
+	r.readAhead(ctx, i)
 	size := r.x.Len(i)
+	if b := r.recall(c.Digest); b != nil {
+		copy(p, b[off:])
+		return nil
+	}
 	for try := 0; ; try++ {
 		if ok, err := r.store.ReadAt(c.Digest, size, p, off); ok || err != nil {
 			return err
@@ -161,14 +177,11 @@ func (r *Reader) await(ctx context.Context, i int, reading bool) ([]byte, error)
 		if i == r.seqNext {
 			r.window = min(r.window*2, maxWindow)
 		} else {
-			r.window = 1
+			r.window, r.ahead = 1, r.ahead[:0]
 		}
 		r.seqNext = r.nextLocked(r.startLocked(ctx, i, r.window))
-		if r.window >= 4 && r.idleLocked(r.seqNext) {
-			// Sequential: the next window too, ahead of need.
-			r.seqNext = r.nextLocked(r.startLocked(ctx, r.seqNext, r.window))
-		}
 		f = r.flights[c.Digest]
+		r.aheadLocked(ctx)
 	}
 	r.mu.Unlock()
 	select {
@@ -178,6 +191,76 @@ func (r *Reader) await(ctx context.Context, i int, reading bool) ([]byte, error)
 		return nil, fmt.Errorf("chunk %d: %w", i, ctx.Err())
 	}
 }
+
+// readAhead keeps a sequential read's windows started ahead of it as it
+// reads chunk i, in the stream or not.
+func (r *Reader) readAhead(ctx context.Context, i int) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if len(r.ahead) == 0 || i < r.ahead[0] || i >= r.seqNext {
+		return
+	}
+	for len(r.ahead) > 0 && r.ahead[0] <= i {
+		r.ahead = r.ahead[1:]
+	}
+	r.aheadLocked(ctx)
+}
+
+// aheadLocked starts windows after the sequential read's last one: none
+// for a read that is not sequential (yet), one while its windows grow,
+// and maxAhead once they are whole. A boot's short sequential runs
+// fetch little more than they read.
+func (r *Reader) aheadLocked(ctx context.Context) {
+	if r.window < 4 {
+		return
+	}
+	want := 1
+	if r.window == maxWindow {
+		want = maxAhead
+	}
+	for len(r.ahead) < want {
+		for r.seqNext < len(r.x.Chunks) && !r.idleLocked(r.seqNext) {
+			r.seqNext++
+		}
+		if r.seqNext >= len(r.x.Chunks) {
+			return
+		}
+		r.window = min(r.window*2, maxWindow)
+		r.ahead = append(r.ahead, r.seqNext)
+		r.seqNext = r.nextLocked(r.startLocked(ctx, r.seqNext, r.window))
+	}
+}
+
+// recall returns chunk d's bytes if it was fetched lately.
+func (r *Reader) recall(d digest.Digest) []byte {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.recent[d]
+}
+
+// remember keeps a fetched chunk's bytes in memory, in place of the
+// oldest one kept.
+func (r *Reader) remember(d digest.Digest, b []byte) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if _, ok := r.recent[d]; ok {
+		return
+	}
+	if old := r.recentRing[r.recentNext]; old != "" {
+		delete(r.recent, old)
+	}
+	r.recentRing[r.recentNext] = d
+	r.recentNext = (r.recentNext + 1) % recentChunks
+	r.recent[d] = b
+}
+
+// maxAhead is how many windows a sequential read keeps under way
+// beyond the chunk it reads.
+const maxAhead = 4
+
+// recentChunks is how many fetched chunks a Reader keeps in memory: the
+// windows a sequential read has under way, and the one it reads.
+const recentChunks = (maxAhead + 1) * maxWindow
 
 // maxWindow and maxWindowBytes bound the chunks, and their frames'
 // bytes, one request fetches.
@@ -193,13 +276,18 @@ func (r *Reader) idleLocked(i int) bool {
 		return false
 	}
 	c := r.x.Chunks[i]
-	return !c.Hole() && r.flights[c.Digest] == nil && !r.store.Has(c.Digest)
+	return !c.Hole() && r.flights[c.Digest] == nil && !r.hasLocked(c.Digest)
+}
+
+// hasLocked says whether chunk d is at hand: stored, or fetched lately.
+func (r *Reader) hasLocked(d digest.Digest) bool {
+	return r.recent[d] != nil || r.store.Has(d)
 }
 
 // nextLocked is the first chunk from i on that a sequential read would
 // miss: holes and stored chunks are no misses.
 func (r *Reader) nextLocked(i int) int {
-	for i < len(r.x.Chunks) && (r.x.Chunks[i].Hole() || r.store.Has(r.x.Chunks[i].Digest)) {
+	for i < len(r.x.Chunks) && (r.x.Chunks[i].Hole() || r.hasLocked(r.x.Chunks[i].Digest)) {
 		i++
 	}
 	return i
@@ -240,13 +328,13 @@ func (r *Reader) fetchRun(ctx context.Context, run []int) {
 	ctx, cancel := context.WithTimeout(ctx, r.timeout)
 	defer cancel()
 	first, last := r.x.Chunks[run[0]], r.x.Chunks[run[len(run)-1]]
-	frames, err := r.fetcher.Fetch(ctx, r.x.Packs[first.Pack], first.Offset, last.Offset+last.Length-first.Offset)
+	frames := getFrames(last.Offset + last.Length - first.Offset)
+	defer framePool.Put(frames)
+	err := r.fetcher.Fetch(ctx, r.x.Packs[first.Pack], first.Offset, *frames)
 	if err != nil {
 		err = fmt.Errorf("chunks %d-%d: fetching: %w", run[0], run[len(run)-1], err)
-	} else if int64(len(frames)) != last.Offset+last.Length-first.Offset {
-		err = fmt.Errorf("chunks %d-%d: %d bytes fetched, want %d", run[0], run[len(run)-1], len(frames), last.Offset+last.Length-first.Offset)
 	} else {
-		r.fetchedBytes.Add(int64(len(frames)))
+		r.fetchedBytes.Add(int64(len(*frames)))
 		r.fetchedChunks.Add(int64(len(run)))
 	}
 	for _, i := range run {
@@ -254,7 +342,7 @@ func (r *Reader) fetchRun(ctx context.Context, run []int) {
 		var data []byte
 		cerr := err
 		if cerr == nil {
-			data, cerr = r.verify(ctx, i, frames[c.Offset-first.Offset:c.Offset-first.Offset+c.Length])
+			data, cerr = r.verify(ctx, i, (*frames)[c.Offset-first.Offset:c.Offset-first.Offset+c.Length])
 		}
 		r.mu.Lock()
 		f := r.flights[c.Digest]
@@ -263,6 +351,21 @@ func (r *Reader) fetchRun(ctx context.Context, run []int) {
 		f.data, f.err = data, cerr
 		close(f.done)
 	}
+}
+
+// framePool holds the buffers windows are fetched into: a read of a
+// whole image fetches thousands, and freshly allocated memory costs a
+// page fault a page.
+var framePool = sync.Pool{New: func() any { return new([]byte) }}
+
+// getFrames returns a buffer of n bytes from framePool.
+func getFrames(n int64) *[]byte {
+	b := framePool.Get().(*[]byte)
+	if int64(cap(*b)) < n {
+		*b = make([]byte, max(n, maxWindowBytes))
+	}
+	*b = (*b)[:n]
+	return b
 }
 
 // verify decompresses chunk i's frame, checks it against the chunk's
@@ -276,6 +379,7 @@ func (r *Reader) verify(ctx context.Context, i int, frame []byte) ([]byte, error
 	if int64(len(b)) != r.x.Len(i) || digest.FromBytes(b) != c.Digest {
 		return nil, fmt.Errorf("chunk %d: does not match its digest %s", i, c.Digest)
 	}
+	r.remember(c.Digest, b)
 	if err := r.store.Put(c.Digest, b); err != nil {
 		log.G(ctx).WithError(err).WithField("chunk", c.Digest.String()).Warn("caching a chunk")
 	}

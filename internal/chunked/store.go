@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/opencontainers/go-digest"
+
+	"github.com/kilnfs/kiln/internal/directio"
 )
 
 // Store is the local chunk cache: verified chunks by digest, shared by
@@ -178,7 +180,9 @@ func (s *Store) Put(d digest.Digest, b []byte) error {
 		return nil
 	}
 	tmp := s.path(d) + ".tmp-" + fmt.Sprint(time.Now().UnixNano())
-	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+	// Around the page cache: the bytes are in the reader's memory and
+	// in the mounted file's page cache already.
+	if err := directio.WriteFile(tmp, b, 0o600); err != nil {
 		os.Remove(tmp)
 		return err
 	}

@@ -176,3 +176,42 @@ func Buffer(n int) []byte {
 	skip := (Align - int(uintptr(unsafe.Pointer(&b[0]))%Align)) % Align
 	return b[skip : skip+n : skip+n]
 }
+
+// WriteFile writes p to the file name, created or truncated, around the
+// page cache where it can: the Align-multiple head of p direct when p's
+// memory is aligned, anything else (a short tail, a buffer that is not
+// aligned, a file system that refuses O_DIRECT) through the page cache.
+// For a cache file written once and read back rarely, whose bytes the
+// caller keeps in memory meanwhile.
+func WriteFile(name string, p []byte, perm os.FileMode) error {
+	head := p[:len(p)/Align*Align]
+	if !aligned(head, 0) {
+		return os.WriteFile(name, p, perm)
+	}
+	f, err := os.OpenFile(name, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|directFlag, perm)
+	if errors.Is(err, unix.EINVAL) {
+		return os.WriteFile(name, p, perm)
+	}
+	if err != nil {
+		return err
+	}
+	_, err = f.Write(head)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if errors.Is(err, unix.EINVAL) {
+		return os.WriteFile(name, p, perm)
+	}
+	if err != nil || len(head) == len(p) {
+		return err
+	}
+	f, err = os.OpenFile(name, os.O_WRONLY, 0)
+	if err != nil {
+		return err
+	}
+	_, err = f.WriteAt(p[len(head):], int64(len(head)))
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}

@@ -154,3 +154,35 @@ func TestBufferAligned(t *testing.T) {
 		}
 	}
 }
+
+// TestWriteFile writes whole files direct where it can (an aligned
+// buffer), with a tail through the page cache, and through the page
+// cache alone (a buffer that is not aligned), and reads back each.
+func TestWriteFile(t *testing.T) {
+	dir := t.TempDir()
+	rng := rand.New(rand.NewSource(2))
+	for name, p := range map[string][]byte{
+		"aligned":      Buffer(64 << 10),
+		"aligned+tail": Buffer(64<<10 + 100)[:64<<10+100],
+		"unaligned":    make([]byte, 64<<10+Align+1)[1:],
+		"short":        Buffer(100),
+		"empty":        nil,
+	} {
+		rng.Read(p)
+		path := filepath.Join(dir, name)
+		// An older, longer file of the name is replaced.
+		if err := os.WriteFile(path, make([]byte, 1<<20), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := WriteFile(path, p, 0o600); err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		got, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, p) {
+			t.Errorf("%s: read back %d bytes that differ from the %d written", name, len(got), len(p))
+		}
+	}
+}

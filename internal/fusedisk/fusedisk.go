@@ -400,14 +400,24 @@ func (f *fileNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint3
 	return nil, fuse.FOPEN_KEEP_CACHE, 0
 }
 
+// readPool holds the buffers reads are served through: fresh memory
+// for each request of a whole-image read costs a page fault a page.
+var readPool = sync.Pool{New: func() any { return new([]byte) }}
+
 // Read serves one read request from the Source, bounded by the timeout.
 // The Source reads into a buffer of its own, so that one that outlives
-// the timeout (ignoring its context) writes nowhere the server reuses.
+// the timeout (ignoring its context) writes nowhere the server reuses;
+// what it read is copied to dest.
 func (f *fileNode) Read(ctx context.Context, fh fs.FileHandle, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
 	if off >= f.size {
 		return fuse.ReadResultData(nil), 0
 	}
-	buf := make([]byte, min(int64(len(dest)), f.size-off))
+	pooled := readPool.Get().(*[]byte)
+	n := int(min(int64(len(dest)), f.size-off))
+	if cap(*pooled) < n {
+		*pooled = make([]byte, max(n, maxRead))
+	}
+	buf := (*pooled)[:n]
 	end := off + int64(len(buf))
 	l := log.L.WithFields(log.Fields{"path": f.path, "offset": off, "length": len(buf)})
 	if f.recentlyFailed(off, end) {
@@ -429,11 +439,15 @@ func (f *fileNode) Read(ctx context.Context, fh fs.FileHandle, dest []byte, off 
 	var err error
 	select {
 	case err = <-done:
+		// The Source is done with buf.
+		if err == nil {
+			n := copy(dest, buf)
+			readPool.Put(pooled)
+			return fuse.ReadResultData(dest[:n]), 0
+		}
+		readPool.Put(pooled)
 	case <-ctx.Done():
 		err = ctx.Err()
-	}
-	if err == nil {
-		return fuse.ReadResultData(buf), 0
 	}
 	switch ctx.Err() {
 	case context.Canceled:

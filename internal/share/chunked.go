@@ -186,18 +186,19 @@ type rangeFetcher struct {
 	warned sync.Once
 }
 
-func (f *rangeFetcher) Fetch(ctx context.Context, pack chunked.Pack, off, n int64) ([]byte, error) {
+func (f *rangeFetcher) Fetch(ctx context.Context, pack chunked.Pack, off int64, p []byte) error {
+	n := int64(len(p))
 	if off < 0 || n <= 0 || off+n > pack.Size {
-		return nil, fmt.Errorf("range %d+%d of a pack of %d bytes", off, n, pack.Size)
+		return fmt.Errorf("range %d+%d of a pack of %d bytes", off, n, pack.Size)
 	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, f.base+pack.Digest.String(), nil)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	req.Header.Set("Range", fmt.Sprintf("bytes=%d-%d", off, off+n-1))
 	resp, err := f.client.Do(req)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	defer resp.Body.Close()
 	switch resp.StatusCode {
@@ -208,14 +209,13 @@ func (f *rangeFetcher) Fetch(ctx context.Context, pack chunked.Pack, off, n int6
 			log.G(ctx).WithField("blob", pack.Digest.String()).Warn("the registry ignores range requests: every read downloads its pack from the start")
 		})
 		if _, err := io.CopyN(io.Discard, resp.Body, off); err != nil {
-			return nil, fmt.Errorf("pack %s: %w", pack.Digest, err)
+			return fmt.Errorf("pack %s: %w", pack.Digest, err)
 		}
 	default:
-		return nil, fmt.Errorf("pack %s: %s", pack.Digest, resp.Status)
+		return fmt.Errorf("pack %s: %s", pack.Digest, resp.Status)
 	}
-	b := make([]byte, n)
-	if _, err := io.ReadFull(resp.Body, b); err != nil {
-		return nil, fmt.Errorf("pack %s, bytes %d-%d: %w", pack.Digest, off, off+n-1, err)
+	if _, err := io.ReadFull(resp.Body, p); err != nil {
+		return fmt.Errorf("pack %s, bytes %d-%d: %w", pack.Digest, off, off+n-1, err)
 	}
-	return b, nil
+	return nil
 }
