@@ -17,8 +17,10 @@ import (
 // locks/, so that a killed run lets go: one file per layer blob (exclusive
 // while a run fetches the blob or a prune evicts it, shared while a run
 // reads it) and one per built image (shared while a run serves it,
-// exclusive while it is removed). Lock files are never deleted: a run
-// could be holding the old file while another locks a new one.
+// exclusive while it is removed). Whoever removes an entry deletes its
+// lock file while holding it exclusively; a run that opened that file
+// before and gets the lock after finds that the name no longer leads to
+// it, and locks the new file of that name instead.
 
 // Lock is a held lock; Unlock lets go of it.
 type Lock struct{ f *os.File }
@@ -30,6 +32,15 @@ func (l *Lock) Unlock() {
 	}
 }
 
+// removeFile deletes the lock's file; only for a lock held exclusively,
+// before Unlock.
+func (l *Lock) removeFile() error {
+	if err := os.Remove(l.f.Name()); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	return nil
+}
+
 // lockFile takes the lock at path, waiting while others hold it in a way
 // that conflicts.
 func lockFile(ctx context.Context, path string, exclusive bool) (*Lock, error) {
@@ -37,25 +48,16 @@ func lockFile(ctx context.Context, path string, exclusive bool) (*Lock, error) {
 	if exclusive {
 		how = unix.LOCK_EX
 	}
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
-	if err != nil {
-		return nil, err
-	}
 	for waited := false; ; waited = true {
-		err := unix.Flock(int(f.Fd()), how|unix.LOCK_NB)
-		if err == nil {
-			return &Lock{f: f}, nil
-		}
-		if !errors.Is(err, unix.EWOULDBLOCK) {
-			f.Close()
-			return nil, fmt.Errorf("locking %s: %w", path, err)
+		l, err := flockPath(path, how)
+		if l != nil || err != nil {
+			return l, err
 		}
 		if !waited {
 			log.G(ctx).WithField("lock", filepath.Base(path)).Debug("another run of kiln holds the lock: waiting for it")
 		}
 		select {
 		case <-ctx.Done():
-			f.Close()
 			return nil, ctx.Err()
 		case <-time.After(20 * time.Millisecond):
 		}
@@ -65,18 +67,40 @@ func lockFile(ctx context.Context, path string, exclusive bool) (*Lock, error) {
 // tryLock takes the lock at path exclusively if nobody holds it; it
 // returns nil and no error if somebody does.
 func tryLock(path string) (*Lock, error) {
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
-	if err != nil {
-		return nil, err
-	}
-	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		f.Close()
-		if errors.Is(err, unix.EWOULDBLOCK) {
-			return nil, nil
+	return flockPath(path, unix.LOCK_EX)
+}
+
+// flockPath takes the lock at path (how: LOCK_SH or LOCK_EX) without
+// waiting: nil and no error if another holds it in a way that conflicts.
+// The lock is of the file path names once it is taken, not of one that a
+// removal deleted meanwhile.
+func flockPath(path string, how int) (*Lock, error) {
+	for {
+		f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+		if err != nil {
+			return nil, err
 		}
-		return nil, fmt.Errorf("locking %s: %w", path, err)
+		if err := unix.Flock(int(f.Fd()), how|unix.LOCK_NB); err != nil {
+			f.Close()
+			if errors.Is(err, unix.EWOULDBLOCK) {
+				return nil, nil
+			}
+			return nil, fmt.Errorf("locking %s: %w", path, err)
+		}
+		held, err1 := f.Stat()
+		named, err2 := os.Stat(path)
+		if err1 == nil && err2 == nil && os.SameFile(held, named) {
+			return &Lock{f: f}, nil
+		}
+		f.Close()
+		if err1 != nil {
+			return nil, fmt.Errorf("locking %s: %w", path, err1)
+		}
+		if err2 != nil && !errors.Is(err2, os.ErrNotExist) {
+			return nil, fmt.Errorf("locking %s: %w", path, err2)
+		}
+		// Removed (and perhaps made again) while we locked: again.
 	}
-	return &Lock{f: f}, nil
 }
 
 func (s *Store) blobLockPath(d digest.Digest) string {

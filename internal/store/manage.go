@@ -286,6 +286,21 @@ func (s *Store) RemoveImage(key string) error {
 	if err := os.Rename(s.RootfsPath(key), filepath.Join(trash, key+".ext4")); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("removing image %s: %w", key, err)
 	}
+	// Its lock files go with it. Records of its use are made under the
+	// image's lock, so nobody holds the record's now.
+	meta, err := tryLock(s.rootfsLockPath(key) + ".meta")
+	if err != nil {
+		return fmt.Errorf("removing image %s: %w", key, err)
+	}
+	if meta != nil {
+		defer meta.Unlock()
+		if err := meta.removeFile(); err != nil {
+			return fmt.Errorf("removing image %s: %w", key, err)
+		}
+	}
+	if err := l.removeFile(); err != nil {
+		return fmt.Errorf("removing image %s: %w", key, err)
+	}
 	return nil
 }
 
@@ -308,6 +323,9 @@ func (s *Store) RemoveBlob(ctx context.Context, d digest.Digest) error {
 	}
 	defer l.Unlock()
 	if err := s.content.Delete(ctx, d); err != nil && !errdefs.IsNotFound(err) {
+		return fmt.Errorf("removing blob %s: %w", d, err)
+	}
+	if err := l.removeFile(); err != nil {
 		return fmt.Errorf("removing blob %s: %w", d, err)
 	}
 	return nil

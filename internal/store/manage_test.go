@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -289,4 +291,73 @@ func TestPruneChunks(t *testing.T) {
 	if list, err = s.List(ctx); err != nil || list.Total() != 0 {
 		t.Errorf("after prune --all the cache takes %d (%v)", list.Total(), err)
 	}
+}
+
+// TestLockFilesRemoved: removing an image or a blob removes its lock
+// files, and a prune leaves only the management lock.
+func TestLockFilesRemoved(t *testing.T) {
+	s, ctx := openTemp(t)
+	addBlob(t, s, "a blob")
+	addImage(t, s, "aaaa", "an image", 4096)
+	if _, err := s.Prune(ctx, -1); err != nil {
+		t.Fatal(err)
+	}
+	ents, err := os.ReadDir(filepath.Join(s.root, "locks"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range ents {
+		if e.Name() != "manage" {
+			t.Errorf("lock file %s left after everything was removed", e.Name())
+		}
+	}
+}
+
+// TestLockAcrossRemoval: a lock holds while removals delete its file
+// between others' open and flock: never two exclusive holders at once.
+func TestLockAcrossRemoval(t *testing.T) {
+	s, ctx := openTemp(t)
+	d := digest.FromString("contended blob")
+	var holders atomic.Int32
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				l, err := s.LockBlob(ctx, d, true)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				if n := holders.Add(1); n != 1 {
+					t.Errorf("%d exclusive holders of one lock", n)
+				}
+				time.Sleep(50 * time.Microsecond)
+				holders.Add(-1)
+				l.Unlock()
+			}
+		}()
+	}
+	removals := 0
+	for deadline := time.Now().Add(time.Second); time.Now().Before(deadline); {
+		err := s.RemoveBlob(ctx, d)
+		if err == nil {
+			removals++
+		} else if !errors.Is(err, ErrInUse) {
+			t.Fatal(err)
+		}
+	}
+	close(stop)
+	wg.Wait()
+	if removals == 0 {
+		t.Error("no removal got the lock: the test proved nothing")
+	}
+	t.Logf("%d removals of the lock file", removals)
 }
