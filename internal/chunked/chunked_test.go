@@ -277,6 +277,8 @@ func TestIndexValidate(t *testing.T) {
 		"huge frame":     func(x *Index) { x.Chunks[0].Length = 10 * chunk },
 		"hole w/ frame":  func(x *Index) { x.Chunks[2].Length = 5 },
 		"bad digest":     func(x *Index) { x.Chunks[0].Digest = "sha256:zz" },
+		"short digest":   func(x *Index) { x.Chunks[1] = x.Chunks[len(x.Chunks)-1] },
+		"long digest":    func(x *Index) { x.Chunks[len(x.Chunks)-1] = x.Chunks[0] },
 	} {
 		x := *good
 		x.Chunks = append([]Chunk(nil), good.Chunks...)
@@ -361,5 +363,34 @@ func TestStoreLengthMismatch(t *testing.T) {
 	}
 	if r.Stats().FetchedChunks != 1 {
 		t.Errorf("fetched %d chunks, want the short one again", r.Stats().FetchedChunks)
+	}
+}
+
+// TestLengthMismatchInMemory: an index that gives one digest two lengths
+// fails the read of the second with a length error when the first is in
+// the reader's memory, or in flight, rather than serve wrong bytes or
+// cut a buffer past its end.
+func TestLengthMismatchInMemory(t *testing.T) {
+	const chunk = 64 << 10
+	img := testImage(t, chunk)
+	x, pf := cut(t, img, chunk, 1<<30)
+	last := len(x.Chunks) - 1
+	for name, c := range map[string]struct{ forge, first, then int }{
+		"short chunk, a whole one's digest": {forge: last, first: 0, then: last},
+		"whole chunk, the short one's":      {forge: 1, first: last, then: 1},
+	} {
+		forged := *x
+		forged.Chunks = append([]Chunk(nil), x.Chunks...)
+		forged.Chunks[c.forge] = x.Chunks[c.first]
+		s, _ := OpenStore(t.TempDir(), 0)
+		r, _ := NewReader(&forged, pf, s, 0)
+		if _, err := r.ReadAt(context.Background(), make([]byte, 100), int64(c.first)*chunk); err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		_, err := r.ReadAt(context.Background(), make([]byte, 100), int64(c.then)*chunk+1000)
+		if err == nil || !strings.Contains(err.Error(), "length") {
+			t.Errorf("%s: reading the second: %v, want a length error", name, err)
+		}
+		r.Close()
 	}
 }

@@ -125,6 +125,15 @@ func (x *Index) Validate() error {
 			return fmt.Errorf("chunk %d: frame of %d bytes at %d in a pack of %d", i, c.Length, c.Offset, x.Packs[c.Pack].Size)
 		}
 	}
+	// Only the last chunk may be short: its digest cannot be a whole
+	// chunk's too.
+	if last := len(x.Chunks) - 1; x.Len(last) != x.ChunkSize && !x.Chunks[last].Hole() {
+		for i, c := range x.Chunks[:last] {
+			if c.Digest == x.Chunks[last].Digest {
+				return fmt.Errorf("chunks %d and %d: one digest for %d and %d bytes", i, last, x.ChunkSize, x.Len(last))
+			}
+		}
+	}
 	return nil
 }
 

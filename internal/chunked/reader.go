@@ -46,7 +46,7 @@ type Reader struct {
 	// recent holds the chunks fetched last, in a ring: a sequential read
 	// asks for them next, and the store writes around the page cache.
 	recent     map[digest.Digest][]byte
-	recentRing [recentChunks]digest.Digest
+	recentRing []digest.Digest
 	recentNext int
 
 	fetchedBytes  atomic.Int64
@@ -70,7 +70,8 @@ func NewReader(x *Index, f Fetcher, s *Store, timeout time.Duration) (*Reader, e
 	if err != nil {
 		return nil, err
 	}
-	return &Reader{x: x, fetcher: f, store: s, timeout: timeout, dec: dec, flights: map[digest.Digest]*flight{}, read: map[int]bool{}, seqNext: -1, window: 1, recent: map[digest.Digest][]byte{}}, nil
+	return &Reader{x: x, fetcher: f, store: s, timeout: timeout, dec: dec, flights: map[digest.Digest]*flight{}, read: map[int]bool{}, seqNext: -1, window: 1,
+		recent: map[digest.Digest][]byte{}, recentRing: make([]digest.Digest, max(recentBytes/x.ChunkSize, maxAhead+1))}, nil
 }
 
 // Close waits for the fetches under way (each ends within the timeout)
@@ -120,6 +121,9 @@ func (r *Reader) readChunk(ctx context.Context, i int, p []byte, off int64) erro
 	r.readAhead(ctx, i)
 	size := r.x.Len(i)
 	if b := r.recall(c.Digest); b != nil {
+		if int64(len(b)) != size {
+			return lengthError(c.Digest, size, int64(len(b)))
+		}
 		copy(p, b[off:])
 		return nil
 	}
@@ -138,6 +142,11 @@ func (r *Reader) readChunk(ctx context.Context, i int, p []byte, off int64) erro
 			return err
 		}
 		if b != nil {
+			// Fetched for another index entry of the same digest, of
+			// another length: the index's error.
+			if int64(len(b)) != size {
+				return lengthError(c.Digest, size, int64(len(b)))
+			}
 			copy(p, b[off:])
 			return nil
 		}
@@ -171,7 +180,7 @@ func (r *Reader) await(ctx context.Context, i int, reading bool) ([]byte, error)
 		r.mu.Unlock()
 		return nil, nil
 	case !reading:
-		r.startLocked(ctx, i, maxWindow)
+		r.startLocked(ctx, i, maxWindow, false)
 		f = r.flights[c.Digest]
 	default:
 		if i == r.seqNext {
@@ -179,7 +188,7 @@ func (r *Reader) await(ctx context.Context, i int, reading bool) ([]byte, error)
 		} else {
 			r.window, r.ahead = 1, r.ahead[:0]
 		}
-		r.seqNext = r.nextLocked(r.startLocked(ctx, i, r.window))
+		r.seqNext = r.nextLocked(r.startLocked(ctx, i, r.window, true))
 		f = r.flights[c.Digest]
 		r.aheadLocked(ctx)
 	}
@@ -227,7 +236,7 @@ func (r *Reader) aheadLocked(ctx context.Context) {
 		}
 		r.window = min(r.window*2, maxWindow)
 		r.ahead = append(r.ahead, r.seqNext)
-		r.seqNext = r.nextLocked(r.startLocked(ctx, r.seqNext, r.window))
+		r.seqNext = r.nextLocked(r.startLocked(ctx, r.seqNext, r.window, true))
 	}
 }
 
@@ -250,7 +259,7 @@ func (r *Reader) remember(d digest.Digest, b []byte) {
 		delete(r.recent, old)
 	}
 	r.recentRing[r.recentNext] = d
-	r.recentNext = (r.recentNext + 1) % recentChunks
+	r.recentNext = (r.recentNext + 1) % len(r.recentRing)
 	r.recent[d] = b
 }
 
@@ -258,9 +267,10 @@ func (r *Reader) remember(d digest.Digest, b []byte) {
 // beyond the chunk it reads.
 const maxAhead = 4
 
-// recentChunks is how many fetched chunks a Reader keeps in memory: the
-// windows a sequential read has under way, and the one it reads.
-const recentChunks = (maxAhead + 1) * maxWindow
+// recentBytes bounds the fetched chunks a Reader keeps in memory: with
+// 512 KiB chunks, the windows a sequential read has under way and the
+// one it reads.
+const recentBytes = (maxAhead + 1) * maxWindow * 512 << 10
 
 // maxWindow and maxWindowBytes bound the chunks, and their frames'
 // bytes, one request fetches.
@@ -296,8 +306,9 @@ func (r *Reader) nextLocked(i int) int {
 // startLocked starts one request for chunk i and up to want-1 chunks
 // after it whose frames follow its own in the same pack and that nobody
 // has or fetches, and returns the index after the last chunk it covers.
-// Chunk i must have no flight.
-func (r *Reader) startLocked(ctx context.Context, i, want int) int {
+// Chunk i must have no flight. With keep, the chunks are also kept in
+// memory for the read that asked for them (a prefetch's are not).
+func (r *Reader) startLocked(ctx context.Context, i, want int, keep bool) int {
 	first := r.x.Chunks[i]
 	run := []int{i}
 	r.flights[first.Digest] = &flight{done: make(chan struct{})}
@@ -317,14 +328,14 @@ func (r *Reader) startLocked(ctx context.Context, i, want int) int {
 	r.wg.Add(1)
 	go func() {
 		defer r.wg.Done()
-		r.fetchRun(fctx, run)
+		r.fetchRun(fctx, run, keep)
 	}()
 	return k
 }
 
 // fetchRun fetches the frames of the chunks in run, which follow each
 // other in one pack, in one request, and completes their flights.
-func (r *Reader) fetchRun(ctx context.Context, run []int) {
+func (r *Reader) fetchRun(ctx context.Context, run []int, keep bool) {
 	ctx, cancel := context.WithTimeout(ctx, r.timeout)
 	defer cancel()
 	first, last := r.x.Chunks[run[0]], r.x.Chunks[run[len(run)-1]]
@@ -342,7 +353,7 @@ func (r *Reader) fetchRun(ctx context.Context, run []int) {
 		var data []byte
 		cerr := err
 		if cerr == nil {
-			data, cerr = r.verify(ctx, i, (*frames)[c.Offset-first.Offset:c.Offset-first.Offset+c.Length])
+			data, cerr = r.verify(ctx, i, (*frames)[c.Offset-first.Offset:c.Offset-first.Offset+c.Length], keep)
 		}
 		r.mu.Lock()
 		f := r.flights[c.Digest]
@@ -369,8 +380,8 @@ func getFrames(n int64) *[]byte {
 }
 
 // verify decompresses chunk i's frame, checks it against the chunk's
-// digest and stores it.
-func (r *Reader) verify(ctx context.Context, i int, frame []byte) ([]byte, error) {
+// digest and stores it (and keeps it in memory, with keep).
+func (r *Reader) verify(ctx context.Context, i int, frame []byte, keep bool) ([]byte, error) {
 	c := r.x.Chunks[i]
 	b, err := r.dec.DecodeAll(frame, make([]byte, 0, r.x.Len(i)))
 	if err != nil {
@@ -379,7 +390,9 @@ func (r *Reader) verify(ctx context.Context, i int, frame []byte) ([]byte, error
 	if int64(len(b)) != r.x.Len(i) || digest.FromBytes(b) != c.Digest {
 		return nil, fmt.Errorf("chunk %d: does not match its digest %s", i, c.Digest)
 	}
-	r.remember(c.Digest, b)
+	if keep {
+		r.remember(c.Digest, b)
+	}
 	if err := r.store.Put(c.Digest, b); err != nil {
 		log.G(ctx).WithError(err).WithField("chunk", c.Digest.String()).Warn("caching a chunk")
 	}

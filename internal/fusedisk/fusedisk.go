@@ -412,18 +412,18 @@ func (f *fileNode) Read(ctx context.Context, fh fs.FileHandle, dest []byte, off 
 	if off >= f.size {
 		return fuse.ReadResultData(nil), 0
 	}
-	pooled := readPool.Get().(*[]byte)
 	n := int(min(int64(len(dest)), f.size-off))
-	if cap(*pooled) < n {
-		*pooled = make([]byte, max(n, maxRead))
-	}
-	buf := (*pooled)[:n]
-	end := off + int64(len(buf))
-	l := log.L.WithFields(log.Fields{"path": f.path, "offset": off, "length": len(buf)})
+	end := off + int64(n)
+	l := log.L.WithFields(log.Fields{"path": f.path, "offset": off, "length": n})
 	if f.recentlyFailed(off, end) {
 		l.Debug("disk read overlaps one that just failed: the reader gets EIO")
 		return nil, syscall.EIO
 	}
+	pooled := readPool.Get().(*[]byte)
+	if cap(*pooled) < n {
+		*pooled = make([]byte, max(n, maxRead))
+	}
+	buf := (*pooled)[:n]
 	ctx, cancel := context.WithTimeout(ctx, f.timeout)
 	defer cancel()
 	done := make(chan error, 1)
