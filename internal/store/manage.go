@@ -411,6 +411,9 @@ func (s *Store) Prune(ctx context.Context, maxSize int64) (*Removed, error) {
 		}})
 	}
 	sort.SliceStable(order, func(i, j int) bool { return order[i].used.Before(order[j].used) })
+	if err := s.removeStrayLocks(ctx); err != nil {
+		return res, err
+	}
 	for _, e := range order {
 		if res.Left <= maxSize {
 			break
@@ -428,6 +431,50 @@ func (s *Store) Prune(ctx context.Context, maxSize int64) (*Removed, error) {
 		res.Left -= size
 	}
 	return res, nil
+}
+
+// removeStrayLocks removes the lock files of blobs and images the cache
+// does not hold (a fetch that failed leaves its blob's), each while
+// holding it, unless somebody does. The caller holds the management lock.
+func (s *Store) removeStrayLocks(ctx context.Context) error {
+	dir := filepath.Join(s.root, "locks")
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return fmt.Errorf("reading the cache's locks: %w", err)
+	}
+	for _, e := range ents {
+		name := e.Name()
+		var present func() bool
+		if key, ok := strings.CutPrefix(strings.TrimSuffix(name, ".meta"), "rootfs-"); ok && validKey(key) {
+			present = func() bool { return s.HasRootfs(key) }
+		} else if hex, ok := strings.CutPrefix(name, digest.SHA256.String()+"-"); ok {
+			d := digest.NewDigestFromEncoded(digest.SHA256, hex)
+			if d.Validate() != nil {
+				continue
+			}
+			present = func() bool {
+				_, err := s.content.Info(ctx, d)
+				return err == nil
+			}
+		} else {
+			continue // the management lock, or not kiln's
+		}
+		if present() {
+			continue
+		}
+		l, err := tryLock(filepath.Join(dir, name))
+		if err != nil || l == nil {
+			continue // held: in use, or being fetched
+		}
+		if !present() {
+			err = l.removeFile()
+		}
+		l.Unlock()
+		if err != nil {
+			return fmt.Errorf("removing lock %s: %w", name, err)
+		}
+	}
+	return nil
 }
 
 // RemoveUnusedBlobs removes the blobs that no cached image was built
