@@ -287,19 +287,18 @@ func (s *Store) RemoveImage(key string) error {
 		return fmt.Errorf("removing image %s: %w", key, err)
 	}
 	// Its lock files go with it. Records of its use are made under the
-	// image's lock, so nobody holds the record's now.
+	// image's lock, so nobody holds the record's now. The image is gone
+	// whatever becomes of them: a prune removes one left behind.
 	meta, err := tryLock(s.rootfsLockPath(key) + ".meta")
+	if err == nil && meta != nil {
+		err = meta.removeFile()
+		meta.Unlock()
+	}
+	if err == nil {
+		err = l.removeFile()
+	}
 	if err != nil {
-		return fmt.Errorf("removing image %s: %w", key, err)
-	}
-	if meta != nil {
-		defer meta.Unlock()
-		if err := meta.removeFile(); err != nil {
-			return fmt.Errorf("removing image %s: %w", key, err)
-		}
-	}
-	if err := l.removeFile(); err != nil {
-		return fmt.Errorf("removing image %s: %w", key, err)
+		log.L.WithError(err).WithField("image", key).Warn("removing the image's lock files")
 	}
 	return nil
 }
@@ -326,7 +325,7 @@ func (s *Store) RemoveBlob(ctx context.Context, d digest.Digest) error {
 		return fmt.Errorf("removing blob %s: %w", d, err)
 	}
 	if err := l.removeFile(); err != nil {
-		return fmt.Errorf("removing blob %s: %w", d, err)
+		log.G(ctx).WithError(err).WithField("blob", d.String()).Warn("removing the blob's lock file")
 	}
 	return nil
 }
@@ -411,9 +410,7 @@ func (s *Store) Prune(ctx context.Context, maxSize int64) (*Removed, error) {
 		}})
 	}
 	sort.SliceStable(order, func(i, j int) bool { return order[i].used.Before(order[j].used) })
-	if err := s.removeStrayLocks(ctx); err != nil {
-		return res, err
-	}
+	s.removeStrayLocks(ctx)
 	for _, e := range order {
 		if res.Left <= maxSize {
 			break
@@ -435,12 +432,14 @@ func (s *Store) Prune(ctx context.Context, maxSize int64) (*Removed, error) {
 
 // removeStrayLocks removes the lock files of blobs and images the cache
 // does not hold (a fetch that failed leaves its blob's), each while
-// holding it, unless somebody does. The caller holds the management lock.
-func (s *Store) removeStrayLocks(ctx context.Context) error {
+// holding it, unless somebody does. The caller holds the management
+// lock. A lock file it cannot remove only takes an inode: it logs that.
+func (s *Store) removeStrayLocks(ctx context.Context) {
 	dir := filepath.Join(s.root, "locks")
 	ents, err := os.ReadDir(dir)
 	if err != nil {
-		return fmt.Errorf("reading the cache's locks: %w", err)
+		log.G(ctx).WithError(err).Warn("reading the cache's locks")
+		return
 	}
 	for _, e := range ents {
 		name := e.Name()
@@ -454,7 +453,7 @@ func (s *Store) removeStrayLocks(ctx context.Context) error {
 			}
 			present = func() bool {
 				_, err := s.content.Info(ctx, d)
-				return err == nil
+				return !errdefs.IsNotFound(err)
 			}
 		} else {
 			continue // the management lock, or not kiln's
@@ -471,10 +470,9 @@ func (s *Store) removeStrayLocks(ctx context.Context) error {
 		}
 		l.Unlock()
 		if err != nil {
-			return fmt.Errorf("removing lock %s: %w", name, err)
+			log.G(ctx).WithError(err).WithField("lock", name).Warn("removing a stray lock file")
 		}
 	}
-	return nil
 }
 
 // RemoveUnusedBlobs removes the blobs that no cached image was built
