@@ -17,6 +17,9 @@ import (
 	"github.com/kilnfs/kiln/internal/fusedisk"
 )
 
+// The mounted file answers SEEK_DATA and SEEK_HOLE from the image's index.
+var _ fusedisk.HoleSource = (*convert.Lazy)(nil)
+
 func newMountCommand() *cobra.Command {
 	var (
 		flags    buildFlags

@@ -394,3 +394,40 @@ func TestLengthMismatchInMemory(t *testing.T) {
 		r.Close()
 	}
 }
+
+// TestNextDataHole: the reader finds data and holes from any offset as
+// the image's bytes have them, chunk by chunk.
+func TestNextDataHole(t *testing.T) {
+	const chunk = 64 << 10
+	img := testImage(t, chunk)
+	x, pf := cut(t, img, chunk, 1<<30)
+	s, _ := OpenStore(t.TempDir(), 0)
+	r, _ := NewReader(x, pf, s, 0)
+	defer r.Close()
+	zero := func(i int64) bool {
+		return !bytes.ContainsFunc(img[i*chunk:min((i+1)*chunk, int64(len(img)))], func(c rune) bool { return c != 0 })
+	}
+	want := func(off int64, hole bool) int64 {
+		for i := off / chunk; i*chunk < int64(len(img)); i++ {
+			if zero(i) == hole {
+				return max(off, i*chunk)
+			}
+		}
+		return int64(len(img))
+	}
+	holes := 0
+	for off := int64(0); off < int64(len(img)); off += chunk / 3 {
+		if got := r.NextData(off); got != want(off, false) {
+			t.Errorf("NextData(%d) = %d, want %d", off, got, want(off, false))
+		}
+		if got := r.NextHole(off); got != want(off, true) {
+			t.Errorf("NextHole(%d) = %d, want %d", off, got, want(off, true))
+		}
+		if zero(off / chunk) {
+			holes++
+		}
+	}
+	if holes == 0 {
+		t.Error("the test image has no hole")
+	}
+}

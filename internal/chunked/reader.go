@@ -87,6 +87,26 @@ func (r *Reader) Size() int64 { return r.x.Size }
 // Index is the image's index.
 func (r *Reader) Index() *Index { return r.x }
 
+// NextData is the first offset from off on outside a hole chunk, or the
+// image's size if there is none.
+func (r *Reader) NextData(off int64) int64 { return r.next(off, false) }
+
+// NextHole is the first offset from off on in a hole chunk, or the
+// image's size if there is none.
+func (r *Reader) NextHole(off int64) int64 { return r.next(off, true) }
+
+func (r *Reader) next(off int64, hole bool) int64 {
+	if off < 0 {
+		off = 0
+	}
+	for i := off / r.x.ChunkSize; i < int64(len(r.x.Chunks)); i++ {
+		if r.x.Chunks[i].Hole() == hole {
+			return max(off, i*r.x.ChunkSize)
+		}
+	}
+	return r.x.Size
+}
+
 // ReadAt reads len(p) bytes at off, less only at the end of the image.
 func (r *Reader) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
 	if off < 0 {

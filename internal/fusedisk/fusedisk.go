@@ -44,6 +44,20 @@ type Source interface {
 	ReadAt(ctx context.Context, p []byte, off int64) (int, error)
 }
 
+// HoleSource is a Source that knows where its holes (runs of zeros it
+// holds no data for) are. The file then answers SEEK_DATA and SEEK_HOLE
+// and counts only data in its blocks, so that cp --sparse, qemu-img and
+// a VMM's block status skip the holes without reading them.
+type HoleSource interface {
+	Source
+	// NextData is the first offset from off on that is not in a hole,
+	// or the size if there is none.
+	NextData(off int64) int64
+	// NextHole is the first offset from off on that is in a hole, or
+	// the size if there is none (the end counts as one).
+	NextHole(off int64) int64
+}
+
 // Options tune a mount. The zero value is ready to use.
 type Options struct {
 	// Name is the file's name in the mount; "" is "rootfs.ext4".
@@ -129,7 +143,7 @@ func Mount(dir string, src Source, opts Options) (*Disk, error) {
 		return nil, fmt.Errorf("fusedisk: mount point %s is not a directory", dir)
 	}
 
-	root := &dirNode{file: &fileNode{src: src, size: size, timeout: opts.Timeout, path: filepath.Join(dir, opts.Name)}, name: opts.Name}
+	root := &dirNode{file: &fileNode{src: src, size: size, data: dataBytes(src, size), timeout: opts.Timeout, path: filepath.Join(dir, opts.Name)}, name: opts.Name}
 	ttl := cacheTimeout
 	mo := fuse.MountOptions{
 		AllowOther:    opts.AllowOther,
@@ -338,6 +352,7 @@ type fileNode struct {
 	fs.Inode
 	src     Source
 	size    int64
+	data    int64 // bytes not in holes
 	timeout time.Duration
 	path    string
 
@@ -371,14 +386,58 @@ var (
 	_ fs.NodeGetattrer = (*fileNode)(nil)
 	_ fs.NodeOpener    = (*fileNode)(nil)
 	_ fs.NodeReader    = (*fileNode)(nil)
+	_ fs.NodeLseeker   = (*fileNode)(nil)
 )
+
+// Lseek finds data and holes (the kernel asks only for SEEK_DATA and
+// SEEK_HOLE); a Source that knows no holes is data throughout.
+func (f *fileNode) Lseek(ctx context.Context, fh fs.FileHandle, off uint64, whence uint32) (uint64, syscall.Errno) {
+	if off >= uint64(f.size) {
+		return 0, syscall.ENXIO
+	}
+	hs, holes := f.src.(HoleSource)
+	switch whence {
+	case unix.SEEK_DATA:
+		if !holes {
+			return off, 0
+		}
+		if d := hs.NextData(int64(off)); d < f.size {
+			return uint64(d), 0
+		}
+		return 0, syscall.ENXIO
+	case unix.SEEK_HOLE:
+		if !holes {
+			return uint64(f.size), 0
+		}
+		return uint64(min(hs.NextHole(int64(off)), f.size)), 0
+	}
+	return 0, syscall.EINVAL
+}
+
+// dataBytes counts the bytes of src that are not in holes.
+func dataBytes(src Source, size int64) int64 {
+	hs, ok := src.(HoleSource)
+	if !ok {
+		return size
+	}
+	var n int64
+	for off := hs.NextData(0); off < size; {
+		end := min(hs.NextHole(off), size)
+		n += end - off
+		if end >= size {
+			break
+		}
+		off = hs.NextData(end)
+	}
+	return n
+}
 
 func (f *fileNode) Getattr(ctx context.Context, fh fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
 	out.Mode = unix.S_IFREG | 0o444
 	out.Nlink = 1
 	out.Ino = fileIno
 	out.Size = uint64(f.size)
-	out.Blocks = uint64((f.size + 511) / 512)
+	out.Blocks = uint64((f.data + 511) / 512)
 	out.Blksize = 4096
 	epochTimes(&out.Attr)
 	return 0

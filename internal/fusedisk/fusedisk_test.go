@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -476,4 +477,87 @@ func serveUntilKilled(dir string) {
 	}
 	os.Stdout.WriteString("mounted\n")
 	select {}
+}
+
+// holeySource is a file image whose zero 64 KiB blocks are holes.
+type holeySource struct {
+	*fusedisktest.File
+	data []byte
+}
+
+const holeBlock = 64 << 10
+
+func (s holeySource) next(off int64, hole bool) int64 {
+	for b := max(off, 0) / holeBlock; b*holeBlock < int64(len(s.data)); b++ {
+		blk := s.data[b*holeBlock : min((b+1)*holeBlock, int64(len(s.data)))]
+		if isZero := !slices.ContainsFunc(blk, func(c byte) bool { return c != 0 }); isZero == hole {
+			return max(off, b*holeBlock)
+		}
+	}
+	return int64(len(s.data))
+}
+
+func (s holeySource) NextData(off int64) int64 { return s.next(off, false) }
+func (s holeySource) NextHole(off int64) int64 { return s.next(off, true) }
+
+// TestHoles: SEEK_DATA and SEEK_HOLE on the mounted file find a
+// HoleSource's holes, its blocks count only data, and cp --sparse=always
+// copies the same bytes.
+func TestHoles(t *testing.T) {
+	path, data := imageFile(t, oddSize)
+	// Holes: the start, two blocks in the middle, and the end.
+	for _, r := range [][2]int{{0, holeBlock}, {holeBlock * 10, holeBlock * 12}, {len(data) / holeBlock * holeBlock, len(data)}} {
+		clear(data[r[0]:r[1]])
+	}
+	if err := os.WriteFile(path, data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	src := holeySource{File: fusedisktest.OpenFile(t, path), data: data}
+	d := fusedisktest.Mount(t, src, fusedisk.Options{})
+	f, err := os.Open(d.Path())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	end := int64(len(data) / holeBlock * holeBlock)
+	for _, c := range []struct {
+		off    int64
+		whence int
+		want   int64 // -1: ENXIO
+	}{
+		{0, unix.SEEK_DATA, holeBlock},
+		{0, unix.SEEK_HOLE, 0},
+		{holeBlock + 5, unix.SEEK_DATA, holeBlock + 5},
+		{holeBlock + 5, unix.SEEK_HOLE, 10 * holeBlock},
+		{10*holeBlock + 7, unix.SEEK_DATA, 12 * holeBlock},
+		{12 * holeBlock, unix.SEEK_HOLE, end},
+		{end, unix.SEEK_DATA, -1},
+		{end + 1, unix.SEEK_HOLE, end + 1},
+		{int64(len(data)), unix.SEEK_DATA, -1},
+	} {
+		got, err := unix.Seek(int(f.Fd()), c.off, c.whence)
+		if c.want < 0 {
+			if !errors.Is(err, unix.ENXIO) {
+				t.Errorf("seek(%d, %d) = %d, %v; want ENXIO", c.off, c.whence, got, err)
+			}
+			continue
+		}
+		if err != nil || got != c.want {
+			t.Errorf("seek(%d, %d) = %d, %v; want %d", c.off, c.whence, got, err, c.want)
+		}
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		t.Fatal(err)
+	}
+	if want := (end - 3*holeBlock + 511) / 512; st.Blocks != want {
+		t.Errorf("st_blocks %d, want %d (the data only)", st.Blocks, want)
+	}
+	out := filepath.Join(t.TempDir(), "copy")
+	if msg, err := exec.Command("cp", "--sparse=always", d.Path(), out).CombinedOutput(); err != nil {
+		t.Fatalf("cp: %v\n%s", err, msg)
+	}
+	if got, err := os.ReadFile(out); err != nil || !bytes.Equal(got, data) {
+		t.Errorf("cp --sparse=always of the mounted file: %v, same bytes %v", err, bytes.Equal(got, data))
+	}
 }
