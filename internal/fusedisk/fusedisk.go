@@ -423,11 +423,18 @@ func dataBytes(src Source, size int64) int64 {
 	var n int64
 	for off := hs.NextData(0); off < size; {
 		end := min(hs.NextHole(off), size)
+		if end <= off {
+			return size // a Source that contradicts itself: all data
+		}
 		n += end - off
-		if end >= size {
+		if end == size {
 			break
 		}
-		off = hs.NextData(end)
+		next := hs.NextData(end)
+		if next <= end {
+			return size
+		}
+		off = next
 	}
 	return n
 }
