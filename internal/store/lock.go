@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/containerd/log"
@@ -103,12 +104,38 @@ func flockPath(path string, how int) (*Lock, error) {
 	}
 }
 
+// The lock files under locks/: ALGORITHM-HEX for a blob, rootfs-KEY for
+// an image and rootfs-KEY.meta for its record of use, and manage.
+const (
+	rootfsLockPrefix = "rootfs-"
+	recordLockSuffix = ".meta"
+)
+
 func (s *Store) blobLockPath(d digest.Digest) string {
 	return filepath.Join(s.root, "locks", d.Algorithm().String()+"-"+d.Encoded())
 }
 
 func (s *Store) rootfsLockPath(key string) string {
-	return filepath.Join(s.root, "locks", "rootfs-"+key)
+	return filepath.Join(s.root, "locks", rootfsLockPrefix+key)
+}
+
+func (s *Store) recordLockPath(key string) string {
+	return s.rootfsLockPath(key) + recordLockSuffix
+}
+
+// lockOwner is the entry whose lock file is named name: an image's key or
+// a blob's digest; neither for the management lock, or a name kiln does
+// not make.
+func lockOwner(name string) (key string, blob digest.Digest) {
+	if k, ok := strings.CutPrefix(strings.TrimSuffix(name, recordLockSuffix), rootfsLockPrefix); ok && validKey(k) {
+		return k, ""
+	}
+	if alg, hex, ok := strings.Cut(name, "-"); ok {
+		if d := digest.NewDigestFromEncoded(digest.Algorithm(alg), hex); d.Validate() == nil {
+			return "", d
+		}
+	}
+	return "", ""
 }
 
 // LockBlob takes the lock of a layer blob: exclusive to fetch it into the

@@ -56,8 +56,8 @@ type Listing struct {
 	Blobs  []Blob  `json:"blobs"`
 	// Chunks sums up the chunk cache of lazily loaded images (kiln
 	// mount), which Prune evicts a chunk at a time.
-	Chunks Chunks `json:"chunks"`
-	chunks []chunked.CachedChunk
+	Chunks Chunks                `json:"chunks"`
+	chunks []chunked.CachedChunk // in no order: Prune orders them with the rest
 }
 
 // Chunks is what a chunk cache holds, or what was removed from it.
@@ -100,7 +100,7 @@ func (s *Store) RecordUse(ctx context.Context, im Image) error {
 	}
 	// Runs serving the same image at once would lose each other's
 	// reference without this.
-	l, err := lockFile(ctx, s.rootfsLockPath(im.Key)+".meta", true)
+	l, err := lockFile(ctx, s.recordLockPath(im.Key), true)
 	if err != nil {
 		return err
 	}
@@ -219,7 +219,6 @@ func (s *Store) List(ctx context.Context) (*Listing, error) {
 	}
 	sort.SliceStable(out.Images, func(i, j int) bool { return out.Images[i].LastUsed.Before(out.Images[j].LastUsed) })
 	sort.SliceStable(out.Blobs, func(i, j int) bool { return out.Blobs[i].LastUsed.Before(out.Blobs[j].LastUsed) })
-	sort.SliceStable(out.chunks, func(i, j int) bool { return out.chunks[i].Info.ModTime().Before(out.chunks[j].Info.ModTime()) })
 	return &out, nil
 }
 
@@ -289,7 +288,7 @@ func (s *Store) RemoveImage(key string) error {
 	// Its lock files go with it. Records of its use are made under the
 	// image's lock, so nobody holds the record's now. The image is gone
 	// whatever becomes of them: a prune removes one left behind.
-	meta, err := tryLock(s.rootfsLockPath(key) + ".meta")
+	meta, err := tryLock(s.recordLockPath(key))
 	if err == nil && meta != nil {
 		err = meta.removeFile()
 		meta.Unlock()
@@ -444,18 +443,15 @@ func (s *Store) removeStrayLocks(ctx context.Context) {
 	for _, e := range ents {
 		name := e.Name()
 		var present func() bool
-		if key, ok := strings.CutPrefix(strings.TrimSuffix(name, ".meta"), "rootfs-"); ok && validKey(key) {
+		switch key, d := lockOwner(name); {
+		case key != "":
 			present = func() bool { return s.HasRootfs(key) }
-		} else if hex, ok := strings.CutPrefix(name, digest.SHA256.String()+"-"); ok {
-			d := digest.NewDigestFromEncoded(digest.SHA256, hex)
-			if d.Validate() != nil {
-				continue
-			}
+		case d != "":
 			present = func() bool {
 				_, err := s.content.Info(ctx, d)
 				return !errdefs.IsNotFound(err)
 			}
-		} else {
+		default:
 			continue // the management lock, or not kiln's
 		}
 		if present() {
