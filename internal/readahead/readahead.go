@@ -19,10 +19,12 @@ const chunkSize = 256 << 10
 // Reader passes on what a goroutine reads ahead, up to four chunks.
 type Reader struct {
 	chunks chan []byte
+	free   chan []byte // chunks read, for the goroutine to fill again
 	done   chan struct{}
 	stop   sync.Once
-	cur    []byte
-	err    error // set before chunks is closed
+	buf    []byte // the chunk being read
+	cur    []byte // what is left of it
+	err    error  // set before chunks is closed
 }
 
 // errStopped is what Read returns after Stop, rather than a short stream
@@ -32,11 +34,20 @@ var errStopped = errors.New("read-ahead stopped")
 // New starts reading r; h, when not nil, hashes what was read, in the
 // reading goroutine. The caller must call Stop.
 func New(r io.Reader, h hash.Hash) *Reader {
-	a := &Reader{chunks: make(chan []byte, 4), done: make(chan struct{})}
+	// Every chunk in flight can be free at once: in the channel, in the
+	// goroutine's hands, and the one being read.
+	a := &Reader{chunks: make(chan []byte, 4), free: make(chan []byte, 6), done: make(chan struct{})}
 	go func() {
 		defer close(a.chunks)
 		for {
-			buf := make([]byte, chunkSize)
+			// Memory used before costs no page faults, unlike new.
+			var buf []byte
+			select {
+			case buf = <-a.free:
+				buf = buf[:chunkSize]
+			default:
+				buf = make([]byte, chunkSize)
+			}
 			n, err := chunk.Fill(r, buf)
 			if n > 0 {
 				if h != nil {
@@ -63,6 +74,14 @@ func New(r io.Reader, h hash.Hash) *Reader {
 // chunks read before it are passed on.
 func (a *Reader) Read(p []byte) (int, error) {
 	for len(a.cur) == 0 {
+		if a.buf != nil {
+			// Read through: its bytes are the caller's copies now.
+			select {
+			case a.free <- a.buf:
+			default:
+			}
+			a.buf = nil
+		}
 		c, ok := <-a.chunks
 		if !ok {
 			if a.err != nil {
@@ -70,7 +89,7 @@ func (a *Reader) Read(p []byte) (int, error) {
 			}
 			return 0, io.EOF
 		}
-		a.cur = c
+		a.buf, a.cur = c, c
 	}
 	n := copy(p, a.cur)
 	a.cur = a.cur[n:]
@@ -85,5 +104,5 @@ func (a *Reader) Stop() {
 	for range a.chunks {
 	}
 	// The goroutine has ended: nothing else writes these now.
-	a.cur, a.err = nil, errStopped
+	a.buf, a.cur, a.err = nil, nil, errStopped
 }

@@ -55,3 +55,18 @@ func TestStopUnread(t *testing.T) {
 		t.Errorf("a Read after Stop: %v, want an error", err)
 	}
 }
+
+// BenchmarkRead passes 64 MiB through a Reader into a 32 KiB buffer.
+func BenchmarkRead(b *testing.B) {
+	data := make([]byte, 64<<20)
+	b.SetBytes(int64(len(data)))
+	b.ReportAllocs()
+	buf := make([]byte, 32<<10)
+	for b.Loop() {
+		r := New(bytes.NewReader(data), nil)
+		if _, err := io.CopyBuffer(io.Discard, struct{ io.Reader }{r}, buf); err != nil {
+			b.Fatal(err)
+		}
+		r.Stop()
+	}
+}
