@@ -83,9 +83,18 @@ func New(parent string) (*Dir, error) {
 	if err != nil {
 		return nil, err
 	}
-	lock, err := os.OpenFile(filepath.Join(dir, lockName), os.O_RDWR|os.O_CREATE, 0o600)
+	// The lock takes its name only once it is held: RemoveStale, in
+	// another process, could otherwise take a lock this run has created
+	// but not yet locked, and delete the directory in use.
+	lock, err := os.OpenFile(filepath.Join(dir, lockName+".new"), os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
 	if err == nil {
 		err = unix.Flock(int(lock.Fd()), unix.LOCK_EX)
+		if err == nil {
+			err = os.Rename(lock.Name(), filepath.Join(dir, lockName))
+		}
+		if err != nil {
+			lock.Close()
+		}
 	}
 	if err != nil {
 		os.RemoveAll(dir)
