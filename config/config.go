@@ -67,6 +67,22 @@ type Share struct {
 	// Push publishes every disk kiln builds for an image's top layer
 	// beside the image, in the background (push access needed).
 	Push bool `toml:"push"`
+	// Lazy boots an image before it has arrived when a chunked rootfs
+	// of the same build is published beside it (kiln push --chunked):
+	// containerd downloads none of its layers, and its disk is served as
+	// a file (through FUSE: /dev/fuse is needed) whose chunks are
+	// fetched, checked and cached when first read. Other images are
+	// pulled as before.
+	Lazy bool `toml:"lazy"`
+	// LazyTimeout bounds each read of a lazily loaded disk: one whose
+	// chunks take longer fails with an I/O error.
+	LazyTimeout string `toml:"lazy_timeout"`
+	// LazyPrefetch fetches the rest of a lazily loaded disk in the
+	// background, after the chunks its first boot read.
+	LazyPrefetch bool `toml:"lazy_prefetch"`
+	// LazyCacheMaxSize bounds the chunk cache under the root ("0": no
+	// bound); the chunks used least recently go first.
+	LazyCacheMaxSize string `toml:"lazy_cache_max_size"`
 	// HostsDir holds containerd's hosts.toml files (mirrors, TLS,
 	// headers); the rootfs is looked up and published on the registry
 	// itself. Credentials are read from the docker config of the user
@@ -75,6 +91,18 @@ type Share struct {
 	// Insecure lists registries (host[:port]) reached over plain HTTP or
 	// unverified TLS; loopback registries always may be.
 	Insecure []string `toml:"insecure"`
+}
+
+// CacheBudget is LazyCacheMaxSize in bytes, 0 for no bound.
+func (s Share) CacheBudget() (int64, error) {
+	if strings.TrimSpace(s.LazyCacheMaxSize) == "0" {
+		return 0, nil
+	}
+	n, err := ParseSize(s.LazyCacheMaxSize)
+	if err != nil || n == 0 {
+		return 0, fmt.Errorf("config: share.lazy_cache_max_size %q: want 0 (no bound) or a size such as 20G", s.LazyCacheMaxSize)
+	}
+	return n, nil
 }
 
 // Limits caps what one image may make kiln do: images are untrusted,
@@ -256,7 +284,10 @@ func Default() Config {
 		// writes it, loads as.
 		Build:  Build{Size: "auto", Writer: "kiln", Inject: []string{}},
 		Limits: DefaultLimits(),
-		Share:  Share{HostsDir: "/etc/containerd/certs.d", Insecure: []string{}},
+		Share: Share{
+			HostsDir: "/etc/containerd/certs.d", Insecure: []string{},
+			LazyTimeout: "30s", LazyPrefetch: true, LazyCacheMaxSize: "0",
+		},
 	}
 }
 
@@ -318,6 +349,12 @@ func (c Config) Validate() error {
 	}
 	if d, err := time.ParseDuration(c.Snapshotter.UnusedDiskGrace); err != nil || d < 0 {
 		return fmt.Errorf("config: snapshotter.unused_disk_grace %q: want a duration such as 1m", c.Snapshotter.UnusedDiskGrace)
+	}
+	if d, err := time.ParseDuration(c.Share.LazyTimeout); err != nil || d <= 0 {
+		return fmt.Errorf("config: share.lazy_timeout %q: want a duration such as 30s", c.Share.LazyTimeout)
+	}
+	if _, err := c.Share.CacheBudget(); err != nil {
+		return err
 	}
 	if c.Snapshotter.MaxConcurrentBuilds < 0 {
 		return fmt.Errorf("config: snapshotter.max_concurrent_builds %d: want 0 (automatic) or more", c.Snapshotter.MaxConcurrentBuilds)

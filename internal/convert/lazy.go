@@ -92,11 +92,16 @@ func OpenLazy(ctx context.Context, src string, opts Options, timeout time.Durati
 	if err != nil {
 		return nil, err
 	}
-	l := &Lazy{
-		Image: img, Artifact: c.Artifact.String(), Key: id.Key, RootHash: c.RootHash, Reader: r,
-		profile: filepath.Join(cacheDir, "profiles", id.Key+".json"),
+	return NewLazy(img, c, id.Key, r, cacheDir), nil
+}
+
+// NewLazy is the chunked rootfs c of the build key, read through r, of
+// image img; its boot profile is kept under dir.
+func NewLazy(img *image.Image, c *share.Chunked, key string, r *chunked.Reader, dir string) *Lazy {
+	return &Lazy{
+		Image: img, Artifact: c.Artifact.String(), Key: key, RootHash: c.RootHash, Reader: r,
+		profile: filepath.Join(dir, "profiles", key+".json"),
 	}
-	return l, nil
 }
 
 // chunkBudget is what the chunk cache may take of the cache's budget

@@ -303,6 +303,10 @@ func unmount(dir string, direct, lazy bool) error {
 	return nil
 }
 
+// ClearDead detaches the dead mounts at dir (see clearDeadMount), as a
+// process that mounted disks there and was killed leaves them.
+func ClearDead(dir string) error { return clearDeadMount(dir, os.Geteuid() == 0) }
+
 // clearDeadMount detaches the mounts at dir whose FUSE server is gone, as
 // a killed process leaves them. statfs tells: the kernel always asks the
 // server for it (stat may be answered from its cache) and fails it with

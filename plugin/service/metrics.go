@@ -125,7 +125,7 @@ type stateCollector struct{ sn *snapshotter.Snapshotter }
 
 var (
 	diskBytesDesc = prometheus.NewDesc("kiln_disk_bytes",
-		"Disk used by kiln, by kind: layers, disks (images' shared disks), containers (containers' own disks), templates.",
+		"Disk used by kiln, by kind: layers, disks (images' shared disks), containers (containers' own disks), templates, chunks (the chunk cache of lazily loaded disks).",
 		[]string{"kind"}, nil)
 	containersDesc = prometheus.NewDesc("kiln_containers",
 		"Containers' disks, by container mode.", []string{"mode"}, nil)

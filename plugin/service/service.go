@@ -85,6 +85,14 @@ func New(ctx context.Context, cfg config.Config) (_ *Service, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("config: snapshotter.unused_disk_grace: %w", err)
 	}
+	lazyTimeout, err := time.ParseDuration(cfg.Share.LazyTimeout)
+	if err != nil {
+		return nil, fmt.Errorf("config: share.lazy_timeout: %w", err)
+	}
+	chunkBudget, err := cfg.Share.CacheBudget()
+	if err != nil {
+		return nil, err
+	}
 	pieces, err := guest.ParsePieces(strings.Join(cfg.Build.Inject, ","))
 	if err != nil {
 		return nil, err
@@ -148,6 +156,7 @@ func New(ctx context.Context, cfg config.Config) (_ *Service, err error) {
 		ObserveBuildWait: m.observeBuildWait,
 		Share: snapshotter.Share{
 			Pull: cfg.Share.Pull, Push: cfg.Share.Push,
+			Lazy: cfg.Share.Lazy, LazyTimeout: lazyTimeout, LazyPrefetch: cfg.Share.LazyPrefetch, LazyCacheMaxSize: chunkBudget,
 			Image: image.Options{HostsDir: cfg.Share.HostsDir, Insecure: cfg.Share.Insecure, UserAgent: version.UserAgent()},
 		},
 		ObserveShare: m.observeShare,

@@ -20,6 +20,7 @@ import (
 	"github.com/kilnfs/kiln/internal/ext4layer"
 	"github.com/kilnfs/kiln/internal/ext4read"
 	"github.com/kilnfs/kiln/internal/guest"
+	"github.com/kilnfs/kiln/internal/image"
 	"github.com/kilnfs/kiln/internal/layer"
 )
 
@@ -41,6 +42,9 @@ type chainLayers struct {
 type chainReader struct {
 	ms   *storage.MetaStore
 	root string
+	// registries says how the registries of lazily loaded layers are
+	// reached.
+	registries image.Options
 }
 
 func (c chainReader) dir(id string) string { return filepath.Join(c.root, snapshotsDir, id) }
@@ -104,6 +108,14 @@ func (c chainReader) chainLayers(ctx context.Context, id string) (chainLayers, e
 			layers = append(layers, ext4Layer(filepath.Join(dir, scratchFile), overlayUpper))
 			byID = false
 		case kindLayer:
+			if rec, ok, err := readLazy(dir); err != nil || ok {
+				if err != nil {
+					return chainLayers{}, fmt.Errorf("snapshot %s: %w", chain[i], err)
+				}
+				diffIDs = append(diffIDs, rec.DiffID)
+				layers = append(layers, lazyLayerBlob(c.registries, rec))
+				continue
+			}
 			if exists(filepath.Join(dir, layerRecord)) {
 				d, err := readDiffID(diffIDPath)
 				if err != nil {

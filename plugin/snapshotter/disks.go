@@ -41,6 +41,7 @@ type diskBuilder struct {
 	// registries; onShare, if set, is told what happened (ShareResults).
 	share      Share
 	onShare    func(result string)
+	lazy       *lazyImages   // nil unless share.Lazy
 	publishing chan struct{} // one publish at a time
 	queued     int           // publishes started or waiting (mu)
 
@@ -89,6 +90,11 @@ func (b *diskBuilder) get(ctx context.Context, id string) (string, error) {
 	for {
 		if p := filepath.Join(b.dir(id), diskFile); exists(p) {
 			return p, nil
+		}
+		if b.lazy != nil {
+			if p, ok := b.lazy.disk(ctx, b.dir(id), id); ok {
+				return p, nil
+			}
 		}
 		f := b.join(id, false)
 		select {

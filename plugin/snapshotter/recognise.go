@@ -79,7 +79,8 @@ func (s *Snapshotter) ResolveDisks(mounts []mount.Mount) (Disks, bool) {
 
 // diskFile returns the disk of kiln's that an ext4 mount is of, directly
 // or through a loop device: a snapshot directory's disk.ext4,
-// scratch.ext4 or container.ext4, or the empty disk, and nothing else.
+// scratch.ext4 or container.ext4, a lazily loaded disk, or the empty
+// disk, and nothing else.
 func (s *Snapshotter) diskFile(m mount.Mount) (string, bool) {
 	if m.Type != "ext4" && m.Type != "format/ext4" {
 		return "", false
@@ -93,6 +94,12 @@ func (s *Snapshotter) diskFile(m mount.Mount) (string, bool) {
 		return file, true
 	}
 	dir, name := filepath.Split(file)
+	if filepath.Dir(filepath.Clean(dir)) == filepath.Join(s.root, lazyDir) && name == diskFile {
+		if fi, err := os.Lstat(file); err == nil && fi.Mode().IsRegular() {
+			return file, true
+		}
+		return "", false
+	}
 	if filepath.Dir(filepath.Clean(dir)) != filepath.Join(s.root, snapshotsDir) ||
 		strings.HasPrefix(filepath.Base(dir), removingPrefix) {
 		return "", false

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"time"
 
 	snpkg "github.com/containerd/containerd/v2/pkg/snapshotters"
 	"github.com/containerd/log"
@@ -28,6 +29,18 @@ type Share struct {
 	Pull bool
 	// Push publishes the disks kiln builds for an image's top layer.
 	Push bool
+	// Lazy loads an image with a chunked rootfs of kiln's build
+	// published beside it lazily (see lazy.go): containerd downloads
+	// none of its layers, and its disk's chunks are fetched when first
+	// read, each read waiting at most LazyTimeout (0: 30s). LazyPrefetch
+	// fetches the rest of the disk in the background, after the chunks
+	// its boot read before. The chunk cache keeps within
+	// LazyCacheMaxSize bytes (0: no limit), least recently used first
+	// out.
+	Lazy             bool
+	LazyTimeout      time.Duration
+	LazyPrefetch     bool
+	LazyCacheMaxSize int64
 	// Image says how registries are reached: hosts.toml, insecure
 	// registries. Credentials are the docker config's of the user kiln
 	// runs as.
@@ -175,6 +188,7 @@ const (
 	shareBuilt         = "built"          // none was found, or none verified
 	sharePublished     = "published"      // a disk kiln built was published
 	sharePublishFailed = "publish_failed" // publishing it failed
+	shareLazy          = "lazy"           // an image was loaded lazily
 )
 
 func (b *diskBuilder) observeShare(result string) {
@@ -184,4 +198,4 @@ func (b *diskBuilder) observeShare(result string) {
 }
 
 // ShareResults lists what ObserveShare may be told.
-var ShareResults = []string{shareFetched, shareBuilt, sharePublished, sharePublishFailed}
+var ShareResults = []string{shareFetched, shareBuilt, sharePublished, sharePublishFailed, shareLazy}

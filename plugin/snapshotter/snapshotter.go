@@ -108,6 +108,7 @@ type Snapshotter struct {
 	loops        *loops
 	queue        *buildQueue
 	sweeper      *sweeper
+	lazy         *lazyImages // nil unless Share.Lazy
 }
 
 var _ snapshots.Cleaner = (*Snapshotter)(nil)
@@ -175,8 +176,14 @@ func New(ctx context.Context, cfg Config) (*Snapshotter, error) {
 		loops:        &loops{},
 		queue:        newBuildQueue(cfg.MaxBuilds, cfg.ObserveBuildWait),
 	}
-	s.disks = newDiskBuilder(root, chainReader{ms: ms, root: root}, s.staged, cfg.Build, set, s.queue, cfg.ObserveBuild)
+	s.disks = newDiskBuilder(root, chainReader{ms: ms, root: root, registries: cfg.Share.Image}, s.staged, cfg.Build, set, s.queue, cfg.ObserveBuild)
 	s.disks.share, s.disks.onShare = cfg.Share, cfg.ObserveShare
+	if cfg.Share.Lazy {
+		opts := cfg.Build
+		opts.Inject = set
+		s.lazy = newLazyImages(root, cfg.Share, opts, cfg.ObserveShare)
+		s.disks.lazy = s.lazy
+	}
 	// What an interrupted run left: directories of snapshots that were
 	// never recorded or are half removed.
 	orphans, err := s.sweepOrphans(ctx, true)
@@ -327,6 +334,11 @@ func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...s
 			// The chain goes on: the parent is not an image's top.
 			if id, err := s.committedID(ctx, parent); err == nil {
 				s.disks.cancelEager(id)
+			}
+		}
+		if s.lazy != nil {
+			if handled, err := s.prepareLazy(ctx, key, parent, info, opts); handled {
+				return nil, err
 			}
 		}
 		return s.create(ctx, snapshots.KindActive, key, parent, opts, s.prepareLayer)
@@ -739,6 +751,9 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 	}
 	s.disks.forget(id)
 	s.staged.drop(id)
+	if s.lazy != nil {
+		s.lazy.drop(ctx, id)
+	}
 	if renamed != "" {
 		s.loops.detachDir(ctx, renamed)
 		if err := os.RemoveAll(renamed); err != nil {
@@ -827,6 +842,9 @@ func (s *Snapshotter) sweepOrphans(ctx context.Context, restore bool) ([]string,
 func (s *Snapshotter) Close() error {
 	if s.sweeper != nil {
 		s.sweeper.stop()
+	}
+	if s.lazy != nil {
+		s.lazy.close(context.Background())
 	}
 	s.disks.close()
 	s.staged.close()

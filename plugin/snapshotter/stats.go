@@ -12,7 +12,9 @@ type Stats struct {
 	// Bytes is the disk used, by kind: "layers" (stored layer tars and
 	// what containerd's walking differ unpacked), "disks" (the shared
 	// images' disks), "containers" (containers' own disks) and
-	// "templates" (empty scratch disks containers are copied from).
+	// "templates" (empty scratch disks containers are copied from),
+	// with Share.Lazy also "chunks" (the chunk cache of lazily loaded
+	// disks).
 	Bytes map[string]int64
 	// Containers counts containers' disks by container mode.
 	Containers map[string]int
@@ -63,6 +65,9 @@ func (s *Snapshotter) Stats() Stats {
 		}
 	}
 	st.Bytes["templates"] = treeAllocated(filepath.Join(s.root, templatesDir))
+	if s.lazy != nil {
+		st.Bytes["chunks"] = s.lazy.chunkBytes()
+	}
 	return st
 }
 

@@ -1,0 +1,175 @@
+package integration
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/google/go-containerregistry/pkg/authn"
+	"github.com/google/go-containerregistry/pkg/name"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+
+	"github.com/kilnfs/kiln/integration/testcontainerd"
+	"github.com/kilnfs/kiln/integration/testimage"
+)
+
+// TestServeLazyRootfs: kiln serve with [share] lazy pulls an image that
+// has a chunked rootfs published beside it without containerd
+// downloading a layer, and serves its disk through FUSE with the bytes
+// kiln convert builds. An image sharing its base layer but published
+// without one is pulled as usual, the shared layer read from the
+// registry for its disk. Containers of both modes run on the lazily
+// loaded disk, also after kiln restarts. Removing the image unmounts its
+// disk.
+func TestServeLazyRootfs(t *testing.T) {
+	if _, err := os.Stat("/dev/fuse"); err != nil {
+		t.Skipf("FUSE is not available: %v", err) // startContainerd says why it needs root
+	}
+	reg := ggcrRegistry(t, true)
+	dockerConfig := shareDockerConfig(t, reg.host)
+	env := map[string]string{"DOCKER_CONFIG": dockerConfig}
+	auth := remote.WithAuth(&authn.Basic{Username: shareUser, Password: sharePassword})
+	top := func(motd string) testimage.Layer {
+		return testimage.Layer{Tar: layerTar(t, tDir("etc", 0o755, t1), tFile("etc/motd", 0o644, t2, motd),
+			tFile("big", 0o644, t1, strings.Repeat("kiln lazily ", 400000)))}
+	}
+	imgA := busyboxImage(t, v1.Config{}, top("loaded lazily\n"))
+	imgB := busyboxImage(t, v1.Config{}, top("pulled\n"))
+	dir := t.TempDir()
+	cache := filepath.Join(dir, "cache")
+	push := func(repo string, img v1.Image) (ref, want string) {
+		t.Helper()
+		ref = reg.host + "/" + repo + ":v1"
+		r, err := name.ParseReference(ref)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := remote.Write(r, img, auth); err != nil {
+			t.Fatal(err)
+		}
+		local := filepath.Join(dir, repo+".ext4")
+		if res := kiln(t, run{args: convertArgs(ref, local, cache, "--use-published=false"), env: env}); res.err != nil {
+			t.Fatalf("kiln convert %s: %v\n%s", ref, res.err, res.stderr)
+		}
+		return ref, fileSHA(t, local)
+	}
+	refA, wantA := push("lazy-a", imgA)
+	refB, wantB := push("lazy-b", imgB)
+	if res := kiln(t, run{args: []string{"push", "--chunked", refA, "--cache-dir", cache}, env: env}); res.err != nil {
+		t.Fatalf("kiln push --chunked: %v\n%s", res.err, res.stderr)
+	}
+
+	e := startContainerd(t, testcontainerd.Options{Metrics: true, Config: "[share]\nlazy = true\n", KilnEnv: []string{"DOCKER_CONFIG=" + dockerConfig}})
+	pull := func(ref string) {
+		ctr(t, e, "-n", "fleet", "image", "pull", "--snapshotter", "kiln", "--user", shareUser+":"+sharePassword, ref)
+	}
+	layerDigests := func(img v1.Image) []string {
+		ls, err := img.Layers()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var ds []string
+		for _, l := range ls {
+			d, err := l.Digest()
+			if err != nil {
+				t.Fatal(err)
+			}
+			ds = append(ds, d.String())
+		}
+		return ds
+	}
+	lazyMounts := func() []string {
+		raw, err := os.ReadFile("/proc/self/mounts")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var ms []string
+		for _, l := range strings.Split(string(raw), "\n") {
+			if f := strings.Fields(l); len(f) > 2 && strings.HasPrefix(f[1], filepath.Join(e.KilnRoot, "lazy")+"/") {
+				ms = append(ms, f[1]+" ("+f[2]+")")
+			}
+		}
+		return ms
+	}
+
+	// Image A: containerd takes in no layer, and the disk is the
+	// published rootfs, served through FUSE.
+	pull(refA)
+	content := ctr(t, e, "-n", "fleet", "content", "ls", "-q")
+	for _, d := range layerDigests(imgA) {
+		if strings.Contains(content, d) {
+			t.Errorf("containerd downloaded layer %s of the lazily loaded image", d)
+		}
+	}
+	out := filepath.Join(dir, "a.ext4")
+	ctdExport(t, e, "fleet", refA, out)
+	if got := fileSHA(t, out); got != wantA {
+		t.Errorf("the lazily loaded disk is %s, kiln convert builds %s", got, wantA)
+	}
+	if ms := lazyMounts(); len(ms) != 1 || !strings.Contains(ms[0], "fuse") {
+		t.Errorf("lazily loaded disks mounted: %v, want one, through FUSE", ms)
+	}
+	if !strings.Contains(ctdMetrics(t, e), `kiln_shared_rootfs_total{result="lazy"} 1`) {
+		t.Errorf("kiln_shared_rootfs_total{result=\"lazy\"} is not 1")
+	}
+
+	// Containers: the lazily loaded disk is the read-only part, the
+	// container's own disk sits beside it.
+	runOn := func(id, mode string) {
+		t.Helper()
+		out := ctr(t, e, "-n", "fleet", "run", "--rm", "--runc-root", e.RuncRoot(), "--fifo-dir", e.FIFODir(), "--snapshotter", "kiln",
+			"--snapshotter-label", "containerd.io/snapshot/kiln.container-mode="+mode,
+			refA, id, "/bin/sh", "-c", "echo written > /written && busybox cat /etc/motd /written")
+		ctdAssertContains(t, "ctr run ("+mode+")", out, "loaded lazily\nwritten")
+	}
+	runOn("lazy-overlay", "overlay")
+	runOn("lazy-copy", "copy")
+	ctr(t, e, "-n", "fleet", "snapshot", "--snapshotter", "kiln", "prepare", "lazy-c", ctdChainID(t, imgA))
+	if m := ctdMounts(t, e, "fleet", "lazy-c"); len(m) != 3 || !strings.HasPrefix(m[1].Source, filepath.Join(e.KilnRoot, "lazy")+"/") {
+		t.Errorf("a container on the lazily loaded image has mounts %+v, want its scratch disk over the lazily loaded one", m)
+	}
+	ctr(t, e, "-n", "fleet", "snapshot", "--snapshotter", "kiln", "rm", "lazy-c")
+
+	// A killed kiln leaves a dead mount: the next one clears it, and
+	// mounts the disk again when it is needed.
+	e.KillKiln()
+	if err := e.StartKiln(); err != nil {
+		t.Fatal(err)
+	}
+	runOn("lazy-restarted", "overlay")
+	if !strings.Contains(e.KilnLogs(), "clearing a dead FUSE mount") {
+		t.Errorf("kiln did not clear the dead mount its killed predecessor left")
+	}
+
+	// Image B shares the base layer, which containerd does not take in
+	// again; kiln builds B's disk reading it from the registry.
+	pull(refB)
+	content = ctr(t, e, "-n", "fleet", "content", "ls", "-q")
+	if b := layerDigests(imgB); !strings.Contains(content, b[1]) {
+		t.Errorf("containerd did not download image B's own layer %s", b[1])
+	}
+	out = filepath.Join(dir, "b.ext4")
+	ctdExport(t, e, "fleet", refB, out)
+	if got := fileSHA(t, out); got != wantB {
+		t.Errorf("image B's disk is %s, kiln convert builds %s", got, wantB)
+	}
+	fsck(t, out)
+
+	// Removing image A removes its snapshots (containerd's collector
+	// runs on the removal) and unmounts the disk.
+	ctr(t, e, "-n", "fleet", "image", "rm", "--sync", refA)
+	ctdEventually(t, "the lazily loaded disk is unmounted", func() []string {
+		if ms := lazyMounts(); len(ms) != 0 {
+			return []string{fmt.Sprintf("still mounted: %v", ms)}
+		}
+		return nil
+	})
+	out = filepath.Join(dir, "b2.ext4")
+	ctdExport(t, e, "fleet", refB, out)
+	if got := fileSHA(t, out); got != wantB {
+		t.Errorf("image B's disk is %s after image A went, kiln convert builds %s", got, wantB)
+	}
+}

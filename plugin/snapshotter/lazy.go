@@ -1,0 +1,520 @@
+package snapshotter
+
+// Lazily loaded images (Share.Lazy).
+//
+// When containerd unpacks an image that has a chunked rootfs of kiln's
+// build published beside it (kiln push --chunked), kiln answers the
+// Prepare of each layer's extraction snapshot as containerd's remote
+// snapshotters do: it commits a snapshot of its own under the layer's
+// chain and returns errdefs.ErrAlreadyExists, and containerd downloads
+// and applies none of the layers. Such a snapshot holds no data, only
+// lazyFile, which says where its layer is. The disk of the image's top
+// layer is the published rootfs, served as a file through FUSE: a read
+// fetches the chunks it touches, checks them and keeps them in the chunk
+// cache, shared by every image. Any other chain through these layers
+// (an image sharing the base but published without one) is built as
+// usual, its lazily loaded layers read from the registry.
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/containerd/v2/core/snapshots/storage"
+	snpkg "github.com/containerd/containerd/v2/pkg/snapshotters"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+	"github.com/google/go-containerregistry/pkg/name"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/opencontainers/go-digest"
+	"github.com/opencontainers/image-spec/identity"
+
+	"github.com/kilnfs/kiln/internal/build"
+	"github.com/kilnfs/kiln/internal/chunked"
+	"github.com/kilnfs/kiln/internal/convert"
+	"github.com/kilnfs/kiln/internal/fusedisk"
+	"github.com/kilnfs/kiln/internal/image"
+	"github.com/kilnfs/kiln/internal/layer"
+	"github.com/kilnfs/kiln/internal/share"
+)
+
+const (
+	// lazyFile, in a snapshot directory, marks a lazily loaded layer.
+	lazyFile = "lazy.json"
+	// lazyDir, under the root, holds one mount directory per lazily
+	// loaded disk, named by its snapshot's id.
+	lazyDir = "lazy"
+	// chunksDir, under the root, is the chunk cache.
+	chunksDir = "chunks"
+	// lookupTTL is how long what a registry said about an image is
+	// trusted: a pull prepares all of its layers within it.
+	lookupTTL = time.Minute
+	// profileDelay is how long after its mount a disk's reads are taken
+	// as its boot profile, if it has none.
+	profileDelay = time.Minute
+	// prefetchWorkers are the fetches at a time of a background prefetch.
+	prefetchWorkers = 4
+)
+
+// lazyLayer is what lazyFile says: the layer, and the image it was
+// pulled for.
+type lazyLayer struct {
+	Ref       string        `json:"ref"`
+	Manifest  digest.Digest `json:"manifest"`
+	Index     int           `json:"index"`
+	Layers    int           `json:"layers"`
+	Digest    digest.Digest `json:"digest"`
+	MediaType string        `json:"mediaType"`
+	Size      int64         `json:"size"`
+	DiffID    digest.Digest `json:"diffID"`
+}
+
+func (l lazyLayer) top() bool { return l.Index == l.Layers-1 }
+
+// readLazy reads the lazyFile of snapshot directory dir; ok is false
+// when there is none.
+func readLazy(dir string) (l lazyLayer, ok bool, err error) {
+	raw, err := os.ReadFile(filepath.Join(dir, lazyFile))
+	if errors.Is(err, os.ErrNotExist) {
+		return l, false, nil
+	}
+	if err == nil {
+		err = json.Unmarshal(raw, &l)
+	}
+	if err != nil {
+		return l, false, fmt.Errorf("%s: %w", filepath.Join(dir, lazyFile), err)
+	}
+	return l, true, nil
+}
+
+// lazyImages finds published chunked rootfs and serves them.
+type lazyImages struct {
+	root    string
+	share   Share
+	opts    build.Options // as disks are built
+	onShare func(result string)
+
+	storeOnce sync.Once
+	store     *chunked.Store
+	storeErr  error
+
+	mu      sync.Mutex
+	lookups map[digest.Digest]*lookup
+	mounts  map[string]*lazyMount
+	closed  bool
+	wg      sync.WaitGroup
+}
+
+// lookup is what the registry said about an image.
+type lookup struct {
+	done     chan struct{}
+	at       time.Time
+	img      *image.Image
+	chainIDs []digest.Digest
+	chunked  *share.Chunked // nil: none of this build
+	key      string
+}
+
+// lazyMount is a lazily loaded disk, mounted or being mounted.
+type lazyMount struct {
+	done  chan struct{}
+	path  string
+	err   error
+	disk  *fusedisk.Disk
+	lazy  *convert.Lazy
+	stop  context.CancelFunc // ends the prefetch
+	ended chan struct{}      // closed when the prefetch has ended
+}
+
+func newLazyImages(root string, sh Share, opts build.Options, onShare func(string)) *lazyImages {
+	l := &lazyImages{root: root, share: sh, opts: opts, onShare: onShare,
+		lookups: map[digest.Digest]*lookup{}, mounts: map[string]*lazyMount{}}
+	l.settle()
+	return l
+}
+
+// settle clears the mounts a previous run left: their server is gone.
+func (l *lazyImages) settle() {
+	dirs, _ := filepath.Glob(filepath.Join(l.root, lazyDir, "*"))
+	for _, d := range dirs {
+		if err := fusedisk.ClearDead(d); err != nil {
+			log.L.WithError(err).WithField("dir", d).Warn("clearing a lazily loaded disk's mount")
+			continue
+		}
+		os.Remove(d)
+	}
+}
+
+func (l *lazyImages) chunkStore() (*chunked.Store, error) {
+	l.storeOnce.Do(func() {
+		l.store, l.storeErr = chunked.OpenStore(filepath.Join(l.root, chunksDir), l.share.LazyCacheMaxSize)
+	})
+	return l.store, l.storeErr
+}
+
+// find returns what the registry of ref says about the image whose
+// manifest digest is manifest: its layers and any chunked rootfs of
+// kiln's build. A registry that cannot be asked counts as one without.
+func (l *lazyImages) find(ctx context.Context, ref string, manifest digest.Digest) *lookup {
+	l.mu.Lock()
+	lk := l.lookups[manifest]
+	if lk != nil {
+		select {
+		case <-lk.done:
+			if time.Since(lk.at) > lookupTTL {
+				lk = nil
+			}
+		default:
+		}
+	}
+	if lk == nil {
+		lk = &lookup{done: make(chan struct{})}
+		l.lookups[manifest] = lk
+		l.mu.Unlock()
+		l.resolve(ctx, lk, ref, manifest)
+		if ctx.Err() == nil {
+			lk.at = time.Now() // else stale at once: the caller gave up
+		}
+		close(lk.done)
+		return lk
+	}
+	l.mu.Unlock()
+	select {
+	case <-lk.done:
+	case <-ctx.Done():
+		return &lookup{}
+	}
+	return lk
+}
+
+func (l *lazyImages) resolve(ctx context.Context, lk *lookup, ref string, manifest digest.Digest) {
+	lg := log.G(ctx).WithFields(log.Fields{"image": ref, "manifest": manifest.String()})
+	r, err := name.ParseReference(ref)
+	if err != nil {
+		lg.WithError(err).Warn("not loading the image lazily")
+		return
+	}
+	img, err := image.Resolve(ctx, r.Context().Digest(manifest.String()).String(), l.share.Image)
+	if err != nil {
+		lg.WithError(err).Warn("not loading the image lazily")
+		return
+	}
+	if img.Digest != manifest {
+		lg.Warnf("not loading the image lazily: the registry resolves it to %s", img.Digest)
+		return
+	}
+	t, err := image.Server(ctx, ref, l.share.Image)
+	if err != nil {
+		lg.WithError(err).Warn("not loading the image lazily")
+		return
+	}
+	id := build.IdentityOf(img.ChainID(), l.opts)
+	maxSize := int64(1 << 62)
+	if l.opts.Size > 0 {
+		maxSize = share.MaxImageSize(l.opts, l.root)
+	}
+	c, err := share.FindChunked(ctx, t, manifest, id, maxSize)
+	if err != nil {
+		if errors.Is(err, share.ErrNotPublished) {
+			lg.WithError(err).Debug("no chunked rootfs to load lazily")
+		} else {
+			lg.WithError(err).Warn("not loading the image lazily")
+		}
+		return
+	}
+	lk.chainIDs = identity.ChainIDs(slices.Clone(img.Config.RootFS.DiffIDs))
+	lk.img, lk.chunked, lk.key = img, c, id.Key
+}
+
+// prepare answers the Prepare of an extraction snapshot whose layer can
+// be loaded lazily: it records the layer as a committed snapshot and
+// returns an error wrapping errdefs.ErrAlreadyExists; handled is false
+// when the layer is to be pulled as usual.
+func (s *Snapshotter) prepareLazy(ctx context.Context, key, parent string, info snapshots.Info, opts []snapshots.Opt) (handled bool, err error) {
+	lbl := info.Labels
+	ref, target, layerDigest := lbl[snpkg.TargetRefLabel], lbl[snapshots.LabelSnapshotRef], lbl[snpkg.TargetLayerDigestLabel]
+	manifest, err := digest.Parse(lbl[snpkg.TargetManifestDigestLabel])
+	if ref == "" || target == "" || layerDigest == "" || err != nil {
+		return false, nil
+	}
+	lk := s.lazy.find(ctx, ref, manifest)
+	if lk.chunked == nil {
+		return false, nil
+	}
+	i := -1
+	for j, ly := range lk.img.Layers {
+		if ly.Digest.String() == layerDigest && lk.chainIDs[j].String() == target {
+			i = j
+			break
+		}
+	}
+	if i < 0 {
+		return false, nil
+	}
+	if i == 0 && parent != "" || i > 0 && chainOf(parent) != lk.chainIDs[i-1].String() {
+		return false, nil // not on the chain of the image's layers below
+	}
+	ly := lk.img.Layers[i]
+	rec := lazyLayer{Ref: ref, Manifest: manifest, Index: i, Layers: len(lk.img.Layers),
+		Digest: ly.Digest, MediaType: ly.MediaType, Size: ly.Size, DiffID: lk.img.Config.RootFS.DiffIDs[i]}
+	raw, err := json.Marshal(rec)
+	if err != nil {
+		return true, err
+	}
+	stage, err := os.MkdirTemp(filepath.Join(s.root, tmpDir), "new-")
+	if err != nil {
+		return true, err
+	}
+	defer os.RemoveAll(stage)
+	if err := s.prepareLayer(ctx, stage); err != nil {
+		return true, err
+	}
+	if err := os.WriteFile(filepath.Join(stage, lazyFile), raw, 0o600); err != nil {
+		return true, err
+	}
+	// A name of its own: containerd finds the snapshot by its labels and
+	// parent, and another namespace's pull of the image on another
+	// parent makes another.
+	var nonce [8]byte
+	rand.Read(nonce[:]) //nolint:errcheck // never fails
+	committed := "lazy-" + hex.EncodeToString(nonce[:]) + "/" + target
+	var id string
+	err = s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+		snap, err := storage.CreateSnapshot(ctx, snapshots.KindActive, key, parent, opts...)
+		if err != nil {
+			return err
+		}
+		if _, err := storage.CommitActive(ctx, key, committed, snapshots.Usage{}, opts...); err != nil {
+			return err
+		}
+		dir := s.dir(snap.ID)
+		if exists(dir) {
+			if err := os.Rename(dir, filepath.Join(s.root, snapshotsDir, removingPrefix+snap.ID+"-"+filepath.Base(stage))); err != nil {
+				return err
+			}
+		}
+		id = snap.ID
+		return os.Rename(stage, dir)
+	})
+	if err != nil {
+		return true, fmt.Errorf("recording layer %s of image %s, loaded lazily: %w", ly.Digest, ref, err)
+	}
+	lg := log.G(ctx).WithFields(log.Fields{"image": ref, "layer": ly.Digest.String(), "snapshot": id})
+	lg.Debug("layer loaded lazily: containerd skips it")
+	if rec.top() {
+		lg.Info("the image is loaded lazily")
+		s.lazy.observe(shareLazy)
+		// Mounted now, so that the boot profile's chunks are on their
+		// way before a container asks.
+		s.lazy.background(func() {
+			if _, ok := s.lazy.disk(log.WithLogger(context.Background(), lg), s.dir(id), id); !ok {
+				lg.Warn("the lazily loaded disk could not be mounted; it will be built from its layers")
+			}
+		})
+	}
+	return true, fmt.Errorf("layer %s of image %s is loaded lazily: %w", ly.Digest, ref, errdefs.ErrAlreadyExists)
+}
+
+// background runs fn in a goroutine that close waits for, unless
+// closed.
+func (l *lazyImages) background(fn func()) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		return
+	}
+	l.wg.Add(1)
+	go func() {
+		defer l.wg.Done()
+		fn()
+	}()
+}
+
+func (l *lazyImages) observe(result string) {
+	if l.onShare != nil {
+		l.onShare(result)
+	}
+}
+
+// disk returns the lazily loaded disk of the committed snapshot id in
+// dir, mounting it if needed; ok is false when the snapshot is not the
+// top of a lazily loaded image, or its disk cannot be served (it is then
+// built from its layers, read from the registry).
+func (l *lazyImages) disk(ctx context.Context, dir, id string) (path string, ok bool) {
+	rec, isLazy, err := readLazy(dir)
+	if err != nil {
+		log.G(ctx).WithError(err).Warn("reading a lazily loaded layer's record")
+		return "", false
+	}
+	if !isLazy || !rec.top() {
+		return "", false
+	}
+	l.mu.Lock()
+	if l.closed {
+		l.mu.Unlock()
+		return "", false
+	}
+	m := l.mounts[id]
+	if m != nil {
+		select {
+		case <-m.done:
+			if m.err != nil {
+				m = nil // try again
+			}
+		default:
+		}
+	}
+	if m == nil {
+		m = &lazyMount{done: make(chan struct{})}
+		l.mounts[id] = m
+		l.mu.Unlock()
+		m.path, m.err = l.mount(ctx, id, rec, m)
+		if m.err != nil {
+			log.G(ctx).WithError(m.err).WithFields(log.Fields{"snapshot": id, "image": rec.Ref}).Warn("mounting a lazily loaded disk")
+		}
+		close(m.done)
+	} else {
+		l.mu.Unlock()
+		select {
+		case <-m.done:
+		case <-ctx.Done():
+			return "", false
+		}
+	}
+	return m.path, m.err == nil
+}
+
+// mount mounts the published rootfs of rec's image as the disk of
+// snapshot id and starts its prefetch.
+func (l *lazyImages) mount(ctx context.Context, id string, rec lazyLayer, m *lazyMount) (string, error) {
+	lk := l.find(ctx, rec.Ref, rec.Manifest)
+	if lk.chunked == nil {
+		return "", fmt.Errorf("image %s (%s): its chunked rootfs is gone from the registry", rec.Ref, rec.Manifest)
+	}
+	st, err := l.chunkStore()
+	if err != nil {
+		return "", fmt.Errorf("chunk cache: %w", err)
+	}
+	r, err := chunked.NewReader(lk.chunked.Index, lk.chunked.Fetcher, st, l.share.LazyTimeout)
+	if err != nil {
+		return "", fmt.Errorf("image %s: %w", rec.Ref, err)
+	}
+	dir := filepath.Join(l.root, lazyDir, id)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		r.Close()
+		return "", err
+	}
+	disk, err := fusedisk.Mount(dir, r, fusedisk.Options{Name: diskFile, Timeout: l.share.LazyTimeout, AllowOther: os.Geteuid() == 0})
+	if err != nil {
+		r.Close()
+		return "", fmt.Errorf("image %s: mounting its rootfs at %s: %w", rec.Ref, dir, err)
+	}
+	m.disk, m.lazy = disk, convert.NewLazy(lk.img, lk.chunked, lk.key, r, l.root)
+	pctx, stop := context.WithCancel(context.Background())
+	m.stop, m.ended = stop, make(chan struct{})
+	lg := log.G(ctx).WithFields(log.Fields{"snapshot": id, "image": rec.Ref, "artifact": m.lazy.Artifact})
+	go func() {
+		defer close(m.ended)
+		if err := m.lazy.Prefetch(pctx, l.share.LazyPrefetch, prefetchWorkers); err != nil {
+			lg.WithError(err).Warn("prefetching a lazily loaded disk stopped")
+		}
+		select {
+		case <-time.After(profileDelay):
+		case <-pctx.Done():
+		}
+		if err := m.lazy.SaveProfile(); err != nil {
+			lg.WithError(err).Warn("recording a boot profile")
+		}
+	}()
+	lg.WithField("size", r.Size()).Info("serving a lazily loaded disk")
+	return disk.Path(), nil
+}
+
+// drop unmounts the lazily loaded disk of a removed snapshot.
+func (l *lazyImages) drop(ctx context.Context, id string) {
+	l.mu.Lock()
+	m := l.mounts[id]
+	delete(l.mounts, id)
+	l.mu.Unlock()
+	if m != nil {
+		l.unmount(ctx, id, m)
+	}
+}
+
+// unmount unmounts a disk. One that is still open (a VMM that has no
+// snapshot on it) is detached and served until it is closed.
+func (l *lazyImages) unmount(ctx context.Context, id string, m *lazyMount) {
+	<-m.done
+	if m.err != nil {
+		return
+	}
+	m.stop()
+	<-m.ended
+	if err := m.disk.Unmount(); err != nil {
+		log.G(ctx).WithError(err).WithField("snapshot", id).Warn("unmounting a lazily loaded disk")
+		return
+	}
+	go func() {
+		m.disk.Wait()
+		m.lazy.Close()
+		os.Remove(filepath.Join(l.root, lazyDir, id))
+	}()
+}
+
+// close unmounts every lazily loaded disk. A VM still reading one gets
+// I/O errors: its chunks are served by this process.
+func (l *lazyImages) close(ctx context.Context) {
+	l.mu.Lock()
+	l.closed = true
+	mounts := l.mounts
+	l.mounts = map[string]*lazyMount{}
+	l.mu.Unlock()
+	l.wg.Wait()
+	for id, m := range mounts {
+		l.unmount(ctx, id, m)
+	}
+}
+
+// chunkBytes is the disk the chunk cache takes, if it was opened.
+func (l *lazyImages) chunkBytes() int64 {
+	st, err := l.chunkStore()
+	if err != nil {
+		return 0
+	}
+	return st.Size()
+}
+
+// lazyLayerBlob is a lazily loaded layer as a build reads it: its blob,
+// streamed from the registry of the image it was pulled for.
+func lazyLayerBlob(opts image.Options, rec lazyLayer) build.Layer {
+	return build.Layer{
+		Descriptor: layer.Descriptor{MediaType: rec.MediaType, Digest: rec.Digest, DiffID: rec.DiffID},
+		Size:       rec.Size,
+		Open: func() (io.ReadCloser, error) {
+			ctx := context.Background()
+			t, err := image.Server(ctx, rec.Ref, opts)
+			if err != nil {
+				return nil, fmt.Errorf("layer %s of image %s, loaded lazily: %w", rec.Digest, rec.Ref, err)
+			}
+			ly, err := remote.Layer(t.Ref.Context().Digest(rec.Digest.String()), t.Options...)
+			if err != nil {
+				return nil, fmt.Errorf("layer %s of image %s, loaded lazily: %w", rec.Digest, rec.Ref, err)
+			}
+			rc, err := ly.Compressed()
+			if err != nil {
+				return nil, fmt.Errorf("layer %s of image %s, loaded lazily: %w", rec.Digest, rec.Ref, err)
+			}
+			return rc, nil
+		},
+	}
+}
