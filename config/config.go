@@ -78,10 +78,15 @@ type Share struct {
 	// chunks take longer fails with an I/O error.
 	LazyTimeout string `toml:"lazy_timeout"`
 	// LazyPrefetch fetches the rest of a lazily loaded disk in the
-	// background, after the chunks its first boot read.
+	// background, after the chunks its first boot read, then writes the
+	// disk out whole: later containers, and the next kiln, use that.
 	LazyPrefetch bool `toml:"lazy_prefetch"`
+	// LazyBootWindow is how long after a disk is mounted its reads are
+	// taken as its boot's, recorded as its boot profile.
+	LazyBootWindow string `toml:"lazy_boot_window"`
 	// LazyCacheMaxSize bounds the chunk cache under the root ("0": no
-	// bound); the chunks used least recently go first.
+	// bound); the chunks used least recently go first. A disk written
+	// out whole needs its chunks no more.
 	LazyCacheMaxSize string `toml:"lazy_cache_max_size"`
 	// HostsDir holds containerd's hosts.toml files (mirrors, TLS,
 	// headers); the rootfs is looked up and published on the registry
@@ -286,7 +291,7 @@ func Default() Config {
 		Limits: DefaultLimits(),
 		Share: Share{
 			HostsDir: "/etc/containerd/certs.d", Insecure: []string{},
-			LazyTimeout: "30s", LazyPrefetch: true, LazyCacheMaxSize: "0",
+			LazyTimeout: "30s", LazyPrefetch: true, LazyBootWindow: "1m", LazyCacheMaxSize: "10G",
 		},
 	}
 }
@@ -352,6 +357,9 @@ func (c Config) Validate() error {
 	}
 	if d, err := time.ParseDuration(c.Share.LazyTimeout); err != nil || d <= 0 {
 		return fmt.Errorf("config: share.lazy_timeout %q: want a duration such as 30s", c.Share.LazyTimeout)
+	}
+	if d, err := time.ParseDuration(c.Share.LazyBootWindow); err != nil || d <= 0 {
+		return fmt.Errorf("config: share.lazy_boot_window %q: want a duration such as 1m", c.Share.LazyBootWindow)
 	}
 	if _, err := c.Share.CacheBudget(); err != nil {
 		return err

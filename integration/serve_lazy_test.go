@@ -1,6 +1,7 @@
 package integration
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -23,7 +24,8 @@ import (
 // without one is pulled as usual, the shared layer read from the
 // registry for its disk. Containers of both modes run on the lazily
 // loaded disk, also after kiln restarts. Removing the image unmounts its
-// disk.
+// disk. With prefetch, the disk is written out whole once it has
+// arrived, and later containers use that.
 func TestServeLazyRootfs(t *testing.T) {
 	if _, err := os.Stat("/dev/fuse"); err != nil {
 		t.Skipf("FUSE is not available: %v", err) // startContainerd says why it needs root
@@ -62,10 +64,14 @@ func TestServeLazyRootfs(t *testing.T) {
 		t.Fatalf("kiln push --chunked: %v\n%s", res.err, res.stderr)
 	}
 
-	e := startContainerd(t, testcontainerd.Options{Metrics: true, Config: "[share]\nlazy = true\n", KilnEnv: []string{"DOCKER_CONFIG=" + dockerConfig}})
-	pull := func(ref string) {
-		ctr(t, e, "-n", "fleet", "image", "pull", "--snapshotter", "kiln", "--user", shareUser+":"+sharePassword, ref)
+	node := func(config string) *testcontainerd.Env {
+		return startContainerd(t, testcontainerd.Options{Metrics: true, Config: "[share]\nlazy = true\n" + config, KilnEnv: []string{"DOCKER_CONFIG=" + dockerConfig}})
 	}
+	e := node("lazy_prefetch = false\n")
+	pullIn := func(ns, ref string) {
+		ctr(t, e, "-n", ns, "image", "pull", "--snapshotter", "kiln", "--user", shareUser+":"+sharePassword, ref)
+	}
+	pull := func(ref string) { pullIn("fleet", ref) }
 	layerDigests := func(img v1.Image) []string {
 		ls, err := img.Layers()
 		if err != nil {
@@ -116,6 +122,18 @@ func TestServeLazyRootfs(t *testing.T) {
 		t.Errorf("kiln_shared_rootfs_total{result=\"lazy\"} is not 1")
 	}
 
+	// Another namespace's pull uses the same snapshots and disk.
+	pullIn("other", refA)
+	out = filepath.Join(dir, "a-other.ext4")
+	ctdExport(t, e, "other", refA, out)
+	if got := fileSHA(t, out); got != wantA {
+		t.Errorf("the lazily loaded disk in another namespace is %s, kiln convert builds %s", got, wantA)
+	}
+	if recs, _ := filepath.Glob(filepath.Join(e.KilnRoot, "snapshots", "*", "lazy.json")); len(recs) != 2 || len(lazyMounts()) != 1 {
+		t.Errorf("after a second namespace's pull: %d lazily loaded layers and mounts %v, want the image's 2 layers and one disk", len(recs), lazyMounts())
+	}
+	ctr(t, e, "-n", "other", "image", "rm", "--sync", refA)
+
 	// Containers: the lazily loaded disk is the read-only part, the
 	// container's own disk sits beside it.
 	runOn := func(id, mode string) {
@@ -135,10 +153,7 @@ func TestServeLazyRootfs(t *testing.T) {
 
 	// A killed kiln leaves a dead mount: the next one clears it, and
 	// mounts the disk again when it is needed.
-	e.KillKiln()
-	if err := e.StartKiln(); err != nil {
-		t.Fatal(err)
-	}
+	restartKiln(t, e)
 	runOn("lazy-restarted", "overlay")
 	if !strings.Contains(e.KilnLogs(), "clearing a dead FUSE mount") {
 		t.Errorf("kiln did not clear the dead mount its killed predecessor left")
@@ -172,4 +187,47 @@ func TestServeLazyRootfs(t *testing.T) {
 	if got := fileSHA(t, out); got != wantB {
 		t.Errorf("image B's disk is %s after image A went, kiln convert builds %s", got, wantB)
 	}
+
+	// Prefetch: the disk arrives whole and is written out; a container
+	// made after a kill of kiln runs on that copy.
+	e2 := node("lazy_boot_window = \"1s\"\n")
+	ctr(t, e2, "-n", "fleet", "image", "pull", "--snapshotter", "kiln", "--user", shareUser+":"+sharePassword, refA)
+	var copies []string
+	ctdEventually(t, "the prefetched disk is written out whole", func() []string {
+		copies, _ = filepath.Glob(filepath.Join(e2.KilnRoot, "snapshots", "*", "disk.ext4"))
+		if len(copies) != 1 {
+			return []string{fmt.Sprintf("disks written: %v, want one", copies)}
+		}
+		return nil
+	})
+	if len(copies) == 1 {
+		if got := fileSHA(t, copies[0]); got != wantA {
+			t.Errorf("the disk written out is %s, kiln convert builds %s", got, wantA)
+		}
+	}
+	restartKiln(t, e2)
+	out = filepath.Join(dir, "a-whole.ext4")
+	ctdExport(t, e2, "fleet", refA, out)
+	if got := fileSHA(t, out); got != wantA {
+		t.Errorf("the disk after the restart is %s, kiln convert builds %s", got, wantA)
+	}
+	if strings.Count(e2.KilnLogs(), "serving a lazily loaded disk") != 1 {
+		t.Errorf("kiln mounted the disk again after the restart instead of using the copy written out")
+	}
+}
+
+// restartKiln kills kiln serve, starts it again and waits until
+// containerd, which reconnects within its back-off, reaches it.
+func restartKiln(t *testing.T, e *testcontainerd.Env) {
+	t.Helper()
+	e.KillKiln()
+	if err := e.StartKiln(); err != nil {
+		t.Fatal(err)
+	}
+	ctdEventually(t, "containerd reaches kiln again", func() []string {
+		if out, err := e.Ctr(context.Background(), "snapshot", "--snapshotter", "kiln", "ls"); err != nil {
+			return []string{ctdLastLine(out)}
+		}
+		return nil
+	})
 }

@@ -89,6 +89,10 @@ func New(ctx context.Context, cfg config.Config) (_ *Service, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("config: share.lazy_timeout: %w", err)
 	}
+	bootWindow, err := time.ParseDuration(cfg.Share.LazyBootWindow)
+	if err != nil {
+		return nil, fmt.Errorf("config: share.lazy_boot_window: %w", err)
+	}
 	chunkBudget, err := cfg.Share.CacheBudget()
 	if err != nil {
 		return nil, err
@@ -156,7 +160,8 @@ func New(ctx context.Context, cfg config.Config) (_ *Service, err error) {
 		ObserveBuildWait: m.observeBuildWait,
 		Share: snapshotter.Share{
 			Pull: cfg.Share.Pull, Push: cfg.Share.Push,
-			Lazy: cfg.Share.Lazy, LazyTimeout: lazyTimeout, LazyPrefetch: cfg.Share.LazyPrefetch, LazyCacheMaxSize: chunkBudget,
+			Lazy: cfg.Share.Lazy, LazyTimeout: lazyTimeout, LazyPrefetch: cfg.Share.LazyPrefetch,
+			LazyBootWindow: bootWindow, LazyCacheMaxSize: chunkBudget,
 			Image: image.Options{HostsDir: cfg.Share.HostsDir, Insecure: cfg.Share.Insecure, UserAgent: version.UserAgent()},
 		},
 		ObserveShare: m.observeShare,

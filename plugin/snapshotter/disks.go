@@ -92,8 +92,8 @@ func (b *diskBuilder) get(ctx context.Context, id string) (string, error) {
 			return p, nil
 		}
 		if b.lazy != nil {
-			if p, ok := b.lazy.disk(ctx, b.dir(id), id); ok {
-				return p, nil
+			if p, ok, err := b.lazy.disk(ctx, b.dir(id), id); ok || err != nil {
+				return p, err
 			}
 		}
 		f := b.join(id, false)

@@ -46,6 +46,7 @@ import (
 	"github.com/kilnfs/kiln/internal/image"
 	"github.com/kilnfs/kiln/internal/layer"
 	"github.com/kilnfs/kiln/internal/share"
+	"github.com/kilnfs/kiln/internal/workdir"
 )
 
 const (
@@ -59,9 +60,9 @@ const (
 	// lookupTTL is how long what a registry said about an image is
 	// trusted: a pull prepares all of its layers within it.
 	lookupTTL = time.Minute
-	// profileDelay is how long after its mount a disk's reads are taken
-	// as its boot profile, if it has none.
-	profileDelay = time.Minute
+	// lookupTimeout bounds what asking the registry about an image may
+	// take.
+	lookupTimeout = 30 * time.Second
 	// prefetchWorkers are the fetches at a time of a background prefetch.
 	prefetchWorkers = 4
 )
@@ -104,11 +105,8 @@ type lazyImages struct {
 	opts    build.Options // as disks are built
 	onShare func(result string)
 
-	storeOnce sync.Once
-	store     *chunked.Store
-	storeErr  error
-
 	mu      sync.Mutex
+	store   *chunked.Store // opened when first needed
 	lookups map[digest.Digest]*lookup
 	mounts  map[string]*lazyMount
 	closed  bool
@@ -156,10 +154,16 @@ func (l *lazyImages) settle() {
 }
 
 func (l *lazyImages) chunkStore() (*chunked.Store, error) {
-	l.storeOnce.Do(func() {
-		l.store, l.storeErr = chunked.OpenStore(filepath.Join(l.root, chunksDir), l.share.LazyCacheMaxSize)
-	})
-	return l.store, l.storeErr
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.store == nil {
+		st, err := chunked.OpenStore(filepath.Join(l.root, chunksDir), l.share.LazyCacheMaxSize)
+		if err != nil {
+			return nil, err
+		}
+		l.store = st
+	}
+	return l.store, nil
 }
 
 // find returns what the registry of ref says about the image whose
@@ -178,23 +182,28 @@ func (l *lazyImages) find(ctx context.Context, ref string, manifest digest.Diges
 		}
 	}
 	if lk == nil {
+		// Asked apart from the request, which may give up, and within
+		// lookupTimeout: a pull waits for the answer, and other pulls
+		// of the image share it.
 		lk = &lookup{done: make(chan struct{})}
 		l.lookups[manifest] = lk
 		l.mu.Unlock()
-		l.resolve(ctx, lk, ref, manifest)
-		if ctx.Err() == nil {
-			lk.at = time.Now() // else stale at once: the caller gave up
-		}
-		close(lk.done)
-		return lk
+		go func() {
+			rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), lookupTimeout)
+			defer cancel()
+			l.resolve(rctx, lk, ref, manifest)
+			lk.at = time.Now()
+			close(lk.done)
+		}()
+	} else {
+		l.mu.Unlock()
 	}
-	l.mu.Unlock()
 	select {
 	case <-lk.done:
+		return lk
 	case <-ctx.Done():
 		return &lookup{}
 	}
-	return lk
 }
 
 func (l *lazyImages) resolve(ctx context.Context, lk *lookup, ref string, manifest digest.Digest) {
@@ -265,6 +274,14 @@ func (s *Snapshotter) prepareLazy(ctx context.Context, key, parent string, info 
 		return false, nil // not on the chain of the image's layers below
 	}
 	ly := lk.img.Layers[i]
+	// Pulled already, in another namespace: containerd finds that
+	// snapshot as it finds a new one, by its labels and parent.
+	if ok, err := s.committedLayer(ctx, target, parent); err != nil || ok {
+		if err != nil {
+			return true, err
+		}
+		return true, fmt.Errorf("layer %s of image %s: %w", ly.Digest, ref, errdefs.ErrAlreadyExists)
+	}
 	rec := lazyLayer{Ref: ref, Manifest: manifest, Index: i, Layers: len(lk.img.Layers),
 		Digest: ly.Digest, MediaType: ly.MediaType, Size: ly.Size, DiffID: lk.img.Config.RootFS.DiffIDs[i]}
 	raw, err := json.Marshal(rec)
@@ -279,7 +296,7 @@ func (s *Snapshotter) prepareLazy(ctx context.Context, key, parent string, info 
 	if err := s.prepareLayer(ctx, stage); err != nil {
 		return true, err
 	}
-	if err := os.WriteFile(filepath.Join(stage, lazyFile), raw, 0o600); err != nil {
+	if err := writeSynced(stage, lazyFile, raw); err != nil {
 		return true, err
 	}
 	// A name of its own: containerd finds the snapshot by its labels and
@@ -288,7 +305,7 @@ func (s *Snapshotter) prepareLazy(ctx context.Context, key, parent string, info 
 	var nonce [8]byte
 	rand.Read(nonce[:]) //nolint:errcheck // never fails
 	committed := "lazy-" + hex.EncodeToString(nonce[:]) + "/" + target
-	var id string
+	var id, placed string
 	err = s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
 		snap, err := storage.CreateSnapshot(ctx, snapshots.KindActive, key, parent, opts...)
 		if err != nil {
@@ -304,9 +321,16 @@ func (s *Snapshotter) prepareLazy(ctx context.Context, key, parent string, info 
 			}
 		}
 		id = snap.ID
-		return os.Rename(stage, dir)
+		if err := os.Rename(stage, dir); err != nil {
+			return err
+		}
+		placed = dir
+		return nil
 	})
 	if err != nil {
+		if placed != "" {
+			os.RemoveAll(placed) // the snapshot was not recorded
+		}
 		return true, fmt.Errorf("recording layer %s of image %s, loaded lazily: %w", ly.Digest, ref, err)
 	}
 	lg := log.G(ctx).WithFields(log.Fields{"image": ref, "layer": ly.Digest.String(), "snapshot": id})
@@ -317,9 +341,7 @@ func (s *Snapshotter) prepareLazy(ctx context.Context, key, parent string, info 
 		// Mounted now, so that the boot profile's chunks are on their
 		// way before a container asks.
 		s.lazy.background(func() {
-			if _, ok := s.lazy.disk(log.WithLogger(context.Background(), lg), s.dir(id), id); !ok {
-				lg.Warn("the lazily loaded disk could not be mounted; it will be built from its layers")
-			}
+			s.lazy.disk(log.WithLogger(context.Background(), lg), s.dir(id), id) //nolint:errcheck // logged; a container's request tries again
 		})
 	}
 	return true, fmt.Errorf("layer %s of image %s is loaded lazily: %w", ly.Digest, ref, errdefs.ErrAlreadyExists)
@@ -340,6 +362,50 @@ func (l *lazyImages) background(fn func()) {
 	}()
 }
 
+// writeSynced writes a file into dir and makes it and its name durable:
+// a layer directory without its lazyFile would pass for an empty layer.
+func writeSynced(dir, name string, data []byte) error {
+	f, err := os.OpenFile(filepath.Join(dir, name), os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return err
+	}
+	_, err = f.Write(data)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return err
+	}
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
+
+// committedLayer says whether a committed snapshot of the layer chain
+// target on parent exists.
+func (s *Snapshotter) committedLayer(ctx context.Context, target, parent string) (bool, error) {
+	found := false
+	filter := fmt.Sprintf("labels.%q==%s,parent==%q", snapshots.LabelSnapshotRef, target, parent)
+	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		return storage.WalkInfo(ctx, func(_ context.Context, i snapshots.Info) error {
+			if i.Kind == snapshots.KindCommitted && i.Labels[snapshots.LabelSnapshotRef] == target && i.Parent == parent {
+				found = true
+			}
+			return nil
+		}, filter)
+	})
+	if errdefs.IsNotFound(err) {
+		return false, nil // no snapshot at all yet
+	}
+	return found, err
+}
+
 func (l *lazyImages) observe(result string) {
 	if l.onShare != nil {
 		l.onShare(result)
@@ -347,22 +413,23 @@ func (l *lazyImages) observe(result string) {
 }
 
 // disk returns the lazily loaded disk of the committed snapshot id in
-// dir, mounting it if needed; ok is false when the snapshot is not the
+// dir, mounting it if needed. ok is false when the snapshot is not the
 // top of a lazily loaded image, or its disk cannot be served (it is then
-// built from its layers, read from the registry).
-func (l *lazyImages) disk(ctx context.Context, dir, id string) (path string, ok bool) {
+// built from its layers, read from the registry); err is set when the
+// caller gave up waiting, or kiln is stopping.
+func (l *lazyImages) disk(ctx context.Context, dir, id string) (path string, ok bool, err error) {
 	rec, isLazy, err := readLazy(dir)
 	if err != nil {
 		log.G(ctx).WithError(err).Warn("reading a lazily loaded layer's record")
-		return "", false
+		return "", false, nil
 	}
 	if !isLazy || !rec.top() {
-		return "", false
+		return "", false, nil
 	}
 	l.mu.Lock()
 	if l.closed {
 		l.mu.Unlock()
-		return "", false
+		return "", false, fmt.Errorf("snapshot %s: kiln is stopping: %w", id, errdefs.ErrUnavailable)
 	}
 	m := l.mounts[id]
 	if m != nil {
@@ -378,20 +445,32 @@ func (l *lazyImages) disk(ctx context.Context, dir, id string) (path string, ok 
 		m = &lazyMount{done: make(chan struct{})}
 		l.mounts[id] = m
 		l.mu.Unlock()
-		m.path, m.err = l.mount(ctx, id, rec, m)
-		if m.err != nil {
-			log.G(ctx).WithError(m.err).WithFields(log.Fields{"snapshot": id, "image": rec.Ref}).Warn("mounting a lazily loaded disk")
+		// Remove renames the directory before it drops the mount: once
+		// the mount is listed, either the directory is still there or
+		// drop finds the mount.
+		if !exists(filepath.Join(dir, lazyFile)) {
+			m.err = fmt.Errorf("snapshot %s was removed: %w", id, errdefs.ErrNotFound)
+		} else {
+			mctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), lookupTimeout)
+			m.path, m.err = l.mount(mctx, id, rec, m)
+			cancel()
+			if m.err != nil {
+				log.G(ctx).WithError(m.err).WithFields(log.Fields{"snapshot": id, "image": rec.Ref}).Warn("mounting a lazily loaded disk; building it from its layers instead")
+			}
 		}
 		close(m.done)
 	} else {
 		l.mu.Unlock()
-		select {
-		case <-m.done:
-		case <-ctx.Done():
-			return "", false
-		}
 	}
-	return m.path, m.err == nil
+	select {
+	case <-m.done:
+	case <-ctx.Done():
+		return "", true, ctx.Err()
+	}
+	if errdefs.IsNotFound(m.err) {
+		return "", true, m.err
+	}
+	return m.path, m.err == nil, nil
 }
 
 // mount mounts the published rootfs of rec's image as the disk of
@@ -423,31 +502,99 @@ func (l *lazyImages) mount(ctx context.Context, id string, rec lazyLayer, m *laz
 	pctx, stop := context.WithCancel(context.Background())
 	m.stop, m.ended = stop, make(chan struct{})
 	lg := log.G(ctx).WithFields(log.Fields{"snapshot": id, "image": rec.Ref, "artifact": m.lazy.Artifact})
+	mounted := time.Now()
 	go func() {
 		defer close(m.ended)
-		if err := m.lazy.Prefetch(pctx, l.share.LazyPrefetch, prefetchWorkers); err != nil {
+		err := m.lazy.Prefetch(pctx, l.share.LazyPrefetch, prefetchWorkers)
+		if err != nil {
 			lg.WithError(err).Warn("prefetching a lazily loaded disk stopped")
 		}
+		// The reads of the first LazyBootWindow are the boot's.
 		select {
-		case <-time.After(profileDelay):
+		case <-time.After(time.Until(mounted.Add(l.share.LazyBootWindow))):
 		case <-pctx.Done():
 		}
 		if err := m.lazy.SaveProfile(); err != nil {
 			lg.WithError(err).Warn("recording a boot profile")
+		}
+		if err == nil && pctx.Err() == nil && l.share.LazyPrefetch {
+			if err := l.materialize(pctx, id, r); err != nil && pctx.Err() == nil {
+				lg.WithError(err).Warn("writing a lazily loaded disk out whole")
+			} else if err == nil {
+				lg.Info("the lazily loaded disk has arrived whole: later containers use a local copy")
+			}
 		}
 	}()
 	lg.WithField("size", r.Size()).Info("serving a lazily loaded disk")
 	return disk.Path(), nil
 }
 
-// drop unmounts the lazily loaded disk of a removed snapshot.
+// materialize writes the disk of snapshot id, all of whose chunks have
+// arrived, to the snapshot's directory as a built disk would be: later
+// containers and views use that (as does the next kiln, which cannot
+// serve the mount this one made), and the chunk cache may let its chunks
+// go. The mount stays for what has it open.
+func (l *lazyImages) materialize(ctx context.Context, id string, r *chunked.Reader) error {
+	dst := filepath.Join(l.root, snapshotsDir, id, diskFile)
+	if exists(dst) {
+		return nil
+	}
+	wd, err := workdir.New(filepath.Join(l.root, tmpDir))
+	if err != nil {
+		return err
+	}
+	defer wd.Release()
+	tmp := filepath.Join(wd.Path, diskFile)
+	f, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	size := r.Size()
+	if err := f.Truncate(size); err != nil {
+		return err
+	}
+	buf := make([]byte, 4<<20)
+	for off := r.NextData(0); off < size; off = r.NextData(off) {
+		end := r.NextHole(off)
+		for off < end {
+			p := buf[:min(int64(len(buf)), end-off)]
+			if _, err := r.ReadAt(ctx, p, off); err != nil {
+				return fmt.Errorf("reading the lazily loaded disk at %d: %w", off, err)
+			}
+			if _, err := f.WriteAt(p, off); err != nil {
+				return err
+			}
+			off += int64(len(p))
+		}
+	}
+	// Synced before it takes its name: unlike a build, it has no record
+	// to settle after a crash (see durable.go).
+	if err := f.Sync(); err != nil {
+		return err
+	}
+	if err := f.Chmod(0o444); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, dst); err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil // the snapshot was removed meanwhile
+		}
+		return err
+	}
+	return nil
+}
+
+// drop unmounts, in the background, the lazily loaded disk of a removed
+// snapshot: containerd's collector waits for the removal.
 func (l *lazyImages) drop(ctx context.Context, id string) {
 	l.mu.Lock()
 	m := l.mounts[id]
 	delete(l.mounts, id)
 	l.mu.Unlock()
 	if m != nil {
-		l.unmount(ctx, id, m)
+		ctx := context.WithoutCancel(ctx)
+		l.background(func() { l.unmount(ctx, id, m) })
 	}
 }
 

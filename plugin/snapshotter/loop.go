@@ -107,24 +107,31 @@ func (l *loops) settle(ctx context.Context, root string) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	records, _ := filepath.Glob(filepath.Join(root, snapshotsDir, "*", "loop.*"))
-	recorded := map[string]bool{}
+	recorded := map[string]string{} // device: record
 	for _, r := range records {
 		if strings.HasPrefix(filepath.Base(filepath.Dir(r)), removingPrefix) {
 			continue
 		}
 		if b, err := os.ReadFile(r); err == nil {
-			recorded[strings.TrimSpace(string(b))] = true
+			recorded[strings.TrimSpace(string(b))] = r
 		}
 	}
 	prefix := filepath.Join(root, snapshotsDir) + string(os.PathSeparator)
+	lazyPrefix := filepath.Join(root, lazyDir) + string(os.PathSeparator)
 	devs, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
 	for _, p := range devs {
 		dev := "/dev/" + filepath.Base(filepath.Dir(filepath.Dir(p)))
 		file := backingFile(dev)
-		if !strings.HasPrefix(file, prefix) || !strings.HasPrefix(deviceMark(dev), loopMarkPrefix) {
+		lazy := strings.HasPrefix(file, lazyPrefix)
+		if !strings.HasPrefix(file, prefix) && !lazy || !strings.HasPrefix(deviceMark(dev), loopMarkPrefix) {
 			continue // not kiln's
 		}
-		if recorded[dev] {
+		if r := recorded[dev]; r != "" && lazy {
+			// A lazily loaded disk's mount died with the kiln that
+			// served it: the device reads nothing any more, and the
+			// disk gets a new one when next needed.
+			os.Remove(r)
+		} else if r != "" {
 			l.attached++
 			continue
 		}

@@ -34,12 +34,14 @@ type Share struct {
 	// none of its layers, and its disk's chunks are fetched when first
 	// read, each read waiting at most LazyTimeout (0: 30s). LazyPrefetch
 	// fetches the rest of the disk in the background, after the chunks
-	// its boot read before. The chunk cache keeps within
-	// LazyCacheMaxSize bytes (0: no limit), least recently used first
-	// out.
+	// its boot read before (the reads of its first LazyBootWindow), and
+	// then writes the disk out whole for later containers. The chunk
+	// cache keeps within LazyCacheMaxSize bytes (0: no limit), least
+	// recently used first out.
 	Lazy             bool
 	LazyTimeout      time.Duration
 	LazyPrefetch     bool
+	LazyBootWindow   time.Duration
 	LazyCacheMaxSize int64
 	// Image says how registries are reached: hosts.toml, insecure
 	// registries. Credentials are the docker config's of the user kiln

@@ -1,0 +1,69 @@
+package snapshotter
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/containerd/containerd/v2/core/mount"
+)
+
+// TestLazyDiskRecognised: the differ takes a lazily loaded disk's file for
+// one of kiln's disks, and nothing else under the lazy directory.
+func TestLazyDiskRecognised(t *testing.T) {
+	sn, err := New(context.Background(), Config{Root: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sn.Close()
+	dir := filepath.Join(sn.root, lazyDir, "7")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	disk, other, link := filepath.Join(dir, diskFile), filepath.Join(dir, "other.ext4"), filepath.Join(sn.root, lazyDir, "8", diskFile)
+	for _, f := range []string{disk, other} {
+		if err := os.WriteFile(f, nil, 0o444); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.MkdirAll(filepath.Dir(link), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink("/etc/passwd", link); err != nil {
+		t.Fatal(err)
+	}
+	ro := func(f string) []mount.Mount {
+		return []mount.Mount{{Type: "ext4", Source: f, Options: []string{"ro", "loop"}}}
+	}
+	if d, ok := sn.ResolveDisks(ro(disk)); !ok || d.Disk != disk {
+		t.Errorf("ResolveDisks(lazily loaded disk) = %+v, %v", d, ok)
+	}
+	for _, f := range []string{other, link, filepath.Join(sn.root, lazyDir, diskFile)} {
+		if d, ok := sn.ResolveDisks(ro(f)); ok {
+			t.Errorf("ResolveDisks(%s) = %+v, want it not recognised", f, d)
+		}
+	}
+}
+
+// TestReadLazy: a layer directory's record is read back; a directory
+// without one is not lazily loaded, and a damaged one is an error.
+func TestReadLazy(t *testing.T) {
+	dir := t.TempDir()
+	if _, ok, err := readLazy(dir); ok || err != nil {
+		t.Fatalf("readLazy(no record) = %v, %v", ok, err)
+	}
+	if err := writeSynced(dir, lazyFile, []byte(`{"ref":"r","index":1,"layers":2}`)); err != nil {
+		t.Fatal(err)
+	}
+	rec, ok, err := readLazy(dir)
+	if !ok || err != nil || rec.Ref != "r" || !rec.top() {
+		t.Fatalf("readLazy = %+v, %v, %v", rec, ok, err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, lazyFile), []byte("{"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := readLazy(dir); err == nil {
+		t.Errorf("readLazy(damaged record): no error")
+	}
+}
