@@ -81,8 +81,9 @@ type Share struct {
 	// background, after the chunks its first boot read, then writes the
 	// disk out whole: later containers, and the next kiln, use that.
 	LazyPrefetch bool `toml:"lazy_prefetch"`
-	// LazyBootWindow is how long after a disk is mounted its reads are
-	// taken as its boot's, recorded as its boot profile.
+	// LazyBootWindow is how long after the first container or view on
+	// a lazily loaded disk its reads are taken as its boot's, recorded as
+	// its boot profile.
 	LazyBootWindow string `toml:"lazy_boot_window"`
 	// LazyCacheMaxSize bounds the chunk cache under the root ("0": no
 	// bound); the chunks used least recently go first. A disk written

@@ -207,6 +207,31 @@ func TestContainerdCRI(t *testing.T) {
 	app := mustPush(t, "cri/app:v1", busyboxImage(t, v1.Config{Env: []string{"PATH=/bin"}},
 		testimage.Layer{Tar: layerTar(t, tDir("etc", 0o755, epoch2020), tFile("etc/app", 0o644, epoch2020, "cri app\n"))}))
 	e := startContainerd(t, testcontainerd.Options{CRI: true, SandboxImage: pause})
+	crictl, podID, cid := criPod(t, e, app)
+	if out := crictl("exec", "-s", cid, "busybox", "cat", "/etc/app", "/started"); out != "cri app\nstarted" {
+		t.Errorf("crictl exec: %q", out)
+	}
+	// The pod and its container are kiln's snapshots.
+	snaps := ctr(t, e, "-n", "k8s.io", "snapshots", "--snapshotter", "kiln", "ls")
+	for _, id := range []string{podID, cid} {
+		if !strings.Contains(snaps, id) {
+			t.Errorf("kiln has no snapshot %s:\n%s", id, snaps)
+		}
+	}
+	if m := ctdMounts(t, e, "k8s.io", cid); len(m) != 3 || !strings.HasPrefix(m[1].Source, e.KilnRoot) {
+		t.Errorf("the container's mounts are not kiln's overlay form: %+v", m)
+	}
+	crictl("stop", cid)
+	crictl("rm", cid)
+	crictl("stopp", podID)
+	crictl("rmp", podID)
+}
+
+// criPod pulls app through CRI for the runtime handler kiln and starts a
+// pod with a container of it that writes /started, and returns crictl
+// and the pod's and the container's ids.
+func criPod(t *testing.T, e *testcontainerd.Env, app string) (crictl func(args ...string) string, podID, cid string) {
+	t.Helper()
 	dir := t.TempDir()
 	writeJSON := func(name string, v any) string {
 		p := filepath.Join(dir, name)
@@ -229,7 +254,7 @@ func TestContainerdCRI(t *testing.T) {
 		"command":  []string{"/bin/sh", "-c", "echo started > /started; while :; do busybox sleep 1; done"},
 		"log_path": "app.log",
 	})
-	crictl := func(args ...string) string {
+	crictl = func(args ...string) string {
 		t.Helper()
 		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 		defer cancel()
@@ -241,26 +266,10 @@ func TestContainerdCRI(t *testing.T) {
 		return strings.TrimSpace(out)
 	}
 	crictl("pull", "--pod-config", pod, app)
-	podID := crictl("runp", "--runtime", "kiln", pod)
-	cid := crictl("create", podID, container, pod)
+	podID = crictl("runp", "--runtime", "kiln", pod)
+	cid = crictl("create", podID, container, pod)
 	crictl("start", cid)
-	if out := crictl("exec", "-s", cid, "busybox", "cat", "/etc/app", "/started"); out != "cri app\nstarted" {
-		t.Errorf("crictl exec: %q", out)
-	}
-	// The pod and its container are kiln's snapshots.
-	snaps := ctr(t, e, "-n", "k8s.io", "snapshots", "--snapshotter", "kiln", "ls")
-	for _, id := range []string{podID, cid} {
-		if !strings.Contains(snaps, id) {
-			t.Errorf("kiln has no snapshot %s:\n%s", id, snaps)
-		}
-	}
-	if m := ctdMounts(t, e, "k8s.io", cid); len(m) != 3 || !strings.HasPrefix(m[1].Source, e.KilnRoot) {
-		t.Errorf("the container's mounts are not kiln's overlay form: %+v", m)
-	}
-	crictl("stop", cid)
-	crictl("rm", cid)
-	crictl("stopp", podID)
-	crictl("rmp", podID)
+	return crictl, podID, cid
 }
 
 // TestContainerdOverlayBoot boots a microVM from an overlay-mode

@@ -231,3 +231,52 @@ func restartKiln(t *testing.T, e *testcontainerd.Env) {
 		return nil
 	})
 }
+
+// TestServeLazyCRI: an image a pod pulls through CRI (containerd's
+// transfer service, with the snapshot annotations kiln's drop-in turns
+// on) is loaded lazily: containerd downloads none of its layers, and the
+// pod's container runs on the lazily loaded disk. The pause image, whose
+// only layer the app's image loaded lazily, gets a disk built from that
+// layer, read from the registry.
+func TestServeLazyCRI(t *testing.T) {
+	needRunc(t)
+	if _, err := os.Stat("/dev/fuse"); err != nil {
+		t.Skipf("FUSE is not available: %v", err)
+	}
+	pause := mustPush(t, "cri-lazy/pause:v1", busyboxImage(t, v1.Config{
+		Entrypoint: []string{"/bin/sh", "-c", "trap 'exit 0' TERM INT; while :; do busybox sleep 1; done"},
+		Env:        []string{"PATH=/bin"},
+	}))
+	appImg := busyboxImage(t, v1.Config{Env: []string{"PATH=/bin"}},
+		testimage.Layer{Tar: layerTar(t, tDir("etc", 0o755, t1), tFile("etc/app", 0o644, t1, "lazy cri app\n"))})
+	app := mustPush(t, "cri-lazy/app:v1", appImg)
+	cache := filepath.Join(t.TempDir(), "cache")
+	if res := kiln(t, run{args: convertArgs(app, filepath.Join(t.TempDir(), "app.ext4"), cache)}); res.err != nil {
+		t.Fatalf("kiln convert: %v\n%s", res.err, res.stderr)
+	}
+	if res := kiln(t, run{args: []string{"push", "--chunked", app, "--cache-dir", cache}}); res.err != nil {
+		t.Fatalf("kiln push --chunked: %v\n%s", res.err, res.stderr)
+	}
+	e := startContainerd(t, testcontainerd.Options{CRI: true, SandboxImage: pause, Config: "[share]\nlazy = true\nlazy_prefetch = false\n"})
+	crictl, podID, cid := criPod(t, e, app)
+	if out := crictl("exec", "-s", cid, "busybox", "cat", "/etc/app", "/started"); out != "lazy cri app\nstarted" {
+		t.Errorf("crictl exec: %q", out)
+	}
+	content := ctr(t, e, "-n", "k8s.io", "content", "ls", "-q")
+	ls, err := appImg.Layers()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range ls {
+		if d, err := l.Digest(); err != nil || strings.Contains(content, d.String()) {
+			t.Errorf("containerd downloaded layer %s of the lazily loaded image (%v)", d, err)
+		}
+	}
+	if m := ctdMounts(t, e, "k8s.io", cid); len(m) != 3 || !strings.HasPrefix(m[1].Source, filepath.Join(e.KilnRoot, "lazy")+"/") {
+		t.Errorf("the container's mounts are not its scratch disk over the lazily loaded disk: %+v", m)
+	}
+	crictl("stop", cid)
+	crictl("rm", cid)
+	crictl("stopp", podID)
+	crictl("rmp", podID)
+}

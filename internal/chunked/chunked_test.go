@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -107,15 +108,8 @@ func TestCutAndRead(t *testing.T) {
 		t.Errorf("%d packs for frames past the pack size", len(x.Packs))
 	}
 
-	s, err := OpenStore(t.TempDir(), 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	r, err := NewReader(x, pf, s, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer r.Close()
+	r := openReader(t, x, pf)
+	s := r.store
 	// Reads of every alignment, from several goroutines at once.
 	var wg sync.WaitGroup
 	for g := range 4 {
@@ -395,15 +389,36 @@ func TestLengthMismatchInMemory(t *testing.T) {
 	}
 }
 
+// testReader is a reader of testImage, from packs in one file, with a
+// chunk cache of its own.
+func testReader(t *testing.T, chunk int) ([]byte, *Reader) {
+	t.Helper()
+	img := testImage(t, chunk)
+	x, pf := cut(t, img, int64(chunk), 1<<30)
+	return img, openReader(t, x, pf)
+}
+
+// openReader opens a reader of x with a chunk cache of its own, closed
+// when the test ends.
+func openReader(t *testing.T, x *Index, f Fetcher) *Reader {
+	t.Helper()
+	s, err := OpenStore(t.TempDir(), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := NewReader(x, f, s, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(r.Close)
+	return r
+}
+
 // TestNextDataHole: the reader finds data and holes from any offset as
 // the image's bytes have them, chunk by chunk.
 func TestNextDataHole(t *testing.T) {
 	const chunk = 64 << 10
-	img := testImage(t, chunk)
-	x, pf := cut(t, img, chunk, 1<<30)
-	s, _ := OpenStore(t.TempDir(), 0)
-	r, _ := NewReader(x, pf, s, 0)
-	defer r.Close()
+	img, r := testReader(t, chunk)
 	zero := func(i int64) bool {
 		return !bytes.ContainsFunc(img[i*chunk:min((i+1)*chunk, int64(len(img)))], func(c rune) bool { return c != 0 })
 	}
@@ -429,5 +444,45 @@ func TestNextDataHole(t *testing.T) {
 	}
 	if holes == 0 {
 		t.Error("the test image has no hole")
+	}
+}
+
+// TestCopyTo: the image written out whole is the image, its holes left
+// unwritten, and the copy is not taken for a boot's reads.
+func TestCopyTo(t *testing.T) {
+	const chunk = 64 << 10
+	img, r := testReader(t, chunk)
+	out, err := os.Create(filepath.Join(t.TempDir(), "out"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer out.Close()
+	if err := out.Truncate(r.Size()); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.CopyTo(context.Background(), out); err != nil {
+		t.Fatal(err)
+	}
+	got, err := os.ReadFile(out.Name())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, img) {
+		t.Error("the copy differs from the image")
+	}
+	var st syscall.Stat_t
+	if err := syscall.Stat(out.Name(), &st); err != nil {
+		t.Fatal(err)
+	}
+	if holes := int64(len(img)) - st.Blocks*512; holes < chunk {
+		t.Errorf("the copy allocates %d bytes of an image of %d with holes: its holes were written", st.Blocks*512, len(img))
+	}
+	if p := r.Profile(); len(p) != 0 {
+		t.Errorf("the copy is recorded as a boot's reads: %v", p)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if err := r.CopyTo(ctx, out); !errors.Is(err, context.Canceled) {
+		t.Errorf("CopyTo with its context ended: %v", err)
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -109,6 +110,35 @@ func (r *Reader) next(off int64, hole bool) int64 {
 
 // ReadAt reads len(p) bytes at off, less only at the end of the image.
 func (r *Reader) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
+	return r.readAt(ctx, p, off, true)
+}
+
+// CopyTo writes the whole image to w, which must read as zeros where
+// nothing is written (a new file truncated to the image's size): holes
+// are left alone. Its reads are not a boot's and stay out of Profile.
+func (r *Reader) CopyTo(ctx context.Context, w io.WriterAt) error {
+	buf := make([]byte, 4<<20)
+	size := r.x.Size
+	for off := r.NextData(0); off < size; off = r.NextData(off) {
+		end := r.NextHole(off)
+		for off < end {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+			p := buf[:min(int64(len(buf)), end-off)]
+			if _, err := r.readAt(ctx, p, off, false); err != nil {
+				return fmt.Errorf("reading the image at %d: %w", off, err)
+			}
+			if _, err := w.WriteAt(p, off); err != nil {
+				return err
+			}
+			off += int64(len(p))
+		}
+	}
+	return nil
+}
+
+func (r *Reader) readAt(ctx context.Context, p []byte, off int64, record bool) (int, error) {
 	if off < 0 {
 		return 0, errors.New("negative offset")
 	}
@@ -122,6 +152,9 @@ func (r *Reader) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
 		i := int(at / r.x.ChunkSize)
 		in := at - int64(i)*r.x.ChunkSize
 		want := p[n:min(len(p), n+int(r.x.Len(i)-in))]
+		if record {
+			r.note(i)
+		}
 		if err := r.readChunk(ctx, i, want, in); err != nil {
 			return n, err
 		}
@@ -132,7 +165,6 @@ func (r *Reader) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
 
 // readChunk fills p from chunk i at off.
 func (r *Reader) readChunk(ctx context.Context, i int, p []byte, off int64) error {
-	r.note(i)
 	c := r.x.Chunks[i]
 	if c.Hole() {
 		clear(p)

@@ -92,7 +92,7 @@ func (b *diskBuilder) get(ctx context.Context, id string) (string, error) {
 			return p, nil
 		}
 		if b.lazy != nil {
-			if p, ok, err := b.lazy.disk(ctx, b.dir(id), id); ok || err != nil {
+			if p, ok, err := b.lazy.disk(ctx, b.dir(id), id, true); ok || err != nil {
 				return p, err
 			}
 		}

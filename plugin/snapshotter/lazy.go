@@ -38,6 +38,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/opencontainers/go-digest"
 	"github.com/opencontainers/image-spec/identity"
+	"golang.org/x/sys/unix"
 
 	"github.com/kilnfs/kiln/internal/build"
 	"github.com/kilnfs/kiln/internal/chunked"
@@ -67,8 +68,8 @@ const (
 	prefetchWorkers = 4
 )
 
-// lazyLayer is what lazyFile says: the layer, and the image it was
-// pulled for.
+// lazyLayer is what lazyFile says: the layer, the image it was pulled
+// for, where its blob is, and the image whose top it is, if any.
 type lazyLayer struct {
 	Ref       string        `json:"ref"`
 	Manifest  digest.Digest `json:"manifest"`
@@ -78,9 +79,15 @@ type lazyLayer struct {
 	MediaType string        `json:"mediaType"`
 	Size      int64         `json:"size"`
 	DiffID    digest.Digest `json:"diffID"`
+	Top       *lazyTop      `json:"top,omitempty"`
 }
 
-func (l lazyLayer) top() bool { return l.Index == l.Layers-1 }
+// lazyTop is an image, published chunked, whose top a snapshot is: its
+// disk is that image's published rootfs.
+type lazyTop struct {
+	Ref      string        `json:"ref"`
+	Manifest digest.Digest `json:"manifest"`
+}
 
 // readLazy reads the lazyFile of snapshot directory dir; ok is false
 // when there is none.
@@ -105,8 +112,11 @@ type lazyImages struct {
 	opts    build.Options // as disks are built
 	onShare func(result string)
 
+	storeMu  sync.Mutex
+	store    *chunked.Store // opened when first needed
+	recordMu sync.Mutex     // markTop's rewrites
+
 	mu      sync.Mutex
-	store   *chunked.Store // opened when first needed
 	lookups map[digest.Digest]*lookup
 	mounts  map[string]*lazyMount
 	closed  bool
@@ -132,6 +142,18 @@ type lazyMount struct {
 	lazy  *convert.Lazy
 	stop  context.CancelFunc // ends the prefetch
 	ended chan struct{}      // closed when the prefetch has ended
+	// used is closed when a container or view first asks for the disk,
+	// at usedAt: its boot's reads are the next LazyBootWindow's.
+	useOnce sync.Once
+	used    chan struct{}
+	usedAt  time.Time
+}
+
+func (m *lazyMount) use() {
+	m.useOnce.Do(func() {
+		m.usedAt = time.Now()
+		close(m.used)
+	})
 }
 
 func newLazyImages(root string, sh Share, opts build.Options, onShare func(string)) *lazyImages {
@@ -154,8 +176,8 @@ func (l *lazyImages) settle() {
 }
 
 func (l *lazyImages) chunkStore() (*chunked.Store, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
+	l.storeMu.Lock()
+	defer l.storeMu.Unlock()
 	if l.store == nil {
 		st, err := chunked.OpenStore(filepath.Join(l.root, chunksDir), l.share.LazyCacheMaxSize)
 		if err != nil {
@@ -274,16 +296,11 @@ func (s *Snapshotter) prepareLazy(ctx context.Context, key, parent string, info 
 		return false, nil // not on the chain of the image's layers below
 	}
 	ly := lk.img.Layers[i]
-	// Pulled already, in another namespace: containerd finds that
-	// snapshot as it finds a new one, by its labels and parent.
-	if ok, err := s.committedLayer(ctx, target, parent); err != nil || ok {
-		if err != nil {
-			return true, err
-		}
-		return true, fmt.Errorf("layer %s of image %s: %w", ly.Digest, ref, errdefs.ErrAlreadyExists)
-	}
 	rec := lazyLayer{Ref: ref, Manifest: manifest, Index: i, Layers: len(lk.img.Layers),
 		Digest: ly.Digest, MediaType: ly.MediaType, Size: ly.Size, DiffID: lk.img.Config.RootFS.DiffIDs[i]}
+	if i == len(lk.img.Layers)-1 {
+		rec.Top = &lazyTop{Ref: ref, Manifest: manifest}
+	}
 	raw, err := json.Marshal(rec)
 	if err != nil {
 		return true, err
@@ -300,13 +317,19 @@ func (s *Snapshotter) prepareLazy(ctx context.Context, key, parent string, info 
 		return true, err
 	}
 	// A name of its own: containerd finds the snapshot by its labels and
-	// parent, and another namespace's pull of the image on another
-	// parent makes another.
+	// parent.
 	var nonce [8]byte
 	rand.Read(nonce[:]) //nolint:errcheck // never fails
 	committed := "lazy-" + hex.EncodeToString(nonce[:]) + "/" + target
 	var id, placed string
+	var pulled bool
 	err = s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+		// Pulled already (in another namespace): containerd finds that
+		// snapshot as it would find a new one, by its labels and parent.
+		if id, err = committedLayer(ctx, target, parent); err != nil || id != "" {
+			pulled = id != ""
+			return err
+		}
 		snap, err := storage.CreateSnapshot(ctx, snapshots.KindActive, key, parent, opts...)
 		if err != nil {
 			return err
@@ -334,17 +357,56 @@ func (s *Snapshotter) prepareLazy(ctx context.Context, key, parent string, info 
 		return true, fmt.Errorf("recording layer %s of image %s, loaded lazily: %w", ly.Digest, ref, err)
 	}
 	lg := log.G(ctx).WithFields(log.Fields{"image": ref, "layer": ly.Digest.String(), "snapshot": id})
+	if pulled {
+		// Pulled as a layer below another image's top, it may now be
+		// this image's top as well.
+		if rec.Top != nil {
+			if err := s.lazy.markTop(s.dir(id), *rec.Top); err != nil {
+				return true, fmt.Errorf("layer %s of image %s: %w", ly.Digest, ref, err)
+			}
+			s.lazy.mountSoon(lg, s.dir(id), id)
+		}
+		return true, fmt.Errorf("layer %s of image %s: %w", ly.Digest, ref, errdefs.ErrAlreadyExists)
+	}
 	lg.Debug("layer loaded lazily: containerd skips it")
-	if rec.top() {
+	if rec.Top != nil {
 		lg.Info("the image is loaded lazily")
 		s.lazy.observe(shareLazy)
-		// Mounted now, so that the boot profile's chunks are on their
-		// way before a container asks.
-		s.lazy.background(func() {
-			s.lazy.disk(log.WithLogger(context.Background(), lg), s.dir(id), id) //nolint:errcheck // logged; a container's request tries again
-		})
+		s.lazy.mountSoon(lg, s.dir(id), id)
 	}
 	return true, fmt.Errorf("layer %s of image %s is loaded lazily: %w", ly.Digest, ref, errdefs.ErrAlreadyExists)
+}
+
+// mountSoon mounts the disk of the top of a lazily loaded image in the
+// background, so that the boot profile's chunks are on their way before
+// a container asks.
+func (l *lazyImages) mountSoon(lg *log.Entry, dir, id string) {
+	l.background(func() {
+		l.disk(log.WithLogger(context.Background(), lg), dir, id, false) //nolint:errcheck // logged; a container's request tries again
+	})
+}
+
+// markTop records that the lazily loaded layer in snapshot directory dir
+// is the top of image top, unless it is known as the top of one already.
+// A snapshot that is not lazily loaded is left alone.
+func (l *lazyImages) markTop(dir string, top lazyTop) error {
+	l.recordMu.Lock()
+	defer l.recordMu.Unlock()
+	rec, ok, err := readLazy(dir)
+	if err != nil || !ok || rec.Top != nil {
+		return err
+	}
+	rec.Top = &top
+	raw, err := json.Marshal(rec)
+	if err != nil {
+		return err
+	}
+	tmp := lazyFile + ".new"
+	os.Remove(filepath.Join(dir, tmp))
+	if err := writeSynced(dir, tmp, raw); err != nil {
+		return err
+	}
+	return os.Rename(filepath.Join(dir, tmp), filepath.Join(dir, lazyFile))
 }
 
 // background runs fn in a goroutine that close waits for, unless
@@ -387,23 +449,25 @@ func writeSynced(dir, name string, data []byte) error {
 	return d.Sync()
 }
 
-// committedLayer says whether a committed snapshot of the layer chain
-// target on parent exists.
-func (s *Snapshotter) committedLayer(ctx context.Context, target, parent string) (bool, error) {
-	found := false
+// committedLayer returns the id of a committed snapshot of the layer
+// chain target on parent, "" if there is none; ctx holds a transaction.
+func committedLayer(ctx context.Context, target, parent string) (string, error) {
+	name := ""
 	filter := fmt.Sprintf("labels.%q==%s,parent==%q", snapshots.LabelSnapshotRef, target, parent)
-	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
-		return storage.WalkInfo(ctx, func(_ context.Context, i snapshots.Info) error {
-			if i.Kind == snapshots.KindCommitted && i.Labels[snapshots.LabelSnapshotRef] == target && i.Parent == parent {
-				found = true
-			}
-			return nil
-		}, filter)
-	})
-	if errdefs.IsNotFound(err) {
-		return false, nil // no snapshot at all yet
+	err := storage.WalkInfo(ctx, func(_ context.Context, i snapshots.Info) error {
+		if name == "" && i.Kind == snapshots.KindCommitted && i.Labels[snapshots.LabelSnapshotRef] == target && i.Parent == parent {
+			name = i.Name
+		}
+		return nil
+	}, filter)
+	if errdefs.IsNotFound(err) || err == nil && name == "" {
+		return "", nil // none, or no snapshot at all yet
 	}
-	return found, err
+	if err != nil {
+		return "", err
+	}
+	id, _, _, err := storage.GetInfo(ctx, name)
+	return id, err
 }
 
 func (l *lazyImages) observe(result string) {
@@ -413,17 +477,18 @@ func (l *lazyImages) observe(result string) {
 }
 
 // disk returns the lazily loaded disk of the committed snapshot id in
-// dir, mounting it if needed. ok is false when the snapshot is not the
-// top of a lazily loaded image, or its disk cannot be served (it is then
-// built from its layers, read from the registry); err is set when the
-// caller gave up waiting, or kiln is stopping.
-func (l *lazyImages) disk(ctx context.Context, dir, id string) (path string, ok bool, err error) {
+// dir, mounting it if needed; use says a container or view asks for it.
+// ok is false when the snapshot is not the top of a lazily loaded image,
+// or its disk cannot be served (it is then built from its layers, read
+// from the registry); err is set when the caller gave up waiting, or
+// kiln is stopping.
+func (l *lazyImages) disk(ctx context.Context, dir, id string, use bool) (path string, ok bool, err error) {
 	rec, isLazy, err := readLazy(dir)
 	if err != nil {
 		log.G(ctx).WithError(err).Warn("reading a lazily loaded layer's record")
 		return "", false, nil
 	}
-	if !isLazy || !rec.top() {
+	if !isLazy || rec.Top == nil {
 		return "", false, nil
 	}
 	l.mu.Lock()
@@ -442,7 +507,7 @@ func (l *lazyImages) disk(ctx context.Context, dir, id string) (path string, ok 
 		}
 	}
 	if m == nil {
-		m = &lazyMount{done: make(chan struct{})}
+		m = &lazyMount{done: make(chan struct{}), used: make(chan struct{})}
 		l.mounts[id] = m
 		l.mu.Unlock()
 		// Remove renames the directory before it drops the mount: once
@@ -452,10 +517,10 @@ func (l *lazyImages) disk(ctx context.Context, dir, id string) (path string, ok 
 			m.err = fmt.Errorf("snapshot %s was removed: %w", id, errdefs.ErrNotFound)
 		} else {
 			mctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), lookupTimeout)
-			m.path, m.err = l.mount(mctx, id, rec, m)
+			m.path, m.err = l.mount(mctx, id, *rec.Top, m)
 			cancel()
 			if m.err != nil {
-				log.G(ctx).WithError(m.err).WithFields(log.Fields{"snapshot": id, "image": rec.Ref}).Warn("mounting a lazily loaded disk; building it from its layers instead")
+				log.G(ctx).WithError(m.err).WithFields(log.Fields{"snapshot": id, "image": rec.Top.Ref}).Warn("mounting a lazily loaded disk; building it from its layers instead")
 			}
 		}
 		close(m.done)
@@ -470,15 +535,21 @@ func (l *lazyImages) disk(ctx context.Context, dir, id string) (path string, ok 
 	if errdefs.IsNotFound(m.err) {
 		return "", true, m.err
 	}
-	return m.path, m.err == nil, nil
+	if m.err != nil {
+		return "", false, nil
+	}
+	if use {
+		m.use()
+	}
+	return m.path, true, nil
 }
 
-// mount mounts the published rootfs of rec's image as the disk of
-// snapshot id and starts its prefetch.
-func (l *lazyImages) mount(ctx context.Context, id string, rec lazyLayer, m *lazyMount) (string, error) {
-	lk := l.find(ctx, rec.Ref, rec.Manifest)
+// mount mounts the published rootfs of image top as the disk of snapshot
+// id and starts its prefetch.
+func (l *lazyImages) mount(ctx context.Context, id string, top lazyTop, m *lazyMount) (string, error) {
+	lk := l.find(ctx, top.Ref, top.Manifest)
 	if lk.chunked == nil {
-		return "", fmt.Errorf("image %s (%s): its chunked rootfs is gone from the registry", rec.Ref, rec.Manifest)
+		return "", fmt.Errorf("image %s (%s): no chunked rootfs of this build found in its registry", top.Ref, top.Manifest)
 	}
 	st, err := l.chunkStore()
 	if err != nil {
@@ -486,7 +557,7 @@ func (l *lazyImages) mount(ctx context.Context, id string, rec lazyLayer, m *laz
 	}
 	r, err := chunked.NewReader(lk.chunked.Index, lk.chunked.Fetcher, st, l.share.LazyTimeout)
 	if err != nil {
-		return "", fmt.Errorf("image %s: %w", rec.Ref, err)
+		return "", fmt.Errorf("image %s: %w", top.Ref, err)
 	}
 	dir := filepath.Join(l.root, lazyDir, id)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
@@ -496,26 +567,17 @@ func (l *lazyImages) mount(ctx context.Context, id string, rec lazyLayer, m *laz
 	disk, err := fusedisk.Mount(dir, r, fusedisk.Options{Name: diskFile, Timeout: l.share.LazyTimeout, AllowOther: os.Geteuid() == 0})
 	if err != nil {
 		r.Close()
-		return "", fmt.Errorf("image %s: mounting its rootfs at %s: %w", rec.Ref, dir, err)
+		return "", fmt.Errorf("image %s: mounting its rootfs at %s: %w", top.Ref, dir, err)
 	}
 	m.disk, m.lazy = disk, convert.NewLazy(lk.img, lk.chunked, lk.key, r, l.root)
 	pctx, stop := context.WithCancel(context.Background())
 	m.stop, m.ended = stop, make(chan struct{})
-	lg := log.G(ctx).WithFields(log.Fields{"snapshot": id, "image": rec.Ref, "artifact": m.lazy.Artifact})
-	mounted := time.Now()
+	lg := log.G(ctx).WithFields(log.Fields{"snapshot": id, "image": top.Ref, "artifact": m.lazy.Artifact})
 	go func() {
 		defer close(m.ended)
 		err := m.lazy.Prefetch(pctx, l.share.LazyPrefetch, prefetchWorkers)
 		if err != nil {
 			lg.WithError(err).Warn("prefetching a lazily loaded disk stopped")
-		}
-		// The reads of the first LazyBootWindow are the boot's.
-		select {
-		case <-time.After(time.Until(mounted.Add(l.share.LazyBootWindow))):
-		case <-pctx.Done():
-		}
-		if err := m.lazy.SaveProfile(); err != nil {
-			lg.WithError(err).Warn("recording a boot profile")
 		}
 		if err == nil && pctx.Err() == nil && l.share.LazyPrefetch {
 			if err := l.materialize(pctx, id, r); err != nil && pctx.Err() == nil {
@@ -524,16 +586,32 @@ func (l *lazyImages) mount(ctx context.Context, id string, rec lazyLayer, m *laz
 				lg.Info("the lazily loaded disk has arrived whole: later containers use a local copy")
 			}
 		}
+		// The boot profile: the reads of the first LazyBootWindow after
+		// a container or view first asked for the disk.
+		select {
+		case <-m.used:
+		case <-pctx.Done():
+			return
+		}
+		select {
+		case <-time.After(time.Until(m.usedAt.Add(l.share.LazyBootWindow))):
+		case <-pctx.Done():
+			return
+		}
+		if err := m.lazy.SaveProfile(); err != nil {
+			lg.WithError(err).Warn("recording a boot profile")
+		}
 	}()
 	lg.WithField("size", r.Size()).Info("serving a lazily loaded disk")
 	return disk.Path(), nil
 }
 
-// materialize writes the disk of snapshot id, all of whose chunks have
-// arrived, to the snapshot's directory as a built disk would be: later
-// containers and views use that (as does the next kiln, which cannot
-// serve the mount this one made), and the chunk cache may let its chunks
-// go. The mount stays for what has it open.
+// materialize writes the disk of snapshot id, whose chunks have been
+// fetched (any evicted since are fetched again), to the snapshot's
+// directory as a built disk would be: later containers and views use
+// that (as does the next kiln, which cannot serve the mount this one
+// made), and the chunk cache may let its chunks go. The mount stays for
+// what has it open.
 func (l *lazyImages) materialize(ctx context.Context, id string, r *chunked.Reader) error {
 	dst := filepath.Join(l.root, snapshotsDir, id, diskFile)
 	if exists(dst) {
@@ -550,23 +628,11 @@ func (l *lazyImages) materialize(ctx context.Context, id string, r *chunked.Read
 		return err
 	}
 	defer f.Close()
-	size := r.Size()
-	if err := f.Truncate(size); err != nil {
+	if err := f.Truncate(r.Size()); err != nil {
 		return err
 	}
-	buf := make([]byte, 4<<20)
-	for off := r.NextData(0); off < size; off = r.NextData(off) {
-		end := r.NextHole(off)
-		for off < end {
-			p := buf[:min(int64(len(buf)), end-off)]
-			if _, err := r.ReadAt(ctx, p, off); err != nil {
-				return fmt.Errorf("reading the lazily loaded disk at %d: %w", off, err)
-			}
-			if _, err := f.WriteAt(p, off); err != nil {
-				return err
-			}
-			off += int64(len(p))
-		}
+	if err := r.CopyTo(ctx, f); err != nil {
+		return err
 	}
 	// Synced before it takes its name: unlike a build, it has no record
 	// to settle after a crash (see durable.go).
@@ -576,26 +642,31 @@ func (l *lazyImages) materialize(ctx context.Context, id string, r *chunked.Read
 	if err := f.Chmod(0o444); err != nil {
 		return err
 	}
-	if err := os.Rename(tmp, dst); err != nil {
-		if errors.Is(err, os.ErrNotExist) {
-			return nil // the snapshot was removed meanwhile
-		}
-		return err
+	// A disk built meanwhile (after a mount failed) is the same bytes,
+	// and stays.
+	err = unix.Renameat2(unix.AT_FDCWD, tmp, unix.AT_FDCWD, dst, unix.RENAME_NOREPLACE)
+	if errors.Is(err, os.ErrNotExist) || errors.Is(err, os.ErrExist) {
+		return nil // the snapshot was removed meanwhile, or has its disk
 	}
-	return nil
+	return err
 }
 
 // drop unmounts, in the background, the lazily loaded disk of a removed
 // snapshot: containerd's collector waits for the removal.
 func (l *lazyImages) drop(ctx context.Context, id string) {
+	ctx = context.WithoutCancel(ctx)
 	l.mu.Lock()
+	defer l.mu.Unlock()
 	m := l.mounts[id]
 	delete(l.mounts, id)
-	l.mu.Unlock()
-	if m != nil {
-		ctx := context.WithoutCancel(ctx)
-		l.background(func() { l.unmount(ctx, id, m) })
+	if m == nil || l.closed {
+		return // (close has the mounts)
 	}
+	l.wg.Add(1)
+	go func() {
+		defer l.wg.Done()
+		l.unmount(ctx, id, m)
+	}()
 }
 
 // unmount unmounts a disk. One that is still open (a VMM that has no

@@ -46,19 +46,31 @@ func TestLazyDiskRecognised(t *testing.T) {
 	}
 }
 
-// TestReadLazy: a layer directory's record is read back; a directory
-// without one is not lazily loaded, and a damaged one is an error.
+// TestReadLazy: a layer directory's record is read back and marked as an
+// image's top once; a directory without one is not lazily loaded, and a
+// damaged one is an error.
 func TestReadLazy(t *testing.T) {
 	dir := t.TempDir()
 	if _, ok, err := readLazy(dir); ok || err != nil {
 		t.Fatalf("readLazy(no record) = %v, %v", ok, err)
 	}
-	if err := writeSynced(dir, lazyFile, []byte(`{"ref":"r","index":1,"layers":2}`)); err != nil {
+	if err := writeSynced(dir, lazyFile, []byte(`{"ref":"r","index":0,"layers":2}`)); err != nil {
 		t.Fatal(err)
 	}
 	rec, ok, err := readLazy(dir)
-	if !ok || err != nil || rec.Ref != "r" || !rec.top() {
+	if !ok || err != nil || rec.Ref != "r" || rec.Top != nil {
 		t.Fatalf("readLazy = %+v, %v, %v", rec, ok, err)
+	}
+	// Pulled again as another image's top, it is that image's top too.
+	l := &lazyImages{}
+	if err := l.markTop(dir, lazyTop{Ref: "base"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.markTop(dir, lazyTop{Ref: "other"}); err != nil {
+		t.Fatal(err)
+	}
+	if rec, _, err = readLazy(dir); err != nil || rec.Ref != "r" || rec.Top == nil || rec.Top.Ref != "base" {
+		t.Fatalf("after markTop: %+v, %v", rec, err)
 	}
 	if err := os.WriteFile(filepath.Join(dir, lazyFile), []byte("{"), 0o600); err != nil {
 		t.Fatal(err)

@@ -121,12 +121,14 @@ func (l *loops) settle(ctx context.Context, root string) {
 	devs, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
 	for _, p := range devs {
 		dev := "/dev/" + filepath.Base(filepath.Dir(filepath.Dir(p)))
-		file := backingFile(dev)
-		lazy := strings.HasPrefix(file, lazyPrefix)
+		file, r := backingFile(dev), recorded[dev]
+		// A lazily loaded disk's: once its mount is detached, the
+		// kernel names its file from within that mount.
+		lazy := strings.HasPrefix(file, lazyPrefix) || r != "" && !strings.HasPrefix(file, root+string(os.PathSeparator))
 		if !strings.HasPrefix(file, prefix) && !lazy || !strings.HasPrefix(deviceMark(dev), loopMarkPrefix) {
 			continue // not kiln's
 		}
-		if r := recorded[dev]; r != "" && lazy {
+		if r != "" && lazy {
 			// A lazily loaded disk's mount died with the kiln that
 			// served it: the device reads nothing any more, and the
 			// disk gets a new one when next needed.

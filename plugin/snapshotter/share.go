@@ -34,8 +34,9 @@ type Share struct {
 	// none of its layers, and its disk's chunks are fetched when first
 	// read, each read waiting at most LazyTimeout (0: 30s). LazyPrefetch
 	// fetches the rest of the disk in the background, after the chunks
-	// its boot read before (the reads of its first LazyBootWindow), and
-	// then writes the disk out whole for later containers. The chunk
+	// its boot read before (the reads of the LazyBootWindow after its
+	// first container or view), and then writes the disk out whole for
+	// later containers. The chunk
 	// cache keeps within LazyCacheMaxSize bytes (0: no limit), least
 	// recently used first out.
 	Lazy             bool

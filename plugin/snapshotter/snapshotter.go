@@ -178,12 +178,6 @@ func New(ctx context.Context, cfg Config) (*Snapshotter, error) {
 	}
 	s.disks = newDiskBuilder(root, chainReader{ms: ms, root: root, registries: cfg.Share.Image}, s.staged, cfg.Build, set, s.queue, cfg.ObserveBuild)
 	s.disks.share, s.disks.onShare = cfg.Share, cfg.ObserveShare
-	if cfg.Share.Lazy {
-		opts := cfg.Build
-		opts.Inject = set
-		s.lazy = newLazyImages(root, cfg.Share, opts, cfg.ObserveShare)
-		s.disks.lazy = s.lazy
-	}
 	// What an interrupted run left: directories of snapshots that were
 	// never recorded or are half removed.
 	orphans, err := s.sweepOrphans(ctx, true)
@@ -192,6 +186,15 @@ func New(ctx context.Context, cfg Config) (*Snapshotter, error) {
 		return nil, err
 	}
 	s.loops.settle(ctx, root)
+	if cfg.Share.Lazy {
+		// After the loop devices: those on the dead mounts of lazily
+		// loaded disks are known by their files' paths until the
+		// mounts are cleared.
+		opts := cfg.Build
+		opts.Inject = set
+		s.lazy = newLazyImages(root, cfg.Share, opts, cfg.ObserveShare)
+		s.disks.lazy = s.lazy
+	}
 	for _, dir := range orphans {
 		os.RemoveAll(dir)
 	}
