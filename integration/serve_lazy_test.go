@@ -153,7 +153,7 @@ func TestServeLazyRootfs(t *testing.T) {
 
 	// A killed kiln leaves a dead mount: the next one clears it, and
 	// mounts the disk again when it is needed.
-	restartKiln(t, e)
+	restartKiln(t, e, "fleet")
 	runOn("lazy-restarted", "overlay")
 	if !strings.Contains(e.KilnLogs(), "clearing a dead FUSE mount") {
 		t.Errorf("kiln did not clear the dead mount its killed predecessor left")
@@ -205,7 +205,7 @@ func TestServeLazyRootfs(t *testing.T) {
 			t.Errorf("the disk written out is %s, kiln convert builds %s", got, wantA)
 		}
 	}
-	restartKiln(t, e2)
+	restartKiln(t, e2, "fleet")
 	out = filepath.Join(dir, "a-whole.ext4")
 	ctdExport(t, e2, "fleet", refA, out)
 	if got := fileSHA(t, out); got != wantA {
@@ -217,15 +217,17 @@ func TestServeLazyRootfs(t *testing.T) {
 }
 
 // restartKiln kills kiln serve, starts it again and waits until
-// containerd, which reconnects within its back-off, reaches it.
-func restartKiln(t *testing.T, e *testcontainerd.Env) {
+// containerd, which reconnects within its back-off, reaches it: listing
+// the snapshots of namespace ns, which must have some, asks kiln about
+// each.
+func restartKiln(t *testing.T, e *testcontainerd.Env, ns string) {
 	t.Helper()
 	e.KillKiln()
 	if err := e.StartKiln(); err != nil {
 		t.Fatal(err)
 	}
 	ctdEventually(t, "containerd reaches kiln again", func() []string {
-		if out, err := e.Ctr(context.Background(), "snapshot", "--snapshotter", "kiln", "ls"); err != nil {
+		if out, err := e.Ctr(context.Background(), "-n", ns, "snapshot", "--snapshotter", "kiln", "ls"); err != nil {
 			return []string{ctdLastLine(out)}
 		}
 		return nil
