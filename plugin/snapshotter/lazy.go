@@ -207,6 +207,15 @@ func (l *lazyImages) find(ctx context.Context, ref string, manifest digest.Diges
 		// Asked apart from the request, which may give up, and within
 		// lookupTimeout: a pull waits for the answer, and other pulls
 		// of the image share it.
+		for m, old := range l.lookups {
+			select {
+			case <-old.done:
+				if time.Since(old.at) > lookupTTL {
+					delete(l.lookups, m)
+				}
+			default:
+			}
+		}
 		lk = &lookup{done: make(chan struct{})}
 		l.lookups[manifest] = lk
 		l.mu.Unlock()
@@ -267,7 +276,7 @@ func (l *lazyImages) resolve(ctx context.Context, lk *lookup, ref string, manife
 	lk.img, lk.chunked, lk.key = img, c, id.Key
 }
 
-// prepare answers the Prepare of an extraction snapshot whose layer can
+// prepareLazy answers the Prepare of an extraction snapshot whose layer can
 // be loaded lazily: it records the layer as a committed snapshot and
 // returns an error wrapping errdefs.ErrAlreadyExists; handled is false
 // when the layer is to be pulled as usual.
