@@ -118,8 +118,14 @@ func TestServeLazyRootfs(t *testing.T) {
 	if ms := lazyMounts(); len(ms) != 1 || !strings.Contains(ms[0], "fuse") {
 		t.Errorf("lazily loaded disks mounted: %v, want one, through FUSE", ms)
 	}
-	if !strings.Contains(ctdMetrics(t, e), `kiln_shared_rootfs_total{result="lazy"} 1`) {
-		t.Errorf("kiln_shared_rootfs_total{result=\"lazy\"} is not 1")
+	metrics := ctdMetrics(t, e)
+	for _, want := range []string{`kiln_shared_rootfs_total{result="lazy"} 1`, "kiln_lazy_disks 1"} {
+		if !strings.Contains(metrics, want+"\n") {
+			t.Errorf("the metrics do not say %s", want)
+		}
+	}
+	if strings.Contains(metrics, "kiln_lazy_fetched_bytes_total 0\n") || !strings.Contains(metrics, "kiln_lazy_fetched_bytes_total ") {
+		t.Errorf("kiln_lazy_fetched_bytes_total does not count the export's reads")
 	}
 
 	// Another namespace's pull uses the same snapshots and disk.

@@ -135,10 +135,14 @@ var (
 		"Disks built but not yet on stable storage.", nil, nil)
 	buildQueueDesc = prometheus.NewDesc("kiln_disk_build_queue",
 		"Disk builds waiting for a build slot, by class: urgent or eager.", []string{"class"}, nil)
+	lazyDisksDesc = prometheus.NewDesc("kiln_lazy_disks",
+		"Lazily loaded disks served through FUSE ([share] lazy).", nil, nil)
+	lazyFetchedDesc = prometheus.NewDesc("kiln_lazy_fetched_bytes_total",
+		"Compressed bytes fetched from registries for lazily loaded disks.", nil, nil)
 )
 
 func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{diskBytesDesc, containersDesc, loopDevicesDesc, unsyncedDesc, buildQueueDesc} {
+	for _, d := range []*prometheus.Desc{diskBytesDesc, containersDesc, loopDevicesDesc, unsyncedDesc, buildQueueDesc, lazyDisksDesc, lazyFetchedDesc} {
 		ch <- d
 	}
 }
@@ -156,4 +160,6 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 	for class, n := range st.BuildsWaiting {
 		ch <- prometheus.MustNewConstMetric(buildQueueDesc, prometheus.GaugeValue, float64(n), class)
 	}
+	ch <- prometheus.MustNewConstMetric(lazyDisksDesc, prometheus.GaugeValue, float64(st.LazyDisks))
+	ch <- prometheus.MustNewConstMetric(lazyFetchedDesc, prometheus.CounterValue, float64(st.LazyFetchedBytes))
 }

@@ -121,6 +121,10 @@ type lazyImages struct {
 	mounts  map[string]*lazyMount
 	closed  bool
 	wg      sync.WaitGroup
+	// leaving are the mounts being unmounted, fetched what the readers
+	// of those unmounted fetched.
+	leaving map[*lazyMount]bool
+	fetched int64
 }
 
 // lookup is what the registry said about an image.
@@ -158,7 +162,7 @@ func (m *lazyMount) use() {
 
 func newLazyImages(root string, sh Share, opts build.Options, onShare func(string)) *lazyImages {
 	l := &lazyImages{root: root, share: sh, opts: opts, onShare: onShare,
-		lookups: map[digest.Digest]*lookup{}, mounts: map[string]*lazyMount{}}
+		lookups: map[digest.Digest]*lookup{}, mounts: map[string]*lazyMount{}, leaving: map[*lazyMount]bool{}}
 	l.settle()
 	return l
 }
@@ -671,6 +675,7 @@ func (l *lazyImages) drop(ctx context.Context, id string) {
 	if m == nil || l.closed {
 		return // (close has the mounts)
 	}
+	l.leaving[m] = true
 	l.wg.Add(1)
 	go func() {
 		defer l.wg.Done()
@@ -683,6 +688,9 @@ func (l *lazyImages) drop(ctx context.Context, id string) {
 func (l *lazyImages) unmount(ctx context.Context, id string, m *lazyMount) {
 	<-m.done
 	if m.err != nil {
+		l.mu.Lock()
+		delete(l.leaving, m)
+		l.mu.Unlock()
 		return
 	}
 	m.stop()
@@ -695,7 +703,39 @@ func (l *lazyImages) unmount(ctx context.Context, id string, m *lazyMount) {
 		m.disk.Wait()
 		m.lazy.Close()
 		os.Remove(filepath.Join(l.root, lazyDir, id))
+		l.mu.Lock()
+		delete(l.leaving, m)
+		l.fetched += m.lazy.Stats().FetchedBytes
+		l.mu.Unlock()
 	}()
+}
+
+// stats returns the disks mounted, and the bytes fetched for them and
+// for those unmounted since kiln started.
+func (l *lazyImages) stats() (disks int, fetched int64) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	fetched = l.fetched
+	count := func(m *lazyMount) bool {
+		select {
+		case <-m.done:
+			if m.err == nil {
+				fetched += m.lazy.Stats().FetchedBytes
+				return true
+			}
+		default:
+		}
+		return false
+	}
+	for _, m := range l.mounts {
+		if count(m) {
+			disks++
+		}
+	}
+	for m := range l.leaving {
+		count(m)
+	}
+	return disks, fetched
 }
 
 // close unmounts every lazily loaded disk. A VM still reading one gets
@@ -705,6 +745,9 @@ func (l *lazyImages) close(ctx context.Context) {
 	l.closed = true
 	mounts := l.mounts
 	l.mounts = map[string]*lazyMount{}
+	for _, m := range mounts {
+		l.leaving[m] = true
+	}
 	l.mu.Unlock()
 	l.wg.Wait()
 	for id, m := range mounts {

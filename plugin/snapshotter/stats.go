@@ -26,6 +26,11 @@ type Stats struct {
 	// BuildsWaiting is how many disk builds wait for a slot, "urgent"
 	// (somebody waits for them) and "eager".
 	BuildsWaiting map[string]int
+	// LazyDisks is how many lazily loaded disks are mounted, and
+	// LazyFetchedBytes what was fetched for them since kiln started
+	// (compressed).
+	LazyDisks        int
+	LazyFetchedBytes int64
 }
 
 // Stats measures the snapshotter's state now.
@@ -67,6 +72,7 @@ func (s *Snapshotter) Stats() Stats {
 	st.Bytes["templates"] = treeAllocated(filepath.Join(s.root, templatesDir))
 	if s.lazy != nil {
 		st.Bytes["chunks"] = s.lazy.chunkBytes()
+		st.LazyDisks, st.LazyFetchedBytes = s.lazy.stats()
 	}
 	return st
 }
