@@ -113,7 +113,7 @@ func (c chainReader) chainLayers(ctx context.Context, id string) (chainLayers, e
 					return chainLayers{}, fmt.Errorf("snapshot %s: %w", chain[i], err)
 				}
 				diffIDs = append(diffIDs, rec.DiffID)
-				layers = append(layers, lazyLayerBlob(c.registries, rec))
+				layers = append(layers, lazyLayerBlob(ctx, c.registries, rec))
 				continue
 			}
 			if exists(filepath.Join(dir, layerRecord)) {

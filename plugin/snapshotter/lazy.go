@@ -765,13 +765,13 @@ func (l *lazyImages) chunkBytes() int64 {
 }
 
 // lazyLayerBlob is a lazily loaded layer as a build reads it: its blob,
-// streamed from the registry of the image it was pulled for.
-func lazyLayerBlob(opts image.Options, rec lazyLayer) build.Layer {
+// streamed from the registry of the image it was pulled for, until ctx
+// (the build's) ends.
+func lazyLayerBlob(ctx context.Context, opts image.Options, rec lazyLayer) build.Layer {
 	return build.Layer{
 		Descriptor: layer.Descriptor{MediaType: rec.MediaType, Digest: rec.Digest, DiffID: rec.DiffID},
 		Size:       rec.Size,
 		Open: func() (io.ReadCloser, error) {
-			ctx := context.Background()
 			t, err := image.Server(ctx, rec.Ref, opts)
 			if err != nil {
 				return nil, fmt.Errorf("layer %s of image %s, loaded lazily: %w", rec.Digest, rec.Ref, err)
