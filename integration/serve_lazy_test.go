@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -40,6 +41,7 @@ func TestServeLazyRootfs(t *testing.T) {
 	}
 	imgA := busyboxImage(t, v1.Config{}, top("loaded lazily\n"))
 	imgB := busyboxImage(t, v1.Config{}, top("pulled\n"))
+	imgC := busyboxImage(t, v1.Config{Env: []string{"PATH=/bin"}})
 	dir := t.TempDir()
 	cache := filepath.Join(dir, "cache")
 	push := func(repo string, img v1.Image) (ref, want string) {
@@ -115,8 +117,11 @@ func TestServeLazyRootfs(t *testing.T) {
 	if got := fileSHA(t, out); got != wantA {
 		t.Errorf("the lazily loaded disk is %s, kiln convert builds %s", got, wantA)
 	}
+	mountA := ""
 	if ms := lazyMounts(); len(ms) != 1 || !strings.Contains(ms[0], "fuse") {
 		t.Errorf("lazily loaded disks mounted: %v, want one, through FUSE", ms)
+	} else {
+		mountA = ms[0]
 	}
 	metrics := ctdMetrics(t, e)
 	for _, want := range []string{`kiln_shared_rootfs_total{result="lazy"} 1`, "kiln_lazy_disks 1"} {
@@ -139,6 +144,23 @@ func TestServeLazyRootfs(t *testing.T) {
 		t.Errorf("after a second namespace's pull: %d lazily loaded layers and mounts %v, want the image's 2 layers and one disk", len(recs), lazyMounts())
 	}
 	ctr(t, e, "-n", "other", "image", "rm", "--sync", refA)
+
+	// Image C is image A's base layer alone, published chunked too: its
+	// layer came in with A, so containerd takes nothing in, and kiln
+	// finds C's own published rootfs when its disk is first needed.
+	refC, wantC := push("lazy-c", imgC)
+	if res := kiln(t, run{args: []string{"push", "--chunked", refC, "--cache-dir", cache}, env: env}); res.err != nil {
+		t.Fatalf("kiln push --chunked: %v\n%s", res.err, res.stderr)
+	}
+	pull(refC)
+	out = filepath.Join(dir, "c.ext4")
+	ctdExport(t, e, "fleet", refC, out)
+	if got := fileSHA(t, out); got != wantC {
+		t.Errorf("image C's disk is %s, kiln convert builds %s", got, wantC)
+	}
+	if ms := lazyMounts(); len(ms) != 2 {
+		t.Errorf("lazily loaded disks mounted after image C's export: %v, want image A's and C's", ms)
+	}
 
 	// Containers: the lazily loaded disk is the read-only part, the
 	// container's own disk sits beside it.
@@ -183,7 +205,7 @@ func TestServeLazyRootfs(t *testing.T) {
 	// runs on the removal) and unmounts the disk.
 	ctr(t, e, "-n", "fleet", "image", "rm", "--sync", refA)
 	ctdEventually(t, "the lazily loaded disk is unmounted", func() []string {
-		if ms := lazyMounts(); len(ms) != 0 {
+		if ms := lazyMounts(); slices.Contains(ms, mountA) {
 			return []string{fmt.Sprintf("still mounted: %v", ms)}
 		}
 		return nil

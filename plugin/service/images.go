@@ -112,30 +112,55 @@ func (c *containerdImages) Config(ctx context.Context, ns, ref string, chainID d
 		}
 		return nil, fmt.Errorf("image %s in namespace %s is not made of the layers of %s: %w", ref, ns, chainID, errdefs.ErrNotFound)
 	}
-	resp, err := c.images.List(ctx, &imagesapi.ListImagesRequest{})
-	if err != nil {
-		return nil, errgrpc.ToNative(err)
-	}
 	var found []byte
 	var names []string
-	for _, img := range resp.Images {
-		for _, cfg := range c.configs(ctx, oci.DescriptorFromProto(img.Target)) {
-			if cfg.chainID != chainID {
-				continue
-			}
-			names = append(names, img.Name)
-			if found != nil && string(found) != string(cfg.raw) {
-				sort.Strings(names)
-				return nil, fmt.Errorf("images %s share the layers of %s but not their config: %w",
-					strings.Join(names, ", "), chainID, errdefs.ErrConflict)
-			}
-			found = cfg.raw
+	err := c.made(ctx, chainID, func(name string, cfg imageConfig) error {
+		names = append(names, name)
+		if found != nil && string(found) != string(cfg.raw) {
+			sort.Strings(names)
+			return fmt.Errorf("images %s share the layers of %s but not their config: %w",
+				strings.Join(names, ", "), chainID, errdefs.ErrConflict)
 		}
+		found = cfg.raw
+		return nil
+	})
+	if err != nil {
+		return nil, err
 	}
 	if found == nil {
 		return nil, fmt.Errorf("no image in namespace %s is made of the layers of %s: %w", ns, chainID, errdefs.ErrNotFound)
 	}
 	return found, nil
+}
+
+// made calls fn with each image of ctx's namespace, and its config, that
+// is made of the layers of chainID.
+func (c *containerdImages) made(ctx context.Context, chainID digest.Digest, fn func(name string, cfg imageConfig) error) error {
+	resp, err := c.images.List(ctx, &imagesapi.ListImagesRequest{})
+	if err != nil {
+		return errgrpc.ToNative(err)
+	}
+	for _, img := range resp.Images {
+		for _, cfg := range c.configs(ctx, oci.DescriptorFromProto(img.Target)) {
+			if cfg.chainID != chainID {
+				continue
+			}
+			if err := fn(img.Name, cfg); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// Named implements snapshotter.Images.
+func (c *containerdImages) Named(ctx context.Context, ns string, chainID digest.Digest) ([]string, error) {
+	var names []string
+	err := c.made(namespaces.WithNamespace(ctx, ns), chainID, func(name string, _ imageConfig) error {
+		names = append(names, name)
+		return nil
+	})
+	return names, err
 }
 
 // Tops implements snapshotter.Images.

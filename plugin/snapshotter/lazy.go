@@ -31,6 +31,7 @@ import (
 
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/core/snapshots/storage"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
 	snpkg "github.com/containerd/containerd/v2/pkg/snapshotters"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
@@ -79,7 +80,9 @@ type lazyLayer struct {
 	MediaType string        `json:"mediaType"`
 	Size      int64         `json:"size"`
 	DiffID    digest.Digest `json:"diffID"`
-	Top       *lazyTop      `json:"top,omitempty"`
+	// Chain is the chain ID of the layers up to this one.
+	Chain digest.Digest `json:"chain"`
+	Top   *lazyTop      `json:"top,omitempty"`
 }
 
 // lazyTop is an image, published chunked, whose top a snapshot is: its
@@ -111,6 +114,7 @@ type lazyImages struct {
 	share   Share
 	opts    build.Options // as disks are built
 	onShare func(result string)
+	images  Images // nil: images whose layers came in for another are built
 
 	storeMu  sync.Mutex
 	store    *chunked.Store // opened when first needed
@@ -118,6 +122,7 @@ type lazyImages struct {
 
 	mu      sync.Mutex
 	lookups map[digest.Digest]*lookup
+	noTop   map[string]time.Time // snapshots found to be no lazily loaded image's top
 	mounts  map[string]*lazyMount
 	closed  bool
 	wg      sync.WaitGroup
@@ -160,9 +165,9 @@ func (m *lazyMount) use() {
 	})
 }
 
-func newLazyImages(root string, sh Share, opts build.Options, onShare func(string)) *lazyImages {
-	l := &lazyImages{root: root, share: sh, opts: opts, onShare: onShare,
-		lookups: map[digest.Digest]*lookup{}, mounts: map[string]*lazyMount{}, leaving: map[*lazyMount]bool{}}
+func newLazyImages(root string, sh Share, opts build.Options, images Images, onShare func(string)) *lazyImages {
+	l := &lazyImages{root: root, share: sh, opts: opts, images: images, onShare: onShare,
+		lookups: map[digest.Digest]*lookup{}, noTop: map[string]time.Time{}, mounts: map[string]*lazyMount{}, leaving: map[*lazyMount]bool{}}
 	l.settle()
 	return l
 }
@@ -310,7 +315,7 @@ func (s *Snapshotter) prepareLazy(ctx context.Context, key, parent string, info 
 	}
 	ly := lk.img.Layers[i]
 	rec := lazyLayer{Ref: ref, Manifest: manifest, Index: i, Layers: len(lk.img.Layers),
-		Digest: ly.Digest, MediaType: ly.MediaType, Size: ly.Size, DiffID: lk.img.Config.RootFS.DiffIDs[i]}
+		Digest: ly.Digest, MediaType: ly.MediaType, Size: ly.Size, DiffID: lk.img.Config.RootFS.DiffIDs[i], Chain: lk.chainIDs[i]}
 	if i == len(lk.img.Layers)-1 {
 		rec.Top = &lazyTop{Ref: ref, Manifest: manifest}
 	}
@@ -501,6 +506,9 @@ func (l *lazyImages) disk(ctx context.Context, dir, id string, use bool) (path s
 		log.G(ctx).WithError(err).Warn("reading a lazily loaded layer's record")
 		return "", false, nil
 	}
+	if isLazy && rec.Top == nil && use {
+		rec.Top = l.topOf(ctx, dir, id, rec)
+	}
 	if !isLazy || rec.Top == nil {
 		return "", false, nil
 	}
@@ -555,6 +563,59 @@ func (l *lazyImages) disk(ctx context.Context, dir, id string, use bool) (path s
 		m.use()
 	}
 	return m.path, true, nil
+}
+
+// topOf finds, for a lazily loaded layer that came in for another image,
+// an image of the caller's namespace whose top it is and that has a
+// chunked rootfs of kiln's build, and records it; nil if there is none.
+// (containerd pulls no layer it has, so kiln hears of such an image only
+// here.)
+func (l *lazyImages) topOf(ctx context.Context, dir, id string, rec lazyLayer) *lazyTop {
+	ns, ok := namespaces.Namespace(ctx)
+	if l.images == nil || !ok || rec.Chain == "" {
+		return nil
+	}
+	l.mu.Lock()
+	for k, at := range l.noTop {
+		if time.Since(at) > lookupTTL {
+			delete(l.noTop, k)
+		}
+	}
+	_, known := l.noTop[ns+"/"+id]
+	l.mu.Unlock()
+	if known {
+		return nil
+	}
+	names, err := l.images.Named(ctx, ns, rec.Chain)
+	if err != nil {
+		log.G(ctx).WithError(err).WithField("snapshot", id).Warn("looking for the images of a lazily loaded layer")
+		return nil
+	}
+	for _, n := range names {
+		rctx, cancel := context.WithTimeout(ctx, lookupTimeout)
+		img, err := image.Resolve(rctx, n, l.share.Image)
+		cancel()
+		if err != nil {
+			log.G(ctx).WithError(err).WithField("image", n).Debug("not loading the image lazily")
+			continue
+		}
+		lk := l.find(ctx, n, img.Digest)
+		if lk.chunked == nil || len(lk.chainIDs) == 0 || lk.chainIDs[len(lk.chainIDs)-1] != rec.Chain {
+			continue
+		}
+		top := lazyTop{Ref: n, Manifest: img.Digest}
+		if err := l.markTop(dir, top); err != nil {
+			log.G(ctx).WithError(err).WithField("snapshot", id).Warn("recording the image whose top a lazily loaded layer is")
+			return nil
+		}
+		log.G(ctx).WithFields(log.Fields{"image": n, "snapshot": id}).Info("the image is loaded lazily: its layers came in for another")
+		l.observe(shareLazy)
+		return &top
+	}
+	l.mu.Lock()
+	l.noTop[ns+"/"+id] = time.Now()
+	l.mu.Unlock()
+	return nil
 }
 
 // mount mounts the published rootfs of image top as the disk of snapshot

@@ -52,6 +52,9 @@ type Images interface {
 	// Tops returns the chain IDs of every image's layers in every
 	// namespace: the snapshots containers of an image are made on.
 	Tops(ctx context.Context) (map[digest.Digest]bool, error)
+	// Named returns the names of the images in namespace ns whose
+	// layers make chainID.
+	Named(ctx context.Context, ns string, chainID digest.Digest) ([]string, error)
 }
 
 // Config configures a Snapshotter.
@@ -192,7 +195,7 @@ func New(ctx context.Context, cfg Config) (*Snapshotter, error) {
 		// mounts are cleared.
 		opts := cfg.Build
 		opts.Inject = set
-		s.lazy = newLazyImages(root, cfg.Share, opts, cfg.ObserveShare)
+		s.lazy = newLazyImages(root, cfg.Share, opts, cfg.Images, cfg.ObserveShare)
 		s.disks.lazy = s.lazy
 	}
 	for _, dir := range orphans {

@@ -23,6 +23,8 @@ func (f *fakeImages) Config(context.Context, string, string, digest.Digest) ([]b
 
 func (f *fakeImages) Tops(context.Context) (map[digest.Digest]bool, error) { return f.tops, nil }
 
+func (f *fakeImages) Named(context.Context, string, digest.Digest) ([]string, error) { return nil, nil }
+
 // TestSweepRemovesUnneededDisks: a disk stays while its snapshot is an
 // image's top or has a container on it, and goes once neither holds; its
 // layer stays, and the disk comes back when needed.
