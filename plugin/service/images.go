@@ -23,6 +23,8 @@ import (
 	"github.com/opencontainers/go-digest"
 	"github.com/opencontainers/image-spec/identity"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/kilnfs/kiln/plugin/snapshotter"
 )
 
 // containerdImages answers the snapshotter's questions about containerd's
@@ -39,10 +41,12 @@ type containerdImages struct {
 // maxCachedImages bounds the images whose configs are remembered.
 const maxCachedImages = 10000
 
-// imageConfig is one platform's config of an image.
+// imageConfig is one platform's config of an image, and the manifest
+// that names it ("" if it cannot be found).
 type imageConfig struct {
-	chainID digest.Digest
-	raw     []byte
+	chainID  digest.Digest
+	raw      []byte
+	manifest digest.Digest
 }
 
 func newContainerdImages(images imagesapi.ImagesClient, ns namespacesapi.NamespacesClient, cs content.Provider) *containerdImages {
@@ -83,7 +87,8 @@ func (c *containerdImages) configs(ctx context.Context, target ocispec.Descripto
 		if json.Unmarshal(raw, &img) != nil {
 			continue
 		}
-		out = append(out, imageConfig{chainID: identity.ChainID(img.RootFS.DiffIDs), raw: raw})
+		out = append(out, imageConfig{chainID: identity.ChainID(img.RootFS.DiffIDs), raw: raw,
+			manifest: manifestOf(ctx, c.content, target, desc.Digest, 0)})
 	}
 	if !complete {
 		return out // not remembered: the next question asks again
@@ -95,6 +100,33 @@ func (c *containerdImages) configs(ctx context.Context, target ocispec.Descripto
 	c.chains[target.Digest] = out
 	c.mu.Unlock()
 	return out
+}
+
+// manifestOf returns the digest of the manifest under desc whose config
+// is config, "" if none is here.
+func manifestOf(ctx context.Context, cs content.Provider, desc ocispec.Descriptor, config digest.Digest, depth int) digest.Digest {
+	switch {
+	case cimages.IsManifestType(desc.MediaType):
+		raw, err := content.ReadBlob(ctx, cs, desc)
+		if err != nil {
+			return ""
+		}
+		var m ocispec.Manifest
+		if json.Unmarshal(raw, &m) == nil && m.Config.Digest == config {
+			return desc.Digest
+		}
+	case cimages.IsIndexType(desc.MediaType) && depth < 4:
+		children, err := cimages.Children(ctx, cs, desc)
+		if err != nil {
+			return ""
+		}
+		for _, ch := range children {
+			if d := manifestOf(ctx, cs, ch, config, depth+1); d != "" {
+				return d
+			}
+		}
+	}
+	return ""
 }
 
 // Config implements snapshotter.Images.
@@ -154,13 +186,15 @@ func (c *containerdImages) made(ctx context.Context, chainID digest.Digest, fn f
 }
 
 // Named implements snapshotter.Images.
-func (c *containerdImages) Named(ctx context.Context, ns string, chainID digest.Digest) ([]string, error) {
-	var names []string
-	err := c.made(namespaces.WithNamespace(ctx, ns), chainID, func(name string, _ imageConfig) error {
-		names = append(names, name)
+func (c *containerdImages) Named(ctx context.Context, ns string, chainID digest.Digest) ([]snapshotter.NamedImage, error) {
+	var named []snapshotter.NamedImage
+	err := c.made(namespaces.WithNamespace(ctx, ns), chainID, func(name string, cfg imageConfig) error {
+		if cfg.manifest != "" {
+			named = append(named, snapshotter.NamedImage{Name: name, Manifest: cfg.manifest})
+		}
 		return nil
 	})
-	return names, err
+	return named, err
 }
 
 // Tops implements snapshotter.Images.

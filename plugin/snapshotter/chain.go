@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/containerd/containerd/v2/core/snapshots/storage"
 	"github.com/containerd/errdefs"
@@ -43,8 +44,9 @@ type chainReader struct {
 	ms   *storage.MetaStore
 	root string
 	// registries says how the registries of lazily loaded layers are
-	// reached.
+	// reached, and stall how long one may send nothing.
 	registries image.Options
+	stall      time.Duration
 }
 
 func (c chainReader) dir(id string) string { return filepath.Join(c.root, snapshotsDir, id) }
@@ -113,7 +115,7 @@ func (c chainReader) chainLayers(ctx context.Context, id string) (chainLayers, e
 					return chainLayers{}, fmt.Errorf("snapshot %s: %w", chain[i], err)
 				}
 				diffIDs = append(diffIDs, rec.DiffID)
-				layers = append(layers, lazyLayerBlob(ctx, c.registries, rec))
+				layers = append(layers, lazyLayerBlob(ctx, c.registries, c.stall, rec))
 				continue
 			}
 			if exists(filepath.Join(dir, layerRecord)) {

@@ -26,7 +26,9 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
@@ -117,15 +119,16 @@ type lazyImages struct {
 	images  Images // nil: images whose layers came in for another are built
 
 	storeMu  sync.Mutex
-	store    *chunked.Store // opened when first needed
+	store    atomic.Pointer[chunked.Store] // opened in the background at start
 	recordMu sync.Mutex     // markTop's rewrites
 
-	mu      sync.Mutex
-	lookups map[digest.Digest]*lookup
-	noTop   map[string]time.Time // snapshots found to be no lazily loaded image's top
-	mounts  map[string]*lazyMount
-	closed  bool
-	wg      sync.WaitGroup
+	mu       sync.Mutex
+	lookups  map[digest.Digest]*lookup
+	noTop    map[string]time.Time     // snapshots found to be no lazily loaded image's top, by namespace/id
+	searches map[string]chan struct{} // topOf's searches under way
+	mounts   map[string]*lazyMount
+	closed   bool
+	wg       sync.WaitGroup
 	// leaving are the mounts being unmounted, fetched what the readers
 	// of those unmounted fetched.
 	leaving map[*lazyMount]bool
@@ -167,8 +170,13 @@ func (m *lazyMount) use() {
 
 func newLazyImages(root string, sh Share, opts build.Options, images Images, onShare func(string)) *lazyImages {
 	l := &lazyImages{root: root, share: sh, opts: opts, images: images, onShare: onShare,
-		lookups: map[digest.Digest]*lookup{}, noTop: map[string]time.Time{}, mounts: map[string]*lazyMount{}, leaving: map[*lazyMount]bool{}}
+		lookups: map[digest.Digest]*lookup{}, noTop: map[string]time.Time{}, searches: map[string]chan struct{}{}, mounts: map[string]*lazyMount{}, leaving: map[*lazyMount]bool{}}
 	l.settle()
+	l.background(func() {
+		if _, err := l.chunkStore(); err != nil {
+			log.L.WithError(err).Warn("opening the chunk cache")
+		}
+	})
 	return l
 }
 
@@ -187,14 +195,15 @@ func (l *lazyImages) settle() {
 func (l *lazyImages) chunkStore() (*chunked.Store, error) {
 	l.storeMu.Lock()
 	defer l.storeMu.Unlock()
-	if l.store == nil {
-		st, err := chunked.OpenStore(filepath.Join(l.root, chunksDir), l.share.LazyCacheMaxSize)
-		if err != nil {
-			return nil, err
-		}
-		l.store = st
+	if st := l.store.Load(); st != nil {
+		return st, nil
 	}
-	return l.store, nil
+	st, err := chunked.OpenStore(filepath.Join(l.root, chunksDir), l.share.LazyCacheMaxSize)
+	if err != nil {
+		return nil, err
+	}
+	l.store.Store(st)
+	return st, nil
 }
 
 // find returns what the registry of ref says about the image whose
@@ -379,7 +388,7 @@ func (s *Snapshotter) prepareLazy(ctx context.Context, key, parent string, info 
 		// Pulled as a layer below another image's top, it may now be
 		// this image's top as well.
 		if rec.Top != nil {
-			if err := s.lazy.markTop(s.dir(id), *rec.Top); err != nil {
+			if _, _, err := s.lazy.markTop(s.dir(id), *rec.Top); err != nil {
 				return true, fmt.Errorf("layer %s of image %s: %w", ly.Digest, ref, err)
 			}
 			s.lazy.mountSoon(lg, s.dir(id), id)
@@ -405,26 +414,30 @@ func (l *lazyImages) mountSoon(lg *log.Entry, dir, id string) {
 }
 
 // markTop records that the lazily loaded layer in snapshot directory dir
-// is the top of image top, unless it is known as the top of one already.
-// A snapshot that is not lazily loaded is left alone.
-func (l *lazyImages) markTop(dir string, top lazyTop) error {
+// is the top of image top, unless it is known as the top of one already,
+// and returns the top recorded (nil if the snapshot is not lazily loaded
+// or gone) and whether it wrote it.
+func (l *lazyImages) markTop(dir string, top lazyTop) (*lazyTop, bool, error) {
 	l.recordMu.Lock()
 	defer l.recordMu.Unlock()
 	rec, ok, err := readLazy(dir)
 	if err != nil || !ok || rec.Top != nil {
-		return err
+		return rec.Top, false, err
 	}
 	rec.Top = &top
 	raw, err := json.Marshal(rec)
 	if err != nil {
-		return err
+		return nil, false, err
 	}
 	tmp := lazyFile + ".new"
 	os.Remove(filepath.Join(dir, tmp))
 	if err := writeSynced(dir, tmp, raw); err != nil {
-		return err
+		return nil, false, err
 	}
-	return os.Rename(filepath.Join(dir, tmp), filepath.Join(dir, lazyFile))
+	if err := os.Rename(filepath.Join(dir, tmp), filepath.Join(dir, lazyFile)); err != nil {
+		return nil, false, err
+	}
+	return &top, true, nil
 }
 
 // background runs fn in a goroutine that close waits for, unless
@@ -569,53 +582,82 @@ func (l *lazyImages) disk(ctx context.Context, dir, id string, use bool) (path s
 // an image of the caller's namespace whose top it is and that has a
 // chunked rootfs of kiln's build, and records it; nil if there is none.
 // (containerd pulls no layer it has, so kiln hears of such an image only
-// here.)
+// here.) One search runs per snapshot at a time, within lookupTimeout,
+// and a search that finds nothing is not made again for lookupTTL.
 func (l *lazyImages) topOf(ctx context.Context, dir, id string, rec lazyLayer) *lazyTop {
 	ns, ok := namespaces.Namespace(ctx)
 	if l.images == nil || !ok || rec.Chain == "" {
 		return nil
 	}
+	key := ns + "/" + id
 	l.mu.Lock()
 	for k, at := range l.noTop {
 		if time.Since(at) > lookupTTL {
 			delete(l.noTop, k)
 		}
 	}
-	_, known := l.noTop[ns+"/"+id]
+	_, known := l.noTop[key]
+	running := l.searches[key]
+	if !known && running == nil {
+		l.searches[key] = make(chan struct{})
+	}
 	l.mu.Unlock()
-	if known {
+	switch {
+	case known:
 		return nil
-	}
-	names, err := l.images.Named(ctx, ns, rec.Chain)
-	if err != nil {
-		log.G(ctx).WithError(err).WithField("snapshot", id).Warn("looking for the images of a lazily loaded layer")
-		return nil
-	}
-	for _, n := range names {
-		rctx, cancel := context.WithTimeout(ctx, lookupTimeout)
-		img, err := image.Resolve(rctx, n, l.share.Image)
-		cancel()
-		if err != nil {
-			log.G(ctx).WithError(err).WithField("image", n).Debug("not loading the image lazily")
-			continue
+	case running != nil:
+		select {
+		case <-running:
+		case <-ctx.Done():
+			return nil
 		}
-		lk := l.find(ctx, n, img.Digest)
+		rec, _, _ := readLazy(dir)
+		return rec.Top
+	}
+	sctx, cancel := context.WithTimeout(ctx, lookupTimeout)
+	defer cancel()
+	top, searched := l.searchTop(sctx, ns, dir, id, rec)
+	l.mu.Lock()
+	if top == nil && searched {
+		l.noTop[key] = time.Now()
+	}
+	close(l.searches[key])
+	delete(l.searches, key)
+	l.mu.Unlock()
+	return top
+}
+
+// searchTop is topOf's search; searched is false when it was cut short.
+func (l *lazyImages) searchTop(ctx context.Context, ns, dir, id string, rec lazyLayer) (top *lazyTop, searched bool) {
+	lg := log.G(ctx).WithFields(log.Fields{"snapshot": id, "namespace": ns})
+	named, err := l.images.Named(ctx, ns, rec.Chain)
+	if err != nil {
+		lg.WithError(err).Warn("looking for the images of a lazily loaded layer")
+		return nil, false
+	}
+	for _, n := range named {
+		if _, err := name.ParseReference(n.Name); err != nil || strings.HasPrefix(n.Name, "sha256:") {
+			continue // an image ID (CRI names images by it too), not a reference
+		}
+		lk := l.find(ctx, n.Name, n.Manifest)
+		if ctx.Err() != nil {
+			return nil, false
+		}
 		if lk.chunked == nil || len(lk.chainIDs) == 0 || lk.chainIDs[len(lk.chainIDs)-1] != rec.Chain {
 			continue
 		}
-		top := lazyTop{Ref: n, Manifest: img.Digest}
-		if err := l.markTop(dir, top); err != nil {
-			log.G(ctx).WithError(err).WithField("snapshot", id).Warn("recording the image whose top a lazily loaded layer is")
-			return nil
+		recorded, wrote, err := l.markTop(dir, lazyTop{Ref: n.Name, Manifest: n.Manifest})
+		if err != nil {
+			lg.WithError(err).Warn("recording the image whose top a lazily loaded layer is")
+			return nil, false
 		}
-		log.G(ctx).WithFields(log.Fields{"image": n, "snapshot": id}).Info("the image is loaded lazily: its layers came in for another")
-		l.observe(shareLazy)
-		return &top
+		if wrote {
+			lg.WithField("image", n.Name).Info("the image is loaded lazily: its layers came in for another")
+			l.observe(shareLazy)
+		}
+		return recorded, true
 	}
-	l.mu.Lock()
-	l.noTop[ns+"/"+id] = time.Now()
-	l.mu.Unlock()
-	return nil
+	return nil, true
 }
 
 // mount mounts the published rootfs of image top as the disk of snapshot
@@ -816,36 +858,87 @@ func (l *lazyImages) close(ctx context.Context) {
 	}
 }
 
-// chunkBytes is the disk the chunk cache takes, if it was opened.
+// chunkBytes is the disk the chunk cache takes, 0 until it is open.
 func (l *lazyImages) chunkBytes() int64 {
-	st, err := l.chunkStore()
-	if err != nil {
-		return 0
+	if st := l.store.Load(); st != nil {
+		return st.Size()
 	}
-	return st.Size()
+	return 0
 }
 
 // lazyLayerBlob is a lazily loaded layer as a build reads it: its blob,
 // streamed from the registry of the image it was pulled for, until ctx
-// (the build's) ends.
-func lazyLayerBlob(ctx context.Context, opts image.Options, rec lazyLayer) build.Layer {
+// (the build's) ends or no byte arrives for stall.
+func lazyLayerBlob(ctx context.Context, opts image.Options, stall time.Duration, rec lazyLayer) build.Layer {
 	return build.Layer{
 		Descriptor: layer.Descriptor{MediaType: rec.MediaType, Digest: rec.Digest, DiffID: rec.DiffID},
 		Size:       rec.Size,
 		Open: func() (io.ReadCloser, error) {
-			t, err := image.Server(ctx, rec.Ref, opts)
+			ctx, cancel := context.WithCancel(ctx)
+			rc, err := openLayerBlob(ctx, opts, rec)
 			if err != nil {
+				cancel()
 				return nil, fmt.Errorf("layer %s of image %s, loaded lazily: %w", rec.Digest, rec.Ref, err)
 			}
-			ly, err := remote.Layer(t.Ref.Context().Digest(rec.Digest.String()), t.Options...)
-			if err != nil {
-				return nil, fmt.Errorf("layer %s of image %s, loaded lazily: %w", rec.Digest, rec.Ref, err)
-			}
-			rc, err := ly.Compressed()
-			if err != nil {
-				return nil, fmt.Errorf("layer %s of image %s, loaded lazily: %w", rec.Digest, rec.Ref, err)
-			}
-			return rc, nil
+			return newStallReader(rc, stall, cancel), nil
 		},
 	}
+}
+
+func openLayerBlob(ctx context.Context, opts image.Options, rec lazyLayer) (io.ReadCloser, error) {
+	t, err := image.Server(ctx, rec.Ref, opts)
+	if err != nil {
+		return nil, err
+	}
+	ly, err := remote.Layer(t.Ref.Context().Digest(rec.Digest.String()), t.Options...)
+	if err != nil {
+		return nil, err
+	}
+	return ly.Compressed()
+}
+
+// lazyStall is how long a registry may send nothing of a lazily loaded
+// layer's blob.
+func lazyStall(sh Share) time.Duration {
+	if sh.LazyTimeout > 0 {
+		return sh.LazyTimeout
+	}
+	return 30 * time.Second
+}
+
+// stallReader calls cancel, which ends the request under rc, when a
+// read gets no byte for timeout: a registry that stops answering in the
+// middle of a blob must not hold a build for good.
+type stallReader struct {
+	rc      io.ReadCloser
+	timeout time.Duration
+	timer   *time.Timer
+	cancel  context.CancelFunc
+	stalled atomic.Bool
+}
+
+func newStallReader(rc io.ReadCloser, timeout time.Duration, cancel context.CancelFunc) *stallReader {
+	r := &stallReader{rc: rc, timeout: timeout, cancel: cancel}
+	r.timer = time.AfterFunc(timeout, func() {
+		r.stalled.Store(true)
+		cancel()
+	})
+	r.timer.Stop()
+	return r
+}
+
+func (r *stallReader) Read(p []byte) (int, error) {
+	r.timer.Reset(r.timeout)
+	n, err := r.rc.Read(p)
+	r.timer.Stop()
+	if err != nil && r.stalled.Load() {
+		err = fmt.Errorf("no data from the registry for %s: %w", r.timeout, err)
+	}
+	return n, err
+}
+
+func (r *stallReader) Close() error {
+	r.timer.Stop()
+	r.cancel()
+	return r.rc.Close()
 }

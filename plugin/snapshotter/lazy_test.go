@@ -2,9 +2,12 @@ package snapshotter
 
 import (
 	"context"
+	"io"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
+	"time"
 
 	"github.com/containerd/containerd/v2/core/mount"
 )
@@ -63,11 +66,11 @@ func TestReadLazy(t *testing.T) {
 	}
 	// Pulled again as another image's top, it is that image's top too.
 	l := &lazyImages{}
-	if err := l.markTop(dir, lazyTop{Ref: "base"}); err != nil {
-		t.Fatal(err)
+	if top, wrote, err := l.markTop(dir, lazyTop{Ref: "base"}); err != nil || !wrote || top.Ref != "base" {
+		t.Fatalf("markTop = %+v, %v, %v", top, wrote, err)
 	}
-	if err := l.markTop(dir, lazyTop{Ref: "other"}); err != nil {
-		t.Fatal(err)
+	if top, wrote, err := l.markTop(dir, lazyTop{Ref: "other"}); err != nil || wrote || top.Ref != "base" {
+		t.Fatalf("markTop of a second top = %+v, %v, %v, want the first, unwritten", top, wrote, err)
 	}
 	if rec, _, err = readLazy(dir); err != nil || rec.Ref != "r" || rec.Top == nil || rec.Top.Ref != "base" {
 		t.Fatalf("after markTop: %+v, %v", rec, err)
@@ -77,5 +80,28 @@ func TestReadLazy(t *testing.T) {
 	}
 	if _, _, err := readLazy(dir); err == nil {
 		t.Errorf("readLazy(damaged record): no error")
+	}
+}
+
+// TestStallReader: a blob that stops arriving fails the read once the
+// stall timeout passes; one that keeps arriving does not.
+func TestStallReader(t *testing.T) {
+	pr, pw := io.Pipe()
+	r := newStallReader(pr, 100*time.Millisecond, func() { pw.CloseWithError(context.Canceled) })
+	defer r.Close()
+	go func() {
+		for range 3 {
+			time.Sleep(60 * time.Millisecond) // each under the timeout
+			pw.Write([]byte("kiln"))          //nolint:errcheck // read below
+		}
+	}()
+	buf := make([]byte, 4)
+	for i := range 3 {
+		if _, err := io.ReadFull(r, buf); err != nil {
+			t.Fatalf("read %d of a blob that keeps arriving: %v", i, err)
+		}
+	}
+	if _, err := r.Read(buf); err == nil || !strings.Contains(err.Error(), "no data from the registry") {
+		t.Errorf("read of a stalled blob: %v", err)
 	}
 }

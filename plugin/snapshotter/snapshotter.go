@@ -52,9 +52,15 @@ type Images interface {
 	// Tops returns the chain IDs of every image's layers in every
 	// namespace: the snapshots containers of an image are made on.
 	Tops(ctx context.Context) (map[digest.Digest]bool, error)
-	// Named returns the names of the images in namespace ns whose
-	// layers make chainID.
-	Named(ctx context.Context, ns string, chainID digest.Digest) ([]string, error)
+	// Named returns the images in namespace ns whose layers make
+	// chainID, each with the digest of its manifest of those layers.
+	Named(ctx context.Context, ns string, chainID digest.Digest) ([]NamedImage, error)
+}
+
+// NamedImage is an image of containerd's, and one of its manifests.
+type NamedImage struct {
+	Name     string
+	Manifest digest.Digest
 }
 
 // Config configures a Snapshotter.
@@ -179,7 +185,7 @@ func New(ctx context.Context, cfg Config) (*Snapshotter, error) {
 		loops:        &loops{},
 		queue:        newBuildQueue(cfg.MaxBuilds, cfg.ObserveBuildWait),
 	}
-	s.disks = newDiskBuilder(root, chainReader{ms: ms, root: root, registries: cfg.Share.Image}, s.staged, cfg.Build, set, s.queue, cfg.ObserveBuild)
+	s.disks = newDiskBuilder(root, chainReader{ms: ms, root: root, registries: cfg.Share.Image, stall: lazyStall(cfg.Share)}, s.staged, cfg.Build, set, s.queue, cfg.ObserveBuild)
 	s.disks.share, s.disks.onShare = cfg.Share, cfg.ObserveShare
 	// What an interrupted run left: directories of snapshots that were
 	// never recorded or are half removed.

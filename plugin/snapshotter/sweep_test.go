@@ -23,7 +23,9 @@ func (f *fakeImages) Config(context.Context, string, string, digest.Digest) ([]b
 
 func (f *fakeImages) Tops(context.Context) (map[digest.Digest]bool, error) { return f.tops, nil }
 
-func (f *fakeImages) Named(context.Context, string, digest.Digest) ([]string, error) { return nil, nil }
+func (f *fakeImages) Named(context.Context, string, digest.Digest) ([]NamedImage, error) {
+	return nil, nil
+}
 
 // TestSweepRemovesUnneededDisks: a disk stays while its snapshot is an
 // image's top or has a container on it, and goes once neither holds; its
