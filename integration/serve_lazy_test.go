@@ -310,3 +310,53 @@ func TestServeLazyCRI(t *testing.T) {
 	crictl("stopp", podID)
 	crictl("rmp", podID)
 }
+
+// TestServeLazyBlockDevices: in block-device mode a container on a lazily
+// loaded image gets a loop device on the FUSE-served disk; after kiln is
+// killed (the device's disk served by nobody), the next kiln detaches
+// that device and gives the container a working one again.
+func TestServeLazyBlockDevices(t *testing.T) {
+	needRoot(t, "loop devices")
+	if _, err := os.Stat("/dev/fuse"); err != nil {
+		t.Skipf("FUSE is not available: %v", err)
+	}
+	img := ctdSmallImage(t, "lazily loaded, block devices")
+	ref := mustPush(t, "lazy-block:v1", img)
+	cache := filepath.Join(t.TempDir(), "cache")
+	if res := kiln(t, run{args: convertArgs(ref, filepath.Join(t.TempDir(), "img.ext4"), cache)}); res.err != nil {
+		t.Fatalf("kiln convert: %v\n%s", res.err, res.stderr)
+	}
+	if res := kiln(t, run{args: []string{"push", "--chunked", ref, "--cache-dir", cache}}); res.err != nil {
+		t.Fatalf("kiln push --chunked: %v\n%s", res.err, res.stderr)
+	}
+	e := startContainerd(t, testcontainerd.Options{BlockDevices: true, Config: "[share]\nlazy = true\nlazy_prefetch = false\n"})
+	const ns = "block"
+	sn := []string{"-n", ns, "snapshots", "--snapshotter", "kiln"}
+	ctr(t, e, ctdPullArgs(ns, ref, false)...)
+	ctr(t, e, append(sn, "prepare", "c1", ctdChainID(t, img))...)
+	ctr(t, e, append(sn, "label", "c1", "containerd.io/gc.root=kiln-test")...)
+	check := func(when string) string {
+		t.Helper()
+		cm := ctdMounts(t, e, ns, "c1")
+		if len(cm) != 3 || !strings.HasPrefix(cm[1].Source, "/dev/loop") {
+			t.Fatalf("%s: container mounts in block-device mode: %+v", when, cm)
+		}
+		if f := testcontainerd.LoopDevices(e.KilnRoot)[cm[1].Source]; !strings.HasPrefix(f, filepath.Join(e.KilnRoot, "lazy")+"/") {
+			t.Errorf("%s: the image's device %s is backed by %q, want the lazily loaded disk", when, cm[1].Source, f)
+		}
+		mnt, unmount := ctdMountSnapshot(t, e, ns, "c1")
+		defer unmount()
+		if b, err := os.ReadFile(filepath.Join(mnt, "etc/small")); err != nil || string(b) != "lazily loaded, block devices" {
+			t.Errorf("%s: the container's /etc/small: %q, %v", when, b, err)
+		}
+		return cm[1].Source
+	}
+	before := check("before kiln's restart")
+	restartKiln(t, e, ns)
+	after := check("after kiln's restart")
+	// The device on the dead mount is detached (or its number given to
+	// the new one).
+	if b, err := os.ReadFile(filepath.Join("/sys/block", filepath.Base(before), "loop", "backing_file")); err == nil && before != after {
+		t.Errorf("%s, on the dead mount, still attached after kiln's restart (backed by %s)", before, strings.TrimSpace(string(b)))
+	}
+}
