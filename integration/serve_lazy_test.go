@@ -280,13 +280,7 @@ func TestServeLazyCRI(t *testing.T) {
 	appImg := busyboxImage(t, v1.Config{Env: []string{"PATH=/bin"}},
 		testimage.Layer{Tar: layerTar(t, tDir("etc", 0o755, t1), tFile("etc/app", 0o644, t1, "lazy cri app\n"))})
 	app := mustPush(t, "cri-lazy/app:v1", appImg)
-	cache := filepath.Join(t.TempDir(), "cache")
-	if res := kiln(t, run{args: convertArgs(app, filepath.Join(t.TempDir(), "app.ext4"), cache)}); res.err != nil {
-		t.Fatalf("kiln convert: %v\n%s", res.err, res.stderr)
-	}
-	if res := kiln(t, run{args: []string{"push", "--chunked", app, "--cache-dir", cache}}); res.err != nil {
-		t.Fatalf("kiln push --chunked: %v\n%s", res.err, res.stderr)
-	}
+	publishChunked(t, app)
 	e := startContainerd(t, testcontainerd.Options{CRI: true, SandboxImage: pause, Config: "[share]\nlazy = true\nlazy_prefetch = false\n"})
 	crictl, podID, cid := criPod(t, e, app)
 	if out := crictl("exec", "-s", cid, "busybox", "cat", "/etc/app", "/started"); out != "lazy cri app\nstarted" {
@@ -322,13 +316,7 @@ func TestServeLazyBlockDevices(t *testing.T) {
 	}
 	img := ctdSmallImage(t, "lazily loaded, block devices")
 	ref := mustPush(t, "lazy-block:v1", img)
-	cache := filepath.Join(t.TempDir(), "cache")
-	if res := kiln(t, run{args: convertArgs(ref, filepath.Join(t.TempDir(), "img.ext4"), cache)}); res.err != nil {
-		t.Fatalf("kiln convert: %v\n%s", res.err, res.stderr)
-	}
-	if res := kiln(t, run{args: []string{"push", "--chunked", ref, "--cache-dir", cache}}); res.err != nil {
-		t.Fatalf("kiln push --chunked: %v\n%s", res.err, res.stderr)
-	}
+	publishChunked(t, ref)
 	e := startContainerd(t, testcontainerd.Options{BlockDevices: true, Config: "[share]\nlazy = true\nlazy_prefetch = false\n"})
 	const ns = "block"
 	sn := []string{"-n", ns, "snapshots", "--snapshotter", "kiln"}
@@ -358,5 +346,18 @@ func TestServeLazyBlockDevices(t *testing.T) {
 	// the new one).
 	if b, err := os.ReadFile(filepath.Join("/sys/block", filepath.Base(before), "loop", "backing_file")); err == nil && before != after {
 		t.Errorf("%s, on the dead mount, still attached after kiln's restart (backed by %s)", before, strings.TrimSpace(string(b)))
+	}
+}
+
+// publishChunked builds ref, an image in the suite's registry, and
+// publishes its chunked rootfs beside it.
+func publishChunked(t *testing.T, ref string) {
+	t.Helper()
+	cache := filepath.Join(t.TempDir(), "cache")
+	if res := kiln(t, run{args: convertArgs(ref, filepath.Join(t.TempDir(), "image.ext4"), cache)}); res.err != nil {
+		t.Fatalf("kiln convert: %v\n%s", res.err, res.stderr)
+	}
+	if res := kiln(t, run{args: []string{"push", "--chunked", ref, "--cache-dir", cache}}); res.err != nil {
+		t.Fatalf("kiln push --chunked: %v\n%s", res.err, res.stderr)
 	}
 }

@@ -120,7 +120,7 @@ type lazyImages struct {
 
 	storeMu  sync.Mutex
 	store    atomic.Pointer[chunked.Store] // opened in the background at start
-	recordMu sync.Mutex     // markTop's rewrites
+	recordMu sync.Mutex                    // markTop's rewrites
 
 	mu       sync.Mutex
 	lookups  map[digest.Digest]*lookup
