@@ -17,7 +17,6 @@ import (
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/authn"
-	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/opencontainers/go-digest"
@@ -178,13 +177,7 @@ func TestLazyRootfs(t *testing.T) {
 	publish := func(repo string, img v1.Image) (string, string) {
 		t.Helper()
 		ref := reg.Host + "/" + repo + ":v1"
-		r, err := name.ParseReference(ref)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := remote.Write(r, img, auth); err != nil {
-			t.Fatal(err)
-		}
+		shareWrite(t, ref, img)
 		local := filepath.Join(dir, repo+".ext4")
 		if res := kiln(t, run{args: convertArgs(ref, local, filepath.Join(dir, "cache-local")), env: env}); res.err != nil {
 			t.Fatalf("kiln convert: %v\n%s", res.err, res.stderr)

@@ -399,6 +399,18 @@ func shareDockerConfig(t testing.TB, host string) string {
 	return d
 }
 
+// shareWrite pushes img as ref with the share registries' credentials.
+func shareWrite(t testing.TB, ref string, img v1.Image) {
+	t.Helper()
+	r, err := name.ParseReference(ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := remote.Write(r, img, remote.WithAuth(&authn.Basic{Username: shareUser, Password: sharePassword})); err != nil {
+		t.Fatal(err)
+	}
+}
+
 func staticBlob(b []byte) v1.Layer { return static.NewLayer(b, share.BlobMediaType) }
 
 func staticDigest(b []byte) digest.Digest { return digest.FromBytes(b) }
@@ -437,19 +449,12 @@ func zstdEncode(t *testing.T, b []byte) []byte {
 func TestServeSharedRootfs(t *testing.T) {
 	reg := ggcrRegistry(t, true)
 	env := []string{"DOCKER_CONFIG=" + shareDockerConfig(t, reg.host)}
-	auth := remote.WithAuth(&authn.Basic{Username: shareUser, Password: sharePassword})
 	img := mustBuild(t, testimage.Image{Layers: []testimage.Layer{
 		{Tar: layerTar(t, tDir("etc", 0o755, t1), tFile("etc/hostname", 0o644, t1, "node\n"), tFile("big", 0o644, t1, strings.Repeat("kiln", 200000)))},
 		{Tar: layerTar(t, tFile("etc/motd", 0o644, t2, "served once\n"))},
 	}})
 	ref := reg.host + "/served:v1"
-	r, err := name.ParseReference(ref)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := remote.Write(r, img, auth); err != nil {
-		t.Fatal(err)
-	}
+	shareWrite(t, ref, img)
 	dir := t.TempDir()
 	local := filepath.Join(dir, "local.ext4")
 	if res := kiln(t, run{args: convertArgs(ref, local, filepath.Join(dir, "cache"), "--use-published=false"), env: map[string]string{"DOCKER_CONFIG": strings.TrimPrefix(env[0], "DOCKER_CONFIG=")}}); res.err != nil {

@@ -364,18 +364,9 @@ func (s *Snapshotter) prepareLazy(ctx context.Context, key, parent string, info 
 		if _, err := storage.CommitActive(ctx, key, committed, snapshots.Usage{}, opts...); err != nil {
 			return err
 		}
-		dir := s.dir(snap.ID)
-		if exists(dir) {
-			if err := os.Rename(dir, filepath.Join(s.root, snapshotsDir, removingPrefix+snap.ID+"-"+filepath.Base(stage))); err != nil {
-				return err
-			}
-		}
 		id = snap.ID
-		if err := os.Rename(stage, dir); err != nil {
-			return err
-		}
-		placed = dir
-		return nil
+		placed, err = s.place(snap.ID, stage)
+		return err
 	})
 	if err != nil {
 		if placed != "" {

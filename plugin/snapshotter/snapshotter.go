@@ -510,19 +510,8 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 		if err != nil {
 			return err
 		}
-		dir := s.dir(snap.ID)
-		// A transaction that failed to commit gives its snapshot ID out
-		// again: a directory of that ID belongs to no snapshot.
-		if exists(dir) {
-			if err := os.Rename(dir, filepath.Join(s.root, snapshotsDir, removingPrefix+snap.ID+"-"+filepath.Base(stage))); err != nil {
-				return err
-			}
-		}
-		if err := os.Rename(stage, dir); err != nil {
-			return err
-		}
-		placed = dir
-		return nil
+		placed, err = s.place(snap.ID, stage)
+		return err
 	})
 	if err != nil {
 		if placed != "" {
@@ -541,6 +530,24 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 		return nil, err
 	}
 	return m, nil
+}
+
+// place moves the directory stage to where snapshot id's directory is,
+// in the transaction that records the snapshot, and returns that path.
+// A transaction that failed to commit gives its snapshot ID out again: a
+// directory of that ID belongs to no snapshot, and is moved out of the
+// way.
+func (s *Snapshotter) place(id, stage string) (string, error) {
+	dir := s.dir(id)
+	if exists(dir) {
+		if err := os.Rename(dir, filepath.Join(s.root, snapshotsDir, removingPrefix+id+"-"+filepath.Base(stage))); err != nil {
+			return "", err
+		}
+	}
+	if err := os.Rename(stage, dir); err != nil {
+		return "", err
+	}
+	return dir, nil
 }
 
 func (s *Snapshotter) prepareLayer(ctx context.Context, dir string) error {
