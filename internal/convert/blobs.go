@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"sync"
 	"sync/atomic"
 
@@ -17,10 +18,12 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/kilnfs/kiln/internal/build"
+	"github.com/kilnfs/kiln/internal/directio"
 	"github.com/kilnfs/kiln/internal/image"
 	"github.com/kilnfs/kiln/internal/layer"
 	"github.com/kilnfs/kiln/internal/progress"
 	"github.com/kilnfs/kiln/internal/store"
+	"github.com/kilnfs/kiln/internal/workdir"
 )
 
 // blobCache reads a registry image's layer blobs through the cache's
@@ -28,10 +31,9 @@ import (
 // same time.
 //
 //   - A missing blob is fetched by one run at a time: the blob's lock
-//     (store.LockBlob), held exclusively, guards its ingest, and whoever
-//     gets the lock next reads what the holder stored. The content store
-//     commits the ingest only if the bytes written to it have the right
-//     digest, and with the lock those are the only bytes in it.
+//     (store.LockBlob), held exclusively, guards its fetch, and whoever
+//     gets the lock next reads what the holder stored. The blob is
+//     named into the content store only once its digest is checked.
 //   - A cached blob is read under the lock held shared, so that kiln cache
 //     prune does not evict it meanwhile.
 //   - A cached blob is verified while it is read. One that is not what its
@@ -156,31 +158,29 @@ func (c *blobCache) open(ctx context.Context, l image.Layer, bar progress.Bar) (
 	if rc, err := c.cached(ctx, desc, lock); !errdefs.IsNotFound(err) {
 		return rc, err
 	}
-	ref := "kiln-" + desc.Digest.String()
-	w, err := content.OpenWriter(ctx, c.cs, content.WithRef(ref), content.WithDescriptor(desc))
-	if errdefs.IsAlreadyExists(err) {
-		return c.cached(ctx, desc, lock)
-	}
+	// Written in a scratch directory of the cache, named into the
+	// content store once checked (see teeBlob).
+	wd, err := c.st.NewWorkDir()
 	if err != nil {
 		unlock()
 		return nil, &layer.Error{Digest: l.Digest, Err: fmt.Errorf("caching: %w", err)}
 	}
-	// What an interrupted run left in the ingest starts over; with the
-	// lock held, nobody else writes to it.
-	if err := w.Truncate(0); err != nil {
-		w.Close()
+	f, err := os.OpenFile(filepath.Join(wd.Path, "blob"), os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		wd.Release()
 		unlock()
 		return nil, &layer.Error{Digest: l.Digest, Err: fmt.Errorf("caching: %w", err)}
 	}
 	// Unchecked by its source: check below is the one hash of it.
 	rc, err := l.OpenUnchecked(ctx)
 	if err != nil {
-		w.Close()
-		c.cs.Abort(ctx, ref) //nolint:errcheck // best effort
+		f.Close()
+		wd.Release()
 		unlock()
 		return nil, &layer.Error{Digest: l.Digest, Err: fmt.Errorf("fetching: %w", err)}
 	}
-	return &teeBlob{ctx: ctx, cs: c.cs, ref: ref, src: rc, w: w, desc: desc, bar: bar, unlock: unlock}, nil
+	return &teeBlob{st: c.st, wd: wd, f: f, out: directio.NewStream(f), digester: desc.Digest.Algorithm().Digester(),
+		src: rc, desc: desc, bar: bar, unlock: unlock}, nil
 }
 
 // cached opens a blob the cache holds, under the blob's lock, which the
@@ -262,19 +262,22 @@ func (b *cachedBlob) Close() error {
 	return b.ra.Close()
 }
 
-// teeBlob passes a blob through while writing it to the content store,
-// commits it there at the end, and lets go of the blob's lock when closed.
+// teeBlob passes a blob through while writing it to a file in the
+// cache, around the page cache (it is read back only by a later run),
+// names that file into the content store once the whole blob is checked,
+// and lets go of the blob's lock when closed.
 type teeBlob struct {
-	ctx       context.Context
-	cs        content.Store
-	ref       string
-	src       io.ReadCloser
-	w         content.Writer
-	desc      ocispec.Descriptor
-	bar       progress.Bar
-	unlock    func()
-	got       int64 // bytes passed on so far
-	committed bool
+	st       *store.Store
+	wd       *workdir.Dir
+	f        *os.File
+	out      *directio.Stream
+	digester digest.Digester
+	src      io.ReadCloser
+	desc     ocispec.Descriptor
+	bar      progress.Bar
+	unlock   func()
+	got      int64 // bytes passed on so far
+	ended    bool  // out is closed
 }
 
 func (t *teeBlob) Read(p []byte) (int, error) {
@@ -284,20 +287,20 @@ func (t *teeBlob) Read(p []byte) (int, error) {
 		n -= int(over)
 		err = &layer.Error{Digest: t.desc.Digest, Err: fmt.Errorf("fetching: %w: the blob is longer than the %d bytes its manifest says", layer.ErrDigestMismatch, t.desc.Size)}
 	}
-	if n > 0 {
-		if _, werr := t.w.Write(p[:n]); werr != nil {
-			return n, werr
+	if n > 0 && !t.ended {
+		if _, werr := t.out.Write(p[:n]); werr != nil {
+			return n, &layer.Error{Digest: t.desc.Digest, Err: fmt.Errorf("caching: %w", werr)}
 		}
+		t.digester.Hash().Write(p[:n])
 		t.got += int64(n)
 		t.bar.Add(int64(n))
 	}
-	if err == io.EOF && !t.committed {
+	if err == io.EOF && !t.ended {
 		if cerr := t.check(); cerr != nil {
 			return n, cerr
 		}
-		t.committed = true
-		if cerr := t.w.Commit(t.ctx, t.desc.Size, t.desc.Digest); cerr != nil && !errdefs.IsAlreadyExists(cerr) {
-			return n, &layer.Error{Digest: t.desc.Digest, Err: fmt.Errorf("fetching: %w", cerr)}
+		if cerr := t.store(); cerr != nil {
+			return n, &layer.Error{Digest: t.desc.Digest, Err: fmt.Errorf("caching: %w", cerr)}
 		}
 	}
 	if err != nil && err != io.EOF {
@@ -309,25 +312,41 @@ func (t *teeBlob) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// check is the one check a fetched blob gets (it is read unchecked): the
-// content store hashed what was written to it, and the commit would
-// refuse other bytes, but in words less plain than these.
+// check is the one check a fetched blob gets (it is read unchecked).
 func (t *teeBlob) check() error {
 	if t.got != t.desc.Size {
 		return &layer.Error{Digest: t.desc.Digest, Err: fmt.Errorf("fetching: %w: the blob is %d bytes, its manifest says %d", layer.ErrDigestMismatch, t.got, t.desc.Size)}
 	}
-	if got := t.w.Digest(); got != t.desc.Digest {
+	if got := t.digester.Digest(); got != t.desc.Digest {
 		return &layer.Error{Digest: t.desc.Digest, Err: fmt.Errorf("fetching: %w: the blob's digest is %s", layer.ErrDigestMismatch, got)}
+	}
+	return nil
+}
+
+// store finishes the checked blob's file, syncs it and names it into the
+// content store.
+func (t *teeBlob) store() error {
+	t.ended = true
+	if err := t.out.Close(); err != nil {
+		return err
+	}
+	if err := t.f.Sync(); err != nil {
+		return err
+	}
+	if err := t.st.AddBlob(t.desc.Digest, t.f.Name()); err != nil {
+		return err
 	}
 	return nil
 }
 
 func (t *teeBlob) Close() error {
 	t.src.Close()
-	t.w.Close()
-	if !t.committed {
-		t.cs.Abort(context.WithoutCancel(t.ctx), t.ref) //nolint:errcheck // best effort
+	if !t.ended {
+		t.ended = true
+		t.out.Close() //nolint:errcheck // the file is dropped
 	}
+	t.f.Close()
+	t.wd.Release()
 	t.unlock()
 	return nil
 }

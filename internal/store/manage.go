@@ -194,8 +194,7 @@ func (s *Store) List(ctx context.Context) (*Listing, error) {
 		out.Images = append(out.Images, im)
 	}
 	err = s.content.Walk(ctx, func(info content.Info) error {
-		p := filepath.Join(s.root, "content", "blobs", info.Digest.Algorithm().String(), info.Digest.Encoded())
-		fi, err := os.Stat(p)
+		fi, err := os.Stat(s.blobPath(info.Digest))
 		if err != nil {
 			return nil // removed meanwhile
 		}

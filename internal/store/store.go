@@ -14,6 +14,7 @@ import (
 
 	"github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/containerd/v2/plugins/content/local"
+	"github.com/opencontainers/go-digest"
 
 	"github.com/kilnfs/kiln/internal/workdir"
 )
@@ -86,6 +87,26 @@ func (s *Store) PublishRootfs(ctx context.Context, file string, im Image) (strin
 		return "", err
 	}
 	return dst, nil
+}
+
+// blobPath is where the content store keeps blob d.
+func (s *Store) blobPath(d digest.Digest) string {
+	return filepath.Join(s.root, "content", "blobs", d.Algorithm().String(), d.Encoded())
+}
+
+// AddBlob moves file, which holds blob d as its caller checked, into
+// the content store, read-only as the store keeps blobs; the caller
+// holds the blob's lock exclusively. Only the name changes, so a blob
+// written around the page cache is not read back into it.
+func (s *Store) AddBlob(d digest.Digest, file string) error {
+	dst := s.blobPath(d)
+	if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
+		return err
+	}
+	if err := os.Chmod(file, 0o444); err != nil {
+		return err
+	}
+	return os.Rename(file, dst)
 }
 
 // NewWorkDir creates a private scratch directory for one build.
