@@ -267,6 +267,7 @@ func (b *cachedBlob) Close() error {
 // names that file into the content store once the whole blob is checked,
 // and lets go of the blob's lock when closed.
 type teeBlob struct {
+	mu       sync.Mutex // Close can come while a Read is under way
 	st       *store.Store
 	wd       *workdir.Dir
 	f        *os.File
@@ -281,6 +282,8 @@ type teeBlob struct {
 }
 
 func (t *teeBlob) Read(p []byte) (int, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
 	n, err := t.src.Read(p)
 	if over := t.got + int64(n) - t.desc.Size; over > 0 {
 		// Neither passed on nor stored.
@@ -340,12 +343,18 @@ func (t *teeBlob) store() error {
 }
 
 func (t *teeBlob) Close() error {
-	t.src.Close()
+	t.src.Close() // first: it ends a Read waiting for the source
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.f == nil {
+		return nil
+	}
 	if !t.ended {
 		t.ended = true
 		t.out.Close() //nolint:errcheck // the file is dropped
 	}
 	t.f.Close()
+	t.f = nil
 	t.wd.Release()
 	t.unlock()
 	return nil

@@ -1,6 +1,7 @@
 package directio
 
 import (
+	"errors"
 	"os"
 	"sync"
 )
@@ -15,7 +16,13 @@ type Stream struct {
 	wg   sync.WaitGroup
 	buf  []byte // being filled
 	off  int64  // where buf goes
+
+	closed   bool
+	closeErr error
 }
+
+// errStreamClosed is what a Write after Close returns.
+var errStreamClosed = errors.New("directio: write to a closed stream")
 
 const streamBuffers, streamBufSize = 6, 1 << 20
 
@@ -29,8 +36,12 @@ func NewStream(f *os.File) *Stream {
 	return s
 }
 
-// Write takes p; it returns the first error of an earlier write.
+// Write takes p; it returns the first error of an earlier write. A
+// Stream is used by one goroutine at a time.
 func (s *Stream) Write(p []byte) (int, error) {
+	if s.closed {
+		return 0, errStreamClosed
+	}
 	n := len(p)
 	for len(p) > 0 {
 		if s.buf == nil {
@@ -61,8 +72,18 @@ func (s *Stream) flush() error {
 }
 
 // Close writes what is left, waits for every write and cuts the file to
-// the bytes written; the file is not synced.
+// the bytes written; the file is not synced. A second Close returns what
+// the first did.
 func (s *Stream) Close() error {
+	if s.closed {
+		return s.closeErr
+	}
+	s.closed = true
+	s.closeErr = s.close()
+	return s.closeErr
+}
+
+func (s *Stream) close() error {
 	size := s.off + int64(len(s.buf))
 	var err error
 	if n := len(s.buf); n > 0 {

@@ -11,9 +11,12 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/containerd/v2/plugins/content/local"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
 
 	"github.com/kilnfs/kiln/internal/workdir"
@@ -52,7 +55,38 @@ func Open(root string) (*Store, error) {
 		return nil, fmt.Errorf("content store: %w", err)
 	}
 	workdir.RemoveStale(filepath.Join(root, "tmp"))
-	return &Store{root: root, content: cs}, nil
+	st := &Store{root: root, content: cs}
+	st.abortOldIngests()
+	return st, nil
+}
+
+// abortOldIngests drops what earlier versions of kiln, which fetched
+// blobs through the content store's ingests (refs kiln-DIGEST), left of
+// fetches they did not finish: nothing resumes them now. An ingest whose
+// blob's lock another run holds is left alone.
+func (s *Store) abortOldIngests() {
+	ctx := context.Background()
+	sts, err := s.content.ListStatuses(ctx)
+	if err != nil {
+		return
+	}
+	for _, st := range sts {
+		d, err := digest.Parse(strings.TrimPrefix(st.Ref, "kiln-"))
+		if !strings.HasPrefix(st.Ref, "kiln-") || err != nil {
+			continue
+		}
+		l, err := tryLock(s.blobLockPath(d))
+		if l == nil || err != nil {
+			continue
+		}
+		if err := s.content.Abort(ctx, st.Ref); err != nil {
+			log.G(ctx).WithError(err).WithField("ref", st.Ref).Warn("removing an unfinished fetch of an earlier kiln")
+		}
+		if _, err := s.content.Info(ctx, d); errdefs.IsNotFound(err) {
+			l.removeFile() //nolint:errcheck // a prune removes it too
+		}
+		l.Unlock()
+	}
 }
 
 // Content returns the blob store.
@@ -106,7 +140,17 @@ func (s *Store) AddBlob(d digest.Digest, file string) error {
 	if err := os.Chmod(file, 0o444); err != nil {
 		return err
 	}
-	return os.Rename(file, dst)
+	if err := os.Rename(file, dst); err != nil {
+		return err
+	}
+	// The name too survives a crash, as the content store's commit
+	// makes sure.
+	dir, err := os.Open(filepath.Dir(dst))
+	if err != nil {
+		return err
+	}
+	defer dir.Close()
+	return dir.Sync()
 }
 
 // NewWorkDir creates a private scratch directory for one build.
