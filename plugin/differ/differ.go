@@ -69,15 +69,31 @@ type Disks struct {
 type Differ struct {
 	snapshots Snapshots
 	content   content.Store
+	stream    BlobStream
 	leases    leases.Manager
 	observe   func(d time.Duration, bytes int64, err error)
 }
 
 // New returns a differ reading and writing blobs in content (containerd's
-// content store, reached through its API), protecting what it writes with
-// leases from lm. observe, if set, is told how each apply went.
-func New(sn Snapshots, cs content.Store, lm leases.Manager, observe func(d time.Duration, bytes int64, err error)) *Differ {
-	return &Differ{snapshots: sn, content: cs, leases: lm, observe: observe}
+// content store, reached through its API), reading layers with stream
+// if it is not nil, and protecting what it writes with leases from lm.
+// observe, if set, is told how each apply went.
+func New(sn Snapshots, cs content.Store, stream BlobStream, lm leases.Manager, observe func(d time.Duration, bytes int64, err error)) *Differ {
+	if stream == nil {
+		stream = func(ctx context.Context, desc ocispec.Descriptor) (io.ReadCloser, error) {
+			ra, err := cs.ReaderAt(ctx, desc)
+			if err != nil {
+				return nil, err
+			}
+			return readerAtCloser{content.NewReader(ra), ra}, nil
+		}
+	}
+	return &Differ{snapshots: sn, content: cs, stream: stream, leases: lm, observe: observe}
+}
+
+type readerAtCloser struct {
+	io.Reader
+	io.Closer
 }
 
 // outgoing passes the namespace and the lease of the request kiln serves
@@ -133,20 +149,20 @@ func (d *Differ) Apply(ctx context.Context, desc ocispec.Descriptor, mounts []mo
 }
 
 func (d *Differ) store(ctx context.Context, desc ocispec.Descriptor, ext Extraction, syncFs bool) (_ ocispec.Descriptor, err error) {
-	ra, err := d.content.ReaderAt(ctx, desc)
+	blob, err := d.stream(ctx, desc)
 	if err != nil {
 		return ocispec.Descriptor{}, fmt.Errorf("layer %s: reading blob from the content store: %w", desc.Digest, err)
 	}
 	// containerd checked the blob's digest as it took it in (and keeps
 	// it under that digest); its unpacker checks the diffID kiln returns
 	// against the image's config.
-	lr, err := layer.NewReader(content.NewReader(ra), layer.Descriptor{MediaType: desc.MediaType, Digest: desc.Digest, Verified: true})
+	lr, err := layer.NewReader(blob, layer.Descriptor{MediaType: desc.MediaType, Digest: desc.Digest, Verified: true})
 	if err != nil {
-		ra.Close()
+		blob.Close()
 		return ocispec.Descriptor{}, err
 	}
 	defer func() {
-		ra.Close() // first: it unblocks a read the decompressor waits on
+		blob.Close() // first: it unblocks a read the decompressor waits on
 		lr.Close()
 	}()
 

@@ -171,7 +171,7 @@ func New(ctx context.Context, cfg config.Config) (_ *Service, err error) {
 		return nil, fmt.Errorf("snapshotter: %w", err)
 	}
 	m.register(sn)
-	d := differ.New(differSnapshots{sn, limits}, cs, leasesproxy.NewLeaseManager(leasesapi.NewLeasesClient(conn)), m.observeApply)
+	d := differ.New(differSnapshots{sn, limits}, cs, differ.Streamed(contentapi.NewContentClient(conn)), leasesproxy.NewLeaseManager(leasesapi.NewLeasesClient(conn)), m.observeApply)
 
 	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(m.unaryInterceptor), grpc.ChainStreamInterceptor(m.streamInterceptor))
 	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))
