@@ -20,13 +20,20 @@ type BlobStream func(ctx context.Context, desc ocispec.Descriptor) (io.ReadClose
 // thousands for a large layer read a few hundred KiB at a time.
 func Streamed(client contentapi.ContentClient) BlobStream {
 	return func(ctx context.Context, desc ocispec.Descriptor) (io.ReadCloser, error) {
+		// The size the store has, as the proxy's ReaderAt goes by (an
+		// imported blob's descriptor may say otherwise); a missing blob
+		// fails here, plainly.
+		info, err := client.Info(ctx, &contentapi.InfoRequest{Digest: desc.Digest.String()})
+		if err != nil {
+			return nil, errgrpc.ToNative(err)
+		}
 		ctx, cancel := context.WithCancel(ctx)
 		rc, err := client.Read(ctx, &contentapi.ReadContentRequest{Digest: desc.Digest.String()})
 		if err != nil {
 			cancel()
 			return nil, errgrpc.ToNative(err)
 		}
-		return &blobStream{rc: rc, cancel: cancel, left: desc.Size}, nil
+		return &blobStream{rc: rc, cancel: cancel, left: info.GetInfo().GetSize()}, nil
 	}
 }
 
@@ -34,7 +41,7 @@ func Streamed(client contentapi.ContentClient) BlobStream {
 type blobStream struct {
 	rc     contentapi.Content_ReadClient
 	cancel context.CancelFunc
-	left   int64  // bytes the descriptor says are still to come
+	left   int64  // bytes the store says are still to come
 	cur    []byte // what is left of the last message
 	err    error
 }
@@ -47,13 +54,13 @@ func (b *blobStream) Read(p []byte) (int, error) {
 		resp, err := b.rc.Recv()
 		switch {
 		case err == io.EOF && b.left > 0:
-			b.err = fmt.Errorf("the content store sent %d bytes fewer than the blob's size: %w", b.left, io.ErrUnexpectedEOF)
+			b.err = fmt.Errorf("reading blob: the content store sent %d bytes fewer than its size: %w", b.left, io.ErrUnexpectedEOF)
 		case err == io.EOF:
 			b.err = io.EOF
 		case err != nil:
-			b.err = errgrpc.ToNative(err)
+			b.err = fmt.Errorf("reading blob: %w", errgrpc.ToNative(err))
 		case int64(len(resp.Data)) > b.left:
-			b.err = fmt.Errorf("the content store sent more than the blob's %d bytes", b.left)
+			b.err = fmt.Errorf("reading blob: the content store sent more than its size")
 		default:
 			b.cur = resp.Data
 			b.left -= int64(len(resp.Data))
