@@ -39,6 +39,11 @@ const (
 // the root filesystem.
 var ErrUnsafePath = errors.New("unsafe path")
 
+// writeBehind is how much of a data file is written before its writeback
+// is started (seqwrite.WriteBehind): the image is synced once built, and
+// by then most of a large one is on the disk.
+const writeBehind = 32 << 20
+
 // EntryError reports a problem with one entry of a layer.
 type EntryError struct {
 	Layer string // layer digest, or another name the caller gave the layer
@@ -757,6 +762,7 @@ func (a *applier) writeFile(path string, in *Inode, r io.Reader, inPlace bool) (
 				return fmt.Errorf("data file: %w", err)
 			}
 			a.dataW = seqwrite.New(a.data, 1<<20)
+			a.dataW.WriteBehind(writeBehind)
 		}
 		p := placer{ctx: a.ctx, space: &a.t.space, meter: a.meter, buf: a.buf, file: 0, w: a.dataW, runs: a.runs[:0]}
 		if size, runs, err = p.place(r, 0); err != nil {

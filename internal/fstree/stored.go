@@ -124,6 +124,7 @@ func StoreLayer(ctx context.Context, r io.Reader, layer string, limits Limits, s
 	}
 	m := &meter{ctx: ctx, r: r, limits: limits}
 	dw := seqwrite.New(data, 1<<20)
+	dw.WriteBehind(writeBehind)
 	p := placer{ctx: ctx, space: &dataSpace{end: start}, meter: m, buf: make([]byte, 1<<20), w: dw}
 	rw := &recordWriter{w: bufio.NewWriterSize(record, 256<<10)}
 	rw.header(start)

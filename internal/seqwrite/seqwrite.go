@@ -3,7 +3,11 @@
 // so that many small pieces cost few system calls.
 package seqwrite
 
-import "os"
+import (
+	"os"
+
+	"golang.org/x/sys/unix"
+)
 
 // BlockSize is the block a write's tail is padded to when the next write
 // starts at the following block.
@@ -15,12 +19,43 @@ type Writer struct {
 	off    int64 // where buf goes
 	buf    []byte
 	direct int // writes at least this long skip the buffer
+
+	// behind, when set, is how many bytes written start their writeback
+	// (see WriteBehind); lo, hi and pending span those not started yet.
+	behind, lo, hi, pending int64
 }
 
 // New returns a Writer with a buffer of size bytes; writes of a quarter
 // of that or more go straight to the file.
 func New(f *os.File, size int) *Writer {
 	return &Writer{f: f, buf: make([]byte, 0, size), direct: size / 4}
+}
+
+// WriteBehind makes the Writer start the writeback of what it wrote
+// every n bytes, without waiting for it: a file that is synced once
+// complete then has little left to write, and the disk works while the
+// rest is produced rather than after. The pages stay in the page cache
+// for whoever reads the file next.
+func (w *Writer) WriteBehind(n int64) { w.behind = n }
+
+// wrote notes a write of n bytes at off for WriteBehind.
+func (w *Writer) wrote(off int64, n int) {
+	if w.behind <= 0 || n == 0 {
+		return
+	}
+	end := off + int64(n)
+	if w.pending == 0 {
+		w.lo, w.hi = off, end
+	} else {
+		w.lo, w.hi = min(w.lo, off), max(w.hi, end)
+	}
+	w.pending += int64(n)
+	if w.pending >= w.behind {
+		// A hint: where the file system cannot, the final sync does it
+		// all, as without it.
+		_ = unix.SyncFileRange(int(w.f.Fd()), w.lo, w.hi-w.lo, unix.SYNC_FILE_RANGE_WRITE)
+		w.pending = 0
+	}
 }
 
 // WriteAt writes p at off. When off is the start of the block after the
@@ -39,7 +74,8 @@ func (w *Writer) WriteAt(p []byte, off int64) error {
 		return err
 	}
 	if len(p) >= w.direct {
-		_, err := w.f.WriteAt(p, off)
+		n, err := w.f.WriteAt(p, off)
+		w.wrote(off, n)
 		return err
 	}
 	w.off, w.buf = off, append(w.buf, p...)
@@ -51,7 +87,8 @@ func (w *Writer) Flush() error {
 	if len(w.buf) == 0 {
 		return nil
 	}
-	_, err := w.f.WriteAt(w.buf, w.off)
+	n, err := w.f.WriteAt(w.buf, w.off)
+	w.wrote(w.off, n)
 	w.buf = w.buf[:0]
 	return err
 }

@@ -8,8 +8,15 @@ import (
 )
 
 // TestWriteAt: the rest of a block is zeroed, other gaps keep what is
-// there, and out-of-order and large writes land where they should.
+// there, and out-of-order and large writes land where they should, with
+// and without their writeback started behind them.
 func TestWriteAt(t *testing.T) {
+	for _, behind := range []int64{0, 1, 2 * BlockSize} {
+		testWriteAt(t, behind)
+	}
+}
+
+func testWriteAt(t *testing.T, behind int64) {
 	path := filepath.Join(t.TempDir(), "f")
 	before := bytes.Repeat([]byte{0xEE}, 8*BlockSize)
 	if err := os.WriteFile(path, before, 0o600); err != nil {
@@ -21,6 +28,7 @@ func TestWriteAt(t *testing.T) {
 	}
 	defer f.Close()
 	w := New(f, 4*BlockSize)
+	w.WriteBehind(behind)
 	want := append([]byte(nil), before...)
 	put := func(p []byte, off int64) {
 		t.Helper()
@@ -46,7 +54,7 @@ func TestWriteAt(t *testing.T) {
 	if !bytes.Equal(got, want) {
 		for i := range got {
 			if got[i] != want[i] {
-				t.Fatalf("byte %d is %#x, want %#x", i, got[i], want[i])
+				t.Fatalf("write-behind %d: byte %d is %#x, want %#x", behind, i, got[i], want[i])
 			}
 		}
 	}
