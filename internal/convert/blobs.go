@@ -336,10 +336,7 @@ func (t *teeBlob) store() error {
 	if err := t.f.Sync(); err != nil {
 		return err
 	}
-	if err := t.st.AddBlob(t.desc.Digest, t.f.Name()); err != nil {
-		return err
-	}
-	return nil
+	return t.st.AddBlob(t.desc.Digest, t.f.Name())
 }
 
 func (t *teeBlob) Close() error {

@@ -10,7 +10,6 @@ import (
 // gathered into aligned buffers that are written while the next ones
 // fill: for a blob kiln keeps for later and does not read back now.
 type Stream struct {
-	f    *os.File
 	w    *Writer
 	free chan []byte
 	wg   sync.WaitGroup
@@ -29,7 +28,7 @@ const streamBuffers, streamBufSize = 6, 1 << 20
 // NewStream starts a Stream into f, which must be open for writing and
 // empty; f stays the caller's.
 func NewStream(f *os.File) *Stream {
-	s := &Stream{f: f, w: New(f, 4, true), free: make(chan []byte, streamBuffers)}
+	s := &Stream{w: New(f, 4, true), free: make(chan []byte, streamBuffers)}
 	for range streamBuffers {
 		s.free <- Buffer(streamBufSize)
 	}
@@ -103,5 +102,5 @@ func (s *Stream) close() error {
 	if err != nil {
 		return err
 	}
-	return s.f.Truncate(size)
+	return s.w.f.Truncate(size)
 }

@@ -71,8 +71,12 @@ func (s *Store) abortOldIngests() {
 		return
 	}
 	for _, st := range sts {
-		d, err := digest.Parse(strings.TrimPrefix(st.Ref, "kiln-"))
-		if !strings.HasPrefix(st.Ref, "kiln-") || err != nil {
+		enc, ok := strings.CutPrefix(st.Ref, "kiln-")
+		if !ok {
+			continue
+		}
+		d, err := digest.Parse(enc)
+		if err != nil {
 			continue
 		}
 		l, err := tryLock(s.blobLockPath(d))

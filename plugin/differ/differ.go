@@ -75,25 +75,11 @@ type Differ struct {
 }
 
 // New returns a differ reading and writing blobs in content (containerd's
-// content store, reached through its API), reading layers with stream
-// if it is not nil, and protecting what it writes with leases from lm.
-// observe, if set, is told how each apply went.
+// content store, reached through its API), reading layers with stream,
+// and protecting what it writes with leases from lm. observe, if set, is
+// told how each apply went.
 func New(sn Snapshots, cs content.Store, stream BlobStream, lm leases.Manager, observe func(d time.Duration, bytes int64, err error)) *Differ {
-	if stream == nil {
-		stream = func(ctx context.Context, desc ocispec.Descriptor) (io.ReadCloser, error) {
-			ra, err := cs.ReaderAt(ctx, desc)
-			if err != nil {
-				return nil, err
-			}
-			return readerAtCloser{content.NewReader(ra), ra}, nil
-		}
-	}
 	return &Differ{snapshots: sn, content: cs, stream: stream, leases: lm, observe: observe}
-}
-
-type readerAtCloser struct {
-	io.Reader
-	io.Closer
 }
 
 // outgoing passes the namespace and the lease of the request kiln serves
