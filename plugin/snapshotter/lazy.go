@@ -420,12 +420,7 @@ func (l *lazyImages) markTop(dir string, top lazyTop) (*lazyTop, bool, error) {
 	if err != nil {
 		return nil, false, err
 	}
-	tmp := lazyFile + ".new"
-	os.Remove(filepath.Join(dir, tmp))
-	if err := writeSynced(dir, tmp, raw); err != nil {
-		return nil, false, err
-	}
-	if err := os.Rename(filepath.Join(dir, tmp), filepath.Join(dir, lazyFile)); err != nil {
+	if err := writeSynced(dir, lazyFile, raw); err != nil {
 		return nil, false, err
 	}
 	return &top, true, nil
@@ -446,10 +441,13 @@ func (l *lazyImages) background(fn func()) {
 	}()
 }
 
-// writeSynced writes a file into dir and makes it and its name durable:
-// a layer directory without its lazyFile would pass for an empty layer.
+// writeSynced writes (or replaces) a file in dir, through a temporary
+// name, and makes it and its name durable: a layer directory without its
+// lazyFile would pass for an empty layer.
 func writeSynced(dir, name string, data []byte) error {
-	f, err := os.OpenFile(filepath.Join(dir, name), os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	tmp := filepath.Join(dir, name+".new")
+	os.Remove(tmp) // what a crash left
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
 		return err
 	}
@@ -459,6 +457,9 @@ func writeSynced(dir, name string, data []byte) error {
 	}
 	if cerr := f.Close(); err == nil {
 		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, filepath.Join(dir, name))
 	}
 	if err != nil {
 		return err
